@@ -1,0 +1,165 @@
+"""The configuration: one TOML file, validated by frozen pydantic models.
+
+Every problem is reported as one line ``file: dotted.path: message (got X)``
+and the service exits with status 78 (EX_CONFIG). Plugin options are
+validated against each plugin's own ``Options`` model by
+:func:`monitor.registry.Registry.validate_config`.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from monitor.errors import ConfigError
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PluginRef(_Model):
+    """A plugin by name (entry point or ``"module:attr"``) and its options table."""
+
+    name: str = Field(min_length=1)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ServiceConfig(_Model):
+    watch_dir: Path = Path("input")
+    state_dir: Path = Path("state")
+    experiment: str = Field("default", min_length=1)
+    recursive: bool = True
+    polling: bool = False
+    poll_interval_s: float = Field(2.0, gt=0)
+    stable_s: float = Field(1.0, ge=0)
+    ready_deadline_s: float = Field(600.0, gt=0)
+    patterns: list[str] = Field(default_factory=lambda: ["*.tif", "*.tiff", "*.png", "*.jpg", "*.jpeg"])
+    metrics_port: int = Field(9108, ge=0, le=65535)
+    metrics_addr: str = "0.0.0.0"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class AssemblyConfig(_Model):
+    """How files are grouped into frames across channels."""
+
+    channels: list[str] = Field(default_factory=list)
+    primary: str = "auto"
+    control: str = "auto"
+    wait_s: float = Field(120.0, ge=0)
+
+
+class PipelineConfig(_Model):
+    pixel_size_um: float = Field(0.322, ge=0.05, le=5.0)
+    crop_px: int = Field(224, ge=16, le=2048)
+    blank_background: bool = False
+    batch_size: int = Field(64, ge=1, le=4096)
+    certainty_floor: float = Field(0.5, ge=0.0, le=1.0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class ClassifierConfig(_Model):
+    index: Path = Path("index")
+    k_min: int | None = Field(None, ge=1)
+    k_max: int | None = Field(None, ge=1)
+    entropy_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    reweight: bool | None = None
+
+    @model_validator(mode="after")
+    def _k_range(self) -> ClassifierConfig:
+        if self.k_min is not None and self.k_max is not None and self.k_min > self.k_max:
+            raise ValueError(f"k_min must not exceed k_max (got k_min={self.k_min}, k_max={self.k_max})")
+        return self
+
+
+class ControlConfig(_Model):
+    enabled: bool = True
+    min_region_px: int = Field(4, ge=1)
+
+
+class PluginsConfig(_Model):
+    paths: list[Path] = Field(default_factory=list)
+
+
+class Config(_Model):
+    service: ServiceConfig = ServiceConfig()
+    reader: PluginRef = PluginRef(name="auto")
+    readers: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    assembly: AssemblyConfig = AssemblyConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+    segmenter: PluginRef = PluginRef(name="classical")
+    encoders: list[PluginRef] = Field(default_factory=lambda: [PluginRef(name="efficientnet-lite0")], min_length=1)
+    classifier: ClassifierConfig = ClassifierConfig()
+    control: ControlConfig = ControlConfig()
+    sinks: list[PluginRef] = Field(default_factory=lambda: [PluginRef(name="csv"), PluginRef(name="prometheus")])
+    plugins: PluginsConfig = PluginsConfig()
+
+    #: where this config was read from; relative paths resolve against its folder
+    source: Path | None = Field(None, exclude=True)
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def format_validation_error(source: str, err: ValidationError, prefix: str = "") -> list[str]:
+    """One line per problem: ``file: dotted.path: message (got X)``."""
+    lines = []
+    for e in err.errors():
+        loc = _dotted(tuple(x for x in e["loc"] if x != "__root__"))
+        if prefix:
+            loc = f"{prefix}.{loc}" if loc != "(top level)" else prefix
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        got = e.get("input")
+        shown = repr(got) if not isinstance(got, dict) else "a table"
+        if len(shown) > 60:
+            shown = shown[:57] + "..."
+        lines.append(f"{source}: {loc}: {msg} (got {shown})")
+    return lines
+
+
+def _resolve(base: Path, p: Path) -> Path:
+    p = p.expanduser()
+    return p if p.is_absolute() else (base / p)
+
+
+def parse_config(data: dict[str, Any], source: str = "<config>", base_dir: Path | None = None) -> Config:
+    """Validate a config mapping; relative paths resolve against ``base_dir``."""
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(source, err)) from None
+    if base_dir is None:
+        return cfg
+    service = cfg.service.model_copy(
+        update={
+            "watch_dir": _resolve(base_dir, cfg.service.watch_dir),
+            "state_dir": _resolve(base_dir, cfg.service.state_dir),
+        }
+    )
+    classifier = cfg.classifier.model_copy(update={"index": _resolve(base_dir, cfg.classifier.index)})
+    plugins = cfg.plugins.model_copy(update={"paths": [_resolve(base_dir, p) for p in cfg.plugins.paths]})
+    return cfg.model_copy(
+        update={"service": service, "classifier": classifier, "plugins": plugins, "source": Path(source)}
+    )
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a TOML config file; raise :class:`ConfigError` (one line per problem)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e.strerror or e})") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: config is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML ({e})") from None
+    return parse_config(data, str(path), path.resolve().parent)

@@ -1,0 +1,327 @@
+"""The reference index on disk and the EWC-FAISS classifier over it.
+
+An index is a folder::
+
+    meta.json      format version, encoders (name, id, dim), metric, search
+                   structure, classes and counts, class weights, EWC
+                   parameters, SHA-256 of the other files
+    vectors.faiss  the FAISS index (written by faiss.write_index)
+    labels.npy     int64 class index per reference (np.load, allow_pickle=False)
+    ids.json       optional source name per reference (file name, box)
+
+Nothing is unpickled. Loading checks the format version, the checksums, the
+label count against the FAISS size, and (when encoders are given) that their
+ids and dims match; any mismatch is one :class:`~monitor.errors.IndexError_`
+line naming the index folder.
+
+Metrics: ``l2`` (default, squared L2 distances as FAISS reports them),
+``cosine`` (vectors L2-normalised, inner product; distance = 1 - cos) and
+``canberra`` (exact, see :mod:`monitor.canberra`). Search structure: exact
+(``flat``) up to ``hnsw_above`` references, HNSW above, or forced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from monitor import classify
+from monitor.errors import IndexError_
+from monitor.records import Embeddings, States
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+Metric = Literal["l2", "cosine", "canberra"]
+Structure = Literal["auto", "flat", "hnsw"]
+
+
+@dataclass(frozen=True)
+class EWCParams:
+    k_min: int = 10
+    k_max: int = 1000
+    entropy_threshold: float = 0.5
+    reweight: bool = True
+
+
+@dataclass(frozen=True)
+class HNSWParams:
+    m: int = 32
+    ef_construction: int = 40
+    ef_search: int = 64
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class ReferenceIndex:
+    """Labelled reference embeddings behind a FAISS (or exact Canberra) search."""
+
+    def __init__(
+        self,
+        vectors_index: Any,
+        labels: np.ndarray,
+        classes: Sequence[str],
+        encoders: Sequence[dict[str, Any]],
+        metric: Metric,
+        structure: str,
+        ewc: EWCParams,
+        hnsw: HNSWParams,
+        normalize: bool = False,
+        ref_names: Sequence[str] | None = None,
+        raw_vectors: np.ndarray | None = None,
+    ):
+        self.faiss_index = vectors_index
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.classes = tuple(classes)
+        self.encoders = [dict(e) for e in encoders]
+        self.metric: Metric = metric
+        self.structure = structure
+        self.ewc = ewc
+        self.hnsw = hnsw
+        self.normalize = normalize
+        self.ref_names = list(ref_names) if ref_names is not None else None
+        self._raw = raw_vectors  # kept for the exact Canberra path
+        self.weights = classify.class_weights(self.labels, len(self.classes))
+
+    # ---- construction -------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        vectors: np.ndarray,
+        labels: np.ndarray,
+        classes: Sequence[str],
+        encoders: Sequence[dict[str, Any]],
+        metric: Metric = "l2",
+        structure: Structure = "auto",
+        ewc: EWCParams = EWCParams(),
+        hnsw: HNSWParams = HNSWParams(),
+        hnsw_above: int = 50_000,
+        normalize: bool = False,
+        ref_names: Sequence[str] | None = None,
+    ) -> ReferenceIndex:
+        """Build the search structure. ``auto`` picks exact search up to ``hnsw_above``."""
+        import faiss
+
+        x = np.ascontiguousarray(vectors, dtype=np.float32)
+        if x.ndim != 2 or x.shape[0] == 0:
+            raise ValueError(f"need a non-empty (N, D) matrix of reference vectors (got shape {x.shape})")
+        if len(labels) != x.shape[0]:
+            raise ValueError(f"{len(labels)} labels for {x.shape[0]} vectors")
+        dim_sum = sum(int(e["dim"]) for e in encoders)
+        if dim_sum != x.shape[1]:
+            raise ValueError(f"encoder dims sum to {dim_sum} but vectors have {x.shape[1]} columns")
+        if structure == "auto":
+            structure = "hnsw" if x.shape[0] > hnsw_above and metric != "canberra" else "flat"
+        x = _prepare(x, metric, normalize)
+        d = x.shape[1]
+        if metric == "canberra":
+            index = faiss.IndexFlat(d, faiss.METRIC_Canberra)
+        elif structure == "hnsw":
+            fm = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
+            index = faiss.IndexHNSWFlat(d, hnsw.m, fm)
+            index.hnsw.efConstruction = hnsw.ef_construction
+        else:
+            index = faiss.IndexFlatIP(d) if metric == "cosine" else faiss.IndexFlatL2(d)
+        index.add(x)
+        return cls(index, labels, classes, encoders, metric, structure, ewc, hnsw, normalize, ref_names, x if metric == "canberra" else None)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.faiss_index.d)
+
+    @property
+    def class_counts(self) -> dict[str, int]:
+        c = np.bincount(self.labels, minlength=len(self.classes))
+        return {name: int(n) for name, n in zip(self.classes, c, strict=True)}
+
+    # ---- search -------------------------------------------------------
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(distances, ids), nearest first; cosine distances are ``1 - cos``."""
+        x = _prepare(np.ascontiguousarray(queries, dtype=np.float32), self.metric, self.normalize)
+        k = min(k, len(self))
+        if self.metric == "canberra":
+            from monitor.canberra import canberra_knn
+
+            assert self._raw is not None
+            return canberra_knn(x, self._raw, k)
+        if self.structure == "hnsw":
+            # efSearch never below k, or HNSW returns fewer than k neighbours
+            self.faiss_index.hnsw.efSearch = max(self.hnsw.ef_search, k)
+        d, i = self.faiss_index.search(x, k)
+        if self.metric == "cosine":
+            d = 1.0 - d
+        return d, i
+
+    # ---- persistence --------------------------------------------------
+    def save(self, folder: str | Path) -> Path:
+        import faiss
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        faiss.write_index(self.faiss_index, str(folder / "vectors.faiss"))
+        np.save(folder / "labels.npy", self.labels, allow_pickle=False)
+        files = ["vectors.faiss", "labels.npy"]
+        if self.ref_names is not None:
+            (folder / "ids.json").write_text(json.dumps(self.ref_names))
+            files.append("ids.json")
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "encoders": self.encoders,
+            "dim": self.dim,
+            "n_references": len(self),
+            "metric": self.metric,
+            "normalize": self.normalize,
+            "structure": self.structure,
+            "hnsw": vars(self.hnsw),
+            "classes": list(self.classes),
+            "class_counts": self.class_counts,
+            "class_weights": [float(w) for w in self.weights],
+            "ewc": vars(self.ewc),
+            "checksums": {f: _sha256(folder / f) for f in files},
+        }
+        tmp = folder / "meta.json.tmp"
+        tmp.write_text(json.dumps(meta, indent=2))
+        tmp.replace(folder / "meta.json")
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, encoders: Sequence[dict[str, Any]] | None = None) -> ReferenceIndex:
+        """Load and validate; refuse any mismatch with one line naming the folder."""
+        import faiss
+
+        folder = Path(folder)
+
+        def fail(msg: str) -> IndexError_:
+            return IndexError_(f"{folder}: {msg}")
+
+        meta_path = folder / "meta.json"
+        if not meta_path.is_file():
+            raise fail("not a cellmonitor index (no meta.json); build one with 'cellmonitor index build'")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as e:
+            raise fail(f"meta.json is unreadable ({e})") from None
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise fail(f"index format {meta.get('format_version')!r} is not supported (expected {FORMAT_VERSION})")
+        for f, digest in meta.get("checksums", {}).items():
+            p = folder / f
+            if not p.is_file():
+                raise fail(f"{f} is missing")
+            if _sha256(p) != digest:
+                raise fail(f"{f} does not match its checksum in meta.json (corrupt or edited)")
+        try:
+            labels = np.load(folder / "labels.npy", allow_pickle=False)
+            index = faiss.read_index(str(folder / "vectors.faiss"))
+        except Exception as e:
+            raise fail(f"cannot read index files ({e})") from None
+        if index.ntotal != labels.shape[0]:
+            raise fail(f"{labels.shape[0]} labels for {index.ntotal} vectors")
+        classes = meta["classes"]
+        if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
+            raise fail("labels refer to classes not listed in meta.json")
+        if encoders is not None:
+            want = [(e["id"], int(e["dim"])) for e in meta["encoders"]]
+            got = [(e["id"], int(e["dim"])) for e in encoders]
+            if want != got:
+                raise fail(
+                    "built with encoders "
+                    + ", ".join(f"{i} (dim {d})" for i, d in want)
+                    + " but the configuration gives "
+                    + ", ".join(f"{i} (dim {d})" for i, d in got)
+                )
+        names = None
+        if (folder / "ids.json").is_file():
+            names = json.loads((folder / "ids.json").read_text())
+        raw = None
+        if meta["metric"] == "canberra":
+            raw = index.reconstruct_n(0, index.ntotal)
+        return cls(
+            index,
+            labels,
+            classes,
+            meta["encoders"],
+            meta["metric"],
+            meta["structure"],
+            EWCParams(**meta["ewc"]),
+            HNSWParams(**meta["hnsw"]),
+            bool(meta.get("normalize", False)),
+            names,
+            raw,
+        )
+
+
+def _prepare(x: np.ndarray, metric: str, normalize: bool) -> np.ndarray:
+    if metric == "cosine" or normalize:
+        n = np.linalg.norm(x, axis=1, keepdims=True)
+        x = x / np.maximum(n, 1e-12)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+class EWCClassifier:
+    """EWC-FAISS over a :class:`ReferenceIndex`; parameters from the index unless overridden."""
+
+    def __init__(self, index: ReferenceIndex, ewc: EWCParams | None = None, certainty_floor: float = 0.5):
+        self.index = index
+        self.params = ewc or index.ewc
+        self.certainty_floor = certainty_floor
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.index.classes
+
+    def classify(self, emb: Embeddings | np.ndarray) -> States:
+        vectors = emb.vectors if isinstance(emb, Embeddings) else emb
+        p = self.params
+        if len(vectors) == 0:
+            e = np.zeros((0, 0))
+            return States(self.classes, np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64), np.zeros(0, bool), e.astype(np.int64), e.astype(np.int64), e.astype(np.float32))
+        res = classify.adaptive_search(
+            self.index.search,
+            np.asarray(vectors, dtype=np.float32),
+            self.index.labels,
+            len(self.classes),
+            self.index.weights if p.reweight else None,
+            p.k_min,
+            p.k_max,
+            p.entropy_threshold,
+        )
+        return States(
+            classes=self.classes,
+            predicted=res.predicted,
+            certainty=res.certainty,
+            k_used=res.k_used,
+            uncertain=res.certainty < self.certainty_floor,
+            neighbor_ids=res.neighbor_ids,
+            neighbor_labels=res.neighbor_labels,
+            neighbor_distances=res.neighbor_distances,
+        )
+
+
+def params_from_config(index: ReferenceIndex, k_min: int | None, k_max: int | None, thr: float | None, reweight: bool | None) -> EWCParams:
+    """Config values override the index's stored EWC parameters where given."""
+    base = index.ewc
+    return EWCParams(
+        k_min=k_min if k_min is not None else base.k_min,
+        k_max=k_max if k_max is not None else base.k_max,
+        entropy_threshold=thr if thr is not None else base.entropy_threshold,
+        reweight=reweight if reweight is not None else base.reweight,
+    )
+

@@ -1,0 +1,86 @@
+"""The four plugin contracts. Plugins need not subclass anything.
+
+A plugin *spec* (what an entry point or a ``"module:attr"`` name points at)
+is any object with ``name``, ``description``, ``Options`` (a pydantic model)
+and ``build(options, ctx)``. Importing a spec must be cheap: heavy imports
+(torch, transformers, faiss) happen inside ``build``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+from pydantic import BaseModel
+
+from monitor.records import Acquisition, Cells, Counts, Frame
+
+
+@runtime_checkable
+class FrameReader(Protocol):
+    """Turns one file into an :class:`Acquisition`.
+
+    ``accepts`` is cheap (name and at most the first bytes) and returns
+    ``None`` when it takes the file or a short reason why not. ``read`` raises
+    :class:`monitor.errors.NotReady` for a file still being written and
+    :class:`monitor.errors.BadInput` for one that never will be readable.
+    """
+
+    name: str
+    specificity: int
+
+    def accepts(self, path: Path) -> str | None: ...
+
+    def read(self, path: Path) -> Acquisition: ...
+
+
+@runtime_checkable
+class Segmenter(Protocol):
+    """Instance segmentation of the frame's primary channel."""
+
+    def segment(self, frame: Frame) -> Cells: ...
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """A frozen image encoder: uint8 RGB crops (N, S, S, 3) -> float32 (N, dim).
+
+    ``id`` identifies weights and preprocessing; an index built with one id
+    refuses an encoder with another.
+    """
+
+    name: str
+    id: str
+    dim: int
+
+    def encode(self, crops: np.ndarray) -> np.ndarray: ...
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Receives per-timepoint counts after the pipeline returns."""
+
+    def write(self, counts: Counts) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class BuildContext:
+    """What the service hands a plugin factory: no globals."""
+
+    state_dir: Path
+    config_path: Path | None = None
+    metrics: Any = None  # monitor.metrics.ServiceMetrics or None
+    device: str = "cpu"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class PluginSpec(Protocol):
+    name: str
+    description: str
+    Options: type[BaseModel]
+
+    def build(self, options: Any, ctx: BuildContext) -> Any: ...

@@ -1,0 +1,176 @@
+"""The nouns of the pipe: what crosses each stage boundary.
+
+A file becomes an :class:`Acquisition` (one reader call), acquisitions of the
+same experiment/well/field/timepoint are grouped into a :class:`Frame`, and a
+frame flows ``Frame -> Cells -> Crops -> Embeddings -> States -> Counts``.
+Every record is frozen; units are in the field names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+#: Where a pixel size came from: ``"metadata:<kind>"`` or ``"config"``.
+PixelSizeSource = str
+
+
+@dataclass(frozen=True)
+class FrameKey:
+    """Identity of one timepoint of one field: the unit that is counted."""
+
+    experiment: str
+    well: str
+    field: str
+    timepoint: int
+
+    def __str__(self) -> str:
+        return f"{self.experiment}/{self.well}/{self.field}/t{self.timepoint}"
+
+
+@dataclass(frozen=True)
+class Acquisition:
+    """What a reader returns for one file: one or more channels of one frame.
+
+    ``channels`` maps channel name to a 2-D array (Y, X) or an RGB array
+    (Y, X, 3) in the file's own dtype and pixel grid.
+    """
+
+    path: Path
+    key: FrameKey
+    channels: Mapping[str, np.ndarray]
+    pixel_size_um: float
+    pixel_size_source: PixelSizeSource
+    instrument: str
+    acquired_at: datetime | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Frame:
+    """All channels of one field at one timepoint, on one pixel grid.
+
+    ``primary`` names the channel that is segmented and embedded
+    (brightfield, phase or refractive index); ``control`` the fluorescence
+    death-marker channel, or ``None``.
+    """
+
+    key: FrameKey
+    channels: Mapping[str, np.ndarray]
+    primary: str
+    control: str | None
+    pixel_size_um: float
+    pixel_size_source: PixelSizeSource
+    instrument: str
+    acquired_at: datetime | None = None
+    sources: tuple[Path, ...] = ()
+    missing_channels: tuple[str, ...] = ()
+
+    @property
+    def image(self) -> np.ndarray:
+        """The primary channel."""
+        return self.channels[self.primary]
+
+    @property
+    def shape_px(self) -> tuple[int, int]:
+        return tuple(self.image.shape[:2])  # type: ignore[return-value]
+
+    @property
+    def area_um2(self) -> float:
+        h, w = self.shape_px
+        return float(h * w * self.pixel_size_um**2)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One segmented cell on the frame's (rescaled) pixel grid."""
+
+    id: int
+    centroid_yx_px: tuple[float, float]
+    area_um2: float
+    bbox_px: tuple[int, int, int, int]  # y0, x0, y1, x1 (exclusive)
+
+
+@dataclass(frozen=True)
+class Cells:
+    """Instance segmentation of a frame: label image (0 = background) and cells."""
+
+    labels: np.ndarray
+    cells: tuple[Cell, ...]
+    pixel_size_um: float
+
+    def __len__(self) -> int:
+        return len(self.cells)
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """One row per crop: encoder vectors concatenated in ``encoder_ids`` order."""
+
+    vectors: np.ndarray  # (N, D) float32
+    encoder_ids: tuple[str, ...]
+    dims: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return int(self.vectors.shape[0])
+
+
+@dataclass(frozen=True)
+class States:
+    """EWC-FAISS result, one entry per cell (see :mod:`monitor.classify`).
+
+    ``neighbor_ids``/``neighbor_labels``/``neighbor_distances`` are padded
+    with -1 / -1 / inf beyond ``k_used`` of each row.
+    """
+
+    classes: tuple[str, ...]
+    predicted: np.ndarray  # (N,) int class index
+    certainty: np.ndarray  # (N,) float, 1 - normalised entropy
+    k_used: np.ndarray  # (N,) int
+    uncertain: np.ndarray  # (N,) bool, certainty below the configured floor
+    neighbor_ids: np.ndarray  # (N, K) int64
+    neighbor_labels: np.ndarray  # (N, K) int
+    neighbor_distances: np.ndarray  # (N, K) float32
+
+    def __len__(self) -> int:
+        return int(self.predicted.shape[0])
+
+    def label(self, i: int) -> str:
+        return self.classes[int(self.predicted[i])]
+
+
+@dataclass(frozen=True)
+class ControlSignal:
+    """Otsu control signal on the fluorescence channel (paper section 3.4)."""
+
+    channel: str
+    threshold: float
+    area_um2: float
+    area_fraction: float
+    n_regions: int
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Per-timepoint result: what the sinks record."""
+
+    key: FrameKey
+    instrument: str
+    acquired_at: datetime | None
+    pixel_size_um: float
+    pixel_size_source: PixelSizeSource
+    n_cells: int
+    counts: Mapping[str, int]
+    n_uncertain: int
+    mean_certainty: float
+    control: ControlSignal | None
+    sources: tuple[Path, ...] = ()
+    missing_channels: tuple[str, ...] = ()
+    stage_seconds: Mapping[str, float] = field(default_factory=dict)
+
+    def fraction(self, state: str) -> float:
+        return self.counts.get(state, 0) / self.n_cells if self.n_cells else 0.0

