@@ -1,0 +1,92 @@
+"""The ``cellmonitor`` command.
+
+Heavy imports happen after argument parsing so ``cellmonitor --help`` is
+instant. Each feature area registers its subcommands from a small module
+(``monitor.cli_*``) with ``register(subparsers)``; a handler returns an exit
+status. A :class:`~monitor.errors.CellmonitorError` becomes one line on
+stderr and its exit status (78 for configuration errors), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from monitor.errors import EX_SOFTWARE, CellmonitorError
+
+log = logging.getLogger("monitor")
+
+#: modules that add subcommands; each has register(subparsers)
+COMMAND_MODULES = (
+    "monitor.cli_service",
+    "monitor.cli_plugins",
+    "monitor.cli_readers",
+    "monitor.cli_segment",
+    "monitor.cli_index",
+)
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from monitor import __version__
+
+    ap = argparse.ArgumentParser(
+        prog="cellmonitor",
+        description="Live-cell microscope monitoring: segment, embed and classify cell states as frames arrive.",
+    )
+    ap.add_argument("--version", action="version", version=f"cellmonitor {__version__}")
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    ap.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:
+                continue  # feature area not installed in this build
+            raise
+        mod.register(sub)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if not getattr(args, "func", None):
+        ap.print_help()
+        return 2
+    setup_logging("DEBUG" if args.verbose else "WARNING" if args.quiet else "INFO")
+    try:
+        return int(args.func(args) or 0)
+    except CellmonitorError as e:
+        for line in str(e).splitlines() or [type(e).__name__]:
+            print(f"cellmonitor: error: {line}", file=sys.stderr)
+        return e.exit_status
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # last resort: one line, traceback only with -v
+        log.debug("unexpected error", exc_info=True)
+        print(f"cellmonitor: internal error: {type(e).__name__}: {e} (run with -v for the traceback)", file=sys.stderr)
+        return EX_SOFTWARE
+
+
+def path_arg(s: str) -> Path:
+    return Path(s).expanduser()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
