@@ -78,6 +78,7 @@ class ClassifierConfig(_Model):
 class ControlConfig(_Model):
     enabled: bool = True
     min_region_px: int = Field(4, ge=1)
+    min_snr: float = Field(5.0, ge=0, description="threshold floor: background median + min_snr * sigma (0 = plain Otsu)")
 
 
 class PluginsConfig(_Model):

@@ -30,7 +30,7 @@ class ServiceMetrics:
         self.errors = Counter("cellmonitor_errors_total", "Per-frame errors by stage", ["stage"], registry=r)
         self.cells = Counter("cellmonitor_cells_total", "Cells classified", ["experiment", "state"], registry=r)
         self.state_count = Gauge(
-            "cellmonitor_cells", "Cells per state in the latest frame of each well", ["instrument", "experiment", "well", "state"], registry=r
+            "cellmonitor_latest_cells", "Cells per state in the latest frame of each well", ["instrument", "experiment", "well", "state"], registry=r
         )
         self.state_fraction = Gauge(
             "cellmonitor_state_fraction", "Fraction of cells per state in the latest frame of each well", ["instrument", "experiment", "well", "state"], registry=r

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from monitor.imaging import crop_cells, otsu_control, rescale
+from monitor.control import otsu_control
+from monitor.imaging import crop_cells, rescale
 from monitor.protocols import Encoder, Segmenter
 from monitor.records import Cells, ControlSignal, Counts, Embeddings, Frame, States
 
@@ -31,6 +32,7 @@ class Pipeline:
     batch_size: int = 64
     control_enabled: bool = True
     control_min_region_px: int = 4
+    control_min_snr: float = 5.0
     last_states: States | None = field(default=None, repr=False)
     last_cells: Cells | None = field(default=None, repr=False)
 
@@ -101,6 +103,6 @@ def process_frame(frame: Frame, p: Pipeline) -> Counts:
     with _stage("control", s):
         control = None
         if p.control_enabled and frame.control is not None:
-            control = otsu_control(frame.channels[frame.control], frame.pixel_size_um, frame.control, p.control_min_region_px)
+            control = otsu_control(frame.channels[frame.control], frame.pixel_size_um, frame.control, p.control_min_region_px, p.control_min_snr)
     p.last_cells, p.last_states = cells, states
     return count_states(frame, states, control, s)

@@ -1,0 +1,192 @@
+"""Service commands: ``run``, ``replay``, ``check-config``, ``demo``, ``export``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run the monitoring service on a config (watch, classify, record)")
+    p.add_argument("config", type=Path, metavar="CONFIG")
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("replay", help="process every frame already in a folder through the service, then exit")
+    p.add_argument("config", type=Path, metavar="CONFIG")
+    p.add_argument("--input", type=Path, help="folder to replay (default: service.watch_dir)")
+    p.add_argument("--no-metrics", action="store_true", help="do not serve /metrics while replaying")
+    p.set_defaults(func=_replay)
+
+    p = sub.add_parser("check-config", help="validate a config and every plugin's options (exit 78 on problems)")
+    p.add_argument("config", type=Path, metavar="CONFIG")
+    p.add_argument("--index", action="store_true", help="also load the models and check the index against them")
+    p.set_defaults(func=_check_config)
+
+    p = sub.add_parser("demo", help="run the whole service on a synthetic time-lapse (no downloads, no GPU)")
+    p.add_argument("--out", type=Path, help="demo folder (default: a new temporary folder, kept)")
+    p.add_argument("--timepoints", type=int, default=8)
+    p.add_argument("--port", type=int, default=9108, help="port for /metrics while the demo runs (0 = off)")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("export", help="post-run export of the counts CSV, sorted, wide or long (tidy)")
+    p.add_argument("counts", type=Path, metavar="COUNTS_CSV_OR_CONFIG")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--format", choices=("wide", "long"), default="wide")
+    p.set_defaults(func=_export)
+
+
+def config_or_default(path: Path | None) -> Any:
+    """The config at ``path``, or the built-in defaults (paths relative to the cwd)."""
+    from monitor.config import Config, load_config
+
+    return load_config(path) if path is not None else Config()
+
+
+def _serve(cfg: Any, until_idle: bool, serve_metrics: bool = True) -> int:
+    from monitor.daemon import build_service, stop_server
+    from monitor.registry import Registry
+
+    logging.getLogger().setLevel(cfg.service.log_level)
+    registry = Registry(cfg.plugins.paths)
+    problems = registry.validate_config(cfg)
+    if problems:
+        from monitor.errors import ConfigError
+
+        raise ConfigError(problems)
+    service, server = build_service(cfg, registry, serve_metrics=serve_metrics)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("signal %d: stopping after the current frame", signum)
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    try:
+        if until_idle:
+            from monitor.watch import scan
+
+            total = sum(1 for _ in scan(cfg.service.watch_dir, cfg.service.patterns, cfg.service.recursive))
+            progress = _Progress(total)
+            service.on_counts = progress.update
+            service.run(stop, until_idle=True, observe=False)
+            progress.close()
+        else:
+            service.run(stop)
+    finally:
+        service.close()
+        stop_server(server)
+    log.info("stopped: %d frame(s) counted, %d problem(s) (see %s)", service.counted, service.failed, service.quarantine_csv)
+    return 0
+
+
+class _Progress:
+    """Replay progress on stderr: frames counted against files found."""
+
+    def __init__(self, total_files: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total_files, unit="file", desc="replay", file=sys.stderr, disable=None)
+
+    def update(self, counts: Any) -> None:
+        self.bar.update(len(counts.sources))
+        self.bar.set_postfix_str(f"{counts.key} {counts.n_cells} cells")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _run(args: argparse.Namespace) -> int:
+    from monitor.config import load_config
+
+    return _serve(load_config(args.config), until_idle=False)
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from monitor.config import load_config
+
+    cfg = load_config(args.config)
+    if args.input is not None:
+        cfg = cfg.model_copy(update={"service": cfg.service.model_copy(update={"watch_dir": args.input})})
+    return _serve(cfg, until_idle=True, serve_metrics=not args.no_metrics)
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from monitor.config import load_config
+    from monitor.errors import ConfigError
+    from monitor.registry import Registry
+
+    cfg = load_config(args.config)
+    registry = Registry(cfg.plugins.paths)
+    problems = registry.validate_config(cfg)
+    if problems:
+        raise ConfigError(problems)
+    if args.index:
+        from monitor.daemon import build_pipeline, resolve_device
+        from monitor.protocols import BuildContext
+
+        ctx = BuildContext(state_dir=cfg.service.state_dir, device=resolve_device(cfg.pipeline.device))
+        p = build_pipeline(cfg, registry, ctx)
+        print(f"{args.config}: index {cfg.classifier.index} ({len(p.classifier.index)} references) matches the encoders")  # type: ignore[attr-defined]
+    print(f"{args.config}: OK")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from monitor.demo import STATES, run_demo
+
+    folder = args.out or Path(tempfile.mkdtemp(prefix="cellmonitor-demo-"))
+    if (folder / "state" / "ledger.sqlite").exists():
+        from monitor.errors import CellmonitorError
+
+        raise CellmonitorError(f"{folder}: already holds a demo run; give a new --out folder")
+    print("cellmonitor demo: the images are SYNTHETIC (generated cells, not microscopy).", flush=True)
+    print(f"demo folder: {folder}", flush=True)
+    res = run_demo(folder, n_timepoints=args.timepoints, metrics_port=args.port or None, say=lambda m: print(m, flush=True))
+    print()
+    print("counts per timepoint (fractions of segmented cells; truth = what the generator drew)")
+    head = f"{'well':<5}{'t':>3}{'cells':>7}{'true':>6}" + "".join(f"{s:>11}{'true':>6}" for s in STATES) + f"{'uncert.':>9}{'Apo-15 area':>13}"
+    print(head)
+    print("-" * len(head))
+    for c in sorted(res.counts, key=lambda c: (c.key.well, c.key.timepoint)):
+        truth = res.truth[(c.key.well, c.key.timepoint)]
+        n_true = sum(truth.values())
+        row = f"{c.key.well:<5}{c.key.timepoint:>3}{c.n_cells:>7}{n_true:>6}"
+        for s in STATES:
+            row += f"{c.fraction(s):>11.0%}{truth[s] / n_true if n_true else 0:>6.0%}"
+        ctl = f"{c.control.area_fraction:.1%}" if c.control else "-"
+        row += f"{c.n_uncertain:>9}{ctl:>13}"
+        print(row)
+    print()
+    print(f"reference index: {res.n_references} labelled synthetic cells ({folder / 'index'})")
+    print(f"counts CSV:      {res.csv_path}")
+    print(f"config used:     {folder / 'demo.toml'}  (run it yourself: cellmonitor run {folder / 'demo.toml'})")
+    if res.metrics_url:
+        print(f"metrics were served at {res.metrics_url} while the demo ran")
+    print(f"done in {res.seconds:.0f} s")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from monitor.errors import BadInput
+    from monitor.results import export_csv
+
+    src = args.counts
+    if src.suffix == ".toml":
+        from monitor.config import load_config
+
+        src = load_config(src).service.state_dir / "counts.csv"
+    if not src.is_file():
+        raise BadInput(src, "counts CSV not found")
+    n = export_csv(src, args.out, args.format)
+    print(f"wrote {n} rows to {args.out}")
+    return 0

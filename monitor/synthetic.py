@@ -1,0 +1,145 @@
+"""A synthetic live-cell time-lapse with known cell states, for the demo and tests.
+
+The images are synthetic (say so wherever they are shown). Each cell is a
+phase-bright dome in a quantitative-phase-like channel; its state changes
+over time the way a drug-treated culture does:
+
+* live: round/elliptical, medium phase height, a nucleus bump;
+* apoptotic: shrinks, gets phase-brighter, blebs (small domes on its rim);
+* necrotic: swells, loses contrast, granular;
+* dead: small, very bright, irregular remnant.
+
+The fluorescence channel (an Apo-15/PI stand-in) is dark in live cells, lights
+up in apoptotic and necrotic cells and is brightest in dead ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+STATES = ("live", "apoptotic", "necrotic", "dead")
+
+
+@dataclass(frozen=True)
+class SynthCell:
+    y_um: float
+    x_um: float
+    radius_um: float
+    angle: float
+    aspect: float
+    t_onset: float  # timepoint at which dying starts (inf: never)
+    necrotic: bool
+    seed: int
+
+
+def state_at(cell: SynthCell, t: float, transition: float = 2.0) -> str:
+    """live before onset; apoptotic/necrotic for ``transition`` timepoints; then dead."""
+    if t < cell.t_onset:
+        return "live"
+    if t < cell.t_onset + transition:
+        return "necrotic" if cell.necrotic else "apoptotic"
+    return "dead"
+
+
+def _dome(h: int, w: int, cy: float, cx: float, ry: float, rx: float, angle: float) -> np.ndarray:
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    dy, dx = y - cy, x - cx
+    c, s = np.cos(angle), np.sin(angle)
+    u = (c * dx + s * dy) / max(rx, 0.5)
+    v = (-s * dx + c * dy) / max(ry, 0.5)
+    r2 = u * u + v * v
+    return np.sqrt(np.clip(1.0 - r2, 0.0, None))
+
+
+def render_cell(phase: np.ndarray, fluo: np.ndarray, cell: SynthCell, state: str, px_um: float) -> None:
+    """Draw one cell in place (phase height and fluorescence)."""
+    rng = np.random.default_rng(cell.seed)
+    r = cell.radius_um / px_um
+    cy, cx = cell.y_um / px_um, cell.x_um / px_um
+    pad = int(r * 1.8) + 4
+    y0, x0 = max(0, int(cy) - pad), max(0, int(cx) - pad)
+    y1, x1 = min(phase.shape[0], int(cy) + pad), min(phase.shape[1], int(cx) + pad)
+    if y1 <= y0 or x1 <= x0:
+        return
+    h, w = y1 - y0, x1 - x0
+    ly, lx = cy - y0, cx - x0
+    ry, rx = r * cell.aspect, r / cell.aspect
+    if state == "live":
+        body = 0.45 * _dome(h, w, ly, lx, ry, rx, cell.angle)
+        body += 0.15 * _dome(h, w, ly + 0.1 * r, lx - 0.1 * r, 0.45 * r, 0.4 * r, cell.angle)
+        glow = 0.02
+    elif state == "apoptotic":
+        s = 0.72
+        body = 0.75 * _dome(h, w, ly, lx, ry * s, rx * s, cell.angle)
+        for k in range(rng.integers(5, 9)):
+            a = rng.uniform(0, 2 * np.pi)
+            br = r * rng.uniform(0.15, 0.25)
+            by, bx = ly + np.sin(a) * r * s, lx + np.cos(a) * r * s
+            body = np.maximum(body, 0.6 * _dome(h, w, by, bx, br, br, 0.0))
+        glow = 0.5
+    elif state == "necrotic":
+        s = 1.3
+        body = 0.22 * _dome(h, w, ly, lx, ry * s, rx * s, cell.angle)
+        grain = rng.normal(0, 1, (h, w)).astype(np.float32)
+        body *= 1.0 + 0.5 * grain
+        glow = 0.6
+    else:  # dead
+        body = np.zeros((h, w), np.float32)
+        for k in range(3):
+            oy, ox = rng.normal(0, 0.15 * r, 2)
+            rr = r * rng.uniform(0.25, 0.4)
+            body = np.maximum(body, 0.95 * _dome(h, w, ly + oy, lx + ox, rr, rr * rng.uniform(0.7, 1.0), rng.uniform(0, np.pi)))
+        glow = 1.0
+    phase[y0:y1, x0:x1] += body.astype(np.float32)
+    if state == "dead":
+        # the DNA stain keeps marking the nucleus-sized remnant area
+        stain = _dome(h, w, ly, lx, 0.75 * r, 0.75 * r, 0.0) > 0
+    else:
+        stain = body > 0.05
+    fluo[y0:y1, x0:x1] += (glow * stain).astype(np.float32)
+
+
+def make_cells(n: int, field_um: float, rng: np.random.Generator, onset_scale: float, n_timepoints: int, radius_um: float = 9.0) -> list[SynthCell]:
+    """Non-overlapping cells; onset times exponential with scale ``onset_scale`` timepoints."""
+    cells: list[SynthCell] = []
+    tries = 0
+    margin = radius_um * 1.5
+    while len(cells) < n and tries < n * 200:
+        tries += 1
+        y, x = rng.uniform(margin, field_um - margin, 2)
+        rad = radius_um * rng.uniform(0.85, 1.15)
+        if any((c.y_um - y) ** 2 + (c.x_um - x) ** 2 < (2.9 * max(c.radius_um, rad)) ** 2 for c in cells):
+            continue
+        onset = rng.exponential(onset_scale) if onset_scale > 0 else np.inf
+        cells.append(
+            SynthCell(float(y), float(x), float(rad), float(rng.uniform(0, np.pi)), float(rng.uniform(0.85, 1.15)), float(onset), bool(rng.random() < 0.15), int(rng.integers(1 << 30)))
+        )
+    return cells
+
+
+def render_field(cells: list[SynthCell], t: float, shape_px: tuple[int, int], px_um: float, seed: int, states: list[str] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(phase uint16, fluorescence uint16, per-cell states) at timepoint ``t``."""
+    rng = np.random.default_rng(seed)
+    h, w = shape_px
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    phase = 0.15 + 0.05 * (xx / w) + 0.03 * (yy / h)  # uneven illumination
+    fluo = np.zeros((h, w), np.float32)
+    out_states = []
+    for i, c in enumerate(cells):
+        st = states[i] if states is not None else state_at(c, t)
+        out_states.append(st)
+        render_cell(phase, fluo, c, st, px_um)
+    phase += rng.normal(0, 0.012, phase.shape).astype(np.float32)
+    fluo = fluo * 0.8 + 0.05 + rng.normal(0, 0.02, fluo.shape).astype(np.float32)
+    to16 = lambda a: (np.clip(a, 0, 1.5) / 1.5 * 65535).astype(np.uint16)  # noqa: E731
+    return to16(phase), to16(fluo), out_states
+
+
+def reference_field(state: str, n: int, field_um: float, shape_px: tuple[int, int], px_um: float, seed: int) -> tuple[np.ndarray, np.ndarray, list[SynthCell]]:
+    """A field in which every cell has the given state (a labelled reference frame)."""
+    rng = np.random.default_rng(seed)
+    cells = make_cells(n, field_um, rng, onset_scale=0, n_timepoints=1)
+    phase, fluo, _ = render_field(cells, 0.0, shape_px, px_um, seed + 1, [state] * len(cells))
+    return phase, fluo, cells

@@ -1,0 +1,153 @@
+"""Watching the export folder without reading a file too early.
+
+* The watchdog handler only enqueues paths (an exception in a handler would
+  kill the observer's dispatcher thread for good).
+* ``polling = true`` uses watchdog's PollingObserver, for SMB/NFS shares
+  where inotify sees nothing; a periodic rescan backs up either observer.
+* :class:`FileTracker` admits a file once its size and mtime have been stable
+  for ``stable_s``; a file that then fails to decode is retried with
+  exponential back-off until ``ready_deadline_s`` after it was first seen,
+  and only then quarantined.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import queue
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def matches(path: Path, patterns: Sequence[str]) -> bool:
+    name = path.name.lower()
+    return not name.startswith(".") and any(fnmatch.fnmatch(name, p.lower()) for p in patterns)
+
+
+def scan(root: Path, patterns: Sequence[str], recursive: bool = True) -> Iterator[Path]:
+    """Every matching file under ``root``, sorted so timepoints arrive in order."""
+    if not root.is_dir():
+        return
+    if recursive:
+        found = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            found += [Path(dirpath) / f for f in filenames]
+    else:
+        found = [p for p in root.iterdir() if p.is_file()]
+    yield from sorted(p for p in found if matches(p, patterns))
+
+
+class _Handler:
+    """watchdog event handler: enqueue, nothing else."""
+
+    def __init__(self, q: queue.Queue[Path], patterns: Sequence[str]):
+        self.q = q
+        self.patterns = patterns
+
+    def dispatch(self, event) -> None:  # type: ignore[no-untyped-def]
+        try:
+            if event.is_directory:
+                return
+            p = getattr(event, "dest_path", "") or event.src_path
+            p = Path(os.fsdecode(p))
+            if event.event_type in ("created", "modified", "moved", "closed") and matches(p, self.patterns):
+                self.q.put_nowait(p)
+        except Exception:  # never let an exception reach watchdog's dispatcher thread
+            log.exception("watch handler failed on %r", event)
+
+
+def start_observer(root: Path, q: queue.Queue[Path], patterns: Sequence[str], polling: bool, poll_interval_s: float, recursive: bool = True):  # type: ignore[no-untyped-def]
+    """Start and return a watchdog observer feeding ``q``."""
+    if polling:
+        from watchdog.observers.polling import PollingObserver
+
+        obs = PollingObserver(timeout=poll_interval_s)
+    else:
+        from watchdog.observers import Observer
+
+        obs = Observer()
+    obs.schedule(_Handler(q, patterns), str(root), recursive=recursive)
+    obs.daemon = True
+    obs.start()
+    return obs
+
+
+@dataclass
+class _Tracked:
+    first_seen: float
+    size: int
+    mtime_ns: int
+    stable_since: float
+    attempts: int = 0
+    next_try: float = 0.0
+    last_error: str = ""
+
+
+class FileTracker:
+    """Decides when a seen file may be read, and when to give up on it."""
+
+    def __init__(self, stable_s: float, deadline_s: float, clock: Callable[[], float] = time.monotonic):
+        self.stable_s = stable_s
+        self.deadline_s = deadline_s
+        self.clock = clock
+        self._files: dict[Path, _Tracked] = {}
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def __contains__(self, path: Path) -> bool:
+        return path in self._files
+
+    def see(self, path: Path) -> None:
+        """Note a file (again); a change of size or mtime restarts its stability clock."""
+        now = self.clock()
+        try:
+            st = path.stat()
+        except OSError:
+            return
+        t = self._files.get(path)
+        if t is None:
+            self._files[path] = _Tracked(now, st.st_size, st.st_mtime_ns, now)
+        elif (st.st_size, st.st_mtime_ns) != (t.size, t.mtime_ns):
+            t.size, t.mtime_ns, t.stable_since = st.st_size, st.st_mtime_ns, now
+
+    def ready(self) -> list[Path]:
+        """Files stable for ``stable_s`` and due for a (re)try, oldest first."""
+        now = self.clock()
+        out = []
+        for p, t in list(self._files.items()):
+            try:
+                st = p.stat()
+            except OSError:
+                del self._files[p]  # deleted or moved away before we read it
+                continue
+            if (st.st_size, st.st_mtime_ns) != (t.size, t.mtime_ns):
+                t.size, t.mtime_ns, t.stable_since = st.st_size, st.st_mtime_ns, now
+                continue
+            if now - t.stable_since >= self.stable_s and now >= t.next_try:
+                out.append(p)
+        out.sort(key=lambda p: self._files[p].first_seen)
+        return out
+
+    def done(self, path: Path) -> None:
+        self._files.pop(path, None)
+
+    def failed(self, path: Path, error: str) -> bool:
+        """Record a not-ready failure; True when the deadline has passed (give up)."""
+        t = self._files.get(path)
+        if t is None:
+            return True
+        now = self.clock()
+        t.attempts += 1
+        t.last_error = error
+        if now - t.first_seen >= self.deadline_s:
+            del self._files[path]
+            return True
+        t.next_try = now + min(60.0, 0.5 * 2 ** min(t.attempts, 8))
+        return False
