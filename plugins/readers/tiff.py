@@ -1,26 +1,34 @@
 """Generic TIFF / OME-TIFF / ImageJ TIFF / PNG / JPEG reader.
 
-Pixel size: OME ``PhysicalSizeX`` (with its unit), then ImageJ metadata, then
-the XResolution tag; otherwise ``pixel_size_um`` from the options; otherwise
-the file is refused with one line. Frame identity comes from the file name
-through ``pattern`` (a regular expression with named groups ``experiment``,
-``well``, ``field``, ``timepoint``, ``channel``); names that do not match fall
-back to the last number in the name as the timepoint. A multi-page TIFF gives
-one channel per page, named by ``page_channels`` or ``page<N>``.
+Pixel size: OME ``PhysicalSizeX`` (with its unit), then ImageJ calibration,
+then the XResolution tag (PNG: the ``pHYs`` chunk); otherwise
+``pixel_size_um`` from the options (source ``"config"``); otherwise the file
+is refused with one line. ``prefer_config_pixel_size`` makes the configured
+value win over the file's. Every value is checked against 0.05..5 um/px.
+
+Frame identity comes from the file name through ``pattern`` (a regular
+expression with named groups ``experiment``, ``well``, ``field``,
+``timepoint``, ``channel``); names that do not match fall back to the last
+number in the name as the timepoint. A multi-page TIFF gives one channel per
+page, named by ``page_channels`` or ``page<N>``. 8-, 16- and 32-bit grey and
+RGB images keep their dtype; RGBA loses its alpha.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from monitor.errors import BadInput
 from monitor.imageio import (
     RASTER_SUFFIXES,
     TIFF_SUFFIXES,
+    as_plane,
     check_pixel_size,
+    png_pixel_size_um,
     read_raster,
     read_tiff,
     tiff_pixel_size_um,
@@ -29,22 +37,37 @@ from monitor.imageio import (
 from monitor.protocols import BuildContext
 from monitor.records import Acquisition, FrameKey
 
+log = logging.getLogger(__name__)
+
 DEFAULT_PATTERN = (
     r"^(?:(?P<experiment>.+?)_)?(?P<well>[A-Za-z]{1,2}\d{1,3})_f(?P<field>\d+)_t(?P<timepoint>\d+)"
-    r"(?:_(?P<channel>.+?))?(?:\.ome)?\.(?:tiff?|png|jpe?g)$"
+    r"(?:_(?P<channel>.+?))?(?:\.ome)?\.(?:tiff?|png|jpe?g|bmp)$"
 )
 
 
 class Options(BaseModel):
+    """Options of the generic reader (``[readers.tiff]``)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
     pixel_size_um: float | None = Field(None, gt=0, description="used when the file has no pixel size")
-    prefer_config_pixel_size: bool = False
-    pattern: str = DEFAULT_PATTERN
-    page_channels: list[str] = Field(default_factory=list)
-    instrument: str = "generic"
+    prefer_config_pixel_size: bool = Field(False, description="configured size wins over the file's metadata")
+    pattern: str = Field(DEFAULT_PATTERN, description="file-name regex with named groups experiment/well/field/timepoint/channel")
+    page_channels: list[str] = Field(default_factory=list, description="channel names of the pages of a multi-page TIFF")
+    instrument: str = Field("generic", min_length=1)
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"not a valid regular expression: {e}") from None
+        return v
 
 
 class TiffReader:
+    """The fallback reader: any TIFF/PNG/JPEG, identity from the file name."""
+
     name = "tiff"
     specificity = 0
 
@@ -54,30 +77,41 @@ class TiffReader:
         self.experiment = experiment
 
     def accepts(self, path: Path) -> str | None:
-        suf = path.suffix.lower()
+        """Take any file with a TIFF/PNG/JPEG/BMP suffix."""
+        suf = Path(path).suffix.lower()
         if suf in TIFF_SUFFIXES or suf in RASTER_SUFFIXES:
             return None
         return f"suffix {suf or '(none)'} is not a TIFF/PNG/JPEG"
 
     def identity(self, path: Path) -> tuple[FrameKey, str | None]:
-        m = self.rx.match(path.name)
+        """Frame key and channel from the file name (pattern, else trailing number)."""
+        m = self.rx.match(Path(path).name)
         if m:
             g = m.groupdict()
-            key = FrameKey(g.get("experiment") or self.experiment, g.get("well") or "-", g.get("field") or "1", int(g["timepoint"]))
+            tp = g.get("timepoint")
+            key = FrameKey(
+                g.get("experiment") or self.experiment,
+                g.get("well") or "-",
+                g.get("field") or "1",
+                int(tp) if tp is not None else (trailing_number(Path(path).stem) or 0),
+            )
             return key, g.get("channel")
-        tp = trailing_number(path.stem)
+        tp = trailing_number(Path(path).stem)
         return FrameKey(self.experiment, "-", "1", tp if tp is not None else 0), None
 
     def read(self, path: Path) -> Acquisition:
+        """Decode the file; see the module docstring for the pixel-size policy."""
         path = Path(path)
         key, channel = self.identity(path)
-        meta_size = None
+        meta_size: tuple[float, str] | None = None
         if path.suffix.lower() in TIFF_SUFFIXES:
             content = read_tiff(path)
             pages = content.pages
             meta_size = tiff_pixel_size_um(content)
         else:
             pages = [read_raster(path)]
+            png = png_pixel_size_um(path) if path.suffix.lower() == ".png" else None
+            meta_size = (png, "metadata:png") if png else None
         if self.o.pixel_size_um is not None and (meta_size is None or self.o.prefer_config_pixel_size):
             size, source = self.o.pixel_size_um, "config"
         elif meta_size is not None:
@@ -86,14 +120,13 @@ class TiffReader:
             raise BadInput(path, "no pixel size in the file's metadata and none configured (set readers.tiff.pixel_size_um)")
         check_pixel_size(path, size, source)
         if len(pages) == 1:
-            channels = {channel or "image": pages[0]}
+            channels = {channel or "image": as_plane(path, channel or "image", pages[0])}
         else:
             names = list(self.o.page_channels) + [f"page{i}" for i in range(len(self.o.page_channels), len(pages))]
-            channels = {names[i]: p for i, p in enumerate(pages)}
-        for name, img in channels.items():
-            if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (3, 4)):
-                raise BadInput(path, f"channel {name!r} has unsupported shape {img.shape}")
-        return Acquisition(path, key, channels, size, source, self.o.instrument)
+            channels = {names[i]: as_plane(path, names[i], p) for i, p in enumerate(pages)}
+        return Acquisition(
+            path, key, channels, size, source, self.o.instrument, metadata={"pages": str(len(pages))}
+        )
 
 
 class _Spec:
