@@ -1,8 +1,32 @@
 """Group per-file acquisitions into frames across channels.
 
-A frame is complete when every configured channel has arrived; otherwise it
-is released with what arrived after ``wait_s`` (its ``missing_channels`` say
-what was absent). With no channels configured, each file is a frame.
+Policy
+------
+* Identity: files with the same :class:`~monitor.records.FrameKey`
+  (experiment, well, field, timepoint) belong to one frame.
+* No channels configured: every file is a frame of its own, at once.
+* Channels configured (``[assembly] channels``): a frame is released as soon
+  as every configured channel has arrived (channel names compare without
+  regard to case and surrounding spaces; the configured spelling is kept).
+  Channels that are not configured are left out of the frame (logged once per
+  name), so an unexpected extra export cannot change what is segmented.
+* Roles are fixed from the configured list at start (``primary``/``control``
+  ``auto`` pick by name, see :func:`resolve_roles`), not from whatever
+  arrived first.
+* Timeout: a frame still incomplete ``wait_s`` seconds after its first file
+  is released by :meth:`FrameAssembler.due` with what arrived; its
+  ``missing_channels`` says what was absent, the release is logged and
+  counted in :attr:`FrameAssembler.stats`. A control channel that is missing
+  gives ``control=None``.
+* A frame whose *primary* channel never arrived cannot be segmented: it is
+  dropped instead of released (logged, counted, and listed by
+  :meth:`FrameAssembler.take_dropped` so the service can quarantine its
+  files). A file for a frame that was already released or dropped is dropped
+  the same way (a late channel cannot join a frame that has been counted).
+* The same file added twice (a rescan, a retry) replaces its earlier copy.
+* Channels are resampled onto the primary channel's pixel grid (area
+  interpolation when shrinking), and the frame takes the primary's pixel
+  size, source, instrument and acquisition time.
 """
 
 from __future__ import annotations
@@ -10,18 +34,28 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 
+from monitor.errors import ConfigError
 from monitor.imaging import resize
 from monitor.records import Acquisition, Frame, FrameKey
 
 log = logging.getLogger(__name__)
 
 _TRANSMITTED = re.compile(r"bright|phase|\bri\b|refractive|trans|dic|holo|grey|gray|image|bf\b", re.I)
-_FLUORESCENCE = re.compile(r"apo|\bpi\b|propidium|fluo|tritc|texas|rfp|gfp|fitc|cy3|cy5|dapi|red|green|sytox|annexin", re.I)
+_FLUORESCENCE = re.compile(r"apo|\bpi\b|propidium|fluo|\bfl\d|tritc|texas|rfp|gfp|fitc|cy3|cy5|dapi|red|green|sytox|annexin", re.I)
+
+#: how many released/dropped frame keys are remembered to recognise late files
+_REMEMBER = 4096
+
+
+def _norm(name: str) -> str:
+    return " ".join(name.split()).casefold()
 
 
 def resolve_roles(names: Sequence[str], primary: str = "auto", control: str = "auto") -> tuple[str, str | None]:
@@ -30,7 +64,8 @@ def resolve_roles(names: Sequence[str], primary: str = "auto", control: str = "a
     ``auto`` primary: the first channel whose name looks transmitted-light
     (bright field, phase, RI, ...), else the first channel. ``auto`` control:
     the first other channel whose name looks fluorescent, else the first other
-    channel, else none. ``control = "none"`` disables it.
+    channel, else none. ``control = "none"`` disables it; a named control that
+    is absent gives none. A named primary that is absent is a ``KeyError``.
     """
     names = list(names)
     if not names:
@@ -46,21 +81,39 @@ def resolve_roles(names: Sequence[str], primary: str = "auto", control: str = "a
     elif control == "auto":
         ctrl = next((n for n in others if _FLUORESCENCE.search(n)), others[0] if others else None)
     else:
-        ctrl = control if control in names else None
+        ctrl = control if control in names and control != primary else None
     return primary, ctrl
 
 
 def merge(parts: Sequence[Acquisition], primary: str = "auto", control: str = "auto", expected: Sequence[str] = ()) -> Frame:
-    """One frame from acquisitions of the same key; other channels resampled onto the primary's grid."""
+    """One frame from acquisitions of the same key.
+
+    Every channel is resampled onto the primary channel's grid; the frame
+    takes the primary's pixel size and its source. Parts whose pixel size
+    differs while their grid is the same are logged (they cannot show the
+    same field of view). ``expected`` lists the channels that should have
+    been there; the absent ones become ``missing_channels``.
+    """
+    if not parts:
+        raise ValueError("no acquisitions to merge")
     channels: dict[str, np.ndarray] = {}
+    owner: dict[str, Acquisition] = {}
     for a in parts:
-        channels.update(a.channels)
+        for name, img in a.channels.items():
+            channels[name] = img
+            owner[name] = a
     p, c = resolve_roles(list(channels), primary, control)
-    base = next(a for a in parts if p in a.channels)
+    base = owner[p]
     shape = channels[p].shape[:2]
     for name, img in list(channels.items()):
         if img.shape[:2] != shape:
             channels[name] = resize(img, shape)
+        elif abs(owner[name].pixel_size_um - base.pixel_size_um) > 1e-3 * base.pixel_size_um:
+            log.warning(
+                "%s: channel %r is %.4g um/px but %r is %.4g um/px on the same grid",
+                base.key, name, owner[name].pixel_size_um, p, base.pixel_size_um,
+            )
+    acquired = base.acquired_at or min((a.acquired_at for a in parts if a.acquired_at), default=None)
     return Frame(
         key=base.key,
         channels=channels,
@@ -69,10 +122,19 @@ def merge(parts: Sequence[Acquisition], primary: str = "auto", control: str = "a
         pixel_size_um=base.pixel_size_um,
         pixel_size_source=base.pixel_size_source,
         instrument=base.instrument,
-        acquired_at=base.acquired_at,
-        sources=tuple(a.path for a in parts),
+        acquired_at=acquired,
+        sources=tuple(dict.fromkeys(a.path for a in parts)),
         missing_channels=tuple(n for n in expected if n not in channels),
     )
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """A frame (or a late file) that could not be released, and why."""
+
+    key: FrameKey
+    sources: tuple[Path, ...]
+    reason: str
 
 
 @dataclass
@@ -83,36 +145,140 @@ class _Pending:
 
 @dataclass
 class FrameAssembler:
+    """Collects acquisitions until their frame is complete or overdue (module docstring).
+
+    ``clock`` is injectable (seconds, monotonic) so tests need not sleep.
+    Not thread-safe: one worker owns it.
+    """
+
     channels: Sequence[str] = ()
     primary: str = "auto"
     control: str = "auto"
     wait_s: float = 120.0
     clock: Callable[[], float] = time.monotonic
     _pending: dict[FrameKey, _Pending] = field(default_factory=dict)
+    stats: Counter[str] = field(default_factory=Counter)
+    _dropped: list[Dropped] = field(default_factory=list)
+    _closed: OrderedDict[FrameKey, str] = field(default_factory=OrderedDict)
+    _warned: set[str] = field(default_factory=set)
+    _dropped_paths: OrderedDict[Path, None] = field(default_factory=OrderedDict)
+
+    def __post_init__(self) -> None:
+        self.channels = tuple(self.channels)
+        self._canon = {_norm(c): c for c in self.channels}
+        self._primary: str | None = None
+        self._control: str | None = None
+        if self.channels:
+            primary = self._canon.get(_norm(self.primary), self.primary) if self.primary != "auto" else "auto"
+            control = self._canon.get(_norm(self.control), self.control) if self.control not in ("auto", "none") else self.control
+            listed = ", ".join(self.channels)
+            if primary != "auto" and primary not in self.channels:
+                raise ConfigError(f"assembly.primary: {self.primary!r} is not one of assembly.channels ({listed})")
+            if control not in ("auto", "none") and control not in self.channels:
+                raise ConfigError(f"assembly.control: {self.control!r} is not one of assembly.channels ({listed})")
+            self._primary, self._control = resolve_roles(self.channels, primary, control)
+
+    # -- intake -----------------------------------------------------------------------------
+
+    def _configured(self, acq: Acquisition) -> Acquisition | None:
+        """The acquisition with channel names in configured spelling, unconfigured ones left out."""
+        kept: dict[str, np.ndarray] = {}
+        for name, img in acq.channels.items():
+            canon = self._canon.get(_norm(name))
+            if canon is None:
+                if name not in self._warned:
+                    self._warned.add(name)
+                    log.warning(
+                        "%s: channel %r is not in assembly.channels (%s); left out",
+                        acq.path, name, ", ".join(self.channels),
+                    )
+                continue
+            kept[canon] = img
+        if not kept:
+            return None
+        if list(kept) == list(acq.channels):
+            return acq
+        return replace(acq, channels=kept)
+
+    def _drop(self, key: FrameKey, sources: tuple[Path, ...], reason: str) -> None:
+        new = tuple(s for s in sources if s not in self._dropped_paths)
+        self._remember(key, "dropped")
+        if not new:  # the same file again (a rescan): already reported
+            log.debug("%s: %s dropped again (%s)", key, ", ".join(map(str, sources)), reason)
+            return
+        log.warning("%s: dropped (%s): %s", key, reason, ", ".join(str(s) for s in new))
+        self.stats["dropped"] += 1
+        self._dropped.append(Dropped(key, new, reason))
+        for s in new:
+            self._dropped_paths[s] = None
+        while len(self._dropped_paths) > _REMEMBER:
+            self._dropped_paths.popitem(last=False)
+
+    def _remember(self, key: FrameKey, what: str) -> None:
+        self._closed[key] = what
+        self._closed.move_to_end(key)
+        while len(self._closed) > _REMEMBER:
+            self._closed.popitem(last=False)
 
     def add(self, acq: Acquisition) -> Frame | None:
-        """Add one file's channels; return the frame once it is complete."""
+        """Add one file's channels; return the frame once every configured channel is there."""
         if not self.channels:
+            self.stats["complete"] += 1
             return merge([acq], self.primary, self.control)
+        kept = self._configured(acq)
+        if kept is None:
+            self.stats["ignored_files"] += 1
+            return None
+        if acq.key in self._closed and acq.key not in self._pending:
+            self._drop(acq.key, (acq.path,), f"arrived after the frame was {self._closed[acq.key]}")
+            return None
         pend = self._pending.setdefault(acq.key, _Pending([], self.clock()))
-        pend.parts.append(acq)
+        pend.parts = [a for a in pend.parts if a.path != acq.path] + [kept]
         have = {n for a in pend.parts for n in a.channels}
         if all(c in have for c in self.channels):
             del self._pending[acq.key]
-            return merge(pend.parts, self.primary, self.control, self.channels)
+            self._remember(acq.key, "released")
+            self.stats["complete"] += 1
+            return merge(pend.parts, self._primary or "auto", self._control or "none", self.channels)
         return None
 
     def due(self, force: bool = False) -> list[Frame]:
-        """Frames whose wait ran out (or all, with ``force``), released incomplete."""
+        """Frames whose wait ran out (or all, with ``force``), released incomplete.
+
+        A frame without its primary channel is dropped instead (see
+        :meth:`take_dropped`).
+        """
         now = self.clock()
         out = []
         for key, pend in list(self._pending.items()):
-            if force or now - pend.first_seen >= self.wait_s:
-                del self._pending[key]
-                frame = merge(pend.parts, self.primary, self.control, self.channels)
-                log.warning("%s: released after %.0fs without channel(s) %s", key, now - pend.first_seen, ", ".join(frame.missing_channels))
-                out.append(frame)
+            if not (force or now - pend.first_seen >= self.wait_s):
+                continue
+            del self._pending[key]
+            have = {n for a in pend.parts for n in a.channels}
+            missing = [c for c in self.channels if c not in have]
+            sources = tuple(a.path for a in pend.parts)
+            if self._primary not in have:
+                self._drop(key, sources, f"primary channel {self._primary!r} never arrived (missing: {', '.join(missing)})")
+                continue
+            frame = merge(pend.parts, self._primary or "auto", self._control if self._control in have else "none", self.channels)
+            self._remember(key, "released")
+            self.stats["incomplete"] += 1
+            log.warning(
+                "%s: released after %.0fs without channel(s) %s",
+                key, now - pend.first_seen, ", ".join(frame.missing_channels),
+            )
+            out.append(frame)
         return out
+
+    def take_dropped(self) -> list[Dropped]:
+        """Frames and late files dropped since the last call (the service quarantines their files)."""
+        out, self._dropped = self._dropped, []
+        return out
+
+    @property
+    def roles(self) -> tuple[str | None, str | None]:
+        """(primary, control) resolved from the configured channels; (None, None) without channels."""
+        return self._primary, self._control
 
     @property
     def n_pending(self) -> int:

@@ -1,29 +1,59 @@
-"""``cellmonitor inspect FILE`` and ``cellmonitor plugins check FILE``."""
+"""``cellmonitor inspect FILE`` and ``cellmonitor plugins check FILE``.
+
+Both build the readers exactly as the service does (from ``--config`` or the
+defaults) so what they print is what the service will see. A file that
+cannot be read is one line on stderr, ``cellmonitor: error: PATH: problem``,
+and the remaining files are still inspected. Exit status: 0 when every file
+was read (inspect) or taken by a reader (check), 75 (EX_TEMPFAIL) when the
+only failures were files still being written, 65 (EX_DATAERR) otherwise.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import sys
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
+
+EX_DATAERR = 65
+EX_TEMPFAIL = 75
+
+#: the rows ``inspect`` prints, in order, with their labels
+FIELDS = (
+    ("reader", "reader"),
+    ("instrument", "instrument"),
+    ("experiment", "experiment"),
+    ("plate", "plate"),
+    ("well", "well"),
+    ("field", "field"),
+    ("timepoint", "timepoint index"),
+    ("acquired_at", "acquired at"),
+)
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("inspect", help="print what a reader parsed from a file (instrument, well, channel, pixel size, ...)")
+    p = sub.add_parser(
+        "inspect",
+        help="print what a reader parsed from a file (instrument, plate, well, channel, pixel size, ...)",
+    )
     p.add_argument("files", nargs="+", type=Path, metavar="FILE")
     p.add_argument("--config", type=Path, help="config with reader options (pixel sizes, patterns)")
-    p.add_argument("--json", action="store_true", help="one JSON object per file")
+    p.add_argument("--json", action="store_true", help="one JSON object per file on stdout")
     p.set_defaults(func=_inspect)
 
 
 def register_check(psub: argparse._SubParsersAction) -> None:
     p = psub.add_parser("check", help="which reader takes a file, and why the others declined")
     p.add_argument("files", nargs="+", type=Path, metavar="FILE")
-    p.add_argument("--config", type=Path)
+    p.add_argument("--config", type=Path, help="config with reader options and the reader choice")
     p.set_defaults(func=_check)
 
 
-def _readers(config: Path | None):  # type: ignore[no-untyped-def]
+def _readers(config: Path | None) -> Any:
     from monitor.cli_service import config_or_default
     from monitor.protocols import BuildContext
     from monitor.reading import build_readers
@@ -31,16 +61,19 @@ def _readers(config: Path | None):  # type: ignore[no-untyped-def]
 
     cfg = config_or_default(config)
     reg = Registry(cfg.plugins.paths)
-    ctx = BuildContext(state_dir=cfg.service.state_dir, extra={"experiment": cfg.service.experiment})
+    ctx = BuildContext(state_dir=cfg.service.state_dir, config_path=config, extra={"experiment": cfg.service.experiment})
     return build_readers(cfg, reg, ctx)
 
 
 def describe(acq: Any, reader: str) -> dict[str, Any]:
+    """Everything ``inspect`` reports about one acquisition, JSON-ready."""
+    meta = dict(acq.metadata)
     return {
         "file": str(acq.path),
         "reader": reader,
         "instrument": acq.instrument,
         "experiment": acq.key.experiment,
+        "plate": meta.get("plate"),
         "well": acq.key.well,
         "field": acq.key.field,
         "timepoint": acq.key.timepoint,
@@ -50,51 +83,86 @@ def describe(acq: Any, reader: str) -> dict[str, Any]:
         },
         "pixel_size_um": acq.pixel_size_um,
         "pixel_size_source": acq.pixel_size_source,
-        "metadata": dict(acq.metadata),
+        "metadata": meta,
     }
 
 
+def format_description(info: dict[str, Any]) -> list[str]:
+    """The human-readable lines of ``inspect`` for one file."""
+    lines = [info["file"]]
+    for key, label in FIELDS:
+        v = info.get(key)
+        lines.append(f"  {label:<18} {v if v is not None else '-'}")
+    for name, c in info["channels"].items():
+        lines.append(f"  {'channel':<18} {name}: {'x'.join(map(str, c['shape']))} {c['dtype']}")
+    lines.append(f"  {'pixel size':<18} {info['pixel_size_um']:.4f} um/px (from {info['pixel_size_source']})")
+    shown = {"plate"}
+    for k, v in info["metadata"].items():
+        if k not in shown:
+            lines.append(f"  {k:<18} {v}")
+    return lines
+
+
+def _error(path: Path, problem: str) -> None:
+    line = " ".join(str(problem).split())  # one line whatever the reader put in it
+    print(f"cellmonitor: error: {line}" if line.startswith(str(path)) else f"cellmonitor: error: {path}: {line}",
+          file=sys.stderr, flush=True)
+
+
 def _inspect(args: argparse.Namespace) -> int:
-    from monitor.errors import BadInput
+    from monitor.errors import BadInput, NotReady
 
     readers = _readers(args.config)
-    status = 0
+    failures: list[int] = []
     for f in args.files:
         try:
             r = readers.choose(f)
             info = describe(r.read(f), r.name)
+        except NotReady as e:
+            _error(f, str(e))
+            failures.append(EX_TEMPFAIL)
+            continue
         except BadInput as e:
-            print(f"cellmonitor: error: {e}", flush=True)
-            status = 65
+            _error(f, str(e))
+            failures.append(EX_DATAERR)
+            continue
+        except Exception as e:  # a reader plugin bug: one line, traceback only with -v
+            log.debug("reader failed on %s", f, exc_info=True)
+            _error(f, f"reader failed: {type(e).__name__}: {e}")
+            failures.append(EX_DATAERR)
             continue
         if args.json:
             print(json.dumps(info))
-            continue
-        print(f"{info['file']}")
-        for k in ("reader", "instrument", "experiment", "well", "field", "timepoint", "acquired_at"):
-            print(f"  {k:<18} {info[k]}")
-        for name, c in info["channels"].items():
-            print(f"  channel            {name}: {'x'.join(map(str, c['shape']))} {c['dtype']}")
-        print(f"  pixel_size_um      {info['pixel_size_um']:.4f} (from {info['pixel_size_source']})")
-        for k, v in info["metadata"].items():
-            print(f"  {k:<18} {v}")
-    return status
+        else:
+            print("\n".join(format_description(info)))
+    if not failures:
+        return 0
+    return EX_TEMPFAIL if all(s == EX_TEMPFAIL for s in failures) else EX_DATAERR
 
 
 def _check(args: argparse.Namespace) -> int:
     readers = _readers(args.config)
     status = 0
+    mode = "configured reader" if readers.fixed else "automatic choice, most specific first"
     for f in args.files:
-        print(f"{f}")
+        exists = f.is_file()
+        print(f"{f}{'' if exists else '  (file does not exist; judged by name only)'}")
+        print(f"  ({mode})")
         taken = None
-        for name, why in readers.explain(f):
+        for r in readers.readers:
+            try:
+                why = r.accepts(f)
+            except Exception as e:  # a plugin's accepts must not stop the check
+                why = f"accepts() failed: {type(e).__name__}: {e}"
+            spec = getattr(r, "specificity", 0)
             if why is None and taken is None:
-                taken = name
-                print(f"  {name:<10} TAKES this file")
+                taken = r.name
+                print(f"  {r.name:<10} [{spec:>2}] TAKES this file")
             elif why is None:
-                print(f"  {name:<10} would accept, but {taken} is more specific")
+                print(f"  {r.name:<10} [{spec:>2}] would accept, but {taken} is more specific")
             else:
-                print(f"  {name:<10} declined: {why}")
+                print(f"  {r.name:<10} [{spec:>2}] declined: {why}")
         if taken is None:
-            status = 65
+            _error(f, "no reader accepts this file")
+            status = EX_DATAERR
     return status

@@ -198,7 +198,7 @@ class NanoliveReader:
                     meta["ri_range"] = f"{lo:.4f}..{hi:.4f}"
             else:
                 img = project(stack, self.o.fluorescence_projection) if n_z > 1 else stack
-            meta[f"z_planes[{name}]"] = str(n_z)
+            meta[f"{name}.z_planes"] = str(n_z)
             channels[name] = as_plane(path, name, img)
 
         size, source = float(self.o.pixel_size_um), "config"
