@@ -77,6 +77,7 @@ class DemoResult:
     seconds: float
     n_references: int
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    metrics_text: str = ""  # /metrics as scraped just before the service stopped
 
 
 def write_frame(folder: Path, well: str, t: int, phase: np.ndarray, fluo: np.ndarray) -> list[Path]:
@@ -145,6 +146,7 @@ def run_demo(
     cells_per_field: int = 16,
     per_state: int = 30,
     metrics_port: int | None = 9108,
+    per_field_timeout_s: float = 120.0,
     seed: int = 7,
     say: Callable[[str], None] = log.info,
 ) -> DemoResult:
@@ -204,7 +206,7 @@ def run_demo(
                 phase, fluo, st = render_field(plates[w], t - 1, (FIELD_PX, FIELD_PX), FRAME_UM, seed * 1000 + t * 10 + wi)
                 truth[(w, t)] = {s: st.count(s) for s in STATES}
                 write_frame(cfg.service.watch_dir, w, t, phase, fluo)
-            deadline = time.monotonic() + 120
+            deadline = time.monotonic() + per_field_timeout_s
             with arrived:
                 while sum(1 for c in counted if c.key.timepoint == t) < len(wells) and time.monotonic() < deadline:
                     if not worker.is_alive():
@@ -212,8 +214,9 @@ def run_demo(
                     arrived.wait(0.5)
             got = [c for c in counted if c.key.timepoint == t]
             if len(got) < len(wells):
-                raise RuntimeError(f"timepoint {t} was not counted within 120 s")
+                raise RuntimeError(f"timepoint {t} was not counted within {per_field_timeout_s:.0f} s")
             say(f"    t={t}: " + "  ".join(f"{c.key.well} {c.n_cells} cells, live {c.fraction('live'):.0%}, dead {c.fraction('dead'):.0%}" for c in sorted(got, key=lambda c: c.key.well)))
+        metrics_text = _scrape(url) if url else ""
     finally:
         stop.set()
         worker.join(timeout=30)
@@ -224,7 +227,18 @@ def run_demo(
         for k, v in c.stage_seconds.items():
             stages[k] = stages.get(k, 0.0) + v
     csv_path = next((Path(getattr(s, "path")) for s in service.sinks if getattr(s, "name", "") == "csv"), cfg.service.state_dir / "counts.csv")
-    return DemoResult(folder, csv_path, counted, truth, url, time.perf_counter() - t0, n_refs, stages)
+    return DemoResult(folder, csv_path, counted, truth, url, time.perf_counter() - t0, n_refs, stages, metrics_text)
+
+
+def _scrape(url: str) -> str:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.read().decode()
+    except OSError as e:
+        log.warning("could not scrape %s: %s", url, e)
+        return ""
 
 
 class _NoIndex:

@@ -1,0 +1,56 @@
+"""The demo end to end: real reader, segmenter, encoder (Lite0 weights), index, watcher, CSV, /metrics."""
+
+from __future__ import annotations
+
+import csv
+import re
+import socket
+
+import pytest
+
+from monitor.demo import run_demo
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gauge(text: str, name: str, **labels: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(f"{name} {labels} not in /metrics")
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.usefixtures("no_thread_leak")
+def test_small_demo_csv_matches_metrics_and_trends(tmp_path):
+    res = run_demo(tmp_path / "demo", n_timepoints=4, wells=("A1",), cells_per_field=14, per_state=20, metrics_port=free_port(), say=lambda m: None)
+    rows = list(csv.DictReader(res.csv_path.open()))
+    assert [int(r["timepoint"]) for r in rows] == [1, 2, 3, 4]
+    assert all(r["pixel_size_source"] == "metadata:resolution" and r["pixel_size_um"] == "0.3220" for r in rows)
+    # every CSV count adds up
+    for r in rows:
+        assert sum(int(r[f"n_{s}"]) for s in ("live", "apoptotic", "necrotic", "dead")) == int(r["n_cells"])
+    # the last row and the scraped /metrics agree
+    last = rows[-1]
+    for s in ("live", "dead"):
+        assert gauge(res.metrics_text, "cellmonitor_latest_cells", experiment="demo", well="A1", state=s) == float(last[f"n_{s}"])
+        assert gauge(res.metrics_text, "cellmonitor_state_fraction", experiment="demo", well="A1", state=s) == pytest.approx(float(last[f"frac_{s}"]), abs=1e-4)
+    assert gauge(res.metrics_text, "cellmonitor_control_area_fraction", well="A1") == pytest.approx(float(last["control_area_fraction"]), abs=1e-5)
+    assert re.search(r'cellmonitor_frames_total\{result="counted"\} 4\.0', res.metrics_text)
+    # biology of the generator: live falls, dead rises, control signal rises
+    live = [float(r["frac_live"]) for r in rows]
+    dead = [float(r["frac_dead"]) for r in rows]
+    ctl = [float(r["control_area_fraction"]) for r in rows]
+    assert live[0] > 0.9 and live[-1] < live[0] - 0.3
+    assert dead[-1] > dead[0] + 0.2
+    assert ctl[-1] > ctl[0] + 0.01
+    # the counts follow the generator's truth
+    for c in res.counts:
+        truth = res.truth[(c.key.well, c.key.timepoint)]
+        n_true = sum(truth.values())
+        assert abs(c.n_cells - n_true) <= 2
+        assert abs(c.fraction("live") - truth["live"] / n_true) < 0.25

@@ -1,0 +1,200 @@
+"""The service loop with fake plugins: files dropped into a folder, results read from sinks."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from monitor.config import parse_config
+from monitor.daemon import Service
+from monitor.index import EWCClassifier, EWCParams, ReferenceIndex
+from monitor.ledger import Ledger
+from monitor.metrics import ServiceMetrics
+from monitor.pipeline import Pipeline
+from monitor.reading import ReaderSet
+from monitor.testing import ArrayReader, DiscSegmenter, ListSink, MeanColourEncoder
+from cellmonitor_plugins.sinks.csv import CsvSink
+
+
+def blobs(n: int, bright: float, seed: int = 0, size: int = 128) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    img = rng.normal(0.1, 0.01, (size, size)).astype(np.float32)
+    yy, xx = np.mgrid[0:size, 0:size]
+    for i in range(n):
+        cy, cx = 20 + (i // 3) * 40, 20 + (i % 3) * 40
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < 64] = bright
+    return img
+
+
+def make_service(tmp: Path, channels: list[str] | None = None, wait_s: float = 60.0, sinks=None) -> tuple[Service, ListSink]:
+    cfg = parse_config(
+        {
+            "service": {"watch_dir": "in", "state_dir": "state", "stable_s": 0.05, "ready_deadline_s": 1.0, "patterns": ["*.npy"], "metrics_port": 0},
+            "assembly": {"channels": channels or [], "wait_s": wait_s, "primary": "auto", "control": "auto"},
+        },
+        "test.toml",
+        tmp,
+    )
+    enc = MeanColourEncoder()
+    # reference: dim blobs are 'live', bright blobs 'dead'
+    crops = []
+    labels = []
+    from monitor.imaging import display_range
+    for lab, b in ((0, 0.3), (1, 0.9)):
+        for s in range(6):
+            img = blobs(1, b + 0.02 * s, seed=s)
+            img[0, 0] = 1.0  # fixes the display range across references
+            crops.append(display_range(img)[10:30, 10:30])
+            labels.append(lab)
+    vec = enc.encode(np.stack([np.pad(c, ((0, 4), (0, 4), (0, 0)), mode="edge") for c in crops]))
+    index = ReferenceIndex.build(vec, np.array(labels), ("live", "dead"), [{"name": enc.name, "id": enc.id, "dim": enc.dim}], ewc=EWCParams(1, 4, 0.5, True))
+    pipe = Pipeline(DiscSegmenter(), [enc], EWCClassifier(index), pixel_size_um=0.322, crop_px=24)
+    sink = ListSink()
+    metrics = ServiceMetrics(CollectorRegistry())
+    svc = Service(cfg, ReaderSet([ArrayReader()]), pipe, sinks if sinks is not None else [sink], metrics, Ledger(cfg.service.state_dir / "ledger.sqlite"), tick_s=0.02)
+    return svc, sink
+
+
+def run_until(svc: Service, cond, timeout: float = 20.0) -> None:
+    stop = threading.Event()
+    th = threading.Thread(target=svc.run, args=(stop,))
+    th.start()
+    try:
+        t0 = time.monotonic()
+        while not cond() and time.monotonic() - t0 < timeout:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        th.join(10)
+    assert not th.is_alive()
+
+
+def drop(folder: Path, name: str, arr: np.ndarray) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    p = folder / name
+    np.save(p, arr)
+    return p
+
+
+@pytest.mark.usefixtures("no_thread_leak")
+def test_files_dropped_while_running_are_counted_once(tmp_path):
+    svc, sink = make_service(tmp_path)
+    watch = svc.cfg.service.watch_dir
+
+    def feeder():
+        time.sleep(0.3)
+        drop(watch, "A1_t1_phase.npy", blobs(3, 0.3))
+        drop(watch, "A1_t2_phase.npy", blobs(4, 0.9))
+
+    th = threading.Thread(target=feeder)
+    th.start()
+    run_until(svc, lambda: len(sink.rows) >= 2)
+    th.join()
+    svc.close()
+    by_t = {c.key.timepoint: c for c in sink.rows}
+    assert sorted(by_t) == [1, 2]
+    assert by_t[1].n_cells == 3 and by_t[1].counts["live"] == 3
+    assert by_t[2].n_cells == 4 and by_t[2].counts["dead"] == 4
+
+
+def test_restart_processes_backlog_and_never_duplicates(tmp_path):
+    svc, sink = make_service(tmp_path, sinks=None)
+    watch = svc.cfg.service.watch_dir
+    drop(watch, "A1_t1_phase.npy", blobs(2, 0.3))
+    csv_path = tmp_path / "state" / "counts.csv"
+    svc.sinks = [CsvSink(csv_path), sink]
+    svc.run(threading.Event(), until_idle=True, observe=False)
+    svc.close()
+    # files arrive while the service is down
+    drop(watch, "A1_t2_phase.npy", blobs(5, 0.9))
+    svc2, sink2 = make_service(tmp_path)
+    svc2.sinks = [CsvSink(csv_path), sink2]
+    svc2.run(threading.Event(), until_idle=True, observe=False)
+    svc2.close()
+    assert [c.key.timepoint for c in sink2.rows] == [2]  # t1 is in the ledger: not redone
+    lines = csv_path.read_text().strip().splitlines()
+    assert len(lines) == 3  # header + t1 + t2, exactly once each
+    assert lines[2].split(",")[3] == "2"
+
+
+def test_crash_between_csv_and_ledger_does_not_duplicate_rows(tmp_path):
+    csv_path = tmp_path / "state" / "counts.csv"
+    svc, sink = make_service(tmp_path)
+    drop(svc.cfg.service.watch_dir, "A1_t1_phase.npy", blobs(2, 0.3))
+    svc.sinks = [CsvSink(csv_path)]
+    svc.ledger.mark_frame = lambda *a, **k: None  # the 'crash': the ledger never hears of it
+    svc.run(threading.Event(), until_idle=True, observe=False)
+    svc.close()
+    svc2, sink2 = make_service(tmp_path)
+    svc2.sinks = [CsvSink(csv_path), sink2]
+    svc2.run(threading.Event(), until_idle=True, observe=False)
+    svc2.close()
+    assert len(sink2.rows) == 1  # reprocessed ...
+    assert len(csv_path.read_text().strip().splitlines()) == 2  # ... but recorded once
+
+
+def test_half_written_file_is_retried_then_counted(tmp_path):
+    svc, sink = make_service(tmp_path)
+    watch = svc.cfg.service.watch_dir
+    watch.mkdir(parents=True)
+    p = watch / "A1_t1_phase.npy"
+    full = tmp_path / "full.npy"
+    np.save(full, blobs(3, 0.3))
+    data = full.read_bytes()
+    p.write_bytes(data[: len(data) // 3])  # truncated: the reader fails
+
+    def finish():
+        time.sleep(0.4)
+        p.write_bytes(data)
+
+    th = threading.Thread(target=finish)
+    th.start()
+    run_until(svc, lambda: len(sink.rows) >= 1)
+    th.join()
+    svc.close()
+    assert len(sink.rows) == 1 and sink.rows[0].n_cells == 3
+
+
+def test_bad_file_is_quarantined_with_one_line_and_others_continue(tmp_path, caplog):
+    svc, sink = make_service(tmp_path)
+    watch = svc.cfg.service.watch_dir
+    watch.mkdir(parents=True)
+    (watch / "A1_t1_phase.npy").write_bytes(b"this is not an array")
+    drop(watch, "A1_t2_phase.npy", blobs(2, 0.3))
+    svc.run(threading.Event(), until_idle=True, observe=False)
+    svc.close()
+    assert [c.key.timepoint for c in sink.rows] == [2]
+    q = (tmp_path / "state" / "quarantine.csv").read_text().splitlines()
+    assert len(q) == 2 and "A1_t1_phase.npy" in q[1]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("A1_t1_phase.npy" in m and "\n" not in m for m in errors)
+
+
+def test_incomplete_frame_released_after_wait(tmp_path):
+    svc, sink = make_service(tmp_path, channels=["phase", "apo15"], wait_s=0.3)
+    drop(svc.cfg.service.watch_dir, "A1_t1_phase.npy", blobs(2, 0.3))
+    run_until(svc, lambda: len(sink.rows) >= 1, timeout=10)
+    svc.close()
+    assert len(sink.rows) == 1
+    assert sink.rows[0].missing_channels == ("apo15",)
+    assert sink.rows[0].control is None
+
+
+def test_complete_frame_has_control_signal(tmp_path):
+    svc, sink = make_service(tmp_path, channels=["phase", "apo15"], wait_s=30)
+    watch = svc.cfg.service.watch_dir
+    drop(watch, "A1_t1_phase.npy", blobs(2, 0.3))
+    fl = np.random.default_rng(1).normal(0.1, 0.005, (128, 128)).astype(np.float32)
+    fl[:16, :16] = 1.0  # 256 px bright
+    drop(watch, "A1_t1_apo15.npy", fl)
+    svc.run(threading.Event(), until_idle=True, observe=False)
+    svc.close()
+    (c,) = sink.rows
+    assert c.missing_channels == ()
+    assert c.control is not None and c.control.channel == "apo15"
+    assert c.control.area_um2 == pytest.approx(256 * 0.322**2, rel=1e-6)
