@@ -2,22 +2,28 @@
 
 An index is a folder::
 
-    meta.json      format version, encoders (name, id, dim), metric, search
-                   structure, classes and counts, class weights, EWC
-                   parameters, SHA-256 of the other files
+    meta.json      format version, encoders (name, id, dim, version),
+                   preprocessing (how files became crops), metric,
+                   normalisation, search structure and HNSW parameters,
+                   classes and counts, class weights, EWC parameters,
+                   SHA-256 of every other file
     vectors.faiss  the FAISS index (written by faiss.write_index)
     labels.npy     int64 class index per reference (np.load, allow_pickle=False)
     ids.json       optional source name per reference (file name, box)
 
-Nothing is unpickled. Loading checks the format version, the checksums, the
-label count against the FAISS size, and (when encoders are given) that their
-ids and dims match; any mismatch is one :class:`~monitor.errors.IndexError_`
-line naming the index folder.
+Nothing is unpickled. Loading checks the format version, that every file
+is present and matches its checksum, the label count against the FAISS size
+(and the names in ids.json), the dimension against the encoders' dims, and
+(when encoders are given) that their ids and dims match; any mismatch is
+fatal: one :class:`~monitor.errors.IndexError_` line naming the index folder.
 
 Metrics: ``l2`` (default, squared L2 distances as FAISS reports them),
 ``cosine`` (vectors L2-normalised, inner product; distance = 1 - cos) and
-``canberra`` (exact, see :mod:`monitor.canberra`). Search structure: exact
-(``flat``) up to ``hnsw_above`` references, HNSW above, or forced.
+``canberra`` (always exact, through the fast path of :mod:`monitor.canberra`;
+the vectors are stored in a FAISS ``IndexFlat`` but FAISS's own slow Canberra
+search is never used). Search structure: exact (``flat``) up to
+``hnsw_above`` references, HNSW above, or forced; HNSW's efSearch is raised to
+k whenever k exceeds it, so a search never returns fewer than k neighbours.
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ Structure = Literal["auto", "flat", "hnsw"]
 
 @dataclass(frozen=True)
 class EWCParams:
+    """Adaptive-k range, entropy threshold and reweighting (see :mod:`monitor.classify`)."""
+
     k_min: int = 10
     k_max: int = 1000
     entropy_threshold: float = 0.5
@@ -54,6 +62,8 @@ class EWCParams:
 
 @dataclass(frozen=True)
 class HNSWParams:
+    """HNSW graph degree M, efConstruction and the default efSearch (never below k)."""
+
     m: int = 32
     ef_construction: int = 40
     ef_search: int = 64
@@ -83,6 +93,7 @@ class ReferenceIndex:
         normalize: bool = False,
         ref_names: Sequence[str] | None = None,
         raw_vectors: np.ndarray | None = None,
+        preprocessing: dict[str, Any] | None = None,
     ):
         self.faiss_index = vectors_index
         self.labels = np.asarray(labels, dtype=np.int64)
@@ -95,6 +106,8 @@ class ReferenceIndex:
         self.normalize = normalize
         self.ref_names = list(ref_names) if ref_names is not None else None
         self._raw = raw_vectors  # kept for the exact Canberra path
+        self._canberra: Any = None
+        self.preprocessing = dict(preprocessing) if preprocessing is not None else None
         self.weights = classify.class_weights(self.labels, len(self.classes))
 
     # ---- construction -------------------------------------------------
@@ -112,8 +125,16 @@ class ReferenceIndex:
         hnsw_above: int = 50_000,
         normalize: bool = False,
         ref_names: Sequence[str] | None = None,
+        preprocessing: dict[str, Any] | None = None,
     ) -> ReferenceIndex:
-        """Build the search structure. ``auto`` picks exact search up to ``hnsw_above``."""
+        """Build the search structure over (N, D) float32 vectors.
+
+        ``structure="auto"`` picks exact search up to ``hnsw_above`` references
+        and HNSW above (Canberra is always exact). ``encoders`` lists
+        ``{"name", "id", "dim"}`` (optionally ``"version"``) in concatenation
+        order; their dims must sum to D. ``preprocessing`` records how files
+        became crops. Raises ValueError on inconsistent inputs.
+        """
         import faiss
 
         x = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -137,7 +158,11 @@ class ReferenceIndex:
         else:
             index = faiss.IndexFlatIP(d) if metric == "cosine" else faiss.IndexFlatL2(d)
         index.add(x)
-        return cls(index, labels, classes, encoders, metric, structure, ewc, hnsw, normalize, ref_names, x if metric == "canberra" else None)
+        if ref_names is not None and len(ref_names) != x.shape[0]:
+            raise ValueError(f"{len(ref_names)} reference names for {x.shape[0]} vectors")
+        if hnsw.ef_search < 1 or hnsw.m < 2 or hnsw.ef_construction < 1:
+            raise ValueError(f"bad HNSW parameters {hnsw}")
+        return cls(index, labels, classes, encoders, metric, structure, ewc, hnsw, normalize, ref_names, x if metric == "canberra" else None, preprocessing)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -157,10 +182,13 @@ class ReferenceIndex:
         x = _prepare(np.ascontiguousarray(queries, dtype=np.float32), self.metric, self.normalize)
         k = min(k, len(self))
         if self.metric == "canberra":
-            from monitor.canberra import canberra_knn
+            from monitor.canberra import CanberraSearch
 
-            assert self._raw is not None
-            return canberra_knn(x, self._raw, k)
+            if self._canberra is None:
+                assert self._raw is not None
+                self._canberra = CanberraSearch(self._raw)
+            d64, i64 = self._canberra.search(x, k)
+            return d64.astype(np.float32), i64
         if self.structure == "hnsw":
             # efSearch never below k, or HNSW returns fewer than k neighbours
             self.faiss_index.hnsw.efSearch = max(self.hnsw.ef_search, k)
@@ -171,7 +199,10 @@ class ReferenceIndex:
 
     # ---- persistence --------------------------------------------------
     def save(self, folder: str | Path) -> Path:
+        """Write the index folder (meta.json last, atomically, so a torn write is refused)."""
         import faiss
+
+        from monitor import __version__
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -183,10 +214,12 @@ class ReferenceIndex:
             files.append("ids.json")
         meta = {
             "format_version": FORMAT_VERSION,
+            "cellmonitor_version": __version__,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "encoders": self.encoders,
             "dim": self.dim,
             "n_references": len(self),
+            "preprocessing": self.preprocessing,
             "metric": self.metric,
             "normalize": self.normalize,
             "structure": self.structure,
@@ -195,6 +228,7 @@ class ReferenceIndex:
             "class_counts": self.class_counts,
             "class_weights": [float(w) for w in self.weights],
             "ewc": vars(self.ewc),
+            "reference_names": self.ref_names is not None,
             "checksums": {f: _sha256(folder / f) for f in files},
         }
         tmp = folder / "meta.json.tmp"
@@ -219,9 +253,17 @@ class ReferenceIndex:
             meta = json.loads(meta_path.read_text())
         except (OSError, ValueError) as e:
             raise fail(f"meta.json is unreadable ({e})") from None
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise fail(f"index format {meta.get('format_version')!r} is not supported (expected {FORMAT_VERSION})")
-        for f, digest in meta.get("checksums", {}).items():
+        if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+            got = meta.get("format_version") if isinstance(meta, dict) else None
+            raise fail(f"index format {got!r} is not supported (expected {FORMAT_VERSION}); rebuild it with 'cellmonitor index build'")
+        missing_keys = [k for k in ("encoders", "metric", "structure", "classes", "ewc", "hnsw", "checksums") if k not in meta]
+        if missing_keys:
+            raise fail(f"meta.json lacks {', '.join(missing_keys)}")
+        checks = meta["checksums"]
+        for f in ("vectors.faiss", "labels.npy"):
+            if f not in checks:
+                raise fail(f"meta.json has no checksum for {f}")
+        for f, digest in checks.items():
             p = folder / f
             if not p.is_file():
                 raise fail(f"{f} is missing")
@@ -232,8 +274,11 @@ class ReferenceIndex:
             index = faiss.read_index(str(folder / "vectors.faiss"))
         except Exception as e:
             raise fail(f"cannot read index files ({e})") from None
-        if index.ntotal != labels.shape[0]:
+        if labels.ndim != 1 or index.ntotal != labels.shape[0]:
             raise fail(f"{labels.shape[0]} labels for {index.ntotal} vectors")
+        dim_sum = sum(int(e["dim"]) for e in meta["encoders"])
+        if dim_sum != index.d:
+            raise fail(f"vectors have dim {index.d} but the recorded encoders' dims sum to {dim_sum}")
         classes = meta["classes"]
         if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
             raise fail("labels refer to classes not listed in meta.json")
@@ -250,6 +295,8 @@ class ReferenceIndex:
         names = None
         if (folder / "ids.json").is_file():
             names = json.loads((folder / "ids.json").read_text())
+            if not isinstance(names, list) or len(names) != labels.shape[0]:
+                raise fail(f"ids.json names {len(names) if isinstance(names, list) else '?'} references for {labels.shape[0]} vectors")
         raw = None
         if meta["metric"] == "canberra":
             raw = index.reconstruct_n(0, index.ntotal)
@@ -265,6 +312,7 @@ class ReferenceIndex:
             bool(meta.get("normalize", False)),
             names,
             raw,
+            meta.get("preprocessing"),
         )
 
 
@@ -288,6 +336,15 @@ class EWCClassifier:
         return self.index.classes
 
     def classify(self, emb: Embeddings | np.ndarray) -> States:
+        """EWC-FAISS states of each row: label, certainty ``1 - H``, k used, neighbours.
+
+        Adaptive k from ``k_min`` doubling to ``k_max`` while the normalised
+        entropy exceeds the threshold, then the class-weighted vote
+        ``argmax_l sum_j w_{y_j} [y_j = l]`` (unweighted when reweighting is
+        off). Rows whose certainty is below ``certainty_floor`` are flagged
+        ``uncertain`` (still labelled). Neighbour arrays are padded beyond
+        each row's k.
+        """
         vectors = emb.vectors if isinstance(emb, Embeddings) else emb
         p = self.params
         if len(vectors) == 0:

@@ -1,0 +1,366 @@
+"""``cellmonitor index build|evaluate|search`` and ``cellmonitor classify``.
+
+Heavy imports (torch, faiss, numba) happen inside the handlers. Errors that
+are the user's (missing data, index mismatch, unknown encoder) are
+:class:`~monitor.errors.CellmonitorError` lines; unreadable files inside a
+data set are skipped with one line each and counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _csv(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def _add_prep(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("crops (recorded in the index; part of the cache key)")
+    g.add_argument("--framing", choices=("whole", "center", "cell"), default="whole", help="class-folder images: whole image, centre crop, or segmented cell (scale-normalised)")
+    g.add_argument("--crop-px", type=int, default=224, help="crop side at the target pixel size (default 224)")
+    g.add_argument("--pixel-size", type=float, default=0.322, metavar="UM", help="target pixel size, um/px (default 0.322, the service's)")
+    g.add_argument("--source-pixel-size", type=float, default=None, metavar="UM", help="the data's pixel size (default: already at the target)")
+    g.add_argument("--colour", choices=("rgb", "grey", "reinhard"), default="rgb", help="colour handling (reinhard = stain normalisation)")
+    g.add_argument("--cell-diameter-px", type=int, default=120, help="framing=cell: target cell diameter")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache", type=Path, default=None, help="embedding cache folder (default $CELLMONITOR_CACHE or ~/.cache/cellmonitor/embeddings)")
+    p.add_argument("--no-cache", action="store_true", help="embed everything, store nothing")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--plugin-path", type=Path, action="append", default=[], help="folder with site-local 'module:attr' encoder plugins")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+
+
+def _add_ewc(p: argparse.ArgumentParser, defaults: bool) -> None:
+    g = p.add_argument_group("EWC parameters")
+    g.add_argument("--k-min", type=int, default=10 if defaults else None)
+    g.add_argument("--k-max", type=int, default=1000 if defaults else None)
+    g.add_argument("--threshold", type=float, default=0.5 if defaults else None, help="entropy threshold in [0, 1]")
+    g.add_argument("--no-reweight", dest="reweight", action="store_false", default=None, help="vote without class weights")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("index", help="build, evaluate and tune the EWC-FAISS reference index")
+    isub = p.add_subparsers(dest="index_command", metavar="SUBCOMMAND")
+
+    b = isub.add_parser("build", help="embed labelled cells (class folders or VOC boxes) and write an index folder")
+    b.add_argument("data", type=Path, metavar="DATA")
+    b.add_argument("--out", type=Path, required=True, metavar="INDEX")
+    b.add_argument("--encoders", default="efficientnet-lite0", help="comma-separated encoder plugins, concatenated in this order")
+    b.add_argument("--metric", choices=("l2", "cosine", "canberra"), default="l2")
+    b.add_argument("--normalize", action="store_true", help="L2-normalise vectors (off in the paper)")
+    b.add_argument("--structure", choices=("auto", "flat", "hnsw"), default="auto")
+    b.add_argument("--hnsw-above", type=int, default=50_000, help="auto: HNSW above this many references")
+    b.add_argument("--hnsw-m", type=int, default=32)
+    b.add_argument("--ef-construction", type=int, default=40)
+    b.add_argument("--ef-search", type=int, default=64, help="never below k at search time")
+    b.add_argument("--classes", type=_csv, default=None, help="keep only these classes")
+    _add_ewc(b, True)
+    _add_prep(b)
+    _add_common(b)
+    b.set_defaults(func=_build)
+
+    e = isub.add_parser("evaluate", help="macro accuracy, per-class accuracy, confusion matrix, EWC vs plain k-NN")
+    e.add_argument("index", type=Path, metavar="INDEX")
+    e.add_argument("data", type=Path, metavar="DATA")
+    e.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    e.add_argument("--png", type=Path, default=None, help="confusion matrix PNG (default INDEX/confusion.png)")
+    e.add_argument("--baseline-k", type=int, default=20, help="k of the plain k-NN baseline")
+    _add_ewc(e, False)
+    _add_common(e)
+    e.set_defaults(func=_evaluate)
+
+    s = isub.add_parser("search", help="power-set search over encoders x (k range, threshold) on a validation split")
+    s.add_argument("data", type=Path, metavar="DATA")
+    s.add_argument("--encoders", required=True, help="comma-separated encoder plugins to combine")
+    s.add_argument("--metric", choices=("l2", "cosine", "canberra"), default="l2")
+    s.add_argument("--val-fraction", type=float, default=0.1)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--thresholds", type=lambda v: [float(x) for x in _csv(v)], default=None, help="e.g. 0.1,0.3,0.5,0.7")
+    s.add_argument("--k-ranges", type=lambda v: [tuple(int(y) for y in x.split(":")) for x in _csv(v)], default=None, help="e.g. 10:1000,20:1000")
+    s.add_argument("--baseline-k", type=int, default=20)
+    s.add_argument("--classes", type=_csv, default=None)
+    s.add_argument("--top", type=int, default=15, help="rows of the ranked table")
+    s.add_argument("--out", type=Path, default=Path("ewc-search.toml"), help="winning config snippet (TOML)")
+    s.add_argument("--json", action="store_true")
+    _add_prep(s)
+    _add_common(s)
+    s.set_defaults(func=_search)
+
+    c = sub.add_parser("classify", help="classify cell images with an index: prediction, certainty, k, nearest references")
+    c.add_argument("index", type=Path, metavar="INDEX")
+    c.add_argument("images", type=Path, nargs="+", metavar="IMAGE")
+    c.add_argument("--json", action="store_true", help="one JSON object per image")
+    c.add_argument("--html", type=Path, default=None, metavar="OUT", help="self-contained page with the query and its neighbours")
+    c.add_argument("--neighbours", type=int, default=5, help="nearest references shown (default 5)")
+    c.add_argument("--certainty-floor", type=float, default=0.5)
+    _add_ewc(c, False)
+    _add_common(c)
+    c.set_defaults(func=_classify)
+    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+
+
+# ---------------------------------------------------------------- helpers
+def _encoders(names: list[str], args: argparse.Namespace) -> list[Any]:
+    from monitor.config import PluginRef
+    from monitor.protocols import BuildContext
+    from monitor.registry import Registry
+
+    reg = Registry(args.plugin_path)
+    ctx = BuildContext(state_dir=Path.cwd(), device=args.device)
+    return [reg.build("encoders", PluginRef(name=n), ctx, where=f"--encoders {n}") for n in names]
+
+
+def _prep(args: argparse.Namespace) -> Any:
+    from monitor.dataset import Preprocess
+
+    return Preprocess(args.framing, args.crop_px, args.pixel_size, args.source_pixel_size, args.colour, args.cell_diameter_px)
+
+
+def _cache(args: argparse.Namespace) -> Any:
+    from monitor.cache import EmbeddingCache
+
+    return None if args.no_cache else EmbeddingCache(args.cache)
+
+
+def _report_skips(skipped: list[str]) -> None:
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable file(s) (listed above)", file=sys.stderr)
+
+
+def _encoder_record(enc: Any, name: str) -> dict[str, Any]:
+    from monitor import __version__
+
+    return {"name": name, "id": enc.id, "dim": int(enc.dim), "version": getattr(enc, "version", None) or f"cellmonitor {__version__}", "module": type(enc).__module__}
+
+
+def _load_index(args: argparse.Namespace) -> tuple[Any, list[Any], Any]:
+    """Load the index, rebuild its encoders by name, and validate ids/dims against it."""
+    import json as _json
+
+    from monitor.dataset import Preprocess
+    from monitor.errors import IndexError_
+    from monitor.index import ReferenceIndex
+
+    meta_path = args.index / "meta.json"
+    try:
+        meta = _json.loads(meta_path.read_text())
+        names = [e["name"] for e in meta["encoders"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        ReferenceIndex.load(args.index)  # raises the precise one-line refusal
+        raise IndexError_(f"{args.index}: meta.json does not name its encoders") from None
+    encoders = _encoders(names, args)
+    index = ReferenceIndex.load(args.index, [{"id": e.id, "dim": e.dim} for e in encoders])
+    prep = Preprocess.from_dict(index.preprocessing or {})
+    return index, encoders, prep
+
+
+def _params(args: argparse.Namespace, index: Any) -> Any:
+    from monitor.index import params_from_config
+
+    return params_from_config(index, args.k_min, args.k_max, args.threshold, args.reweight)
+
+
+# ---------------------------------------------------------------- handlers
+def _build(args: argparse.Namespace) -> int:
+    import time
+
+    from monitor.cache import embed_dataset
+    from monitor.dataset import scan
+    from monitor.index import EWCParams, HNSWParams, ReferenceIndex
+
+    t0 = time.perf_counter()
+    names = _csv(args.encoders)
+    encoders = _encoders(names, args)
+    ds = scan(args.data, args.classes)
+    prep = _prep(args)
+    print(f"{args.data}: {ds.n_cells} cells in {len(ds.files)} files, classes {', '.join(ds.classes)} ({ds.layout})", file=sys.stderr)
+    cache = _cache(args)
+    emb = embed_dataset(ds, encoders, prep, cache, args.batch_size, progress=not args.no_progress)
+    _report_skips(emb.skipped)
+    if len(emb) == 0:
+        from monitor.errors import BadInput
+
+        raise BadInput(args.data, "no readable cells")
+    ewc = EWCParams(args.k_min, args.k_max, args.threshold, True if args.reweight is None else args.reweight)
+    index = ReferenceIndex.build(
+        emb.concat([e.id for e in encoders]),
+        emb.labels,
+        emb.classes,
+        [_encoder_record(e, n) for e, n in zip(encoders, names, strict=True)],
+        metric=args.metric,
+        structure=args.structure,
+        ewc=ewc,
+        hnsw=HNSWParams(args.hnsw_m, args.ef_construction, args.ef_search),
+        hnsw_above=args.hnsw_above,
+        normalize=args.normalize,
+        ref_names=emb.names,
+        preprocessing={**prep.as_dict(), "layout": ds.layout, "data_root": str(args.data.resolve())},
+    )
+    index.save(args.out)
+    counts = ", ".join(f"{c} {n}" for c, n in index.class_counts.items())
+    hits = f", cache {cache.hits} hit(s) / {cache.misses} miss(es)" if cache is not None else ""
+    print(f"wrote {args.out}: {len(index)} references x {index.dim} dims ({index.metric}, {index.structure}); {counts}{hits}; {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from monitor.cache import embed_dataset
+    from monitor.dataset import scan
+    from monitor.evaluate import evaluate
+    from monitor.report import confusion_png, evaluation_text
+
+    index, encoders, prep = _load_index(args)
+    ds = scan(args.data)
+    emb = embed_dataset(ds, encoders, prep, _cache(args), args.batch_size, progress=not args.no_progress)
+    _report_skips(emb.skipped)
+    y = [emb.classes[i] for i in emb.labels]
+    ev = evaluate(index, emb.concat([e.id for e in encoders]), y, _params(args, index), args.baseline_k)
+    png = args.png or (args.index / "confusion.png")
+    confusion_png(ev.ewc, png)
+    unknown = sorted(set(y) - set(index.classes))
+    if args.json:
+        print(json.dumps({**ev.to_dict(), "confusion_png": str(png), "classes_not_in_index": unknown}, indent=2))
+        return 0
+    print(evaluation_text(ev))
+    if unknown:
+        print(f"\nclasses not in the index (always wrong): {', '.join(unknown)}")
+    print(f"\nconfusion matrix PNG: {png}")
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from monitor.cache import embed_dataset
+    from monitor.dataset import scan, stratified_split
+    from monitor.report import table
+    from monitor.search import (
+        DEFAULT_K_RANGES,
+        DEFAULT_THRESHOLDS,
+        best_ewc,
+        combination_search,
+        winner_toml,
+    )
+
+    names = _csv(args.encoders)
+    encoders = _encoders(names, args)
+    ds = scan(args.data, args.classes)
+    emb = embed_dataset(ds, encoders, _prep(args), _cache(args), args.batch_size, progress=not args.no_progress)
+    _report_skips(emb.skipped)
+    train, val = stratified_split(emb.labels, args.val_fraction, args.seed)
+    rows = combination_search(
+        emb,
+        [e.id for e in encoders],
+        train,
+        val,
+        args.metric,
+        args.thresholds or DEFAULT_THRESHOLDS,
+        args.k_ranges or DEFAULT_K_RANGES,
+        baseline_k=args.baseline_k,
+    )
+    id2name = {e.id: n for e, n in zip(encoders, names, strict=True)}
+    win = best_ewc(rows)
+    snippet = winner_toml(win, id2name, len(rows), args.metric)
+    args.out.write_text(snippet)
+    if args.json:
+        print(json.dumps({"rows": [{**r.__dict__, "encoders": [id2name[e] for e in r.encoders]} for r in rows], "winner_toml": str(args.out)}, indent=2, default=float))
+        return 0
+    print(f"validation: {len(val)} cells, training: {len(train)} cells, {len(rows)} configurations")
+    shown = [
+        ["+".join(id2name[e] for e in r.encoders), r.method, f"{r.k_min}..{r.k_max}", r.threshold, "on" if r.reweight else "off", r.macro_accuracy, r.mean_k]
+        for r in rows[: args.top]
+    ]
+    print(table(["encoders", "method", "k", "threshold", "reweight", "macro acc", "mean k"], shown))
+    print(f"\nwinner written to {args.out}:\n")
+    print(snippet)
+    return 0
+
+
+def _classify(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from monitor.dataset import crops_for, read_image
+    from monitor.errors import BadInput
+    from monitor.index import EWCClassifier
+    from monitor.pipeline import embed
+
+    index, encoders, prep = _load_index(args)
+    crops, shown = [], []
+    status = 0
+    for path in args.images:
+        try:
+            crops.append(crops_for(read_image(path), prep)[0])
+            shown.append(path)
+        except BadInput as e:
+            print(f"cellmonitor: error: {e}", file=sys.stderr)
+            status = 65
+    if not crops:
+        return status or 65
+    emb = embed(np.stack(crops), encoders, args.batch_size)
+    states = EWCClassifier(index, _params(args, index), args.certainty_floor).classify(emb)
+    results = []
+    for i, path in enumerate(shown):
+        nbrs = []
+        for j in range(min(args.neighbours, int(states.k_used[i]))):
+            rid = int(states.neighbor_ids[i, j])
+            if rid < 0:
+                break
+            nbrs.append(
+                {
+                    "id": rid,
+                    "name": index.ref_names[rid] if index.ref_names else None,
+                    "label": index.classes[int(states.neighbor_labels[i, j])],
+                    "distance": float(states.neighbor_distances[i, j]),
+                }
+            )
+        results.append(
+            {
+                "image": str(path),
+                "label": states.label(i),
+                "certainty": float(states.certainty[i]),
+                "k_used": int(states.k_used[i]),
+                "uncertain": bool(states.uncertain[i]),
+                "neighbours": nbrs,
+            }
+        )
+    for r in results:
+        if args.json:
+            print(json.dumps(r))
+            continue
+        flag = "  (uncertain)" if r["uncertain"] else ""
+        print(f"{r['image']}: {r['label']}  certainty {r['certainty']:.2f}  k {r['k_used']}{flag}")
+        for n in r["neighbours"]:
+            print(f"    {n['label']:<16} d={n['distance']:<10.4g} {n['name'] or '#' + str(n['id'])}")
+    if args.html:
+        from monitor.report import classify_html
+
+        nimgs = [[_reference_crop(index, n["name"], prep) for n in r["neighbours"]] for r in results]
+        args.html.write_text(classify_html(results, crops, nimgs, title=f"cellmonitor classify ({index.classes and len(index)} references)"))
+        print(f"wrote {args.html}", file=sys.stderr)
+    return status
+
+
+def _reference_crop(index: Any, name: str | None, prep: Any) -> Any:
+    """The crop a reference was embedded from, if its source file is still at the recorded data root."""
+    from monitor.dataset import crops_for, parse_voc, read_image
+    from monitor.errors import BadInput
+
+    root = (index.preprocessing or {}).get("data_root")
+    if not name or not root:
+        return None
+    rel, _, box = name.partition("#")
+    path = Path(root) / rel
+    try:
+        img = read_image(path)
+        if box:
+            _, boxes = parse_voc(path.with_suffix(".xml"))
+            return crops_for(img, prep, (boxes[int(box)],))[0]
+        return crops_for(img, prep)[0]
+    except (BadInput, OSError, ValueError, IndexError):
+        return None
