@@ -6,7 +6,6 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-
 from cellmonitor_plugins.readers.gen5 import (
     Gen5Reader,
     Options,
