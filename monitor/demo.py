@@ -152,10 +152,10 @@ def run_demo(
 ) -> DemoResult:
     """Run the demo in ``folder`` (created; must not hold a previous demo's state)."""
     from monitor.config import load_config
-    from monitor.daemon import build_pipeline, build_service, stop_server
+    from monitor.daemon import build_service, stop_server
     from monitor.protocols import BuildContext
     from monitor.registry import Registry
-    from monitor.synthetic import make_cells, render_field, state_at
+    from monitor.synthetic import make_cells, render_field
 
     t0 = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
@@ -226,7 +226,7 @@ def run_demo(
     for c in counted:
         for k, v in c.stage_seconds.items():
             stages[k] = stages.get(k, 0.0) + v
-    csv_path = next((Path(getattr(s, "path")) for s in service.sinks if getattr(s, "name", "") == "csv"), cfg.service.state_dir / "counts.csv")
+    csv_path = next((Path(s.path) for s in service.sinks if getattr(s, "name", "") == "csv"), cfg.service.state_dir / "counts.csv")
     return DemoResult(folder, csv_path, counted, truth, url, time.perf_counter() - t0, n_refs, stages, metrics_text)
 
 

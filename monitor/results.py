@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ def counts_row(c: Counts) -> dict[str, Any]:
         "field": c.key.field,
         "timepoint": c.key.timepoint,
         "acquired_at": c.acquired_at.isoformat() if c.acquired_at else "",
-        "processed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "processed_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "instrument": c.instrument,
         "pixel_size_um": f"{c.pixel_size_um:.4f}",
         "pixel_size_source": c.pixel_size_source,

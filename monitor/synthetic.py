@@ -73,7 +73,7 @@ def render_cell(phase: np.ndarray, fluo: np.ndarray, cell: SynthCell, state: str
     elif state == "apoptotic":
         s = 0.72
         body = 0.75 * _dome(h, w, ly, lx, ry * s, rx * s, cell.angle)
-        for k in range(rng.integers(5, 9)):
+        for _ in range(rng.integers(5, 9)):
             a = rng.uniform(0, 2 * np.pi)
             br = r * rng.uniform(0.15, 0.25)
             by, bx = ly + np.sin(a) * r * s, lx + np.cos(a) * r * s
@@ -87,7 +87,7 @@ def render_cell(phase: np.ndarray, fluo: np.ndarray, cell: SynthCell, state: str
         glow = 0.6
     else:  # dead
         body = np.zeros((h, w), np.float32)
-        for k in range(3):
+        for _ in range(3):
             oy, ox = rng.normal(0, 0.15 * r, 2)
             rr = r * rng.uniform(0.25, 0.4)
             body = np.maximum(body, 0.95 * _dome(h, w, ly + oy, lx + ox, rr, rr * rng.uniform(0.7, 1.0), rng.uniform(0, np.pi)))

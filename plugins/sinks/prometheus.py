@@ -6,8 +6,8 @@ It writes into the service's metrics (one injected CollectorRegistry served at
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
 from prometheus_client import CollectorRegistry
+from pydantic import BaseModel, ConfigDict
 
 from monitor.metrics import ServiceMetrics
 from monitor.protocols import BuildContext

@@ -4,81 +4,11 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-from prometheus_client import CollectorRegistry
-
-from monitor.config import parse_config
-from monitor.daemon import Service
-from monitor.index import EWCClassifier, EWCParams, ReferenceIndex
-from monitor.ledger import Ledger
-from monitor.metrics import ServiceMetrics
-from monitor.pipeline import Pipeline
-from monitor.reading import ReaderSet
-from monitor.testing import ArrayReader, DiscSegmenter, ListSink, MeanColourEncoder
 from cellmonitor_plugins.sinks.csv import CsvSink
-
-
-def blobs(n: int, bright: float, seed: int = 0, size: int = 128) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    img = rng.normal(0.1, 0.01, (size, size)).astype(np.float32)
-    yy, xx = np.mgrid[0:size, 0:size]
-    for i in range(n):
-        cy, cx = 20 + (i // 3) * 40, 20 + (i % 3) * 40
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 < 64] = bright
-    return img
-
-
-def make_service(tmp: Path, channels: list[str] | None = None, wait_s: float = 60.0, sinks=None) -> tuple[Service, ListSink]:
-    cfg = parse_config(
-        {
-            "service": {"watch_dir": "in", "state_dir": "state", "stable_s": 0.05, "ready_deadline_s": 1.0, "patterns": ["*.npy"], "metrics_port": 0},
-            "assembly": {"channels": channels or [], "wait_s": wait_s, "primary": "auto", "control": "auto"},
-        },
-        "test.toml",
-        tmp,
-    )
-    enc = MeanColourEncoder()
-    # reference: dim blobs are 'live', bright blobs 'dead'
-    crops = []
-    labels = []
-    from monitor.imaging import display_range
-    for lab, b in ((0, 0.3), (1, 0.9)):
-        for s in range(6):
-            img = blobs(1, b + 0.02 * s, seed=s)
-            img[0, 0] = 1.0  # fixes the display range across references
-            crops.append(display_range(img)[10:30, 10:30])
-            labels.append(lab)
-    vec = enc.encode(np.stack([np.pad(c, ((0, 4), (0, 4), (0, 0)), mode="edge") for c in crops]))
-    index = ReferenceIndex.build(vec, np.array(labels), ("live", "dead"), [{"name": enc.name, "id": enc.id, "dim": enc.dim}], ewc=EWCParams(1, 4, 0.5, True))
-    pipe = Pipeline(DiscSegmenter(), [enc], EWCClassifier(index), pixel_size_um=0.322, crop_px=24)
-    sink = ListSink()
-    metrics = ServiceMetrics(CollectorRegistry())
-    svc = Service(cfg, ReaderSet([ArrayReader()]), pipe, sinks if sinks is not None else [sink], metrics, Ledger(cfg.service.state_dir / "ledger.sqlite"), tick_s=0.02)
-    return svc, sink
-
-
-def run_until(svc: Service, cond, timeout: float = 20.0) -> None:
-    stop = threading.Event()
-    th = threading.Thread(target=svc.run, args=(stop,))
-    th.start()
-    try:
-        t0 = time.monotonic()
-        while not cond() and time.monotonic() - t0 < timeout:
-            time.sleep(0.05)
-    finally:
-        stop.set()
-        th.join(10)
-    assert not th.is_alive()
-
-
-def drop(folder: Path, name: str, arr: np.ndarray) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    p = folder / name
-    np.save(p, arr)
-    return p
+from fixtures.service import blobs, drop, make_service, run_until
 
 
 @pytest.mark.usefixtures("no_thread_leak")
