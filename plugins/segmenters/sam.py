@@ -1,0 +1,222 @@
+"""Segment Anything (SAM) automatic masks as a cellmonitor segmenter.
+
+SAM proposes masks from a regular grid of point prompts
+(:class:`segment_anything.SamAutomaticMaskGenerator`: points decoded in
+batches of ``points_per_batch``, filtered by SAM's own predicted IoU and
+stability score, de-duplicated by box NMS). cellmonitor then keeps the masks
+that look like cells on *this* frame's pixel grid:
+
+- area between ``min_area_um2`` and ``max_area_um2`` (um^2, so one
+  configuration serves the 0.19 um/px Nanolive and the 0.322 um/px Lionheart;
+  the largest SAM proposals are usually the background or a whole cluster),
+- optionally no contact with the image border,
+- overlaps resolved into one instance label image: masks are painted from the
+  best (predicted IoU x stability) down, a pixel belongs to the first mask that
+  claims it, and a mask that keeps less than ``min_unique_fraction`` of its
+  area after better masks claimed theirs is a duplicate and dropped.
+
+Weights are a user-supplied artefact (no hub is reachable at run time): a
+missing checkpoint is a one-line :class:`~monitor.errors.WeightsMissing`
+telling where to put it. Device: ``cuda`` when asked for (or ``auto``) and
+available, else CPU with a warning about the expected time.
+
+torch and segment_anything are imported in ``build``/``segment`` only, so
+listing plugins stays cheap.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from monitor.protocols import BuildContext
+from monitor.records import Cells, Frame
+from monitor.segmentation import cells_from_labels
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAMES = {
+    "vit_h": "sam_vit_h_4b8939.pth",
+    "vit_l": "sam_vit_l_0b3195.pth",
+    "vit_b": "sam_vit_b_01ec64.pth",
+}
+
+#: rough CPU seconds per frame on a 2-core machine (image encoder dominates)
+_CPU_SECONDS_HINT = {"vit_h": 120, "vit_l": 70, "vit_b": 30}
+
+
+class Options(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_type: str = Field("vit_h", min_length=1, description="a key of segment_anything.sam_model_registry")
+    checkpoint: Path | None = Field(None, description="SAM weights (.pth); default <state_dir>/models/<official name>")
+    points_per_side: int = Field(32, ge=1, le=256)
+    points_per_batch: int = Field(64, ge=1, le=4096, description="point prompts decoded per batch")
+    pred_iou_thresh: float = Field(0.88, ge=0.0, le=1.0)
+    stability_score_thresh: float = Field(0.95, ge=0.0, le=1.0)
+    box_nms_thresh: float = Field(0.7, gt=0.0, le=1.0)
+    crop_n_layers: int = Field(0, ge=0, le=3)
+    min_area_um2: float = Field(20.0, ge=0)
+    max_area_um2: float = Field(20000.0, gt=0)
+    exclude_border: bool = False
+    min_unique_fraction: float = Field(0.5, gt=0.0, le=1.0, description="share of a mask not claimed by better masks to keep it")
+
+
+def resolve_checkpoint(options: Options, ctx: BuildContext) -> Path:
+    """Where the weights are expected: the configured path, else ``<state_dir>/models/<official name>``.
+
+    Raises
+    ------
+    WeightsMissing
+        When the file does not exist (one line saying how to provide it).
+    """
+    from monitor.errors import WeightsMissing
+
+    if options.checkpoint is not None:
+        path = Path(options.checkpoint).expanduser()
+        if not path.is_absolute() and ctx.config_path is not None:
+            path = Path(ctx.config_path).parent / path
+    else:
+        name = CHECKPOINT_NAMES.get(options.model_type, f"sam_{options.model_type}.pth")
+        path = Path(ctx.state_dir) / "models" / name
+    if not path.is_file():
+        official = CHECKPOINT_NAMES.get(options.model_type, "the matching SAM .pth file")
+        raise WeightsMissing(
+            f"segmenter sam: checkpoint not found at {path}: download {official} on a machine with "
+            f"internet access, copy it here and set [segmenter.options] checkpoint = \"/path/to/{official}\""
+        )
+    return path
+
+
+def choose_device(requested: str) -> str:
+    """``cuda`` when requested (or ``auto``) and available, otherwise ``cpu``."""
+    import torch
+
+    if requested in ("auto", "cuda") or requested.startswith("cuda:"):
+        if torch.cuda.is_available():
+            return "cuda" if requested == "auto" else requested
+        if requested != "auto":
+            log.warning("segmenter sam: %s requested but not available; using the CPU", requested)
+        return "cpu"
+    return requested
+
+
+def load_sam(model_type: str, checkpoint: Path, device: str) -> Any:
+    """Build SAM's architecture from ``sam_model_registry`` and load a state dict.
+
+    The weights are loaded here (``weights_only``, mapped to ``device``) rather
+    than by segment_anything's builder so that a checkpoint saved on a GPU
+    loads on a CPU-only machine and a wrong file is one clear line.
+    """
+    import torch
+    from segment_anything import sam_model_registry
+
+    from monitor.errors import WeightsMissing
+
+    if model_type not in sam_model_registry:
+        raise WeightsMissing(
+            f"segmenter sam: unknown model_type {model_type!r} (expected one of {', '.join(sorted(sam_model_registry))})"
+        )
+    model = sam_model_registry[model_type](checkpoint=None)
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except Exception as e:  # unreadable file, wrong model type, truncated download
+        raise WeightsMissing(
+            f"segmenter sam: cannot load {checkpoint} as a {model_type} checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+        ) from None
+    return model.to(device).eval()
+
+
+def masks_to_labels(masks: list[dict[str, Any]], shape: tuple[int, int], min_unique_fraction: float = 0.5) -> np.ndarray:
+    """One instance label image from overlapping SAM masks.
+
+    Policy: masks are painted from the highest ``predicted_iou *
+    stability_score`` down; each pixel goes to the first mask claiming it; a
+    mask left with less than ``min_unique_fraction`` of its own area is a
+    duplicate (or the union of cells already found) and is dropped.
+    """
+    labels = np.zeros(shape, dtype=np.int32)
+    order = sorted(
+        range(len(masks)),
+        key=lambda i: -float(masks[i].get("predicted_iou", 1.0)) * float(masks[i].get("stability_score", 1.0)),
+    )
+    n = 0
+    for i in order:
+        m = np.asarray(masks[i]["segmentation"], dtype=bool)
+        area = int(m.sum())
+        if area == 0:
+            continue
+        free = m & (labels == 0)
+        if free.sum() < min_unique_fraction * area:
+            continue
+        n += 1
+        labels[free] = n
+    return labels
+
+
+class SamSegmenter:
+    """SAM automatic mask generation, filtered into one instance label image."""
+
+    name = "sam"
+
+    def __init__(self, options: Options, model: Any, device: str):
+        from segment_anything import SamAutomaticMaskGenerator
+
+        self.o = options
+        self.device = device
+        self.model = model
+        self.generator = SamAutomaticMaskGenerator(
+            model,
+            points_per_side=options.points_per_side,
+            points_per_batch=options.points_per_batch,
+            pred_iou_thresh=options.pred_iou_thresh,
+            stability_score_thresh=options.stability_score_thresh,
+            box_nms_thresh=options.box_nms_thresh,
+            crop_n_layers=options.crop_n_layers,
+            output_mode="binary_mask",
+        )
+
+    def segment(self, frame: Frame) -> Cells:
+        """Masks of the primary channel (display-range uint8 RGB), filtered in um^2."""
+        import torch
+
+        from monitor.imaging import display_range
+
+        rgb = display_range(frame.image)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            masks = self.generator.generate(rgb)
+        labels = masks_to_labels(masks, rgb.shape[:2], self.o.min_unique_fraction)
+        cells = cells_from_labels(
+            labels, frame.pixel_size_um, self.o.min_area_um2, self.o.max_area_um2, self.o.exclude_border
+        )
+        log.debug("sam: %d masks -> %d cells in %.2f s", len(masks), len(cells), time.perf_counter() - t)
+        return cells
+
+
+class _Spec:
+    name = "sam"
+    description = "Segment Anything automatic masks (segment-anything), filtered by area in um^2 and border"
+    Options = Options
+
+    @staticmethod
+    def build(options: Options, ctx: BuildContext) -> SamSegmenter:
+        path = resolve_checkpoint(options, ctx)
+        device = choose_device(ctx.device)
+        if device == "cpu":
+            log.warning(
+                "segmenter sam: running %s on the CPU; expect roughly %d s per frame or more "
+                "(a GPU takes well under a second)",
+                options.model_type,
+                _CPU_SECONDS_HINT.get(options.model_type, 60),
+            )
+        model = load_sam(options.model_type, path, device)
+        return SamSegmenter(options, model, device)
+
+
+PLUGIN = _Spec()
