@@ -419,9 +419,9 @@ class Gen5Reader:
         """One entry per page (None where that page has no BTI document)."""
         out: list[Gen5Meta | None] = []
         shared: list[Gen5Meta] = []
-        texts = list(descriptions) or [None]
+        texts: list[str | None] = list(descriptions) or [None]
         if ome_xml and all(ome_xml != d for d in texts):
-            texts = [ome_xml] + texts[1:]
+            texts = [ome_xml, *texts[1:]]
         for i, text in enumerate(texts):
             if not text or "BTIImageMetaData" not in text:
                 out.append(None)
@@ -528,13 +528,16 @@ class Gen5Reader:
         return names
 
 
+_Options = Options  # the spec's class attribute shadows the name inside its body
+
+
 class _Spec:
     name = "gen5"
     description = "BioTek Gen5 exports (Lionheart FX, Cytation): naming, plate folders, BTIImageMetaData XML"
     Options = Options
 
     @staticmethod
-    def build(options: Options, ctx: BuildContext) -> Gen5Reader:
+    def build(options: _Options, ctx: BuildContext) -> Gen5Reader:
         return Gen5Reader(options, ctx.extra.get("experiment", "default"))
 
 

@@ -241,13 +241,16 @@ class NanoliveReader:
         return [arr.reshape((-1,) + arr.shape[y:])]
 
 
+_Options = Options  # the spec's class attribute shadows the name inside its body
+
+
 class _Spec:
     name = "nanolive"
     description = "Nanolive 3D Cell Explorer TIFF exports: RI (2-D or projected Z-stack) + fluorescence"
     Options = Options
 
     @staticmethod
-    def build(options: Options, ctx: BuildContext) -> NanoliveReader:
+    def build(options: _Options, ctx: BuildContext) -> NanoliveReader:
         return NanoliveReader(options, ctx.extra.get("experiment", "default"))
 
 

@@ -129,13 +129,16 @@ class TiffReader:
         )
 
 
+_Options = Options  # the spec's class attribute shadows the name inside its body
+
+
 class _Spec:
     name = "tiff"
     description = "TIFF/OME-TIFF/ImageJ/PNG/JPEG; pixel size from metadata or config"
     Options = Options
 
     @staticmethod
-    def build(options: Options, ctx: BuildContext) -> TiffReader:
+    def build(options: _Options, ctx: BuildContext) -> TiffReader:
         return TiffReader(options, ctx.extra.get("experiment", "default"))
 
 
