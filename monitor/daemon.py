@@ -110,6 +110,7 @@ class Service:
                 if until_idle and self.idle():
                     for frame in self.assembler.due(force=True):
                         self.handle(frame)
+                    self._drain_dropped()
                     if self.idle():
                         break
                 stop.wait(self.tick_s)
@@ -131,8 +132,15 @@ class Service:
         for frame in self.assembler.due():
             self.metrics.frames.labels("incomplete").inc()
             self.handle(frame)
+        self._drain_dropped()
         self.metrics.queue_depth.labels("files").set(len(self.tracker))
         self.metrics.queue_depth.labels("frames_waiting_for_channels").set(self.assembler.n_pending)
+
+    def _drain_dropped(self) -> None:
+        """Frames the assembler gave up on (no primary channel; a channel after its frame)."""
+        for d in self.assembler.take_dropped():
+            self.metrics.frames.labels("dropped").inc()
+            self._quarantine(list(d.sources), "assemble", d.reason)
 
     def _read(self, p: Path) -> None:
         try:

@@ -128,3 +128,16 @@ def test_complete_frame_has_control_signal(tmp_path):
     assert c.missing_channels == ()
     assert c.control is not None and c.control.channel == "apo15"
     assert c.control.area_um2 == pytest.approx(256 * 0.322**2, rel=1e-6)
+
+
+def test_frame_without_primary_channel_is_quarantined(tmp_path):
+    svc, sink = make_service(tmp_path, channels=["phase", "apo15"], wait_s=0.2)
+    fl = np.zeros((64, 64), np.float32)
+    drop(svc.cfg.service.watch_dir, "A1_t1_apo15.npy", fl)
+    run_until(svc, lambda: (tmp_path / "state" / "quarantine.csv").exists(), timeout=10)
+    known = svc.ledger.is_known(svc.cfg.service.watch_dir / "A1_t1_apo15.npy")
+    svc.close()
+    assert sink.rows == []
+    q = (tmp_path / "state" / "quarantine.csv").read_text().splitlines()
+    assert len(q) == 2 and "A1_t1_apo15.npy" in q[1] and ",assemble," in q[1]
+    assert known  # finished in the ledger: not re-read at the next rescan
