@@ -51,6 +51,14 @@ class AssemblyConfig(_Model):
     control: str = "auto"
     wait_s: float = Field(120.0, ge=0)
 
+    @model_validator(mode="after")
+    def _roles_in_channels(self) -> AssemblyConfig:
+        names = {c.lower() for c in self.channels}
+        for role, value in (("primary", self.primary), ("control", self.control)):
+            if names and value not in ("auto", "none") and value.lower() not in names:
+                raise ValueError(f"{role} channel {value!r} is not one of channels {self.channels}")
+        return self
+
 
 class PipelineConfig(_Model):
     pixel_size_um: float = Field(0.322, ge=0.05, le=5.0)

@@ -32,6 +32,7 @@ def write(tmp_path: Path, text: str) -> Path:
         ("[service]\nmetrics_port = 70000\n", "c.toml: service.metrics_port: Input should be less than or equal to 65535 (got 70000)"),
         ("encoders = []\n", "c.toml: encoders: List should have at least 1 item after validation, not 0 (got [])"),
         ("[pipeline\n", "c.toml: invalid TOML"),
+        ("[assembly]\nchannels = ['phase', 'pi']\nprimary = 'ri'\n", "c.toml: assembly: Value error, primary channel 'ri' is not one of channels ['phase', 'pi']"),
     ],
 )
 def test_one_line_per_problem(tmp_path, text, expected):
