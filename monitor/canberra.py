@@ -79,8 +79,11 @@ def _kernels() -> dict[str, object]:
             a = x[d]
             b = y[d]
             den = abs(a) + abs(b)
-            # den == 0 implies a == b == 0: the term is 0; max() avoids 0/0
-            acc += abs(a - b) / max(den, np.float32(1e-38))
+            # den == 0 implies a == b == 0: the term is 0. The floor must be a
+            # normal float32 (fastmath divides via rcpps, which flushes
+            # denormals to 0 -> inf -> NaN); for den < 1e-30 the float32 term
+            # can only underestimate, which never wrongly abandons a neighbour.
+            acc += abs(a - b) / max(den, np.float32(1e-30))
         return acc
 
     @nb.njit(inline="always")
@@ -212,7 +215,7 @@ def _kernels() -> dict[str, object]:
                 for c in range(m):
                     a = qs[i, c]
                     b = rs[j, c]
-                    acc += abs(a - b) / max(abs(a) + abs(b), np.float32(1e-38))
+                    acc += abs(a - b) / max(abs(a) + abs(b), np.float32(1e-30))
                 out[i, j] = acc
         return out
 
@@ -238,8 +241,8 @@ def canberra_knn(
     r = np.ascontiguousarray(refs, dtype=np.float32)
     if q.ndim != 2 or r.ndim != 2 or q.shape[1] != r.shape[1]:
         raise ValueError(f"queries {q.shape} and references {r.shape} do not match")
-    if np.isnan(q).any():
-        raise ValueError("Canberra queries contain NaN")
+    if not np.isfinite(q).all():
+        raise ValueError("Canberra queries contain NaN or inf")
     n = r.shape[0]
     k = min(k, n)
     if q.shape[0] == 0 or k == 0:
@@ -301,6 +304,8 @@ class CanberraSearch:
 
     def __init__(self, refs: np.ndarray):
         r = np.ascontiguousarray(refs, dtype=np.float32)
+        if not np.isfinite(r).all():
+            raise ValueError("Canberra references contain NaN or inf")
         self.order = contribution_order(r)
         self.refs = np.ascontiguousarray(r[:, self.order])
 

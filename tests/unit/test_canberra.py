@@ -1,0 +1,60 @@
+"""The fast exact Canberra path equals the numpy brute force (ids, order, distances)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from monitor.canberra import (
+    CanberraSearch,
+    canberra_distances,
+    canberra_knn,
+    canberra_knn_reference,
+)
+
+
+def test_distance_definition() -> None:
+    x = np.array([[1.0, -2.0, 0.0]], dtype=np.float32)
+    y = np.array([[3.0, 2.0, 0.0], [1.0, -2.0, 0.0]], dtype=np.float32)
+    d = canberra_distances(x, y)
+    assert d[0].tolist() == pytest.approx([2 / 4 + 4 / 4 + 0.0, 0.0])
+
+
+@pytest.mark.parametrize(("nq", "n", "dim", "k"), [(9, 300, 40, 5), (12, 1500, 700, 10), (4, 60, 3, 60), (6, 900, 600, 100)])
+def test_fast_equals_brute_force(nq: int, n: int, dim: int, k: int) -> None:
+    rng = np.random.default_rng(n)
+    centres = rng.normal(size=(6, dim))
+    r = (centres[rng.integers(0, 6, n)] + 0.5 * rng.normal(size=(n, dim))).astype(np.float32)
+    r[:, : min(3, dim // 2)] = 0.0  # zero-denominator terms count 0
+    r[7] = r[3]  # an exact tie: the lower id comes first
+    q = (centres[rng.integers(0, 6, nq)] + 0.5 * rng.normal(size=(nq, dim))).astype(np.float32)
+    q[0] = r[3]
+    d_fast, i_fast = canberra_knn(q, r, k)
+    d_ref, i_ref = canberra_knn_reference(q, r, k)
+    assert i_fast.tolist() == i_ref.tolist()
+    np.testing.assert_allclose(d_fast, d_ref, rtol=1e-12, atol=1e-12)
+    assert i_fast[0, :2].tolist() == [3, 7]
+    s = CanberraSearch(r)
+    d_s, i_s = s.search(q, k)
+    assert i_s.tolist() == i_ref.tolist()
+
+
+def test_k_larger_than_n_and_empty() -> None:
+    r = np.arange(12, dtype=np.float32).reshape(4, 3)
+    d, i = canberra_knn(r[:1], r, 10)
+    assert i.shape == (1, 4) and i[0, 0] == 0
+    d, i = canberra_knn(np.zeros((0, 3), np.float32), r, 2)
+    assert i.shape == (0, 2)
+
+
+def test_faiss_agrees() -> None:
+    faiss = pytest.importorskip("faiss")
+    rng = np.random.default_rng(3)
+    r = np.abs(rng.normal(size=(500, 64))).astype(np.float32)
+    q = np.abs(rng.normal(size=(5, 64))).astype(np.float32)
+    idx = faiss.IndexFlat(64, faiss.METRIC_Canberra)
+    idx.add(r)
+    D, I = idx.search(q, 8)
+    d, i = canberra_knn(q, r, 8)
+    assert i.tolist() == I.tolist()
+    np.testing.assert_allclose(d, D, rtol=1e-5)

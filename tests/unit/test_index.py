@@ -1,0 +1,123 @@
+"""ReferenceIndex: build, search structures, metadata round trip and every refusal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from monitor.errors import IndexError_
+from monitor.index import EWCClassifier, EWCParams, HNSWParams, ReferenceIndex
+
+ENC = [{"name": "a", "id": "a@1", "dim": 3, "version": "1.0"}, {"name": "b", "id": "b@2", "dim": 2}]
+
+
+def _data(n: int = 60, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 3
+    x = (rng.normal(size=(n, 5)) * 0.3 + 2.0 * np.eye(5)[labels] + 1.0).astype(np.float32)
+    return x, labels
+
+
+def _built(tmp_path: Path, metric: str = "l2") -> tuple[ReferenceIndex, Path]:
+    x, y = _data()
+    idx = ReferenceIndex.build(
+        x, y, ("live", "apoptotic", "dead"), ENC, metric=metric, ewc=EWCParams(2, 16, 0.4, False), hnsw=HNSWParams(8, 20, 5),
+        ref_names=[f"cell{i}" for i in range(len(y))], preprocessing={"crop_px": 64, "framing": "whole"},
+    )
+    return idx, idx.save(tmp_path / "index")
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine", "canberra"])
+def test_round_trip(tmp_path: Path, metric: str) -> None:
+    idx, folder = _built(tmp_path, metric)
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["format_version"] == 1 and meta["metric"] == metric
+    assert meta["classes"] == ["live", "apoptotic", "dead"] and meta["class_counts"] == {"live": 20, "apoptotic": 20, "dead": 20}
+    assert meta["class_weights"] == [1.0, 1.0, 1.0]
+    assert meta["ewc"] == {"k_min": 2, "k_max": 16, "entropy_threshold": 0.4, "reweight": False}
+    assert meta["encoders"][0]["version"] == "1.0" and meta["preprocessing"]["crop_px"] == 64
+    assert set(meta["checksums"]) == {"vectors.faiss", "labels.npy", "ids.json"}
+    back = ReferenceIndex.load(folder, [{"id": "a@1", "dim": 3}, {"id": "b@2", "dim": 2}])
+    assert back.ewc == idx.ewc and back.hnsw == idx.hnsw and back.metric == metric and back.ref_names == idx.ref_names
+    q = _data(9, seed=1)[0]
+    d1, i1 = idx.search(q, 5)
+    d2, i2 = back.search(q, 5)
+    assert i1.tolist() == i2.tolist()
+    np.testing.assert_allclose(d1, d2, rtol=1e-6)
+    states = EWCClassifier(back).classify(q)
+    assert states.predicted.tolist() == (np.arange(9) % 3).tolist()
+    assert states.neighbor_ids.shape == (9, 16) and (states.k_used >= 2).all()
+
+
+def test_cosine_distance_is_one_minus_cos() -> None:
+    x = np.array([[1, 0, 0, 0, 0], [0, 1, 0, 0, 0]], dtype=np.float32)
+    idx = ReferenceIndex.build(x, np.array([0, 1]), ("a", "b"), ENC, metric="cosine")
+    d, i = idx.search(np.array([[1, 1, 0, 0, 0]], dtype=np.float32), 2)
+    assert d[0].tolist() == pytest.approx([1 - 2**-0.5] * 2)
+
+
+def test_auto_structure_and_ef_search_never_below_k() -> None:
+    x, y = _data(300)
+    flat = ReferenceIndex.build(x, y, ("a", "b", "c"), ENC, hnsw_above=300)
+    hnsw = ReferenceIndex.build(x, y, ("a", "b", "c"), ENC, hnsw_above=299, hnsw=HNSWParams(8, 40, 4))
+    assert (flat.structure, hnsw.structure) == ("flat", "hnsw")
+    assert ReferenceIndex.build(x, y, ("a", "b", "c"), ENC, structure="hnsw").structure == "hnsw"
+    assert ReferenceIndex.build(x, y, ("a", "b", "c"), ENC, metric="canberra", hnsw_above=10).structure == "flat"
+    d, i = hnsw.search(x[:5], 100)
+    assert (i >= 0).all() and i.shape == (5, 100)
+    assert hnsw.faiss_index.hnsw.efSearch == 100
+
+
+def _refusal(folder: Path, **kw: object) -> str:
+    with pytest.raises(IndexError_) as e:
+        ReferenceIndex.load(folder, **kw)  # type: ignore[arg-type]
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(str(folder))
+    return msg
+
+
+def test_refusals(tmp_path: Path) -> None:
+    _, folder = _built(tmp_path)
+    assert "no meta.json" in _refusal(tmp_path / "nowhere")
+    msg = _refusal(folder, encoders=[{"id": "a@1", "dim": 4}, {"id": "b@2", "dim": 2}])
+    assert "built with encoders a@1 (dim 3), b@2 (dim 2) but the configuration gives a@1 (dim 4), b@2 (dim 2)" in msg
+    assert "b@3 (dim 2)" in _refusal(folder, encoders=[{"id": "a@1", "dim": 3}, {"id": "b@3", "dim": 2}])
+    meta = json.loads((folder / "meta.json").read_text())
+
+    def with_meta(**changes: object) -> None:
+        (folder / "meta.json").write_text(json.dumps({**meta, **changes}))
+
+    with_meta(format_version=99)
+    assert "index format 99 is not supported" in _refusal(folder)
+    with_meta(checksums={"labels.npy": meta["checksums"]["labels.npy"]})
+    assert "no checksum for vectors.faiss" in _refusal(folder)
+    with_meta(encoders=[{"name": "a", "id": "a@1", "dim": 4}])
+    assert "dims sum to 4" in _refusal(folder)
+    with_meta()
+    labels = folder / "labels.npy"
+    good = labels.read_bytes()
+    labels.write_bytes(good[:-8] + b"\x01" * 8)
+    assert "labels.npy does not match its checksum" in _refusal(folder)
+    # a consistent but wrong label count: rewrite the file and its checksum
+    np.save(labels, np.zeros(59, dtype=np.int64), allow_pickle=False)
+    from monitor.index import _sha256
+
+    with_meta(checksums={**meta["checksums"], "labels.npy": _sha256(labels)})
+    assert "59 labels for 60 vectors" in _refusal(folder)
+    labels.write_bytes(good)
+    with_meta()
+    (folder / "ids.json").unlink()
+    assert "ids.json is missing" in _refusal(folder)
+    (folder / "meta.json").write_text("{not json")
+    assert "meta.json is unreadable" in _refusal(folder)
+
+
+def test_build_rejects_inconsistent_inputs() -> None:
+    x, y = _data()
+    with pytest.raises(ValueError, match="labels for"):
+        ReferenceIndex.build(x, y[:-1], ("a", "b", "c"), ENC)
+    with pytest.raises(ValueError, match="dims sum to 3"):
+        ReferenceIndex.build(x, y, ("a", "b", "c"), ENC[:1])
