@@ -23,24 +23,42 @@ def rescale_factor(pixel_size_um: float, target_um: float) -> float:
 
 
 def resize(image: np.ndarray, shape_yx: tuple[int, int], labels: bool = False) -> np.ndarray:
-    """Resize to ``shape_yx``: area interpolation when shrinking, linear when growing,
-    nearest neighbour for label images."""
+    """Resize a 2-D or (Y, X, C) image to ``shape_yx``.
+
+    Policy: area interpolation when shrinking (no aliasing), linear when
+    growing; label images (``labels=True``) use exact nearest-neighbour
+    sampling of pixel centres, keep their dtype (uint16, uint32, int64 ...)
+    and never invent ids.
+    """
     h, w = shape_yx
     if image.shape[:2] == (h, w):
         return image
     if labels:
-        interp = cv2.INTER_NEAREST
-        src = image.astype(np.int32) if image.dtype not in (np.uint8, np.uint16, np.int16, np.float32) else image
-        out = cv2.resize(src, (w, h), interpolation=interp)
-        return out.astype(image.dtype, copy=False)
+        return _nearest(image, (h, w))
     shrinking = h < image.shape[0] or w < image.shape[1]
     interp = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
     src = image.astype(np.float32) if image.dtype not in (np.uint8, np.uint16, np.float32) else image
     return cv2.resize(src, (w, h), interpolation=interp)
 
 
+def _nearest(image: np.ndarray, shape_yx: tuple[int, int]) -> np.ndarray:
+    """Nearest neighbour by pixel centres: row i of the output samples row floor((i + 0.5) * H / h)."""
+    h, w = shape_yx
+    sh, sw = image.shape[:2]
+    rows = np.minimum(((np.arange(h) + 0.5) * sh / h).astype(np.intp), sh - 1)
+    cols = np.minimum(((np.arange(w) + 0.5) * sw / w).astype(np.intp), sw - 1)
+    return image[rows[:, None], cols[None, :]]
+
+
 def rescale(frame: Frame, target_um: float) -> Frame:
-    """Resample every channel to ``target_um`` per pixel (no-op within 0.1%)."""
+    """Resample every channel to ``target_um`` per pixel.
+
+    Policy: a no-op within 0.1% (so a frame already at the common pixel size
+    is never resampled); otherwise every channel goes to the same rounded
+    shape with :func:`resize` and the frame's ``pixel_size_um`` becomes
+    ``target_um``. Map labels back to the input grid with
+    ``resize(labels, input_shape, labels=True)``.
+    """
     f = rescale_factor(frame.pixel_size_um, target_um)
     if abs(f - 1.0) < 1e-3:
         return frame
@@ -51,7 +69,7 @@ def rescale(frame: Frame, target_um: float) -> Frame:
 
 
 def to_float(image: np.ndarray) -> np.ndarray:
-    """Grey float32 of a 2-D or RGB image (RGB averaged)."""
+    """Grey float32 of a 2-D or RGB(A) image (the three colour channels averaged, alpha ignored)."""
     img = np.asarray(image)
     if img.ndim == 3:
         img = img[..., :3].astype(np.float32).mean(axis=2)
@@ -76,11 +94,15 @@ def display_range(image: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.
     return np.repeat(u8[..., None], 3, axis=2)
 
 
-def crop_at(rgb: np.ndarray, centers_yx: np.ndarray, size: int, pad_value: int | None = None) -> np.ndarray:
+def crop_at(
+    rgb: np.ndarray, centers_yx: np.ndarray, size: int, pad_value: int | np.ndarray | None = None
+) -> np.ndarray:
     """(N, size, size, 3) uint8 crops centred on each (y, x), padded at the border.
 
-    Padding repeats the image's median colour (or ``pad_value``), so a cell at
-    the edge is not framed by a black bar that an encoder would notice.
+    Policy: the centre is rounded to the nearest pixel and lands at index
+    ``size // 2`` of the crop; padding repeats the image's median colour (or
+    ``pad_value``) so a cell at the edge is not framed by a black bar that an
+    encoder would notice. A centre outside the image gives an all-padding crop.
     """
     h, w = rgb.shape[:2]
     n = len(centers_yx)
@@ -99,33 +121,39 @@ def crop_at(rgb: np.ndarray, centers_yx: np.ndarray, size: int, pad_value: int |
 
 
 def crop_cells(frame: Frame, cells: Cells, size: int = 224, blank_background: bool = False) -> np.ndarray:
-    """Crops of the primary channel centred on each cell's centroid.
+    """(N, size, size, 3) uint8 crops of the primary channel, one per cell, in ``cells`` order.
 
-    With ``blank_background`` the pixels outside the cell's own mask are set
-    to the image median.
+    Policy: each crop is centred on the cell's mask centroid (rounded to the
+    nearest pixel, which lands at index ``size // 2``), cut from the
+    display-range view of the frame (:func:`display_range`), and padded with
+    the frame's median colour where it leaves the image (:func:`crop_at`).
+    With ``blank_background`` every pixel outside the cell's own mask (the
+    background and neighbouring cells) is set to that same median colour, so
+    an encoder sees one cell on a neutral field. A cell larger than the crop
+    is cut, not shrunk: the crop keeps the common pixel size.
     """
     rgb = display_range(frame.image)
     centers = np.array([c.centroid_yx_px for c in cells.cells], dtype=np.float64).reshape(-1, 2)
-    crops = crop_at(rgb, centers, size)
+    fill = np.median(rgb.reshape(-1, 3), axis=0).astype(np.uint8)
+    crops = crop_at(rgb, centers, size, pad_value=fill)
     if blank_background and len(cells):
-        lab = cells.labels
-        fill = np.median(rgb.reshape(-1, 3), axis=0).astype(np.uint8)
         for i, c in enumerate(cells.cells):
-            m = _crop_mask(lab == c.id, c.centroid_yx_px, size)
-            crops[i][~m] = fill
+            window = _crop_window(cells.labels, c.centroid_yx_px, size)
+            crops[i][window != c.id] = fill
     return crops
 
 
-def _crop_mask(mask: np.ndarray, center_yx: tuple[float, float], size: int) -> np.ndarray:
-    h, w = mask.shape
+def _crop_window(labels: np.ndarray, center_yx: tuple[float, float], size: int) -> np.ndarray:
+    """The ``size`` x ``size`` window of a label image that :func:`crop_at` cuts, 0 outside the image."""
+    h, w = labels.shape[:2]
     half = size // 2
     y0 = int(round(center_yx[0])) - half
     x0 = int(round(center_yx[1])) - half
-    out = np.zeros((size, size), dtype=bool)
+    out = np.zeros((size, size), dtype=labels.dtype)
     sy0, sx0 = max(0, y0), max(0, x0)
     sy1, sx1 = min(h, y0 + size), min(w, x0 + size)
     if sy1 > sy0 and sx1 > sx0:
-        out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = mask[sy0:sy1, sx0:sx1]
+        out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = labels[sy0:sy1, sx0:sx1]
     return out
 
 
