@@ -1,0 +1,143 @@
+"""Segmentation on synthetic discs with known labels, and area filters in um^2."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from monitor.records import Frame, FrameKey
+from monitor.segmentation import cells_from_labels
+
+# disc centres (y, x) and radii in um on a 120 x 160 um field
+DISCS_UM = [(25.0, 30.0, 9.0), (30.0, 80.0, 11.0), (80.0, 40.0, 10.0), (85.0, 120.0, 12.0), (40.0, 130.0, 8.0)]
+SPECK_UM = (100.0, 85.0, 1.5)  # 7 um^2: below any sensible cell area
+
+
+def _truth(pixel_size_um: float, discs=DISCS_UM, field_um=(120.0, 160.0)) -> np.ndarray:
+    h, w = (int(round(s / pixel_size_um)) for s in field_um)
+    yy, xx = (np.mgrid[0:h, 0:w] + 0.5) * pixel_size_um
+    lab = np.zeros((h, w), np.int32)
+    for i, (cy, cx, r) in enumerate(discs, start=1):
+        lab[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = i
+    return lab
+
+
+def _frame(img: np.ndarray, pixel_size_um: float) -> Frame:
+    return Frame(FrameKey("e", "A1", "1", 0), {"img": img}, "img", None, pixel_size_um, "config", "test")
+
+
+def _qpi_like(truth: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Smooth bright domes on a noisy dark background (quantitative-phase look)."""
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(seed)
+    dist = np.zeros(truth.shape)
+    for i in range(1, truth.max() + 1):
+        m = truth == i
+        d = ndi.distance_transform_edt(m)
+        dist[m] = 0.4 + 0.6 * d[m] / d.max()
+    img = 1000 + 2000 * dist + rng.normal(0, 40, truth.shape)
+    return np.clip(img, 0, 65535).astype(np.uint16)
+
+
+def _phase_like(truth: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Textured cells (granular cytoplasm) on a flat, mildly noisy background (phase-contrast look)."""
+    rng = np.random.default_rng(seed)
+    tex = rng.normal(0, 1, truth.shape)
+    img = 30000 + rng.normal(0, 150, truth.shape) + np.where(truth > 0, 2500 * tex, 0)
+    return np.clip(img, 0, 65535).astype(np.uint16)
+
+
+def _match(truth: np.ndarray, pred: np.ndarray) -> list[float]:
+    """Best IoU of each true disc against the predicted instances."""
+    ious = []
+    for i in range(1, truth.max() + 1):
+        t = truth == i
+        ids, counts = np.unique(pred[t], return_counts=True)
+        counts, ids = counts[ids > 0], ids[ids > 0]
+        if not len(ids):
+            ious.append(0.0)
+            continue
+        p = pred == ids[np.argmax(counts)]
+        ious.append(float((t & p).sum() / (t | p).sum()))
+    return ious
+
+
+@pytest.mark.parametrize("pixel_size_um", [0.322, 0.65])
+def test_classical_intensity_discs_exact(pixel_size_um: float) -> None:
+    from cellmonitor_plugins.segmenters.classical import ClassicalSegmenter, Options
+
+    truth = _truth(pixel_size_um)
+    seg = ClassicalSegmenter(Options(mode="intensity", min_area_um2=50.0))
+    cells = seg.segment(_frame(_qpi_like(truth), pixel_size_um))
+    assert len(cells) == len(DISCS_UM)
+    ious = _match(truth, cells.labels)
+    assert min(ious) > 0.85, ious
+    # areas are reported in um^2 whatever the grid
+    for c in cells.cells:
+        assert c.area_um2 == pytest.approx((cells.labels == c.id).sum() * pixel_size_um**2)
+    true_areas = sorted(np.pi * r * r for _, _, r in DISCS_UM)
+    assert sorted(c.area_um2 for c in cells.cells) == pytest.approx(true_areas, rel=0.2)
+
+
+def test_classical_contrast_discs_exact() -> None:
+    from cellmonitor_plugins.segmenters.classical import ClassicalSegmenter, Options
+
+    truth = _truth(0.322)
+    cells = ClassicalSegmenter(Options(min_area_um2=50.0)).segment(_frame(_phase_like(truth), 0.322))
+    assert len(cells) == len(DISCS_UM)
+    assert min(_match(truth, cells.labels)) > 0.75
+
+
+def test_classical_splits_two_touching_discs() -> None:
+    from cellmonitor_plugins.segmenters.classical import ClassicalSegmenter, Options
+
+    pair = [(60.0, 60.0, 14.0), (60.0, 86.0, 14.0)]  # overlapping by 2 um: one blob with a neck
+    truth = _truth(0.322, pair)
+    cells = ClassicalSegmenter(Options(mode="intensity", min_area_um2=50.0)).segment(_frame(_qpi_like(truth), 0.322))
+    assert len(cells) == 2
+    assert min(_match(truth, cells.labels)) > 0.8
+
+
+def test_classical_blank_image_has_no_cells() -> None:
+    from cellmonitor_plugins.segmenters.classical import ClassicalSegmenter, Options
+
+    cells = ClassicalSegmenter(Options()).segment(_frame(np.full((64, 64), 7, np.uint16), 0.5))
+    assert len(cells) == 0 and cells.labels.shape == (64, 64) and cells.labels.max() == 0
+
+
+@pytest.mark.parametrize("pixel_size_um", [0.19, 0.322])
+def test_area_filter_in_um2_same_cells_at_two_pixel_sizes(pixel_size_um: float) -> None:
+    discs = DISCS_UM + [SPECK_UM]
+    truth = _truth(pixel_size_um, discs)
+    # 150 um^2 drops the speck (7 um^2); 400 um^2 upper bound drops the r=12 (452 um^2) and r=11 (380 um^2 stays)
+    cells = cells_from_labels(truth, pixel_size_um, min_area_um2=150.0, max_area_um2=400.0)
+    kept = sorted(round(c.area_um2 / 10) for c in cells.cells)
+    expected = sorted(round(np.pi * r * r / 10) for _, _, r in discs if 150 <= np.pi * r * r <= 400)
+    assert len(cells) == 4
+    assert kept == pytest.approx(expected, abs=2)
+    assert [c.id for c in cells.cells] == [1, 2, 3, 4]
+    assert set(np.unique(cells.labels)) == {0, 1, 2, 3, 4}
+
+
+def test_classical_same_cells_at_two_pixel_sizes() -> None:
+    from cellmonitor_plugins.segmenters.classical import ClassicalSegmenter, Options
+
+    seg = ClassicalSegmenter(Options(mode="intensity", min_area_um2=150.0, max_area_um2=400.0))
+    out = {}
+    for um in (0.19, 0.322):
+        truth = _truth(um, DISCS_UM + [SPECK_UM])
+        cells = seg.segment(_frame(_qpi_like(truth), um))
+        out[um] = sorted((round(c.centroid_yx_px[0] * um), round(c.centroid_yx_px[1] * um)) for c in cells.cells)
+    assert len(out[0.19]) == 4
+    assert out[0.19] == out[0.322]
+
+
+def test_border_filter() -> None:
+    lab = np.zeros((50, 50), np.int32)
+    lab[0:10, 10:20] = 1  # touches the top edge
+    lab[20:30, 20:30] = 2
+    cells = cells_from_labels(lab, 1.0, exclude_border=True)
+    assert len(cells) == 1 and cells.cells[0].bbox_px == (20, 20, 30, 30)
+    assert cells.cells[0].centroid_yx_px == pytest.approx((24.5, 24.5))
+    assert len(cells_from_labels(lab, 1.0)) == 2
