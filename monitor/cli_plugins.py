@@ -24,7 +24,7 @@ def _list(args: argparse.Namespace) -> int:
 
     paths = load_config(args.config).plugins.paths if args.config else []
     reg = Registry(paths)
-    rows = reg.list()
+    rows = reg.list_plugins()
     width = max((len(r.name) for r in rows), default=4)
     for kind in ("readers", "segmenters", "encoders", "sinks"):
         print(f"{kind}:")

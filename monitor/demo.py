@@ -226,7 +226,8 @@ def run_demo(
     for c in counted:
         for k, v in c.stage_seconds.items():
             stages[k] = stages.get(k, 0.0) + v
-    csv_path = next((Path(s.path) for s in service.sinks if getattr(s, "name", "") == "csv"), cfg.service.state_dir / "counts.csv")
+    paths = [getattr(s, "path", None) for s in service.sinks]
+    csv_path = next((p for p in paths if isinstance(p, Path)), cfg.service.state_dir / "counts.csv")
     return DemoResult(folder, csv_path, counted, truth, url, time.perf_counter() - t0, n_refs, stages, metrics_text)
 
 

@@ -99,11 +99,11 @@ class Registry:
                 f"plugin {ref.name!r} (group {GROUPS[kind]}): failed to build: {type(e).__name__}: {e}"
             ) from None
 
-    def list(self) -> list[PluginInfo]:
+    def list_plugins(self) -> list[PluginInfo]:
         out = []
         for kind in GROUPS:
             for name, ep in sorted(self._eps[kind].items()):
-                dist = ep.dist.name if getattr(ep, "dist", None) else "?"
+                dist = ep.dist.name if ep.dist is not None else "?"
                 origin = f"entry point {dist} ({ep.value})"
                 try:
                     spec = ep.load()

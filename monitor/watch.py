@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -43,36 +44,37 @@ def scan(root: Path, patterns: Sequence[str], recursive: bool = True) -> Iterato
     yield from sorted(p for p in found if matches(p, patterns))
 
 
-class _Handler:
-    """watchdog event handler: enqueue, nothing else."""
+def _handler(q: queue.Queue[Path], patterns: Sequence[str]) -> Any:
+    from watchdog.events import FileSystemEventHandler
 
-    def __init__(self, q: queue.Queue[Path], patterns: Sequence[str]):
-        self.q = q
-        self.patterns = patterns
+    class _Handler(FileSystemEventHandler):
+        """watchdog event handler: enqueue, nothing else."""
 
-    def dispatch(self, event) -> None:  # type: ignore[no-untyped-def]
-        try:
-            if event.is_directory:
-                return
-            p = getattr(event, "dest_path", "") or event.src_path
-            p = Path(os.fsdecode(p))
-            if event.event_type in ("created", "modified", "moved", "closed") and matches(p, self.patterns):
-                self.q.put_nowait(p)
-        except Exception:  # never let an exception reach watchdog's dispatcher thread
-            log.exception("watch handler failed on %r", event)
+        def __init__(self) -> None:
+            super().__init__()
+            self.q = q
+            self.patterns = patterns
+
+        def dispatch(self, event: Any) -> None:
+            try:
+                if event.is_directory:
+                    return
+                p = Path(os.fsdecode(getattr(event, "dest_path", "") or event.src_path))
+                if event.event_type in ("created", "modified", "moved", "closed") and matches(p, self.patterns):
+                    self.q.put_nowait(p)
+            except Exception:  # never let an exception reach watchdog's dispatcher thread
+                log.exception("watch handler failed on %r", event)
+
+    return _Handler()
 
 
 def start_observer(root: Path, q: queue.Queue[Path], patterns: Sequence[str], polling: bool, poll_interval_s: float, recursive: bool = True):  # type: ignore[no-untyped-def]
     """Start and return a watchdog observer feeding ``q``."""
-    if polling:
-        from watchdog.observers.polling import PollingObserver
+    from watchdog.observers import Observer
+    from watchdog.observers.polling import PollingObserver
 
-        obs = PollingObserver(timeout=poll_interval_s)
-    else:
-        from watchdog.observers import Observer
-
-        obs = Observer()
-    obs.schedule(_Handler(q, patterns), str(root), recursive=recursive)
+    obs: Any = PollingObserver(timeout=poll_interval_s) if polling else Observer()
+    obs.schedule(_handler(q, patterns), str(root), recursive=recursive)
     obs.daemon = True
     obs.start()
     return obs

@@ -26,7 +26,7 @@ def ctx(tmp_path: Path) -> BuildContext:
 
 
 def test_listing_never_crashes_and_reports_origin(reg):
-    rows = reg.list()
+    rows = reg.list_plugins()
     kinds = {r.kind for r in rows}
     assert kinds == {"readers", "segmenters", "encoders", "sinks"}
     assert all("entry point cellmonitor" in r.origin for r in rows)
