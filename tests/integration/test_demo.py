@@ -54,3 +54,34 @@ def test_small_demo_csv_matches_metrics_and_trends(tmp_path):
         n_true = sum(truth.values())
         assert abs(c.n_cells - n_true) <= 2
         assert abs(c.fraction("live") - truth["live"] / n_true) < 0.25
+
+
+def test_replay_reproduces_live_counts_and_export(tmp_path):
+    from monitor.cli import main
+
+    res = run_demo(tmp_path / "demo", n_timepoints=2, wells=("A1",), cells_per_field=10, per_state=12, metrics_port=None, say=lambda m: None)
+    cfg = (tmp_path / "demo" / "demo.toml").read_text().replace('state_dir = "state"', 'state_dir = "state2"')
+    (tmp_path / "demo" / "replay.toml").write_text(cfg)
+    assert main(["-q", "replay", str(tmp_path / "demo" / "replay.toml"), "--no-metrics"]) == 0
+    live = list(csv.DictReader(res.csv_path.open()))
+    again = list(csv.DictReader((tmp_path / "demo" / "state2" / "counts.csv").open()))
+    cols = [c for c in live[0] if c.startswith(("n_", "frac_", "control_"))]
+    assert [[r[c] for c in cols] for r in again] == [[r[c] for c in cols] for r in live]
+    # a second replay finds everything in the ledger and adds nothing
+    assert main(["-q", "replay", str(tmp_path / "demo" / "replay.toml"), "--no-metrics"]) == 0
+    assert len(list(csv.DictReader((tmp_path / "demo" / "state2" / "counts.csv").open()))) == 2
+    # post-run export, long format: one row per frame and state
+    out = tmp_path / "export.csv"
+    assert main(["-q", "export", str(tmp_path / "demo" / "replay.toml"), "--out", str(out), "--format", "long"]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 2 * 4 and {r["state"] for r in rows} == {"live", "apoptotic", "necrotic", "dead"}
+
+
+def test_run_without_index_is_one_line_exit_78(tmp_path, capsys):
+    from monitor.cli import main
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[service]\nmetrics_port = 0\n[classifier]\nindex = "missing-index"\n')
+    assert main(["run", str(cfg)]) == 78
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"cellmonitor: error: {tmp_path / 'missing-index'}: not a cellmonitor index (no meta.json); build one with 'cellmonitor index build'"]
