@@ -57,21 +57,22 @@ class Options(BaseModel):
         "contrast", description="contrast: phase contrast/brightfield; intensity: quantitative phase / RI (cells bright)"
     )
     work_pixel_size_um: float = Field(0.8, gt=0, description="segment on a grid no finer than this (speed)")
-    background_um: float = Field(25.0, gt=0, description="sigma of the background Gaussian")
-    contrast_um: float = Field(0.5, gt=0, description="sigma of the local-contrast window")
+    background_um: float = Field(15.0, gt=0, description="sigma of the background Gaussian")
+    contrast_um: float = Field(0.35, gt=0, description="sigma of the local-contrast window")
     threshold_scale: float = Field(0.5, gt=0, description="multiplies the Otsu threshold of the foreground signal")
+    native_contrast: bool = Field(True, description="measure contrast on the input grid, not the working grid")
     close_um: float = Field(2.0, ge=0)
-    open_um: float = Field(4.0, ge=0)
+    open_um: float = Field(2.0, ge=0)
     halo_snr: float = Field(10.0, ge=0, description="bright-halo cut, in background-noise units (0: off)")
     halo_smooth_um: float = Field(0.7, ge=0)
-    halo_open_um: float = Field(1.0, ge=0)
-    seed_smooth_um: float = Field(3.0, ge=0, description="sigma of the smoothing of the distance map for seeds")
+    halo_open_um: float = Field(2.0, ge=0)
+    seed_smooth_um: float = Field(4.0, ge=0, description="sigma of the smoothing of the distance map for seeds")
     seed_h_um: float = Field(1.0, gt=0, description="h of the h-maxima seeds, in um of distance")
     ridge_weight: float = Field(2.0, ge=0, description="weight of the halo brightness in the watershed elevation")
     ridge_smooth_um: float = Field(2.0, ge=0)
     compactness: float = Field(0.0, ge=0)
     merge_snr: float = Field(0.0, ge=0, description="merge neighbours whose boundary is dimmer than this x noise (0: off)")
-    min_area_um2: float = Field(250.0, ge=0)
+    min_area_um2: float = Field(350.0, ge=0)
     max_area_um2: float = Field(20000.0, gt=0)
     exclude_border: bool = False
 
@@ -153,20 +154,27 @@ def segment_image(image: np.ndarray, pixel_size_um: float, o: Options) -> np.nda
 
     from monitor.imaging import resize, to_float
 
-    img = to_float(image)
-    shape0 = img.shape
+    img0 = np.ascontiguousarray(to_float(image), dtype=np.float32)
+    shape0 = img0.shape
     work = max(o.work_pixel_size_um, pixel_size_um)
     f = pixel_size_um / work
+    img = img0
     if f < 0.999:
-        img = resize(img, (max(1, round(shape0[0] * f)), max(1, round(shape0[1] * f))))
-    img = np.ascontiguousarray(img, dtype=np.float32)
+        img = resize(img0, (max(1, round(shape0[0] * f)), max(1, round(shape0[1] * f))))
     lo, hi = np.percentile(img[::2, ::2], [0.5, 99.5])
     if hi <= lo:
         return np.zeros(shape0, np.int32)
     img = (img - lo) / (hi - lo)
-    flat = img - _background(img, o.background_um / work)
+    bg = _background(img, o.background_um / work)
+    flat = img - bg
 
-    if o.mode == "contrast":
+    if o.mode == "contrast" and o.native_contrast and img.shape != shape0:
+        # fine texture of spread cytoplasm lives at the native resolution
+        nflat = (img0 - lo) / (hi - lo) - resize(bg, shape0)
+        s = o.contrast_um / pixel_size_um
+        mean = _blur(nflat, s)
+        signal = resize(np.sqrt(np.clip(_blur(nflat * nflat, s) - mean * mean, 0, None)), img.shape)
+    elif o.mode == "contrast":
         s = o.contrast_um / work
         mean = _blur(flat, s)
         signal = np.sqrt(np.clip(_blur(flat * flat, s) - mean * mean, 0, None))
@@ -203,8 +211,8 @@ def segment_image(image: np.ndarray, pixel_size_um: float, o: Options) -> np.nda
     dist = cv2.distanceTransform(seed_src, cv2.DIST_L2, 5) * work  # um
     dist = _blur(dist, o.seed_smooth_um / work)
     # h-maxima (a grey reconstruction) dominates the run time: find them on a
-    # grid of about half the seed smoothing, which that smoothing makes lossless enough
-    seed_grid = max(work, o.seed_smooth_um / 2)
+    # grid of about a third of the seed smoothing, which that smoothing makes lossless enough
+    seed_grid = max(work, o.seed_smooth_um / 3)
     if seed_grid > work * 1.25:
         small = (max(1, round(dist.shape[0] * work / seed_grid)), max(1, round(dist.shape[1] * work / seed_grid)))
         peaks = resize(h_maxima(resize(dist, small), o.seed_h_um).astype(np.uint8), dist.shape, labels=True) > 0

@@ -141,3 +141,15 @@ def test_border_filter() -> None:
     assert len(cells) == 1 and cells.cells[0].bbox_px == (20, 20, 30, 30)
     assert cells.cells[0].centroid_yx_px == pytest.approx((24.5, 24.5))
     assert len(cells_from_labels(lab, 1.0)) == 2
+
+
+def test_merge_weak_boundaries() -> None:
+    from cellmonitor_plugins.segmenters.classical import merge_weak_boundaries
+
+    lab = np.zeros((10, 30), np.int32)
+    lab[:, 0:10], lab[:, 10:20], lab[:, 20:30] = 1, 2, 3
+    edge = np.zeros((10, 30), np.float32)
+    edge[:, 19:21] = 5.0  # a bright line between regions 2 and 3 only
+    out = merge_weak_boundaries(lab, edge, threshold=1.0)
+    assert (out[:, 0:20] == out[0, 0]).all()  # 1 and 2 merged
+    assert (out[:, 20:30] != out[0, 0]).all() and len(np.unique(out)) == 2
