@@ -167,7 +167,9 @@ def bench_one(
     return row, preds
 
 
-def overlay(image: np.ndarray, labels: np.ndarray, truth: np.ndarray | None = None, scale: float = 0.5) -> np.ndarray:
+def overlay(
+    image: np.ndarray, labels: np.ndarray, truth: np.ndarray | None = None, scale: float = 0.5, high_pct: float = 99.5
+) -> np.ndarray:
     """uint8 RGB: predicted boundaries green, true boundaries red (if given), downscaled by ``scale``."""
     from skimage.segmentation import find_boundaries
 
@@ -175,7 +177,7 @@ def overlay(image: np.ndarray, labels: np.ndarray, truth: np.ndarray | None = No
 
     h, w = image.shape[:2]
     shape = (round(h * scale), round(w * scale))
-    rgb = resize(display_range(image), shape).copy()
+    rgb = resize(display_range(image, 0.5, high_pct), shape).copy()
     if truth is not None:
         rgb[find_boundaries(resize(truth, shape, labels=True), mode="inner")] = (255, 40, 40)
     rgb[find_boundaries(resize(labels, shape, labels=True), mode="inner")] = (40, 255, 40)
@@ -205,7 +207,7 @@ def bench_qpi(data: Path, um: float, images: Path | None) -> list[str]:
         counts.append(int(lab.max()))
         print(f"\r  qpi_cellphe: frame {i + 1}/{len(files)}: {counts[-1]} cells", end="", file=sys.stderr, flush=True)
         if images is not None and i in (0, len(files) - 1):
-            save_png(images / f"seg_qpi_cellphe_{i + 1:03d}.png", overlay(img, lab, scale=1.0))
+            save_png(images / f"seg_qpi_cellphe_{i + 1:03d}.png", overlay(img, lab, scale=1.0, high_pct=99.99))
     print(file=sys.stderr)
     c = np.array(counts)
     lines = [
