@@ -281,7 +281,7 @@ def warm_up(pipeline: Pipeline) -> float:
 
     t = time.perf_counter()
     crop = np.full((1, pipeline.crop_px, pipeline.crop_px, 3), 128, np.uint8)
-    pipeline.classifier.classify(embed(crop, pipeline.encoders, 1))  # type: ignore[attr-defined]
+    pipeline.classifier.classify(embed(crop, pipeline.encoders, 1))
     return time.perf_counter() - t
 
 

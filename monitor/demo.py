@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from monitor.records import Counts
+from monitor.records import Counts, Embeddings, States
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,9 @@ def _scrape(url: str) -> str:
 class _NoIndex:
     """Stand-in classifier while the reference index is being built (never classifies)."""
 
-    def classify(self, emb):  # type: ignore[no-untyped-def]
+    classes: tuple[str, ...] = ()
+
+    def classify(self, emb: Embeddings) -> States:
         raise RuntimeError("reference index not built yet")
 
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from monitor.control import otsu_control
 from monitor.imaging import crop_cells, rescale
-from monitor.protocols import Encoder, Segmenter
-from monitor.records import Cells, ControlSignal, Counts, Embeddings, Frame, States
+from monitor.protocols import Classifier, Encoder, Segmenter
+from monitor.records import ControlSignal, Counts, Embeddings, Frame, States
 
 
 @dataclass
@@ -25,7 +25,7 @@ class Pipeline:
 
     segmenter: Segmenter
     encoders: Sequence[Encoder]
-    classifier: object  # anything with classify(Embeddings) -> States and .classes
+    classifier: Classifier
     pixel_size_um: float = 0.322
     crop_px: int = 224
     blank_background: bool = False
@@ -33,8 +33,6 @@ class Pipeline:
     control_enabled: bool = True
     control_min_region_px: int = 4
     control_min_snr: float = 5.0
-    last_states: States | None = field(default=None, repr=False)
-    last_cells: Cells | None = field(default=None, repr=False)
 
 
 def embed(crops: np.ndarray, encoders: Sequence[Encoder], batch_size: int = 64) -> Embeddings:
@@ -99,10 +97,9 @@ def process_frame(frame: Frame, p: Pipeline) -> Counts:
     with _stage("embed", s):
         emb = embed(crops, p.encoders, p.batch_size)
     with _stage("classify", s):
-        states = p.classifier.classify(emb)  # type: ignore[attr-defined]
+        states = p.classifier.classify(emb)
     with _stage("control", s):
         control = None
         if p.control_enabled and frame.control is not None:
             control = otsu_control(frame.channels[frame.control], frame.pixel_size_um, frame.control, p.control_min_region_px, p.control_min_snr)
-    p.last_cells, p.last_states = cells, states
     return count_states(frame, states, control, s)

@@ -15,7 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from pydantic import BaseModel
 
-from monitor.records import Acquisition, Cells, Counts, Frame
+from monitor.records import Acquisition, Cells, Counts, Embeddings, Frame, States
 
 
 @runtime_checkable
@@ -56,6 +56,16 @@ class Encoder(Protocol):
     dim: int
 
     def encode(self, crops: np.ndarray) -> np.ndarray: ...
+
+
+@runtime_checkable
+class Classifier(Protocol):
+    """Cell states from embeddings (the built-in one is EWC-FAISS, monitor.index.EWCClassifier)."""
+
+    @property
+    def classes(self) -> tuple[str, ...]: ...
+
+    def classify(self, emb: Embeddings) -> States: ...
 
 
 @runtime_checkable
