@@ -51,10 +51,17 @@ from monitor.segmentation import cells_from_labels
 log = logging.getLogger(__name__)
 
 
+#: default smallest cell per mode: phase-contrast debris specks reach a few hundred um^2
+#: (tuned on t98g); quantitative-phase remnants of dead cells are a few tens of um^2
+MIN_AREA_UM2 = {"contrast": 350.0, "intensity": 20.0}
+#: ``auto`` picks ``intensity`` when the background median sits this low in the 0.5-99.5 percentile range
+AUTO_INTENSITY_BELOW = 0.2
+
+
 class Options(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    mode: Literal["contrast", "intensity"] = Field(
-        "contrast", description="contrast: phase contrast/brightfield; intensity: quantitative phase / RI (cells bright)"
+    mode: Literal["auto", "contrast", "intensity"] = Field(
+        "auto", description="contrast: phase contrast/brightfield; intensity: quantitative phase / RI (cells bright); auto: per image"
     )
     work_pixel_size_um: float = Field(0.8, gt=0, description="segment on a grid no finer than this (speed)")
     background_um: float = Field(15.0, gt=0, description="sigma of the background Gaussian")
@@ -72,9 +79,26 @@ class Options(BaseModel):
     ridge_smooth_um: float = Field(2.0, ge=0)
     compactness: float = Field(0.0, ge=0)
     merge_snr: float = Field(0.0, ge=0, description="merge neighbours whose boundary is dimmer than this x noise (0: off)")
-    min_area_um2: float = Field(350.0, ge=0)
+    min_area_um2: float | None = Field(
+        None, ge=0, description=f"default: {MIN_AREA_UM2['contrast']} in contrast mode, {MIN_AREA_UM2['intensity']} in intensity mode"
+    )
     max_area_um2: float = Field(20000.0, gt=0)
     exclude_border: bool = False
+
+
+def resolve_mode(mode: str, background_level: float) -> str:
+    """``auto``: ``intensity`` when the background (the median) lies in the lowest
+    ``AUTO_INTENSITY_BELOW`` of the 0.5-99.5 percentile range (quantitative phase,
+    refractive index: cells are a positive signal on the darkest level), else
+    ``contrast`` (phase contrast, brightfield: a mid-grey background)."""
+    if mode != "auto":
+        return mode
+    return "intensity" if background_level < AUTO_INTENSITY_BELOW else "contrast"
+
+
+def min_area_um2(o: Options, mode: str) -> float:
+    """The configured smallest cell, or the mode's default (:data:`MIN_AREA_UM2`)."""
+    return o.min_area_um2 if o.min_area_um2 is not None else MIN_AREA_UM2[mode]
 
 
 def _disk(radius_px: float) -> np.ndarray:
@@ -161,20 +185,21 @@ def segment_image(image: np.ndarray, pixel_size_um: float, o: Options) -> np.nda
     img = img0
     if f < 0.999:
         img = resize(img0, (max(1, round(shape0[0] * f)), max(1, round(shape0[1] * f))))
-    lo, hi = np.percentile(img[::2, ::2], [0.5, 99.5])
+    lo, med, hi = np.percentile(img[::2, ::2], [0.5, 50, 99.5])
     if hi <= lo:
         return np.zeros(shape0, np.int32)
+    mode = resolve_mode(o.mode, (med - lo) / (hi - lo))
     img = (img - lo) / (hi - lo)
     bg = _background(img, o.background_um / work)
     flat = img - bg
 
-    if o.mode == "contrast" and o.native_contrast and img.shape != shape0:
+    if mode == "contrast" and o.native_contrast and img.shape != shape0:
         # fine texture of spread cytoplasm lives at the native resolution
         nflat = (img0 - lo) / (hi - lo) - resize(bg, shape0)
         s = o.contrast_um / pixel_size_um
         mean = _blur(nflat, s)
         signal = resize(np.sqrt(np.clip(_blur(nflat * nflat, s) - mean * mean, 0, None)), img.shape)
-    elif o.mode == "contrast":
+    elif mode == "contrast":
         s = o.contrast_um / work
         mean = _blur(flat, s)
         signal = np.sqrt(np.clip(_blur(flat * flat, s) - mean * mean, 0, None))
@@ -189,7 +214,7 @@ def segment_image(image: np.ndarray, pixel_size_um: float, o: Options) -> np.nda
     fg = ndi.binary_fill_holes(fg).astype(np.uint8)
     if o.open_um > 0:
         fg = cv2.morphologyEx(fg, cv2.MORPH_OPEN, _disk(o.open_um / work))
-    min_px = o.min_area_um2 / work**2
+    min_px = min_area_um2(o, mode) / work**2
     n, comp, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
     keep = stats[:, cv2.CC_STAT_AREA] >= min_px
     keep[0] = False
@@ -200,10 +225,10 @@ def segment_image(image: np.ndarray, pixel_size_um: float, o: Options) -> np.nda
     # background noise of the flattened image (robust), the unit of every brightness option
     bgv = flat[~fgb] if (~fgb).sum() > 100 else flat.ravel()
     noise = max(float(1.4826 * np.median(np.abs(bgv - np.median(bgv)))), 1e-6)
-    sign = 1.0 if o.mode == "contrast" else -1.0
+    sign = 1.0 if mode == "contrast" else -1.0
 
     seed_src = fgb.astype(np.uint8)
-    if o.mode == "contrast" and o.halo_snr > 0:
+    if mode == "contrast" and o.halo_snr > 0:
         halo = _blur(flat, o.halo_smooth_um / work) > o.halo_snr * noise
         seed_src = (fgb & ~halo).astype(np.uint8)
         if o.halo_open_um > 0:
@@ -228,6 +253,12 @@ def segment_image(image: np.ndarray, pixel_size_um: float, o: Options) -> np.nda
         labels[orphans > 0] = orphans[orphans > 0] + labels.max()
     if o.merge_snr > 0:
         labels = merge_weak_boundaries(labels, sign * _blur(flat, o.halo_smooth_um / work) / noise, o.merge_snr)
+    # watershed pieces below the smallest cell are specks or slivers, not cells
+    sizes = np.bincount(labels.ravel())
+    small = sizes < min_px
+    small[0] = False
+    if small.any():
+        labels[small[labels]] = 0
     return resize(labels, shape0, labels=True)
 
 
@@ -243,7 +274,10 @@ class ClassicalSegmenter:
         """Segment the primary channel; areas and border filtered on the frame's own grid."""
         o = self.o
         labels = segment_image(frame.image, frame.pixel_size_um, o)
-        return cells_from_labels(labels, frame.pixel_size_um, o.min_area_um2, o.max_area_um2, o.exclude_border)
+        # speck removal already happened on the working grid with the mode's limit;
+        # this applies the configured one (if any) exactly, on the frame's own grid
+        low = o.min_area_um2 if o.min_area_um2 is not None else 0.0
+        return cells_from_labels(labels, frame.pixel_size_um, low, o.max_area_um2, o.exclude_border)
 
 
 class _Spec:

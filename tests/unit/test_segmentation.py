@@ -153,3 +153,16 @@ def test_merge_weak_boundaries() -> None:
     out = merge_weak_boundaries(lab, edge, threshold=1.0)
     assert (out[:, 0:20] == out[0, 0]).all()  # 1 and 2 merged
     assert (out[:, 20:30] != out[0, 0]).all() and len(np.unique(out)) == 2
+
+
+def test_auto_mode_picks_intensity_for_phase_bright_cells_and_contrast_for_grey_backgrounds() -> None:
+    from cellmonitor_plugins.segmenters.classical import ClassicalSegmenter, Options, resolve_mode
+
+    assert resolve_mode("auto", 0.02) == "intensity" and resolve_mode("auto", 0.45) == "contrast"
+    assert resolve_mode("contrast", 0.02) == "contrast"
+    truth = _truth(0.322)
+    # defaults (auto) on quantitative-phase-like discs: all found, small dead-cell remnants allowed
+    cells = ClassicalSegmenter(Options()).segment(_frame(_qpi_like(truth), 0.322))
+    assert len(cells) == len(DISCS_UM) and min(_match(truth, cells.labels)) > 0.85
+    cells = ClassicalSegmenter(Options(min_area_um2=50.0)).segment(_frame(_phase_like(truth), 0.322))
+    assert len(cells) == len(DISCS_UM)
