@@ -166,7 +166,8 @@ def _demo(args: argparse.Namespace) -> int:
         ctl = f"{c.control.area_fraction:.1%}" if c.control else "-"
         row += f"{c.n_uncertain:>9}{ctl:>13}"
         print(row)
-    print()
+    errors = [abs(c.fraction(s) - res.truth[(c.key.well, c.key.timepoint)][s] / max(1, sum(res.truth[(c.key.well, c.key.timepoint)].values()))) for c in res.counts for s in STATES]
+    print(f"\nmean absolute error of the state fractions against the truth: {100 * sum(errors) / max(1, len(errors)):.1f} percentage points")
     print(f"reference index: {res.n_references} labelled synthetic cells ({folder / 'index'})")
     print(f"counts CSV:      {res.csv_path}")
     print(f"config used:     {folder / 'demo.toml'}  (run it yourself: cellmonitor run {folder / 'demo.toml'})")

@@ -45,6 +45,7 @@ wait_s = 30
 [pipeline]
 pixel_size_um = 0.322        # frames are written at 0.4 um/px (TIFF resolution tags) and rescaled
 certainty_floor = 0.5
+blank_background = true      # crops show only the cell: neighbours would otherwise sway its state
 
 [segmenter]
 name = "classical"
