@@ -93,9 +93,12 @@ def render_cell(phase: np.ndarray, fluo: np.ndarray, cell: SynthCell, state: str
             body = np.maximum(body, 0.95 * _dome(h, w, ly + oy, lx + ox, rr, rr * rng.uniform(0.7, 1.0), rng.uniform(0, np.pi)))
         glow = 1.0
     phase[y0:y1, x0:x1] += body.astype(np.float32)
+    # stained area grows along the death path (live < apoptotic < necrotic < dead), as a
+    # death marker's does: PI floods a necrotic or dead cell's whole former footprint
     if state == "dead":
-        # the DNA stain keeps marking the nucleus-sized remnant area
-        stain = _dome(h, w, ly, lx, 0.75 * r, 0.75 * r, 0.0) > 0
+        stain = _dome(h, w, ly, lx, r, r, 0.0) > 0
+    elif state == "necrotic":
+        stain = _dome(h, w, ly, lx, 0.9 * r, 0.9 * r, 0.0) > 0
     else:
         stain = body > 0.05
     fluo[y0:y1, x0:x1] += (glow * stain).astype(np.float32)

@@ -48,6 +48,7 @@ def test_small_demo_csv_matches_metrics_and_trends(tmp_path):
     assert live[0] > 0.9 and live[-1] < live[0] - 0.3
     assert dead[-1] > dead[0] + 0.2
     assert ctl[-1] > ctl[0] + 0.01
+    assert all(b >= a - 0.002 for a, b in zip(ctl, ctl[1:], strict=False))  # the control signal rises with death
     # the counts follow the generator's truth
     for c in res.counts:
         truth = res.truth[(c.key.well, c.key.timepoint)]
