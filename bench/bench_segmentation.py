@@ -92,15 +92,17 @@ def untuned_v0(image: np.ndarray, pixel_size_um: float) -> np.ndarray:
 
 
 def classical(**options: object) -> Callable[[np.ndarray, float], np.ndarray]:
-    from cellmonitor_plugins.segmenters.classical import Options, segment_image
+    """The classical plugin with these options, through its ``segment(frame)``."""
+    from cellmonitor_plugins.segmenters.classical import PLUGIN
 
-    from monitor.segmentation import cells_from_labels
+    from monitor.protocols import BuildContext
+    from monitor.records import Frame, FrameKey
 
-    o = Options(**options)
+    seg = PLUGIN.build(PLUGIN.Options(**options), BuildContext(state_dir=Path(".")))
 
     def run(image: np.ndarray, pixel_size_um: float) -> np.ndarray:
-        lab = segment_image(image, pixel_size_um, o)
-        return cells_from_labels(lab, pixel_size_um, o.min_area_um2, o.max_area_um2, o.exclude_border).labels
+        frame = Frame(FrameKey("bench", "-", "1", 0), {"p": image}, "p", None, pixel_size_um, "config", "bench")
+        return seg.segment(frame).labels
 
     return run
 
@@ -114,7 +116,29 @@ V2_HALO = dict(
     native_contrast=False, background_um=25.0, contrast_um=0.6, open_um=4.0, halo_snr=10.0, halo_open_um=1.0,
     ridge_weight=1.0, seed_smooth_um=3.0, seed_h_um=2.0, min_area_um2=150.0, work_pixel_size_um=1.0,
 )
-QPI_OPTIONS = dict(mode="intensity", min_area_um2=40.0)
+#: the best of a random search over the options, scored on the tuned frames only: it overfits them
+SEARCHED = dict(work_pixel_size_um=0.65, background_um=20.0, halo_open_um=1.0, min_area_um2=450.0)
+QPI_OPTIONS: dict[str, object] = {}  # the defaults: auto mode picks "intensity" on these frames
+
+
+NOTES = """\
+Notes
+
+- Pixel sizes are assumptions (not stored in the files): t98g 0.65 um/px, qpi_cellphe 1.0 um/px.
+  Every classical option is in um / um^2, so a different true pixel size shifts, not breaks, the result.
+- The classical defaults were hand-tuned on the tuned frames only; a random search over the options
+  from there (again scored on the tuned frames only) raised their F1 but not the held-out F1, so the
+  simpler, faster hand-tuned setting stays the default. The held-out column is the honest number. Seconds per frame are the median on the
+  native 1022x1024 grid, after one warm-up frame, on this 2-core machine while other jobs shared it.
+- Where the F1 goes (tuned frames, default): about 70% of true cells match; the misses are mostly cells
+  whose faint, flat lamellipodia are not in the foreground (the prediction covers under half of the
+  true mask) and touching cells with no bright halo between them (merged). Tried and rejected on the
+  tuned frames: Otsu on smoothed local contrast (v1), seeds from smoothed-contrast maxima, seeds from the
+  halo-cut components, hysteresis thresholds, larger closing, merging regions across dim boundaries,
+  merging small fragments into their main neighbour: none above the default.
+- F1 >= 0.80 was not reached without trained weights. SAM (plugin `sam`) needs its checkpoint; with
+  real weights run this bench with `--sam-checkpoint`.
+"""
 
 
 @dataclass
@@ -179,16 +203,27 @@ def overlay(
     shape = (round(h * scale), round(w * scale))
     rgb = resize(display_range(image, 0.5, high_pct), shape).copy()
     if truth is not None:
-        rgb[find_boundaries(resize(truth, shape, labels=True), mode="inner")] = (255, 40, 40)
-    rgb[find_boundaries(resize(labels, shape, labels=True), mode="inner")] = (40, 255, 40)
+        rgb[find_boundaries(resize(truth, shape, labels=True), mode="inner")] = GT_RGB
+    rgb[find_boundaries(resize(labels, shape, labels=True), mode="inner")] = PRED_RGB
     return rgb
 
 
-def save_png(path: Path, rgb: np.ndarray) -> None:
-    """A small palette PNG (these overlays are meant for a README)."""
+GT_RGB = (255, 40, 40)
+PRED_RGB = (40, 255, 40)
+
+
+def save_png(path: Path, rgb: np.ndarray, grey_levels: int = 32) -> None:
+    """A small palette PNG for a README: ``grey_levels`` greys plus the two boundary colours."""
     from PIL import Image
 
-    Image.fromarray(rgb).quantize(colors=64, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+    grey = rgb.astype(np.float32).mean(axis=2)
+    idx = np.round(grey / 255 * (grey_levels - 1)).astype(np.uint8)
+    idx[(rgb == GT_RGB).all(axis=2)] = grey_levels
+    idx[(rgb == PRED_RGB).all(axis=2)] = grey_levels + 1
+    palette = [round(v) for i in range(grey_levels) for v in [i * 255 / (grey_levels - 1)] * 3]
+    im = Image.fromarray(idx, mode="P")
+    im.putpalette(palette + list(GT_RGB) + list(PRED_RGB))
+    im.save(path, optimize=True)
 
 
 def bench_qpi(data: Path, um: float, images: Path | None) -> list[str]:
@@ -211,7 +246,7 @@ def bench_qpi(data: Path, um: float, images: Path | None) -> list[str]:
     print(file=sys.stderr)
     c = np.array(counts)
     lines = [
-        f"qpi_cellphe, classical {QPI_OPTIONS} at {um} um/px, {len(c)} frames: cells per frame "
+        f"qpi_cellphe, classical {QPI_OPTIONS or '(defaults)'} at {um} um/px, {len(c)} frames: cells per frame "
         f"min {c.min()}, median {int(np.median(c))}, max {c.max()}; first {c[0]}, last {c[-1]}; "
         f"{np.median(times):.3f} s/frame (615x615)",
         "counts every 10th frame: " + " ".join(str(x) for x in c[::10]),
@@ -284,7 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("untuned v0 (baseline)", untuned_v0),
         ("v1: contrast + distance h-maxima", classical(**V1_CONTRAST_HMAX)),
         ("v2: + halo cut, ridge watershed", classical(**V2_HALO)),
-        ("classical (default, tuned)", classical()),
+        ("random search on the tuned frames", classical(**SEARCHED)),
+        ("classical (default: v2 + native-grid contrast, hand-tuned)", classical()),
     ]
     if args.sam_checkpoint:
         from cellmonitor_plugins.segmenters.sam import PLUGIN as SAM
@@ -325,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.write.write_text(
             "# Segmentation benchmark\n\n"
             f"Produced by `{cmd.strip()}` (run from the repository root, {cpu}, "
-            f"{time.strftime('%Y-%m-%d')}).\n\n" + "\n".join(lines) + "\n"
+            f"{time.strftime('%Y-%m-%d')}).\n\n" + "\n".join(lines) + "\n\n" + NOTES
         )
     return 0
 
