@@ -10,11 +10,25 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from monitor.errors import ConfigError
+
+
+def _check_regex(v: str) -> str:
+    import re
+
+    try:
+        re.compile(v)
+    except re.error as e:
+        raise ValueError(f"not a valid regular expression: {e}") from None
+    return v
+
+
+#: a string option that must compile as a regular expression (plugin options use it too)
+Regex = Annotated[str, AfterValidator(_check_regex)]
 
 
 class _Model(BaseModel):

@@ -39,8 +39,9 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
+from monitor.config import Regex
 from monitor.errors import BadInput
 from monitor.imageio import (
     TIFF_SUFFIXES,
@@ -114,8 +115,8 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     pixel_size_um: float = Field(0.19, gt=0, description="um/px (60x objective: 0.19)")
     use_file_pixel_size: bool = Field(False, description="trust OME/ImageJ/resolution metadata when present")
-    pattern: str = Field(DEFAULT_PATTERN, description="file-name regex; groups experiment/well/field/timepoint/channel")
-    ri_channel: str = Field(DEFAULT_RI_CHANNEL, description="regex: channels that hold refractive index")
+    pattern: Regex = Field(DEFAULT_PATTERN, description="file-name regex; groups experiment/well/field/timepoint/channel")
+    ri_channel: Regex = Field(DEFAULT_RI_CHANNEL, description="regex: channels that hold refractive index")
     ri_name: str = Field("RI", min_length=1, description="name given to the RI channel")
     ri_scale: Literal["auto", "x10000", "none"] = "auto"
     projection: Projection = "max"
@@ -125,15 +126,6 @@ class Options(BaseModel):
     page_channels: list[str] = Field(default_factory=list, description="names of the C indexes of multi-channel files")
     instrument: str = Field("nanolive", min_length=1)
     experiment: str | None = Field(None, min_length=1, description="fixed experiment name instead of the name's group")
-
-    @field_validator("pattern", "ri_channel")
-    @classmethod
-    def _compiles(cls, v: str) -> str:
-        try:
-            re.compile(v)
-        except re.error as e:
-            raise ValueError(f"not a valid regular expression: {e}") from None
-        return v
 
 
 class NanoliveReader:

@@ -20,8 +20,9 @@ import logging
 import re
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
+from monitor.config import Regex
 from monitor.errors import BadInput
 from monitor.imageio import (
     RASTER_SUFFIXES,
@@ -51,18 +52,9 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     pixel_size_um: float | None = Field(None, gt=0, description="used when the file has no pixel size")
     prefer_config_pixel_size: bool = Field(False, description="configured size wins over the file's metadata")
-    pattern: str = Field(DEFAULT_PATTERN, description="file-name regex with named groups experiment/well/field/timepoint/channel")
+    pattern: Regex = Field(DEFAULT_PATTERN, description="file-name regex with named groups experiment/well/field/timepoint/channel")
     page_channels: list[str] = Field(default_factory=list, description="channel names of the pages of a multi-page TIFF")
     instrument: str = Field("generic", min_length=1)
-
-    @field_validator("pattern")
-    @classmethod
-    def _compiles(cls, v: str) -> str:
-        try:
-            re.compile(v)
-        except re.error as e:
-            raise ValueError(f"not a valid regular expression: {e}") from None
-        return v
 
 
 class TiffReader:
