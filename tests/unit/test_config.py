@@ -90,3 +90,9 @@ def test_demo_config_matches_the_shipped_example():
 
 def test_defaults_are_valid():
     assert Config().pipeline.pixel_size_um == 0.322
+
+
+def test_bad_regex_in_reader_options_is_one_line(tmp_path):
+    cfg = load_config(write(tmp_path, "[readers.tiff]\npattern = '(unclosed'\n"))
+    (line,) = Registry().validate_config(cfg)
+    assert "readers.tiff.options.pattern: Value error, not a valid regular expression" in line
