@@ -46,8 +46,8 @@ CHECKPOINT_NAMES = {
     "vit_b": "sam_vit_b_01ec64.pth",
 }
 
-#: rough CPU seconds per frame on a 2-core machine (image encoder dominates)
-_CPU_SECONDS_HINT = {"vit_h": 120, "vit_l": 70, "vit_b": 30}
+#: rough CPU seconds per frame on a 2-core machine (vit_b measured: 100 s at 16x16 points)
+_CPU_SECONDS_HINT = {"vit_h": 400, "vit_l": 250, "vit_b": 100}
 
 
 class Options(BaseModel):
