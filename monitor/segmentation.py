@@ -54,7 +54,7 @@ def cells_from_labels(
     if labels.ndim != 2:
         raise ValueError(f"labels must be 2-D (got shape {labels.shape})")
     out = np.zeros(labels.shape, dtype=np.int32)
-    cells = []
+    cells: list[Cell] = []
     px_area = pixel_size_um**2
     h, w = labels.shape
     dropped = 0

@@ -208,7 +208,7 @@ def segment_image(image: np.ndarray, pixel_size_um: float, o: Options) -> np.nda
     if float(signal.max()) <= float(signal.min()):
         return np.zeros(shape0, np.int32)
     t = float(threshold_otsu(signal)) * o.threshold_scale
-    fg = (signal > t).astype(np.uint8)
+    fg: np.ndarray = (signal > t).astype(np.uint8)
     if o.close_um > 0:
         fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, _disk(o.close_um / work))
     fg = ndi.binary_fill_holes(fg).astype(np.uint8)
@@ -255,10 +255,10 @@ def segment_image(image: np.ndarray, pixel_size_um: float, o: Options) -> np.nda
         labels = merge_weak_boundaries(labels, sign * _blur(flat, o.halo_smooth_um / work) / noise, o.merge_snr)
     # watershed pieces below the smallest cell are specks or slivers, not cells
     sizes = np.bincount(labels.ravel())
-    small = sizes < min_px
-    small[0] = False
-    if small.any():
-        labels[small[labels]] = 0
+    tiny = sizes < min_px
+    tiny[0] = False
+    if tiny.any():
+        labels[tiny[labels]] = 0
     return resize(labels, shape0, labels=True)
 
 
@@ -280,13 +280,16 @@ class ClassicalSegmenter:
         return cells_from_labels(labels, frame.pixel_size_um, low, o.max_area_um2, o.exclude_border)
 
 
+_Options = Options
+
+
 class _Spec:
     name = "classical"
     description = "weight-free: flattened local contrast, halo-cut distance seeds, marker watershed (um units)"
     Options = Options
 
     @staticmethod
-    def build(options: Options, ctx: BuildContext) -> ClassicalSegmenter:
+    def build(options: _Options, ctx: BuildContext) -> ClassicalSegmenter:
         return ClassicalSegmenter(options)
 
 

@@ -199,13 +199,16 @@ class SamSegmenter:
         return cells
 
 
+_Options = Options
+
+
 class _Spec:
     name = "sam"
     description = "Segment Anything automatic masks (segment-anything), filtered by area in um^2 and border"
     Options = Options
 
     @staticmethod
-    def build(options: Options, ctx: BuildContext) -> SamSegmenter:
+    def build(options: _Options, ctx: BuildContext) -> SamSegmenter:
         path = resolve_checkpoint(options, ctx)
         device = choose_device(ctx.device)
         if device == "cpu":
