@@ -8,11 +8,16 @@ tens of um across; a coarser grid is faster and loses little):
    well's wall go away.
 2. Foreground. ``mode="contrast"`` (phase contrast, brightfield): the local
    standard deviation over ``contrast_um``, which is high in textured cells
-   whatever their polarity and low on the flat background.
+   whatever their polarity and low on the flat background; measured on the
+   input grid (``native_contrast``) because the fine granular texture of
+   flat, spread cytoplasm does not survive downsampling.
    ``mode="intensity"`` (quantitative phase, refractive index, where a cell is
    a positive signal): the flattened image itself. Threshold at
    ``threshold_scale`` x Otsu, close (``close_um``), fill holes, open
-   (``open_um``), drop specks below ``min_area_um2``.
+   (``open_um``), drop specks below ``min_area_um2`` (default per mode:
+   :data:`MIN_AREA_UM2`). ``mode="auto"`` (the default) picks ``intensity``
+   when the background sits at the bottom of the grey range and
+   ``contrast`` when it is mid-grey (:func:`resolve_mode`).
 3. Seeds. In phase contrast, touching cells are separated by a thin bright
    halo: pixels brighter than ``halo_snr`` x the background noise are cut from
    the foreground (``halo_snr=0`` turns this off), the cut mask is opened
