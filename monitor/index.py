@@ -24,6 +24,16 @@ the vectors are stored in a FAISS ``IndexFlat`` but FAISS's own slow Canberra
 search is never used). Search structure: exact (``flat``) up to
 ``hnsw_above`` references, HNSW above, or forced; HNSW's efSearch is raised to
 k whenever k exceeds it, so a search never returns fewer than k neighbours.
+
+Exact L2 and cosine search does not go through FAISS's own flat search: the
+reference matrix is read in place from the FAISS index (no copy) and searched
+with blocked torch (MKL) GEMM, ``||x||^2 - 2 x.y + ||y||^2`` (squared L2,
+clamped at 0 as FAISS does) or ``1 - x.y`` (cosine), then ``torch.topk`` per
+query block. The neighbours equal FAISS's exact search up to float ties (the
+two sum in different orders; tested), ties are ordered by reference id.
+:class:`EWCClassifier` computes each block's distance matrix once and runs
+the whole adaptive-k schedule on it, so a query that doubles k to k_max costs
+one GEMM row, not one per k.
 """
 
 from __future__ import annotations
@@ -109,6 +119,7 @@ class ReferenceIndex:
         self._canberra: Any = None
         self.preprocessing = dict(preprocessing) if preprocessing is not None else None
         self.weights = classify.class_weights(self.labels, len(self.classes))
+        self._exact: tuple[Any, Any] | None = None  # (torch refs view, squared norms) for the GEMM path
 
     # ---- construction -------------------------------------------------
     @classmethod
@@ -189,6 +200,11 @@ class ReferenceIndex:
                 self._canberra = CanberraSearch(self._raw)
             d64, i64 = self._canberra.search(x, k)
             return d64.astype(np.float32), i64
+        if self.uses_gemm:
+            if x.shape[0] == 0 or k == 0:
+                return np.zeros((x.shape[0], k), np.float32), np.zeros((x.shape[0], k), np.int64)
+            parts = [_topk(self._distance_block(x[s:e]), k) for s, e in self._blocks(x.shape[0])]
+            return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         if self.structure == "hnsw":
             # efSearch never below k, or HNSW returns fewer than k neighbours
             self.faiss_index.hnsw.efSearch = max(self.hnsw.ef_search, k)
@@ -196,6 +212,65 @@ class ReferenceIndex:
         if self.metric == "cosine":
             d = 1.0 - d
         return d, i
+
+    @property
+    def uses_gemm(self) -> bool:
+        """True when searches run on the blocked GEMM path (exact L2 or cosine)."""
+        return self.structure == "flat" and self.metric in ("l2", "cosine")
+
+    def _blocks(self, n_queries: int) -> list[tuple[int, int]]:
+        # a block's (B, N) float32 distance matrix stays near 64 MiB
+        b = int(min(2048, max(32, (1 << 24) // max(1, len(self)))))
+        return [(s, min(n_queries, s + b)) for s in range(0, n_queries, b)]
+
+    def _refs(self) -> tuple[Any, Any]:
+        import faiss
+        import torch
+
+        if self._exact is None:
+            n, d = len(self), self.dim
+            # a view of the FAISS index's own storage: no second copy of the references
+            view = faiss.rev_swig_ptr(self.faiss_index.get_xb(), n * d).reshape(n, d)
+            refs = torch.from_numpy(view)
+            norms = (refs * refs).sum(dim=1) if self.metric == "l2" else None
+            self._exact = (refs, norms)
+        return self._exact
+
+    def _distance_block(self, x: np.ndarray) -> Any:
+        """(B, N) torch float32 distances of prepared query rows to every reference."""
+        import torch
+
+        refs, norms = self._refs()
+        q = torch.from_numpy(np.ascontiguousarray(x))
+        if self.metric == "cosine":
+            return torch.addmm(torch.ones((), dtype=torch.float32), q, refs.T, beta=1.0, alpha=-1.0)
+        d = torch.addmm(norms[None, :], q, refs.T, beta=1.0, alpha=-2.0)
+        d += (q * q).sum(dim=1, keepdim=True)
+        return d.clamp_(min=0.0)
+
+    def ewc_search(self, queries: np.ndarray, params: EWCParams) -> classify.EWCResult:
+        """:func:`monitor.classify.adaptive_search` over this index, the same result.
+
+        On the GEMM path each query block's distance matrix is computed once
+        and every k of the schedule is a ``topk`` on it; otherwise each k is
+        a :meth:`search` of the rows still undecided.
+        """
+        x = np.asarray(queries, dtype=np.float32)
+        weights = self.weights if params.reweight else None
+        args = (self.labels, len(self.classes), weights, params.k_min, params.k_max, params.entropy_threshold)
+        if not self.uses_gemm or x.shape[0] == 0:
+            return classify.adaptive_search(self.search, x, *args)
+        xp = _prepare(np.ascontiguousarray(x), self.metric, self.normalize)
+        parts = []
+        for s, e in self._blocks(xp.shape[0]):
+            dist = self._distance_block(xp[s:e])
+
+            def block_search(rows: np.ndarray, k: int, dist: Any = dist) -> tuple[np.ndarray, np.ndarray]:
+                return _topk(dist[rows[:, 0]], min(k, len(self)))
+
+            # the "queries" handed to adaptive_search are row numbers into the block
+            parts.append(classify.adaptive_search(block_search, np.arange(e - s)[:, None], *args))
+        return classify.EWCResult(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("predicted", "certainty", "k_used", "neighbor_ids", "neighbor_labels", "neighbor_distances")))
 
     # ---- persistence --------------------------------------------------
     def save(self, folder: str | Path) -> Path:
@@ -316,6 +391,26 @@ class ReferenceIndex:
         )
 
 
+def _topk(dist: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """k smallest of each row of a torch (B, N) matrix: (distances float32, ids int64), nearest first.
+
+    Policy: equal distances are ordered by reference id (``torch.topk`` leaves
+    them in any order); which of several references tied exactly at the k-th
+    distance gets in is unspecified, as in FAISS.
+    """
+    import torch
+
+    if dist.shape[0] == 0:
+        return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+    v, i = torch.topk(dist, k, dim=1, largest=False, sorted=True)
+    d = v.numpy()
+    ids = i.numpy().astype(np.int64)
+    if k > 1 and bool((d[:, 1:] == d[:, :-1]).any()):
+        order = np.lexsort((ids, d), axis=-1)
+        d, ids = np.take_along_axis(d, order, axis=1), np.take_along_axis(ids, order, axis=1)
+    return np.ascontiguousarray(d), np.ascontiguousarray(ids)
+
+
 def _prepare(x: np.ndarray, metric: str, normalize: bool) -> np.ndarray:
     if metric == "cosine" or normalize:
         n = np.linalg.norm(x, axis=1, keepdims=True)
@@ -350,16 +445,7 @@ class EWCClassifier:
         if len(vectors) == 0:
             e = np.zeros((0, 0))
             return States(self.classes, np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64), np.zeros(0, bool), e.astype(np.int64), e.astype(np.int64), e.astype(np.float32))
-        res = classify.adaptive_search(
-            self.index.search,
-            np.asarray(vectors, dtype=np.float32),
-            self.index.labels,
-            len(self.classes),
-            self.index.weights if p.reweight else None,
-            p.k_min,
-            p.k_max,
-            p.entropy_threshold,
-        )
+        res = self.index.ewc_search(np.asarray(vectors, dtype=np.float32), p)
         return States(
             classes=self.classes,
             predicted=res.predicted,

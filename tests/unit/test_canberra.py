@@ -39,6 +39,22 @@ def test_fast_equals_brute_force(nq: int, n: int, dim: int, k: int) -> None:
     assert i_s.tolist() == i_ref.tolist()
 
 
+@pytest.mark.parametrize(("batch", "query_block"), [(7, 16), (512, 2), (4, 3)])
+def test_sparse_relu_like_features_batched(batch: int, query_block: int) -> None:
+    """Pooled ReLU features: half the entries exactly 0 (terms 0 and 1); odd sizes, several batches."""
+    rng = np.random.default_rng(batch)
+    n, dim, nq = 1201, 777, 13
+    centres = rng.normal(size=(5, dim))
+    r = np.maximum(centres[rng.integers(0, 5, n)] + 0.7 * rng.normal(size=(n, dim)), 0).astype(np.float32)
+    q = np.maximum(centres[rng.integers(0, 5, nq)] + 0.7 * rng.normal(size=(nq, dim)), 0).astype(np.float32)
+    assert 0.3 < float(np.mean(r == 0)) < 0.7
+    for k in (1, 10, 150):
+        d_fast, i_fast = canberra_knn(q, r, k, batch=batch, query_block=query_block)
+        d_ref, i_ref = canberra_knn_reference(q, r, k)
+        assert i_fast.tolist() == i_ref.tolist()
+        np.testing.assert_allclose(d_fast, d_ref, rtol=1e-12)
+
+
 def test_k_larger_than_n_and_empty() -> None:
     r = np.arange(12, dtype=np.float32).reshape(4, 3)
     d, i = canberra_knn(r[:1], r, 10)

@@ -121,3 +121,56 @@ def test_build_rejects_inconsistent_inputs() -> None:
         ReferenceIndex.build(x, y[:-1], ("a", "b", "c"), ENC)
     with pytest.raises(ValueError, match="dims sum to 3"):
         ReferenceIndex.build(x, y, ("a", "b", "c"), ENC[:1])
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_gemm_search_equals_faiss_exact(metric: str) -> None:
+    """The blocked torch GEMM path returns FAISS's exact neighbours (up to float ties)."""
+    import faiss
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(2500, 48)).astype(np.float32)
+    x[11] = x[10]  # an exact tie: ordered by id
+    q = rng.normal(size=(300, 48)).astype(np.float32)
+    q[0] = x[10]
+    idx = ReferenceIndex.build(x, np.arange(2500) % 4, tuple("abcd"), [{"name": "a", "id": "a", "dim": 48}], metric=metric)
+    assert idx.uses_gemm
+    idx._blocks = lambda n: [(s, min(n, s + 64)) for s in range(0, n, 64)]  # type: ignore[method-assign]
+    d, i = idx.search(q, 40)
+    if metric == "cosine":
+        xn, qn = (v / np.linalg.norm(v, axis=1, keepdims=True) for v in (x, q))
+        f = faiss.IndexFlatIP(48)
+        f.add(xn)
+        fd, fi = f.search(qn, 40)
+        fd = 1.0 - fd
+    else:
+        f = faiss.IndexFlatL2(48)
+        f.add(x)
+        fd, fi = f.search(q, 40)
+    np.testing.assert_allclose(d, fd, rtol=1e-4, atol=1e-4)
+    differ = i != fi
+    # where the ids differ, the two distances are a float tie
+    assert differ.mean() < 0.01
+    np.testing.assert_allclose(d[differ], fd[differ], rtol=1e-5, atol=1e-5)
+    assert i[0, :2].tolist() == [10, 11]
+    assert (np.diff(d, axis=1) >= 0).all()
+
+
+def test_blocked_ewc_equals_adaptive_search() -> None:
+    """EWCClassifier on the GEMM path (one distance matrix per block) = adaptive_search over search()."""
+    from monitor import classify
+
+    rng = np.random.default_rng(6)
+    y = rng.integers(0, 4, 3000)
+    x = (rng.normal(size=(3000, 16)) + 0.8 * np.eye(16)[y]).astype(np.float32)
+    q = rng.normal(size=(333, 16)).astype(np.float32)
+    idx = ReferenceIndex.build(x, y, tuple("abcd"), [{"name": "a", "id": "a", "dim": 16}])
+    idx._blocks = lambda n: [(s, min(n, s + 100)) for s in range(0, n, 100)]  # type: ignore[method-assign]
+    p = EWCParams(5, 300, 0.6, True)
+    got = idx.ewc_search(q, p)
+    want = classify.adaptive_search(idx.search, q, idx.labels, 4, idx.weights, 5, 300, 0.6)
+    assert len(set(got.k_used.tolist())) > 2  # the schedule really runs past k_min
+    for f in ("predicted", "certainty", "k_used", "neighbor_ids", "neighbor_labels", "neighbor_distances"):
+        np.testing.assert_array_equal(getattr(got, f), getattr(want, f))
+    st = EWCClassifier(idx, p).classify(q)
+    assert st.predicted.tolist() == want.predicted.tolist()
