@@ -49,6 +49,7 @@ blank_background = true      # crops show only the cell: neighbours would otherw
 
 [segmenter]
 name = "classical"
+options = { mode = "intensity" }   # QPI-like frames: cells bright on a dark background
 
 [[encoders]]
 name = "efficientnet-lite0"

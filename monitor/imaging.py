@@ -1,4 +1,4 @@
-"""Cross-cutting image steps shared by every path: rescale, display range, crops, Otsu.
+"""Cross-cutting image steps shared by every path: rescale, display range, crops.
 
 These are the only implementations: the service, the index builder, the
 demo, the benchmarks and the tests call them.
@@ -11,7 +11,7 @@ from dataclasses import replace
 import cv2
 import numpy as np
 
-from monitor.records import Cells, ControlSignal, Frame
+from monitor.records import Cells, Frame
 
 
 def rescale_factor(pixel_size_um: float, target_um: float) -> float:
@@ -155,30 +155,3 @@ def _crop_window(labels: np.ndarray, center_yx: tuple[float, float], size: int) 
     if sy1 > sy0 and sx1 > sx0:
         out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = labels[sy0:sy1, sx0:sx1]
     return out
-
-
-def otsu_control(image: np.ndarray, pixel_size_um: float, channel: str, min_region_px: int = 4) -> ControlSignal:
-    """Paper section 3.4: Otsu threshold, binary mask, label connected regions, sum their area.
-
-    Regions smaller than ``min_region_px`` pixels are dropped as noise. A flat
-    image (no contrast) has no foreground.
-    """
-    from skimage.filters import threshold_otsu
-    from skimage.measure import label
-
-    g = to_float(image)
-    if float(g.max()) <= float(g.min()):
-        return ControlSignal(channel, float(g.min()), 0.0, 0.0, 0)
-    t = float(threshold_otsu(g))
-    lab = label(g > t, connectivity=2)
-    sizes = np.bincount(lab.ravel())
-    sizes[0] = 0
-    keep = sizes >= min_region_px
-    area_px = int(sizes[keep].sum())
-    return ControlSignal(
-        channel=channel,
-        threshold=t,
-        area_um2=area_px * pixel_size_um**2,
-        area_fraction=area_px / g.size,
-        n_regions=int(keep.sum()),
-    )
