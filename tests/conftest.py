@@ -12,6 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
+pytest_plugins = ["fixtures.tiny_sam"]  # the tiny_checkpoint fixture (a tiny random SAM)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CELLMONITOR_SHARED_DATA", REPO.parent / "shared" / "data"))
 

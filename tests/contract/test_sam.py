@@ -8,7 +8,6 @@ loader. No accuracy is claimed: the weights are random.
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -17,50 +16,10 @@ import pytest
 torch = pytest.importorskip("torch")
 segment_anything = pytest.importorskip("segment_anything")
 
+
 from monitor.errors import WeightsMissing  # noqa: E402
 from monitor.protocols import BuildContext, Segmenter  # noqa: E402
 from monitor.records import Cells, Frame, FrameKey  # noqa: E402
-
-IMG = 64
-
-
-def _tiny_sam(checkpoint: str | None = None):  # same signature as sam_model_registry builders
-    from segment_anything.modeling import (
-        ImageEncoderViT,
-        MaskDecoder,
-        PromptEncoder,
-        Sam,
-        TwoWayTransformer,
-    )
-
-    dim = 32
-    sam = Sam(
-        image_encoder=ImageEncoderViT(
-            img_size=IMG, patch_size=16, embed_dim=dim, depth=1, num_heads=2, mlp_ratio=2.0,
-            out_chans=dim, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            use_rel_pos=True, window_size=0, global_attn_indexes=(0,),
-        ),
-        prompt_encoder=PromptEncoder(
-            embed_dim=dim, image_embedding_size=(IMG // 16, IMG // 16), input_image_size=(IMG, IMG), mask_in_chans=4
-        ),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=1, embedding_dim=dim, mlp_dim=64, num_heads=2),
-            transformer_dim=dim, iou_head_depth=1, iou_head_hidden_dim=16,
-        ),
-        pixel_mean=[123.675, 116.28, 103.53],
-        pixel_std=[58.395, 57.12, 57.375],
-    )
-    return sam.eval()
-
-
-@pytest.fixture
-def tiny_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setitem(segment_anything.sam_model_registry, "tiny_test", _tiny_sam)
-    torch.manual_seed(0)
-    path = tmp_path / "sam_tiny.pth"
-    torch.save(_tiny_sam().state_dict(), path)
-    return path
 
 
 def _frame(shape=(80, 96), pixel_size_um: float = 0.5) -> Frame:

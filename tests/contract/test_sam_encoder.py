@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_sam import tiny_checkpoint  # noqa: F401  (fixture: tiny SAM registered as 'tiny_test')
 
 from monitor.config import PluginRef
 from monitor.errors import PluginError
@@ -13,7 +12,7 @@ from monitor.registry import Registry
 from monitor.testing import check_encoder
 
 
-def test_tiny_sam_encoder(tiny_checkpoint, tmp_path):  # noqa: F811
+def test_tiny_sam_encoder(tiny_checkpoint, tmp_path):  # fixture from tests/fixtures/tiny_sam.py
     enc = Registry().build(
         "encoders", PluginRef(name="sam", options={"model_type": "tiny_test", "checkpoint": str(tiny_checkpoint)}), BuildContext(state_dir=tmp_path)
     )
