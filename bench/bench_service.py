@@ -40,7 +40,14 @@ def main() -> int:
 
     from monitor.config import load_config
     from monitor.daemon import build_service
-    from monitor.demo import DEMO_CONFIG, FIELD_PX, FRAME_UM, _bootstrap_pipeline, build_reference, write_frame
+    from monitor.demo import (
+        DEMO_CONFIG,
+        FIELD_PX,
+        FRAME_UM,
+        bootstrap_pipeline,
+        build_reference,
+        write_frame,
+    )
     from monitor.protocols import BuildContext
     from monitor.registry import Registry
     from monitor.synthetic import make_cells, render_field
@@ -49,13 +56,16 @@ def main() -> int:
     (work / "demo.toml").write_text(DEMO_CONFIG.replace("metrics_port = 9108", "metrics_port = 0"))
     cfg = load_config(work / "demo.toml")
     reg = Registry()
-    boot = _bootstrap_pipeline(cfg, reg, BuildContext(state_dir=cfg.service.state_dir))
+    boot = bootstrap_pipeline(cfg, reg, BuildContext(state_dir=cfg.service.state_dir))
     index = build_reference(boot, 30, 7, lambda m: print(m, file=sys.stderr))
     index.save(cfg.classifier.index)
 
     rng = np.random.default_rng(3)
     cells = make_cells(16, FIELD_PX * FRAME_UM, rng, onset_scale=6.0, n_timepoints=args.frames)
-    lines = ["# Service benchmark", "", f"Command: `python bench/bench_service.py --frames {args.frames}`", ""]
+    import os
+
+    load0 = os.getloadavg()[0]
+    lines = ["# Service benchmark", "", f"Command: `python bench/bench_service.py --frames {args.frames}` ({os.cpu_count()} CPUs)", ""]
     # 1) stage times at two batch sizes, on the same 6 frames
     from monitor.assemble import merge
     from monitor.pipeline import process_frame
@@ -126,6 +136,8 @@ def main() -> int:
     lines.append(f"| {done[0]} | {wall:.0f} | {60 * done[0] / wall:.1f} | {early:.0f} | {late:.0f} | {late - early:+.0f} |")
     lines.append("")
     lines.append("RSS samples (frame: MB): " + ", ".join(f"{n}: {m:.0f}" for n, m in samples))
+    lines.append("")
+    lines.append(f"1-minute load average at start {load0:.1f}, at end {os.getloadavg()[0]:.1f} (above the CPU count, other jobs shared the machine)")
     text = "\n".join(lines)
     print(text)
     if args.out:

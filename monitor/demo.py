@@ -174,7 +174,7 @@ def run_demo(
     say("1/3 building the reference index from synthetic labelled cells")
     ctx = BuildContext(state_dir=cfg.service.state_dir)
     # build the segmenter and encoders through the same code path as the service
-    bootstrap = _bootstrap_pipeline(cfg, registry, ctx)
+    bootstrap = bootstrap_pipeline(cfg, registry, ctx)
     index = build_reference(bootstrap, per_state, seed, say)
     index.save(cfg.classifier.index)
     n_refs = len(index)
@@ -253,7 +253,7 @@ class _NoIndex:
         raise RuntimeError("reference index not built yet")
 
 
-def _bootstrap_pipeline(cfg, registry, ctx):  # type: ignore[no-untyped-def]
+def bootstrap_pipeline(cfg, registry, ctx):  # type: ignore[no-untyped-def]
     from monitor.pipeline import Pipeline
 
     src = str(cfg.source)
