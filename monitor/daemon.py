@@ -38,7 +38,7 @@ from monitor.errors import BadInput, NotReady
 from monitor.ledger import Ledger
 from monitor.metrics import ServiceMetrics
 from monitor.pipeline import Pipeline, process_frame
-from monitor.protocols import Sink
+from monitor.protocols import Classifier, Sink
 from monitor.reading import ReaderSet
 from monitor.records import Counts, Frame
 from monitor.watch import FileTracker, scan, start_observer
@@ -250,21 +250,27 @@ def resolve_device(want: str) -> str:
     return "cuda" if ok else "cpu"
 
 
-def build_pipeline(cfg: Config, registry: Any, ctx: Any) -> Pipeline:
-    """Segmenter, encoders, index and classifier from the config; all errors fatal."""
-    from monitor.index import EWCClassifier, ReferenceIndex, params_from_config
+def build_pipeline(cfg: Config, registry: Any, ctx: Any, classifier: Classifier | None = None) -> Pipeline:
+    """Segmenter, encoders, index and classifier from the config; all errors fatal.
 
+    With ``classifier`` given, no index is loaded (the demo and benches use
+    this to embed reference cells through the service's own components).
+    """
     src = str(cfg.source or "<config>")
     segmenter = registry.build("segmenters", cfg.segmenter, ctx, src, "segmenter")
     encoders = [registry.build("encoders", ref, ctx, src, f"encoders.{i}") for i, ref in enumerate(cfg.encoders)]
-    index = ReferenceIndex.load(cfg.classifier.index, [{"id": e.id, "dim": e.dim} for e in encoders])
-    c = cfg.classifier
-    params = params_from_config(index, c.k_min, c.k_max, c.entropy_threshold, c.reweight)
     p = cfg.pipeline
+    if classifier is None:
+        from monitor.index import EWCClassifier, ReferenceIndex, params_from_config
+
+        index = ReferenceIndex.load(cfg.classifier.index, [{"id": e.id, "dim": e.dim} for e in encoders])
+        c = cfg.classifier
+        params = params_from_config(index, c.k_min, c.k_max, c.entropy_threshold, c.reweight)
+        classifier = EWCClassifier(index, params, p.certainty_floor)
     return Pipeline(
         segmenter=segmenter,
         encoders=encoders,
-        classifier=EWCClassifier(index, params, p.certainty_floor),
+        classifier=classifier,
         pixel_size_um=p.pixel_size_um,
         crop_px=p.crop_px,
         blank_background=p.blank_background,

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -253,11 +254,8 @@ class _NoIndex:
         raise RuntimeError("reference index not built yet")
 
 
-def bootstrap_pipeline(cfg, registry, ctx):  # type: ignore[no-untyped-def]
-    from monitor.pipeline import Pipeline
+def bootstrap_pipeline(cfg: Any, registry: Any, ctx: Any) -> Any:
+    """The service's segmenter and encoders, built from ``cfg``, before any index exists."""
+    from monitor.daemon import build_pipeline
 
-    src = str(cfg.source)
-    seg = registry.build("segmenters", cfg.segmenter, ctx, src, "segmenter")
-    encs = [registry.build("encoders", r, ctx, src, f"encoders.{i}") for i, r in enumerate(cfg.encoders)]
-    p = cfg.pipeline
-    return Pipeline(seg, encs, _NoIndex(), p.pixel_size_um, p.crop_px, p.blank_background, p.batch_size)
+    return build_pipeline(cfg, registry, ctx, classifier=_NoIndex())
