@@ -96,3 +96,13 @@ def test_bad_regex_in_reader_options_is_one_line(tmp_path):
     cfg = load_config(write(tmp_path, "[readers.tiff]\npattern = '(unclosed'\n"))
     (line,) = Registry().validate_config(cfg)
     assert "readers.tiff.options.pattern: Value error, not a valid regular expression" in line
+
+
+def test_plugins_list_cli_shows_every_kind_with_origin(capsys):
+    assert main(["plugins", "list"]) == 0
+    out = capsys.readouterr().out
+    for kind in ("readers:", "segmenters:", "encoders:", "sinks:"):
+        assert kind in out
+    for name in ("gen5", "nanolive", "tiff", "classical", "sam", "efficientnet-lite0", "dinov2", "csv", "prometheus"):
+        assert f"  {name} " in out
+    assert "from entry point cellmonitor (cellmonitor_plugins." in out and "BROKEN" not in out

@@ -1,0 +1,67 @@
+"""`cellmonitor run` as systemd runs it: a subprocess, files dropped in, SIGTERM, clean exit."""
+
+from __future__ import annotations
+
+import csv
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from monitor.config import PluginRef
+from monitor.demo import DEMO_CONFIG, FIELD_PX, FRAME_UM, write_frame
+from monitor.index import EWCParams, ReferenceIndex
+from monitor.protocols import BuildContext
+from monitor.registry import Registry
+from monitor.synthetic import make_cells, render_field
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(300)
+def test_run_counts_a_dropped_frame_serves_metrics_and_stops_on_sigterm(tmp_path):
+    enc = Registry().build("encoders", PluginRef(name="efficientnet-lite0"), BuildContext(state_dir=tmp_path))
+    crops = np.random.default_rng(0).integers(0, 255, (6, 64, 64, 3), dtype=np.uint8)
+    ReferenceIndex.build(
+        enc.encode(crops), np.array([0, 0, 1, 1, 2, 3]), ("live", "apoptotic", "necrotic", "dead"),
+        [{"name": enc.name, "id": enc.id, "dim": enc.dim}], ewc=EWCParams(1, 4, 0.5, True),
+    ).save(tmp_path / "index")
+    port = free_port()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(DEMO_CONFIG.replace("metrics_port = 9108", f"metrics_port = {port}"))
+    exe = Path(sys.executable).parent / "cellmonitor"
+    proc = subprocess.Popen([str(exe), "run", str(cfg)], stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.monotonic()
+        while not (tmp_path / "state" / "ledger.sqlite").exists() and time.monotonic() - t0 < 120:
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.2)
+        cells = make_cells(8, FIELD_PX * FRAME_UM, np.random.default_rng(1), onset_scale=0, n_timepoints=1)
+        phase, fluo, _ = render_field(cells, 0, (FIELD_PX, FIELD_PX), FRAME_UM, 3)
+        write_frame(tmp_path / "input", "B3", 5, phase, fluo)
+        out = tmp_path / "state" / "counts.csv"
+        while not (out.exists() and out.stat().st_size > 0 and len(out.read_text().splitlines()) >= 2) and time.monotonic() - t0 < 200:
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.2)
+        rows = list(csv.DictReader(out.open()))
+        assert [(r["well"], r["timepoint"], r["n_cells"]) for r in rows] == [("B3", "5", "8")]
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert 'cellmonitor_frames_total{result="counted"} 1.0' in text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        err = proc.stderr.read()
+        assert "Traceback" not in err and "stopped: 1 frame(s) counted" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
