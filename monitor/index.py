@@ -25,15 +25,18 @@ search is never used). Search structure: exact (``flat``) up to
 ``hnsw_above`` references, HNSW above, or forced; HNSW's efSearch is raised to
 k whenever k exceeds it, so a search never returns fewer than k neighbours.
 
-Exact L2 and cosine search does not go through FAISS's own flat search: the
+Exact L2 and cosine search for large k does not use FAISS's own flat search: the
 reference matrix is read in place from the FAISS index (no copy) and searched
 with blocked torch (MKL) GEMM, ``||x||^2 - 2 x.y + ||y||^2`` (squared L2,
 clamped at 0 as FAISS does) or ``1 - x.y`` (cosine), then ``torch.topk`` per
 query block. The neighbours equal FAISS's exact search up to float ties (the
 two sum in different orders; tested), ties are ordered by reference id.
-:class:`EWCClassifier` computes each block's distance matrix once and runs
-the whole adaptive-k schedule on it, so a query that doubles k to k_max costs
-one GEMM row, not one per k.
+It is used for k > ``GEMM_K``: for small k FAISS's own flat search (BLAS
+GEMM with a small heap) is as fast or faster on this machine (measured).
+:class:`EWCClassifier` runs k_min through :meth:`ReferenceIndex.search`, then
+computes the distance matrix of the rows still undecided once per block and
+runs the rest of the adaptive-k schedule on it with ``topk``, so a query that
+doubles k to k_max costs one extra GEMM row, not one per k.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 Metric = Literal["l2", "cosine", "canberra"]
 Structure = Literal["auto", "flat", "hnsw"]
+GEMM_K = 64  # exact flat searches for k above this use the GEMM + topk path
 
 
 @dataclass(frozen=True)
@@ -189,7 +193,7 @@ class ReferenceIndex:
 
     # ---- search -------------------------------------------------------
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(distances, ids), nearest first; cosine distances are ``1 - cos``."""
+        """(distances, ids), nearest first, equal distances by reference id; cosine distances are ``1 - cos``."""
         x = _prepare(np.ascontiguousarray(queries, dtype=np.float32), self.metric, self.normalize)
         k = min(k, len(self))
         if self.metric == "canberra":
@@ -200,7 +204,7 @@ class ReferenceIndex:
                 self._canberra = CanberraSearch(self._raw)
             d64, i64 = self._canberra.search(x, k)
             return d64.astype(np.float32), i64
-        if self.uses_gemm:
+        if self.uses_gemm and k > GEMM_K:
             if x.shape[0] == 0 or k == 0:
                 return np.zeros((x.shape[0], k), np.float32), np.zeros((x.shape[0], k), np.int64)
             parts = [_topk(self._distance_block(x[s:e]), k) for s, e in self._blocks(x.shape[0])]
@@ -211,7 +215,7 @@ class ReferenceIndex:
         d, i = self.faiss_index.search(x, k)
         if self.metric == "cosine":
             d = 1.0 - d
-        return d, i
+        return _ties_by_id(d, i)
 
     @property
     def uses_gemm(self) -> bool:
@@ -248,28 +252,38 @@ class ReferenceIndex:
         d += (q * q).sum(dim=1, keepdim=True)
         return d.clamp_(min=0.0)
 
-    def ewc_search(self, queries: np.ndarray, params: EWCParams) -> classify.EWCResult:
+    def ewc_search(self, queries: np.ndarray, params: EWCParams, block: int = 2048) -> classify.EWCResult:
         """:func:`monitor.classify.adaptive_search` over this index, the same result.
 
-        On the GEMM path each query block's distance matrix is computed once
-        and every k of the schedule is a ``topk`` on it; otherwise each k is
-        a :meth:`search` of the rows still undecided.
+        On the exact L2/cosine path, per block of ``block`` queries: k_min is
+        one :meth:`search`; the distance matrix of the rows still undecided
+        is then computed once and every later k of the schedule is a
+        ``topk`` on it. Otherwise each k is a :meth:`search` of the rows still
+        undecided.
         """
         x = np.asarray(queries, dtype=np.float32)
         weights = self.weights if params.reweight else None
         args = (self.labels, len(self.classes), weights, params.k_min, params.k_max, params.entropy_threshold)
         if not self.uses_gemm or x.shape[0] == 0:
             return classify.adaptive_search(self.search, x, *args)
-        xp = _prepare(np.ascontiguousarray(x), self.metric, self.normalize)
         parts = []
-        for s, e in self._blocks(xp.shape[0]):
-            dist = self._distance_block(xp[s:e])
+        for s in range(0, x.shape[0], block):
+            xb = np.ascontiguousarray(x[s : s + block])
+            rows_of: dict[int, int] = {}
+            dist: list[Any] = []
 
-            def block_search(rows: np.ndarray, k: int, dist: Any = dist) -> tuple[np.ndarray, np.ndarray]:
-                return _topk(dist[rows[:, 0]], min(k, len(self)))
+            def block_search(rows: np.ndarray, k: int, xb: np.ndarray = xb, rows_of: dict[int, int] = rows_of, dist: list[Any] = dist) -> tuple[np.ndarray, np.ndarray]:
+                r = rows[:, 0]
+                if not dist and len(r) == xb.shape[0]:
+                    return self.search(xb, k)  # the first k, for every row
+                if not dist:  # the rows still undecided: their distances once
+                    xp = _prepare(xb[r], self.metric, self.normalize)
+                    dist.append(_concat_rows([self._distance_block(xp[a:b]) for a, b in self._blocks(len(r))]))
+                    rows_of.update({int(v): i for i, v in enumerate(r)})
+                return _topk(dist[0][np.array([rows_of[int(v)] for v in r])], min(k, len(self)))
 
             # the "queries" handed to adaptive_search are row numbers into the block
-            parts.append(classify.adaptive_search(block_search, np.arange(e - s)[:, None], *args))
+            parts.append(classify.adaptive_search(block_search, np.arange(xb.shape[0])[:, None], *args))
         return classify.EWCResult(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("predicted", "certainty", "k_used", "neighbor_ids", "neighbor_labels", "neighbor_distances")))
 
     # ---- persistence --------------------------------------------------
@@ -391,6 +405,12 @@ class ReferenceIndex:
         )
 
 
+def _concat_rows(blocks: list[Any]) -> Any:
+    import torch
+
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=0)
+
+
 def _topk(dist: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
     """k smallest of each row of a torch (B, N) matrix: (distances float32, ids int64), nearest first.
 
@@ -403,10 +423,14 @@ def _topk(dist: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
     if dist.shape[0] == 0:
         return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
     v, i = torch.topk(dist, k, dim=1, largest=False, sorted=True)
-    d = v.numpy()
-    ids = i.numpy().astype(np.int64)
-    if k > 1 and bool((d[:, 1:] == d[:, :-1]).any()):
-        order = np.lexsort((ids, d), axis=-1)
+    return _ties_by_id(v.numpy(), i.numpy().astype(np.int64))
+
+
+def _ties_by_id(d: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows sorted by (distance, id): equal distances in reference-id order (-1 padding last)."""
+    if d.shape[1] > 1 and bool((d[:, 1:] == d[:, :-1]).any()):
+        key = np.where(ids < 0, np.iinfo(np.int64).max, ids)
+        order = np.lexsort((key, d), axis=-1)
         d, ids = np.take_along_axis(d, order, axis=1), np.take_along_axis(ids, order, axis=1)
     return np.ascontiguousarray(d), np.ascontiguousarray(ids)
 
