@@ -59,9 +59,11 @@ def labels_on_input_grid(labels: np.ndarray, shape_yx: tuple[int, int]) -> tuple
 
 
 def _read_frame(args: argparse.Namespace, cfg: Any) -> Any:
+    from dataclasses import replace
+
+    from monitor.assemble import merge
     from monitor.errors import BadInput
     from monitor.protocols import BuildContext
-    from monitor.records import Frame
     from monitor.registry import Registry
 
     path: Path = args.image
@@ -86,17 +88,7 @@ def _read_frame(args: argparse.Namespace, cfg: Any) -> Any:
     img = acq.channels[primary]
     if img.ndim not in (2, 3) or min(img.shape[:2]) < 2:
         raise BadInput(path, f"not a 2-D image (shape {img.shape})")
-    frame = Frame(
-        key=acq.key,
-        channels={primary: img},
-        primary=primary,
-        control=None,
-        pixel_size_um=acq.pixel_size_um,
-        pixel_size_source=acq.pixel_size_source,
-        instrument=acq.instrument,
-        acquired_at=acq.acquired_at,
-        sources=(path,),
-    )
+    frame = merge([replace(acq, channels={primary: img})], primary, "none")
     return frame, registry, ctx
 
 
