@@ -54,27 +54,30 @@ def test_unit_verifies(tmp_path):
     assert m and float(m.group(1)) <= 4.0, sec.stdout[-500:]
 
 
-def test_sd_notify_datagrams(tmp_path, monkeypatch):
+@pytest.fixture
+def notify_socket(tmp_path, monkeypatch):
+    """A datagram socket standing in for systemd's, named in NOTIFY_SOCKET."""
     addr = str(tmp_path / "notify.sock")
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    srv.bind(addr)
-    srv.settimeout(2)
-    monkeypatch.setenv("NOTIFY_SOCKET", addr)
-    assert systemd.notify("READY=1")
-    assert srv.recv(100) == b"READY=1"
-    srv.close()
-    monkeypatch.delenv("NOTIFY_SOCKET")
-    assert systemd.notify("READY=1") is False
-
-
-def test_service_sends_ready_then_watchdog(tmp_path, monkeypatch):
-    from fixtures.service import make_service
-
-    addr = str(tmp_path / "n.sock")
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     srv.bind(addr)
     srv.settimeout(5)
     monkeypatch.setenv("NOTIFY_SOCKET", addr)
+    yield srv
+    srv.close()
+
+
+def test_sd_notify_datagrams(notify_socket, monkeypatch):
+    srv = notify_socket
+    assert systemd.notify("READY=1")
+    assert srv.recv(100) == b"READY=1"
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    assert systemd.notify("READY=1") is False
+
+
+def test_service_sends_ready_then_watchdog(tmp_path, notify_socket):
+    from fixtures.service import make_service
+
+    srv = notify_socket
     svc, _ = make_service(tmp_path)
     stop = threading.Event()
     th = threading.Thread(target=svc.run, args=(stop,))
@@ -86,7 +89,6 @@ def test_service_sends_ready_then_watchdog(tmp_path, monkeypatch):
         stop.set()
         th.join(10)
         svc.close()
-        srv.close()
     assert first.startswith("READY=1")
     assert second == "WATCHDOG=1"
 
