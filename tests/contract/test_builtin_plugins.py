@@ -101,3 +101,21 @@ def test_sinks_contract(tmp_path, reg, name):
     if name == "csv":
         rows = (tmp_path / "counts.csv").read_text().splitlines()
         assert len(rows) == 2 and ",2,1," in rows[1]
+
+
+def test_vendor_readers_pass_the_shipped_contract(tmp_path, reg):
+    from fixtures.vendor import truncated_copy, write_gen5_plate, write_nanolive_export
+
+    plate = write_gen5_plate(tmp_path / "gen5")
+    gen5 = reg.build("readers", PluginRef(name="gen5"), ctx(tmp_path))
+    good = plate.files[0]
+    acq = check_reader(gen5, good)
+    assert acq.pixel_size_source == "metadata:gen5"
+    nl = write_nanolive_export(tmp_path / "nl")
+    nano = reg.build("readers", PluginRef(name="nanolive"), ctx(tmp_path))
+    acq = check_reader(nano, nl.ri_files[0])
+    assert acq.pixel_size_source == "config" and acq.pixel_size_um == 0.19
+    from monitor.errors import NotReady
+
+    with pytest.raises(NotReady):  # a half-written export is 'not ready', not broken
+        gen5.read(truncated_copy(good, tmp_path / good.name))
