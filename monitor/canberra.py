@@ -14,18 +14,24 @@ Two implementations, one answer:
      (float32) distances is a first upper bound on the k-th neighbour
      distance (any k references bound it);
   2. *scan*: a fused, cache-blocked kernel walks query blocks (in
-     parallel) x reference tiles; a 2 x 2 register block (two queries x two
-     references) accumulates four float32 distances per pass over a chunk of
-     ``CHUNK`` dimensions with a branch-free, vectorised inner loop, and
-     between chunks abandons a pair as soon as its partial sum exceeds the
-     query's current bound (all terms are >= 0, so abandoning is exact);
-     survivors enter a bounded max-heap of ``k + pad`` candidates;
+     parallel) x reference tiles; a 4 x 2 register block (four queries x two
+     references, :func:`_make_block`, written in LLVM IR on 8-lane vectors)
+     accumulates eight float32 distances per pass over a chunk of ``CHUNK``
+     dimensions as ``|x - y| * rcp(|x| + 1e-30 + |y|)`` with one ``vrcpps``
+     per 8 terms and no Newton step (relative error <= 1.5 * 2**-12; without
+     AVX an IEEE division), and between chunks abandons a pair once its
+     partial sum exceeds the query's current bound (terms are >= 0); every
+     pair's float32 value (a partial sum if abandoned: a lower bound) is
+     kept, and the survivors enter a bounded max-heap of ``k + pad``
+     candidates;
   3. *certify*: the candidates are re-scored in float64 (same formula as the
-     reference) and sorted by (distance, id). If the float64 k-th distance
-     is not safely below the smallest float32 value that was excluded
-     (float32 rounding could then reorder neighbours), that query is redone
-     with the reference implementation. So the result always equals the
-     float64 brute force, ties included.
+     reference) and sorted by (distance, id); their k-th distance ``T`` bounds
+     the true k-th from above. Every float32 value is at most
+     ``(1 + eps) x`` the true distance (:func:`scan_eps`), so only references
+     with a value ``<= T (1 + eps)`` can still belong to the k nearest; any of
+     them not among the candidates is re-scored in float64 as well. So the
+     result always equals the float64 brute force, ties included, whatever
+     the float32 error, pad or bound.
 
 Policy: inputs with NaN are rejected (ValueError); numba missing falls back to
 the numpy reference with a warning.
@@ -39,8 +45,22 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-CHUNK = 256  # dims per early-abandon check
-SLACK = 1e-4  # relative float32 error allowance (bound is ~1e-5 with chunked sums)
+CHUNK = 1024  # dims per early-abandon check (a multiple of 8; abandoning rarely pays on this data)
+
+
+def scan_eps(dim: int, chunk: int = CHUNK, rcp: bool = True) -> float:
+    """Bound on the relative error of the scan's float32 distances (all terms are >= 0).
+
+    Per term: ``vrcpps`` (relative error <= 1.5 * 2**-12 by the x86
+    specification; 2**-11 taken) or an IEEE division, plus the roundings of
+    ``x - y``, ``|x| + |y|`` and the product; the sum: ``chunk / 8`` additions
+    per vector lane, 3 across lanes, one per chunk (positive terms, so the
+    relative error of the sum is at most that of its terms plus
+    (additions) x 2**-24). A margin of 1.25 covers the second-order terms.
+    """
+    u = 2.0**-24
+    term = (2.0**-11 if rcp else u) + 3 * u
+    return 1.25 * (term + (chunk // 8 + 3 + -(-dim // chunk) + 8) * u)
 
 
 def canberra_distances(queries: np.ndarray, refs: np.ndarray) -> np.ndarray:
@@ -67,6 +87,111 @@ def canberra_knn_reference(queries: np.ndarray, refs: np.ndarray, k: int) -> tup
     return np.take_along_axis(d, idx, axis=1), idx.astype(np.int64)
 
 
+def _avx_ok() -> bool:
+    """True when numba compiles for this host and the host has AVX (for ``vrcpps`` on 8 lanes)."""
+    try:
+        import llvmlite.binding as llb
+        from numba.core import config
+
+        if getattr(config, "CPU_NAME", None) not in (None, "host") or getattr(config, "CPU_FEATURES", None) is not None:
+            return False
+        return bool(llb.get_host_cpu_features().get("avx", False))
+    except Exception:  # pragma: no cover - defensive: any doubt -> portable kernel
+        return False
+
+
+def _make_block(nq_: int, nr_: int, nonneg: bool, rcp: bool):  # pragma: no cover - numba codegen
+    """A numba intrinsic: the ``nq_ x nr_`` Canberra partial sums of one register block over one chunk.
+
+    ``block(q, qa, r, i0.., j0.., s, n8)`` returns the ``nq_ * nr_`` float32
+    sums (query-major) of ``|x - y| * 1/(xa + |y|)`` over dimensions
+    ``s .. s + n8`` (``n8`` a multiple of 8), where ``xa = |x| + 1e-30`` is
+    precomputed per query. Written directly in LLVM IR on ``<8 x float>``
+    vectors so that ``1/den`` is a single ``vrcpps`` (``rcp``; relative error
+    <= 1.5 * 2**-12, no Newton step: the certification slack covers it) or an
+    IEEE division (portable). ``nonneg``: the references are known to be >= 0,
+    so ``|y|`` is ``y``.
+    """
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+
+    f8 = ir.VectorType(ir.FloatType(), 8)
+    i64 = ir.IntType(64)
+    npair = nq_ * nr_
+
+    @intrinsic
+    def block(typingctx, q, qa, r, rows, s, n8):  # type: ignore[no-untyped-def]
+        sig = types.UniTuple(types.float32, npair)(q, qa, r, rows, s, n8)
+
+        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+            qv, qav, rv, rowsv, sv, n8v = args
+            aq = context.make_array(signature.args[0])(context, builder, qv)
+            aqa = context.make_array(signature.args[1])(context, builder, qav)
+            ar = context.make_array(signature.args[2])(context, builder, rv)
+            dim = builder.extract_value(aq.shape, 1)
+            s64 = builder.sext(sv, i64) if sv.type.width < 64 else sv
+            n = builder.sext(n8v, i64) if n8v.type.width < 64 else n8v
+
+            def rowptr(a, t):  # type: ignore[no-untyped-def]
+                row = builder.extract_value(rowsv, t)
+                row = builder.sext(row, i64) if row.type.width < 64 else row
+                return builder.gep(a.data, [builder.add(builder.mul(row, dim), s64)])
+
+            xs = [rowptr(aq, t) for t in range(nq_)]
+            xas = [rowptr(aqa, t) for t in range(nq_)]
+            ys = [rowptr(ar, nq_ + u) for u in range(nr_)]
+            mod = builder.module
+            rcpf = mod.declare_intrinsic("llvm.x86.avx.rcp.ps.256", fnty=ir.FunctionType(f8, [f8])) if rcp else None
+            fabs = mod.declare_intrinsic("llvm.fabs.v8f32", fnty=ir.FunctionType(f8, [f8]))
+            pre = builder.block
+            fn = builder.function
+            head = fn.append_basic_block("cb_head")
+            body = fn.append_basic_block("cb_body")
+            done = fn.append_basic_block("cb_done")
+            builder.branch(head)
+            builder.position_at_end(head)
+            d = builder.phi(i64)
+            accs = [builder.phi(f8) for _ in range(npair)]
+            d.add_incoming(ir.Constant(i64, 0), pre)
+            for a in accs:
+                a.add_incoming(ir.Constant(f8, [0.0] * 8), pre)
+            builder.cbranch(builder.icmp_signed("<", d, n), body, done)
+            builder.position_at_end(body)
+
+            def vload(p):  # type: ignore[no-untyped-def]
+                return builder.load(builder.bitcast(builder.gep(p, [d]), f8.as_pointer()), align=4)
+
+            xv = [vload(p) for p in xs]
+            xav = [vload(p) for p in xas]
+            yv = [vload(p) for p in ys]
+            yav = yv if nonneg else [builder.call(fabs, [v]) for v in yv]
+            new = []
+            for t in range(nq_):
+                for u in range(nr_):
+                    num = builder.call(fabs, [builder.fsub(xv[t], yv[u])])
+                    den = builder.fadd(xav[t], yav[u])
+                    term = builder.fmul(num, builder.call(rcpf, [den])) if rcp else builder.fdiv(num, den)
+                    new.append(builder.fadd(accs[t * nr_ + u], term))
+            d.add_incoming(builder.add(d, ir.Constant(i64, 8)), builder.block)
+            for a, v in zip(accs, new, strict=True):
+                a.add_incoming(v, builder.block)
+            builder.branch(head)
+            builder.position_at_end(done)
+            i32 = ir.IntType(32)
+            outs = []
+            for a in accs:
+                v4 = builder.fadd(builder.shuffle_vector(a, a, ir.Constant(ir.VectorType(i32, 4), [0, 1, 2, 3])), builder.shuffle_vector(a, a, ir.Constant(ir.VectorType(i32, 4), [4, 5, 6, 7])))
+                v2 = builder.fadd(builder.shuffle_vector(v4, v4, ir.Constant(ir.VectorType(i32, 2), [0, 1])), builder.shuffle_vector(v4, v4, ir.Constant(ir.VectorType(i32, 2), [2, 3])))
+                outs.append(builder.fadd(builder.extract_element(v2, ir.Constant(i32, 0)), builder.extract_element(v2, ir.Constant(i32, 1))))
+            return context.make_tuple(builder, signature.return_type, outs)
+
+        return sig, codegen
+
+    return block
+
+
+_USE_RCP = _avx_ok()  # False: IEEE division in the block (portable, slower)
 _KERNELS: dict[str, object] = {}
 
 
@@ -116,119 +241,98 @@ def _kernels() -> dict[str, object]:
         return n
 
     @nb.njit(inline="always")
-    def _offer(hd: np.ndarray, hi: np.ndarray, sizes: np.ndarray, excl: np.ndarray, bound: np.ndarray, t: int, qi: int, cap: int, acc: float, dead: bool, j: int, grow: float) -> None:
-        # one finished (or abandoned) pair: into the heap, or its value into excl
-        if dead:
-            if acc < excl[qi]:
-                excl[qi] = acc
-            return
-        n = sizes[qi]
-        if n == cap:
-            # the root leaves the heap (or acc does): remember the smaller
-            out = acc if (acc > hd[qi, 0] or (acc == hd[qi, 0] and j > hi[qi, 0])) else hd[qi, 0]
-            if out < excl[qi]:
-                excl[qi] = out
-        sizes[qi] = _heap_push(hd[qi], hi[qi], n, cap, acc, j)
+    def _offer(hd: np.ndarray, hi: np.ndarray, sizes: np.ndarray, bound: np.ndarray, t: int, qi: int, cap: int, acc: float, j: int, grow: float) -> None:
+        # one finished pair into the query's heap; a full heap tightens the bound
+        sizes[qi] = _heap_push(hd[qi], hi[qi], sizes[qi], cap, acc, j)
         if sizes[qi] == cap:
             nb_ = hd[qi, 0] * grow
             if nb_ < bound[t]:
                 bound[t] = nb_
 
+    blk_nn = _make_block(4, 2, True, _USE_RCP)
+    blk_sg = _make_block(4, 2, False, _USE_RCP)
+
     @nb.njit(parallel=True, fastmath=True, cache=True)
-    def scan(q: np.ndarray, r: np.ndarray, seed_bound: np.ndarray, cap: int, qb: int, rb: int, chunk: int, slack: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        # Query blocks in parallel; inside, reference tiles x query pairs x
-        # reference pairs: a 2 x 2 register block accumulates four distances in
-        # one pass over a chunk of dimensions (each loaded value used twice),
-        # and stops once all four pairs have exceeded their query's bound.
+    def scan(q: np.ndarray, qa: np.ndarray, r: np.ndarray, nonneg: bool, seed_bound: np.ndarray, cap: int, qb: int, rb: int, chunk: int, grow: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        # Query blocks in parallel; inside, reference tiles x query quads x
+        # reference pairs: a 4 x 2 register block (the intrinsic) accumulates
+        # eight distances in one pass over a chunk of dimensions, and the
+        # block stops once all eight pairs have exceeded their query's bound.
+        # Every pair's float32 value (its partial sum if abandoned: a lower
+        # bound) goes to `approx`, which the float64 certification uses.
         nq, dim = q.shape
         nr = r.shape[0]
         hd = np.full((nq, cap), np.inf, dtype=np.float32)
         hi = np.full((nq, cap), -1, dtype=np.int64)
-        excl = np.full(nq, np.inf, dtype=np.float32)  # smallest float32 partial/total left out
         sizes = np.zeros(nq, dtype=np.int64)
+        approx = np.empty((nq, nr), dtype=np.float32)
         nqb = (nq + qb - 1) // qb
-        tiny = np.float32(1e-30)
-        grow = np.float32(1.0 + 8.0 * slack)
         for b in nb.prange(nqb):
             q0 = b * qb
             q1 = min(nq, q0 + qb)
-            bound = np.empty(q1 - q0, dtype=np.float32)
-            for t in range(q1 - q0):
+            m = q1 - q0
+            bound = np.empty(m, dtype=np.float32)
+            for t in range(m):
                 bound[t] = seed_bound[q0 + t] * grow
+            acc = np.zeros(8, dtype=np.float32)
+            part = np.zeros(8, dtype=np.float32)
+            lim = np.zeros(8, dtype=np.float32)
+            dead = np.zeros(8, dtype=np.bool_)
             for r0 in range(0, nr, rb):
                 r1 = min(nr, r0 + rb)
-                for t0 in range(0, q1 - q0, 2):
-                    t1 = min(t0 + 1, q1 - q0 - 1)  # odd block: the last query pairs with itself
-                    x0 = q[q0 + t0]
-                    x1 = q[q0 + t1]
+                for t0 in range(0, m, 4):
+                    # a short last quad repeats its last query (offered once)
+                    ta = (t0, min(t0 + 1, m - 1), min(t0 + 2, m - 1), min(t0 + 3, m - 1))
                     for j0 in range(r0, r1, 2):
                         j1 = min(j0 + 1, r1 - 1)
-                        y0 = r[j0]
-                        y1 = r[j1]
-                        l0 = bound[t0]
-                        l1 = bound[t1]
-                        a00 = np.float32(0.0)
-                        a01 = np.float32(0.0)
-                        a10 = np.float32(0.0)
-                        a11 = np.float32(0.0)
-                        d00 = False
-                        d01 = False
-                        d10 = False
-                        d11 = False
+                        rows = (q0 + ta[0], q0 + ta[1], q0 + ta[2], q0 + ta[3], j0, j1)
+                        for p in range(8):
+                            acc[p] = 0.0
+                            dead[p] = False
+                            lim[p] = bound[ta[p // 2]]
                         s = 0
                         while s < dim:
                             e = min(dim, s + chunk)
-                            # branch-free inner loop over 1-D slices (LLVM
-                            # vectorises this form, not range(s, e) on the
-                            # rows): den + 1e-30 keeps 0/0 at 0 and stays a
-                            # normal float32 (fastmath reciprocals flush
-                            # denormals); it can only lower a term, never
-                            # wrongly abandon a neighbour
-                            u0 = x0[s:e]
-                            u1 = x1[s:e]
-                            v0 = y0[s:e]
-                            v1 = y1[s:e]
-                            p00 = np.float32(0.0)
-                            p01 = np.float32(0.0)
-                            p10 = np.float32(0.0)
-                            p11 = np.float32(0.0)
-                            for d in range(u0.shape[0]):
-                                a = u0[d]
-                                c = u1[d]
-                                f = v0[d]
-                                g = v1[d]
-                                aa = abs(a) + tiny
-                                ca = abs(c) + tiny
-                                fa = abs(f)
-                                ga = abs(g)
-                                p00 += abs(a - f) / (aa + fa)
-                                p01 += abs(a - g) / (aa + ga)
-                                p10 += abs(c - f) / (ca + fa)
-                                p11 += abs(c - g) / (ca + ga)
+                            n8 = (e - s) - (e - s) % 8
+                            if nonneg:
+                                v = blk_nn(q, qa, r, rows, s, n8)
+                            else:
+                                v = blk_sg(q, qa, r, rows, s, n8)
+                            part[0] = v[0]
+                            part[1] = v[1]
+                            part[2] = v[2]
+                            part[3] = v[3]
+                            part[4] = v[4]
+                            part[5] = v[5]
+                            part[6] = v[6]
+                            part[7] = v[7]
+                            for d in range(s + n8, e):  # tail of a chunk (dim % 8)
+                                for p in range(8):
+                                    a = q[rows[p // 2], d]
+                                    y = r[rows[4 + p % 2], d]
+                                    part[p] += abs(a - y) / (qa[rows[p // 2], d] + abs(y))
+                            alive = False
+                            for p in range(8):
+                                if not dead[p]:
+                                    acc[p] += part[p]
+                                    dead[p] = acc[p] > lim[p]
+                                    alive = alive or not dead[p]
                             s = e
-                            # a dead pair keeps its value at abandonment (a lower bound)
-                            if not d00:
-                                a00 += p00
-                                d00 = a00 > l0
-                            if not d01:
-                                a01 += p01
-                                d01 = a01 > l0
-                            if not d10:
-                                a10 += p10
-                                d10 = a10 > l1
-                            if not d11:
-                                a11 += p11
-                                d11 = a11 > l1
-                            if d00 and d01 and d10 and d11:
+                            if not alive:
                                 break
-                        _offer(hd, hi, sizes, excl, bound, t0, q0 + t0, cap, a00, d00, j0, grow)
-                        if j1 != j0:
-                            _offer(hd, hi, sizes, excl, bound, t0, q0 + t0, cap, a01, d01, j1, grow)
-                        if t1 != t0:
-                            _offer(hd, hi, sizes, excl, bound, t1, q0 + t1, cap, a10, d10, j0, grow)
-                            if j1 != j0:
-                                _offer(hd, hi, sizes, excl, bound, t1, q0 + t1, cap, a11, d11, j1, grow)
-        return hd, hi, sizes, excl
+                        for tq in range(4):
+                            if tq > 0 and ta[tq] == ta[tq - 1]:
+                                continue
+                            t = ta[tq]
+                            for u in range(2):
+                                j = j0 + u
+                                if u == 1 and j1 == j0:
+                                    continue
+                                val = acc[2 * tq + u]
+                                approx[q0 + t, j] = val
+                                if not dead[2 * tq + u]:
+                                    _offer(hd, hi, sizes, bound, t, q0 + t, cap, val, j, grow)
+        return hd, hi, sizes, approx
 
     @nb.njit(parallel=True, fastmath=True, cache=True)
     def exact_pairs(q: np.ndarray, r: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -307,6 +411,7 @@ def canberra_knn(
     query_block: int = 16,
     ref_block: int = 16,
     batch: int = 512,
+    ref_range: tuple[float, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact (distances, ids) of the k nearest references, nearest first, ties to the lower id.
 
@@ -315,9 +420,14 @@ def canberra_knn(
     Queries are processed ``batch`` at a time (the seed pass holds a
     (batch, N) float32 matrix); each batch is split into query blocks of at
     most ``query_block`` (smaller when needed to give every thread work).
+    ``ref_range``: (min, max) of ``refs`` if known (saves a pass over them):
+    references >= 0 skip ``|y|`` in the scan; values beyond +-1e37 (where
+    ``|x - y|`` or ``|x| + |y|`` could overflow float32) take the numpy path.
     """
     if queries.shape[0] > batch:
-        parts = [canberra_knn(queries[s : s + batch], refs, k, pad, seed_dims, query_block, ref_block, batch) for s in range(0, queries.shape[0], batch)]
+        if ref_range is None and refs.size:
+            ref_range = (float(np.min(refs)), float(np.max(refs)))
+        parts = [canberra_knn(queries[s : s + batch], refs, k, pad, seed_dims, query_block, ref_block, batch, ref_range) for s in range(0, queries.shape[0], batch)]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     q = np.ascontiguousarray(queries, dtype=np.float32)
     r = np.ascontiguousarray(refs, dtype=np.float32)
@@ -334,6 +444,9 @@ def canberra_knn(
     except ImportError:  # pragma: no cover - numba is a dependency
         log.warning("numba not available; Canberra falls back to the slow numpy path")
         return canberra_knn_reference(q, r, k)
+    lo, hi_ = ref_range if ref_range is not None else (float(r.min()), float(r.max()))
+    if max(-lo, hi_, float(np.abs(q).max())) > 1e37:
+        return canberra_knn_reference(q, r, k)
     cap = min(n, k + (pad if pad is not None else max(8, k // 8)))
     # 1. seed bound from an approximate pass on a sample of dimensions
     dim = q.shape[1]
@@ -342,28 +455,43 @@ def canberra_knn(
         approx = kern["sampled"](q, r, dims)  # type: ignore[operator]
         cand = np.argpartition(approx, k - 1, axis=1)[:, :k]
         # any k references bound the k-th distance from above; float32 here,
-        # the scan widens every bound by (1 + 8 SLACK) against rounding
+        # the scan widens every bound by (1 + 4 eps) against rounding
         seed = kern["approx_pairs"](q, r, cand).max(axis=1)  # type: ignore[operator]
     else:
         seed = np.full(q.shape[0], np.inf, dtype=np.float32)
-    # 2. fused scan with early abandoning
+    # 2. fused scan with early abandoning; float32 value of every pair
     import numba
 
+    eps = scan_eps(q.shape[1], CHUNK, _USE_RCP)
+    qa = np.abs(q) + np.float32(1e-30)  # 0/0 terms count 0; stays a normal float32
+    nonneg = lo >= 0
     per_thread = -(-q.shape[0] // (4 * numba.get_num_threads()))
-    qb = max(2, min(query_block, per_thread + per_thread % 2))
-    hd, hi, sizes, excl = kern["scan"](q, r, seed.astype(np.float32), cap, qb, ref_block, CHUNK, SLACK)  # type: ignore[operator]
-    # 3. certify in float64
+    qb = max(4, min(query_block, per_thread + (-per_thread) % 4))
+    grow = 1.0 + 4.0 * eps
+    hd, hi, sizes, approx = kern["scan"](q, qa, r, nonneg, seed.astype(np.float32), cap, qb, ref_block, CHUNK, grow)  # type: ignore[operator]
+    # 3. certify in float64: re-score the candidates; T = their k-th distance
+    # bounds the true k-th from above, and a reference can only beat T if its
+    # float32 value (a sum with relative error <= eps, or a lower bound) is
+    # <= T (1 + eps): those are re-scored too, so the result is exact
     exact = kern["exact_pairs"](q, r, hi)  # type: ignore[operator]
     order = np.lexsort((np.where(hi < 0, np.iinfo(np.int64).max, hi), exact), axis=-1)
     d_out = np.take_along_axis(exact, order, axis=1)[:, :k]
     i_out = np.take_along_axis(hi, order, axis=1)[:, :k]
-    kth = d_out[:, k - 1]
-    bad = ~(kth < excl.astype(np.float64) * (1.0 - 2 * SLACK)) & np.isfinite(excl)
-    bad |= sizes < k
-    if bad.any():
-        log.debug("canberra: %d of %d queries re-checked by brute force", int(bad.sum()), len(bad))
-        rd, ri = canberra_knn_reference(q[bad], r, k)
-        d_out[bad], i_out[bad] = rd, ri
+    kth = np.where(sizes >= k, d_out[:, k - 1], np.inf)
+    thr = np.nextafter((kth * (1.0 + eps)).astype(np.float32), np.float32(np.inf))
+    mask = approx <= thr[:, None]
+    in_heap = np.take_along_axis(approx, np.maximum(hi, 0), axis=1) <= thr[:, None]
+    extra = mask.sum(axis=1) > (in_heap & (hi >= 0)).sum(axis=1)
+    if extra.any():
+        log.debug("canberra: %d of %d queries re-score extra float32-close references", int(extra.sum()), len(extra))
+        rows = np.flatnonzero(extra)
+        lists = [np.union1d(np.flatnonzero(mask[i]), hi[i][hi[i] >= 0]) for i in rows]
+        ids = np.full((len(rows), max(len(v) for v in lists)), -1, dtype=np.int64)
+        for c, v in enumerate(lists):
+            ids[c, : len(v)] = v
+        ex = kern["exact_pairs"](q[rows], r, ids)  # type: ignore[operator]
+        o = np.lexsort((np.where(ids < 0, np.iinfo(np.int64).max, ids), ex), axis=-1)[:, :k]
+        d_out[rows], i_out[rows] = np.take_along_axis(ex, o, axis=1), np.take_along_axis(ids, o, axis=1)
     return d_out, i_out.astype(np.int64)
 
 
@@ -395,6 +523,7 @@ class CanberraSearch:
             raise ValueError("Canberra references contain NaN or inf")
         self.order = contribution_order(r)
         self.refs = np.ascontiguousarray(r[:, self.order])
+        self.range = (float(r.min()), float(r.max())) if r.size else (0.0, 0.0)
 
     def __len__(self) -> int:
         return int(self.refs.shape[0])
@@ -402,7 +531,7 @@ class CanberraSearch:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(distances float64, ids int64), identical to :func:`canberra_knn_reference`."""
         q = np.ascontiguousarray(np.asarray(queries, dtype=np.float32)[:, self.order])
-        return canberra_knn(q, self.refs, k)
+        return canberra_knn(q, self.refs, k, ref_range=self.range)
 
 
 __all__ = ["CanberraSearch", "canberra_distances", "canberra_knn", "canberra_knn_reference", "contribution_order"]
