@@ -12,7 +12,9 @@ DOMAIN.md):
 * adaptive k: start at ``k_min``; while ``H(k) > threshold`` and
   ``k < k_max``, double k, capped at ``k_max``;
 * weighted vote ``score_l = sum_{j<=k} w_{y_j} [y_j = l]``, prediction
-  ``argmax`` (ties go to the lower class index), certainty ``1 - H(k)``.
+  ``argmax``; a tie goes to the tied class of the nearest neighbour (the
+  paper does not say; the lowest class index would bias every tie towards
+  the first class, e.g. 5-5 votes at k = 10), certainty ``1 - H(k)``.
 
 Nothing here touches FAISS: :func:`adaptive_search` takes a ``search(rows,
 k)`` callable, asks it only for the rows still undecided at each k, so the
@@ -70,10 +72,28 @@ def normalized_entropy(counts: np.ndarray, k: int, n_classes: int) -> np.ndarray
     return np.clip(h / denom, 0.0, 1.0)
 
 
-def weighted_vote(counts: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
-    """``argmax_l sum_j w_{y_j} [y_j = l]`` = argmax of counts * w (ties: lowest index)."""
+def weighted_vote(counts: np.ndarray, weights: np.ndarray | None, neighbor_labels: np.ndarray | None = None) -> np.ndarray:
+    """``argmax_l sum_j w_{y_j} [y_j = l]`` = argmax of counts * w.
+
+    Ties go to the tied class whose member is nearest (the first such label in
+    ``neighbor_labels``, nearest first); without neighbour labels, to the
+    lowest class index.
+    """
     scores = counts * (weights[None, :] if weights is not None else 1.0)
-    return np.argmax(scores, axis=1)
+    best = np.argmax(scores, axis=1)
+    if neighbor_labels is None or scores.shape[0] == 0:
+        return best
+    top = scores.max(axis=1, keepdims=True)
+    tied = np.isclose(scores, top, rtol=1e-12, atol=0.0) & (top > 0)
+    several = tied.sum(axis=1) > 1
+    if not several.any():
+        return best
+    lab = np.asarray(neighbor_labels)[several]
+    rows = np.arange(lab.shape[0])[:, None]
+    is_tied = (lab >= 0) & tied[several][rows, np.clip(lab, 0, None)]
+    first = np.argmax(is_tied, axis=1)
+    best[several] = lab[np.arange(lab.shape[0]), first]
+    return best
 
 
 @dataclass(frozen=True)
@@ -112,7 +132,7 @@ def ewc_decide(
         h = normalized_entropy(counts, k, n_classes)
         done = (h <= threshold) | (k >= k_max) | (k >= lab.shape[1])
         idx = todo[done]
-        pred[idx] = weighted_vote(counts[done], weights)
+        pred[idx] = weighted_vote(counts[done], weights, lab[todo[done], :k])
         cert[idx] = 1.0 - h[done]
         k_used[idx] = k
         todo = todo[~done]
@@ -155,7 +175,7 @@ def adaptive_search(
         h = normalized_entropy(counts, k, n_classes)
         done = (h <= threshold) | (k >= k_max_eff)
         rows = todo[done]
-        pred[rows] = weighted_vote(counts[done], weights)
+        pred[rows] = weighted_vote(counts[done], weights, lab[done, :k])
         cert[rows] = 1.0 - h[done]
         k_used[rows] = k
         ids_out[rows, :k] = i[done]

@@ -57,11 +57,11 @@ class Scores:
 
 
 def plain_knn(index: ReferenceIndex, queries: np.ndarray, k: int) -> np.ndarray:
-    """Baseline prediction: unweighted majority of the ``k`` nearest labels (ties to the lower index)."""
+    """Baseline prediction: unweighted majority of the ``k`` nearest labels (ties to the nearest tied class)."""
     _, ids = index.search(queries, k)
     lab = np.where(ids >= 0, index.labels[np.clip(ids, 0, None)], -1)
     counts = classify.label_counts(lab, ids.shape[1], len(index.classes))
-    return classify.weighted_vote(counts, None)
+    return classify.weighted_vote(counts, None, lab)
 
 
 def score(method: str, y_true_names: Sequence[str], pred: np.ndarray, index_classes: Sequence[str], k_used: np.ndarray | None = None) -> Scores:

@@ -73,7 +73,7 @@ def combination_search(
         _, ids = index.search(xv, k_top)
         lab = np.where(ids >= 0, index.labels[np.clip(ids, 0, None)], -1)
         kb = min(baseline_k, k_top)
-        base = classify.weighted_vote(classify.label_counts(lab, kb, n_classes), None)
+        base = classify.weighted_vote(classify.label_counts(lab, kb, n_classes), None, lab[:, :kb])
         rows.append(SearchRow(subset, "plain k-NN", kb, kb, float("nan"), False, classify.macro_accuracy(y_val, base), float(kb)))
         for (k_min, k_max), thr, rw in itertools.product(k_ranges, thresholds, reweight):
             pred, _, k_used = classify.ewc_decide(lab, n_classes, index.weights if rw else None, min(k_min, k_top), min(k_max, k_top), thr)

@@ -24,7 +24,9 @@ def brute_force_ewc(lab_row: np.ndarray, n_classes: int, weights: np.ndarray | N
         k = min(2 * k, k_max)
     w = weights if weights is not None else np.ones(n_classes)
     scores = [sum(w[c] for x in labs if x == c) for c in range(n_classes)]
-    best = max(range(n_classes), key=lambda c: (scores[c], -c))
+    top = max(scores)
+    tied = [c for c in range(n_classes) if math.isclose(scores[c], top, rel_tol=1e-12)]
+    best = next(x for x in labs if x in tied)  # a tie goes to the nearest tied neighbour
     return best, 1.0 - h, k
 
 
@@ -112,3 +114,12 @@ def test_adaptive_search_equals_full_search() -> None:
 
 def test_macro_accuracy() -> None:
     assert C.macro_accuracy(np.array([0, 0, 0, 1]), np.array([0, 0, 0, 0])) == 0.5
+
+
+def test_tie_goes_to_the_nearest_tied_class() -> None:
+    counts = np.array([[2, 2, 0], [1, 3, 0], [2, 2, 0]])
+    lab = np.array([[1, 0, 0, 1], [0, 1, 1, 1], [0, 1, 1, 0]])
+    assert C.weighted_vote(counts, None, lab).tolist() == [1, 1, 0]
+    assert C.weighted_vote(counts, None).tolist() == [0, 1, 0]  # without labels: lowest index
+    # reweighting can break the tie before the nearest neighbour does
+    assert C.weighted_vote(counts, np.array([1.0, 1.5, 1.0]), lab).tolist() == [1, 1, 1]
