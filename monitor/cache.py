@@ -198,11 +198,11 @@ def embed_dataset(
     labels: list[int] = []
     names: list[str] = []
     groups: list[int] = []
-    for i, (sf, got) in enumerate(zip(ds.files, per_file, strict=True)):
-        if got is None:
+    for sf, found in zip(ds.files, per_file, strict=True):
+        if found is None:
             continue
-        for e in encoders:
-            rows[e.id].append(got[e.id])
+        for enc in encoders:
+            rows[enc.id].append(found[enc.id])
         labels += [label_index[lab] for lab in sf.labels]
         names += [sf.name] if sf.boxes is None else [f"{sf.name}#{j}" for j in range(len(sf.boxes))]
         groups += [i] * sf.n_cells

@@ -304,7 +304,7 @@ def _classify(args: argparse.Namespace) -> int:
         return status or 65
     emb = embed(np.stack(crops), encoders, args.batch_size)
     states = EWCClassifier(index, _params(args, index), args.certainty_floor).classify(emb)
-    results = []
+    results: list[dict[str, Any]] = []
     for i, path in enumerate(shown):
         nbrs = []
         for j in range(min(args.neighbours, int(states.k_used[i]))):

@@ -278,8 +278,7 @@ def _central_cell(rgb: np.ndarray) -> tuple[tuple[float, float], float] | None:
     from scipy import ndimage as ndi
     from skimage.filters import threshold_otsu
 
-    sat = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[..., 1].astype(np.float32)
-    sat = cv2.GaussianBlur(sat, (0, 0), 2.0)
+    sat = np.asarray(cv2.GaussianBlur(cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[..., 1].astype(np.float32), (0, 0), 2.0))
     if sat.max() <= sat.min():
         return None
     fg = ndi.binary_fill_holes(sat > threshold_otsu(sat))

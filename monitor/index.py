@@ -164,6 +164,7 @@ class ReferenceIndex:
             structure = "hnsw" if x.shape[0] > hnsw_above and metric != "canberra" else "flat"
         x = _prepare(x, metric, normalize)
         d = x.shape[1]
+        index: Any
         if metric == "canberra":
             index = faiss.IndexFlat(d, faiss.METRIC_Canberra)
         elif structure == "hnsw":
