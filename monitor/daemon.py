@@ -1,5 +1,8 @@
 """The long-running service: watch, read, assemble, process, record.
 
+A missing watch folder is exit 69 (EX_UNAVAILABLE, restarted by systemd: the
+share may not be mounted yet), never silently created.
+
 Start-up order (:func:`build_service` then :meth:`Service.run`): config,
 plugins, models and index (encoders checked against the index), one warm-up
 inference, metrics server, backlog scan against the ledger, watcher, then
@@ -34,7 +37,7 @@ import numpy as np
 from monitor import systemd
 from monitor.assemble import FrameAssembler
 from monitor.config import Config
-from monitor.errors import BadInput, NotReady
+from monitor.errors import BadInput, NotReady, Unavailable
 from monitor.ledger import Ledger
 from monitor.metrics import ServiceMetrics
 from monitor.pipeline import Pipeline, process_frame
@@ -92,7 +95,9 @@ class Service:
     def run(self, stop: threading.Event, until_idle: bool = False, observe: bool = True) -> None:
         """Serve until ``stop`` is set (or, with ``until_idle``, until nothing is left to do)."""
         s = self.cfg.service
-        s.watch_dir.mkdir(parents=True, exist_ok=True)
+        if not s.watch_dir.is_dir():
+            # never create it: an unmounted share would be silently replaced by an empty local folder
+            raise Unavailable(f"service.watch_dir {s.watch_dir}: no such folder (is the export share mounted?)")
         n = self.backlog()
         if n:
             log.info("backlog: %d file(s) in %s not yet processed", n, s.watch_dir)

@@ -180,6 +180,7 @@ def run_demo(
     index.save(cfg.classifier.index)
     n_refs = len(index)
 
+    cfg.service.watch_dir.mkdir(parents=True, exist_ok=True)  # the 'microscope export folder', empty
     say("2/3 starting the service (watcher, ledger, CSV, /metrics)")
     service, server = build_service(cfg, registry)
     counted: list[Counts] = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 EX_CONFIG = 78
 EX_DATAERR = 65
+EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
 
 
@@ -38,6 +39,12 @@ class IndexError_(ConfigError):
 
 class WeightsMissing(ConfigError):
     """Foundation-model weights are not on this machine."""
+
+
+class Unavailable(CellmonitorError):
+    """Something outside cellmonitor is not there yet (an unmounted share): exit 69, systemd retries."""
+
+    exit_status = EX_UNAVAILABLE
 
 
 class BadInput(CellmonitorError):

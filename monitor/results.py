@@ -54,7 +54,15 @@ def export_csv(src: Path, out: Path, fmt: str = "wide") -> int:
     """
     import pandas as pd
 
-    df = pd.read_csv(src, dtype={"well": str, "field": str, "experiment": str})
+    from monitor.errors import BadInput
+
+    try:
+        df = pd.read_csv(src, dtype={"well": str, "field": str, "experiment": str})
+    except (ValueError, OSError) as e:
+        raise BadInput(src, f"not a readable CSV ({e})") from None
+    missing = [c for c in ("experiment", "well", "field", "timepoint", "n_cells") if c not in df.columns]
+    if missing:
+        raise BadInput(src, f"not a cellmonitor counts CSV (missing columns: {', '.join(missing)})")
     df = df.sort_values(["experiment", "well", "field", "timepoint"], kind="stable")
     if fmt == "long":
         states = [c[2:] for c in df.columns if c.startswith("n_") and c not in ("n_cells", "n_uncertain")]

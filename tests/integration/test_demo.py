@@ -87,3 +87,12 @@ def test_run_without_index_is_one_line_exit_78(tmp_path, capsys):
     assert main(["run", str(cfg)]) == 78
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"cellmonitor: error: {tmp_path / 'missing-index'}: not a cellmonitor index (no meta.json); build one with 'cellmonitor index build'"]
+
+
+def test_export_refuses_a_foreign_csv_in_one_line(tmp_path, capsys):
+    from monitor.cli import main
+
+    bad = tmp_path / "other.csv"
+    bad.write_text("a,b\n1,2\n")
+    assert main(["export", str(bad), "--out", str(tmp_path / "o.csv")]) == 65
+    assert capsys.readouterr().err.strip() == f"cellmonitor: error: {bad}: not a cellmonitor counts CSV (missing columns: experiment, well, field, timepoint, n_cells)"

@@ -71,7 +71,7 @@ def test_crash_between_csv_and_ledger_does_not_duplicate_rows(tmp_path):
 def test_half_written_file_is_retried_then_counted(tmp_path):
     svc, sink = make_service(tmp_path)
     watch = svc.cfg.service.watch_dir
-    watch.mkdir(parents=True)
+    watch.mkdir(parents=True, exist_ok=True)
     p = watch / "A1_t1_phase.npy"
     full = tmp_path / "full.npy"
     np.save(full, blobs(3, 0.3))
@@ -93,7 +93,7 @@ def test_half_written_file_is_retried_then_counted(tmp_path):
 def test_bad_file_is_quarantined_with_one_line_and_others_continue(tmp_path, caplog):
     svc, sink = make_service(tmp_path)
     watch = svc.cfg.service.watch_dir
-    watch.mkdir(parents=True)
+    watch.mkdir(parents=True, exist_ok=True)
     (watch / "A1_t1_phase.npy").write_bytes(b"this is not an array")
     drop(watch, "A1_t2_phase.npy", blobs(2, 0.3))
     svc.run(threading.Event(), until_idle=True, observe=False)
@@ -141,3 +141,16 @@ def test_frame_without_primary_channel_is_quarantined(tmp_path):
     q = (tmp_path / "state" / "quarantine.csv").read_text().splitlines()
     assert len(q) == 2 and "A1_t1_apo15.npy" in q[1] and ",assemble," in q[1]
     assert known  # finished in the ledger: not re-read at the next rescan
+
+
+def test_missing_watch_folder_is_exit_69_not_created(tmp_path):
+    svc, _ = make_service(tmp_path)
+    svc.cfg = svc.cfg.model_copy(update={"service": svc.cfg.service.model_copy(update={"watch_dir": tmp_path / "share" / "not-mounted"})})
+    from monitor.errors import Unavailable
+
+    with pytest.raises(Unavailable) as e:
+        svc.run(threading.Event())
+    svc.close()
+    assert str(e.value) == f"service.watch_dir {tmp_path / 'share' / 'not-mounted'}: no such folder (is the export share mounted?)"
+    assert e.value.exit_status == 69
+    assert not (tmp_path / "share").exists()
