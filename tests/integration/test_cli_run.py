@@ -39,6 +39,7 @@ def test_run_counts_a_dropped_frame_serves_metrics_and_stops_on_sigterm(tmp_path
     port = free_port()
     cfg = tmp_path / "c.toml"
     cfg.write_text(DEMO_CONFIG.replace("metrics_port = 9108", f"metrics_port = {port}"))
+    (tmp_path / "input").mkdir()
     exe = Path(sys.executable).parent / "cellmonitor"
     proc = subprocess.Popen([str(exe), "run", str(cfg)], stderr=subprocess.PIPE, text=True)
     try:
