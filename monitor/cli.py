@@ -14,9 +14,8 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-from monitor.errors import EX_SOFTWARE, CellmonitorError
+from monitor.errors import EX_IOERR, EX_SOFTWARE, CellmonitorError
 
 log = logging.getLogger("monitor")
 
@@ -79,14 +78,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:  # a file the user named could not be written or read
+        log.debug("I/O error", exc_info=True)
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"cellmonitor: error: {where}{e.strerror or e}", file=sys.stderr)
+        return EX_IOERR
     except Exception as e:  # last resort: one line, traceback only with -v
         log.debug("unexpected error", exc_info=True)
         print(f"cellmonitor: internal error: {type(e).__name__}: {e} (run with -v for the traceback)", file=sys.stderr)
         return EX_SOFTWARE
 
-
-def path_arg(s: str) -> Path:
-    return Path(s).expanduser()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -149,11 +149,7 @@ def _check(args: argparse.Namespace) -> int:
         print(f"{f}{'' if exists else '  (file does not exist; judged by name only)'}")
         print(f"  ({mode})")
         taken = None
-        for r in readers.readers:
-            try:
-                why = r.accepts(f)
-            except Exception as e:  # a plugin's accepts must not stop the check
-                why = f"accepts() failed: {type(e).__name__}: {e}"
+        for r, why in readers.explain(f):
             spec = getattr(r, "specificity", 0)
             if why is None and taken is None:
                 taken = r.name

@@ -50,11 +50,12 @@ def config_or_default(path: Path | None) -> Any:
     return load_config(path) if path is not None else Config()
 
 
-def _serve(cfg: Any, until_idle: bool, serve_metrics: bool = True) -> int:
+def _serve(cfg: Any, until_idle: bool, serve_metrics: bool = True, args: argparse.Namespace | None = None) -> int:
     from monitor.daemon import build_service, stop_server
     from monitor.registry import Registry
 
-    logging.getLogger().setLevel(cfg.service.log_level)
+    if args is None or not (getattr(args, "verbose", False) or getattr(args, "quiet", False)):
+        logging.getLogger().setLevel(cfg.service.log_level)  # -v / -q on the command line win
     registry = Registry(cfg.plugins.paths)
     problems = registry.validate_config(cfg)
     if problems:
@@ -108,7 +109,7 @@ class _Progress:
 def _run(args: argparse.Namespace) -> int:
     from monitor.config import load_config
 
-    return _serve(load_config(args.config), until_idle=False)
+    return _serve(load_config(args.config), until_idle=False, args=args)
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -117,7 +118,7 @@ def _replay(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if args.input is not None:
         cfg = cfg.model_copy(update={"service": cfg.service.model_copy(update={"watch_dir": args.input})})
-    return _serve(cfg, until_idle=True, serve_metrics=not args.no_metrics)
+    return _serve(cfg, until_idle=True, serve_metrics=not args.no_metrics, args=args)
 
 
 def _check_config(args: argparse.Namespace) -> int:

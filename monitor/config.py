@@ -67,9 +67,11 @@ class AssemblyConfig(_Model):
 
     @model_validator(mode="after")
     def _roles_in_channels(self) -> AssemblyConfig:
-        names = {c.lower() for c in self.channels}
+        from monitor.assemble import _norm  # the assembler's own name matching
+
+        names = {_norm(c) for c in self.channels}
         for role, value in (("primary", self.primary), ("control", self.control)):
-            if names and value not in ("auto", "none") and value.lower() not in names:
+            if names and value not in ("auto", "none") and _norm(value) not in names:
                 raise ValueError(f"{role} channel {value!r} is not one of channels {self.channels}")
         return self
 

@@ -11,8 +11,9 @@ start-up (exit 78). Per-frame errors are logged in one line, counted by stage
 and the frame is quarantined (recorded in the ledger and in
 ``<state_dir>/quarantine.csv``; the instrument's files are never moved or
 modified). The CSV sink is the record of truth: if it fails the frame is not
-marked done and is processed again at the next start; a failure of any other
-sink (Prometheus) is logged and counted, never fatal.
+marked done and is processed again at the next start (any sink with
+``record_of_truth = True`` has that role); a failure of any other sink
+(Prometheus) is logged and counted, never fatal.
 
 One worker thread does all reading and processing; watchdog threads only
 enqueue. The worker stops on a ``threading.Event``; signal handlers only set
@@ -95,9 +96,7 @@ class Service:
     def run(self, stop: threading.Event, until_idle: bool = False, observe: bool = True) -> None:
         """Serve until ``stop`` is set (or, with ``until_idle``, until nothing is left to do)."""
         s = self.cfg.service
-        if not s.watch_dir.is_dir():
-            # never create it: an unmounted share would be silently replaced by an empty local folder
-            raise Unavailable(f"service.watch_dir {s.watch_dir}: no such folder (is the export share mounted?)")
+        check_watch_dir(s.watch_dir)
         n = self.backlog()
         if n:
             log.info("backlog: %d file(s) in %s not yet processed", n, s.watch_dir)
@@ -190,9 +189,10 @@ class Service:
             try:
                 sink.write(counts)
             except Exception as e:
-                self.metrics.errors.labels(f"sink_{getattr(sink, 'name', type(sink).__name__)}").inc()
-                log.error("%s: sink %s failed: %s: %s", frame.key, getattr(sink, "name", sink), type(e).__name__, e)
-                if getattr(sink, "name", "") == "csv":
+                name = getattr(sink, "name", type(sink).__name__)
+                self.metrics.errors.labels(f"sink_{name}").inc()
+                log.error("%s: sink %s failed: %s: %s", frame.key, name, type(e).__name__, e)
+                if getattr(sink, "record_of_truth", False):
                     recorded = False
         if not recorded:
             self.metrics.frames.labels("unrecorded").inc()
@@ -238,6 +238,13 @@ class Service:
             except Exception as e:
                 log.warning("sink %s did not close cleanly: %s", getattr(sink, "name", sink), e)
         self.ledger.close()
+
+
+def check_watch_dir(path: Path) -> None:
+    """The watch folder must exist; it is never created (an unmounted share would be
+    silently replaced by an empty local folder): :class:`Unavailable`, exit 69, retried."""
+    if not path.is_dir():
+        raise Unavailable(f"service.watch_dir {path}: no such folder (is the export share mounted?)")
 
 
 def resolve_device(want: str) -> str:
@@ -306,6 +313,7 @@ def build_service(cfg: Config, registry: Any, metrics_registry: Any = None, serv
     from monitor.reading import build_readers
 
     s = cfg.service
+    check_watch_dir(s.watch_dir)  # before the (slow) model and index loading
     s.state_dir.mkdir(parents=True, exist_ok=True)
     metrics = ServiceMetrics(metrics_registry or CollectorRegistry(), __version__)
     device = resolve_device(cfg.pipeline.device)

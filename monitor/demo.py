@@ -193,7 +193,15 @@ def run_demo(
 
     service.on_counts = on_counts
     stop = threading.Event()
-    worker = threading.Thread(target=service.run, args=(stop,), name="cellmonitor-demo-service")
+    failure: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            service.run(stop)
+        except BaseException as e:  # re-raised in the main thread: one line, no thread traceback
+            failure.append(e)
+
+    worker = threading.Thread(target=serve, name="cellmonitor-demo-service")
     worker.start()
     url = f"http://localhost:{cfg.service.metrics_port}/metrics" if server is not None else None
     if url:
@@ -214,7 +222,9 @@ def run_demo(
             with arrived:
                 while sum(1 for c in counted if c.key.timepoint == t) < len(wells) and time.monotonic() < deadline:
                     if not worker.is_alive():
-                        raise RuntimeError("the service stopped unexpectedly (see the log above)")
+                        if failure:
+                            raise failure[0]
+                        raise RuntimeError("the service stopped unexpectedly")
                     arrived.wait(0.5)
             got = [c for c in counted if c.key.timepoint == t]
             if len(got) < len(wells):

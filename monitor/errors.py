@@ -11,6 +11,7 @@ EX_CONFIG = 78
 EX_DATAERR = 65
 EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
+EX_IOERR = 74
 
 
 class CellmonitorError(Exception):

@@ -134,7 +134,9 @@ def crop_cells(frame: Frame, cells: Cells, size: int = 224, blank_background: bo
     """
     rgb = display_range(frame.image)
     centers = np.array([c.centroid_yx_px for c in cells.cells], dtype=np.float64).reshape(-1, 2)
-    fill = np.median(rgb.reshape(-1, 3), axis=0).astype(np.uint8)
+    # grey frames repeat one channel three times: take the median once (3x less work per frame)
+    grey = rgb.ndim == 3 and rgb.shape[2] == 3 and frame.image.ndim == 2
+    fill = np.repeat(np.median(rgb[..., 0]), 3).astype(np.uint8) if grey else np.median(rgb.reshape(-1, 3), axis=0).astype(np.uint8)
     crops = crop_at(rgb, centers, size, pad_value=fill)
     if blank_background and len(cells):
         for i, c in enumerate(cells.cells):

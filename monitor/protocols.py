@@ -70,7 +70,12 @@ class Classifier(Protocol):
 
 @runtime_checkable
 class Sink(Protocol):
-    """Receives per-timepoint counts after the pipeline returns."""
+    """Receives per-timepoint counts after the pipeline returns.
+
+    A sink may set ``record_of_truth = True`` (the CSV sink does): if its
+    ``write`` fails, the frame is not marked done and is processed again at the
+    next start. Failures of other sinks are logged and counted only.
+    """
 
     def write(self, counts: Counts) -> None: ...
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,8 @@ from monitor.protocols import BuildContext, FrameReader
 from monitor.records import Acquisition
 from monitor.registry import Registry
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class ReaderSet:
@@ -20,9 +23,19 @@ class ReaderSet:
     readers: Sequence[FrameReader]
     fixed: bool = False
 
-    def explain(self, path: Path) -> list[tuple[str, str | None]]:
-        """(reader name, None if it accepts else its reason) for every reader."""
-        return [(r.name, r.accepts(path)) for r in self.readers]
+    def explain(self, path: Path) -> list[tuple[FrameReader, str | None]]:
+        """(reader, None if it accepts else its reason) for every reader, most specific first.
+
+        A reader whose ``accepts`` raises is reported as declining with the error.
+        """
+        out: list[tuple[FrameReader, str | None]] = []
+        for r in self.readers:
+            try:
+                why = r.accepts(path)
+            except Exception as e:  # a plugin's accepts must not stop the explanation
+                why = f"accepts() failed: {type(e).__name__}: {e}"
+            out.append((r, why))
+        return out
 
     def choose(self, path: Path) -> FrameReader:
         reasons = []
@@ -53,8 +66,9 @@ def build_readers(cfg: Config, registry: Registry, ctx: BuildContext) -> ReaderS
         ref = PluginRef(name=name, options=cfg.readers.get(name, {}))
         try:
             readers.append(registry.build("readers", ref, ctx, src, f"readers.{name}"))
-        except Exception:
+        except Exception as e:
             if name in cfg.readers:
                 raise
+            log.warning("reader %s skipped in automatic choice: %s", name, e)
     readers.sort(key=lambda r: -int(getattr(r, "specificity", 0)))
     return ReaderSet(readers)

@@ -26,6 +26,7 @@ class Options(BaseModel):
 
 class CsvSink:
     name = "csv"
+    record_of_truth = True  # the service marks a frame done only after this sink wrote it
 
     def __init__(self, path: Path):
         self.path = path

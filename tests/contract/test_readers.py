@@ -538,7 +538,7 @@ def test_auto_choice_and_explanations(plate, nano, tmp_path, auto_readers):
     assert auto_readers.choose(nano.ri_files[0]).name == "nanolive"
     generic = write_tiff(tmp_path / "20180101ef002xy01t01.tif", synthetic_cells((8, 8)))
     assert auto_readers.choose(generic).name == "tiff"
-    why = dict(auto_readers.explain(generic))
+    why = {r.name: reason for r, reason in auto_readers.explain(generic)}
     assert why["tiff"] is None and "not a Gen5 export" in why["gen5"] and "readers.nanolive.pattern" in why["nanolive"]
     with pytest.raises(BadInput) as e:
         auto_readers.choose(tmp_path / "notes.txt")

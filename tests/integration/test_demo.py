@@ -84,6 +84,9 @@ def test_run_without_index_is_one_line_exit_78(tmp_path, capsys):
 
     cfg = tmp_path / "c.toml"
     cfg.write_text('[service]\nmetrics_port = 0\n[classifier]\nindex = "missing-index"\n')
+    assert main(["run", str(cfg)]) == 69  # the watch folder is checked first, before any model loads
+    assert "service.watch_dir" in capsys.readouterr().err
+    (tmp_path / "input").mkdir()
     assert main(["run", str(cfg)]) == 78
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"cellmonitor: error: {tmp_path / 'missing-index'}: not a cellmonitor index (no meta.json); build one with 'cellmonitor index build'"]
@@ -96,3 +99,17 @@ def test_export_refuses_a_foreign_csv_in_one_line(tmp_path, capsys):
     bad.write_text("a,b\n1,2\n")
     assert main(["export", str(bad), "--out", str(tmp_path / "o.csv")]) == 65
     assert capsys.readouterr().err.strip() == f"cellmonitor: error: {bad}: not a cellmonitor counts CSV (missing columns: experiment, well, field, timepoint, n_cells)"
+
+
+def test_unwritable_output_is_one_line_not_an_internal_error(tmp_path, capsys):
+    from monitor.cli import main
+
+    src = tmp_path / "counts.csv"
+    src.write_text("experiment,well,field,timepoint,n_cells,n_live,frac_live\ne,A1,1,1,2,2,1.0\n")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    out = blocker / "x.csv"  # a folder that cannot exist, whoever runs the test
+    assert main(["export", str(src), "--out", str(out)]) == 74
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cellmonitor: error: ") and "internal error" not in err[0]
+    assert "a-file" in err[0]

@@ -154,3 +154,29 @@ def test_missing_watch_folder_is_exit_69_not_created(tmp_path):
     assert str(e.value) == f"service.watch_dir {tmp_path / 'share' / 'not-mounted'}: no such folder (is the export share mounted?)"
     assert e.value.exit_status == 69
     assert not (tmp_path / "share").exists()
+
+
+class _Failing:
+    def __init__(self, truth: bool):
+        self.name = "failing"
+        self.record_of_truth = truth
+
+    def write(self, counts):
+        raise OSError(28, "No space left on device")
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("truth", [True, False])
+def test_failed_record_of_truth_sink_leaves_the_frame_for_the_next_start(tmp_path, truth):
+    svc, sink = make_service(tmp_path)
+    drop(svc.cfg.service.watch_dir, "A1_t1_phase.npy", blobs(2, 0.3))
+    svc.sinks = [_Failing(truth), sink]
+    svc.run(threading.Event(), until_idle=True, observe=False)
+    from monitor.records import FrameKey
+
+    done = svc.ledger.frame_done(FrameKey("test", "A1", "1", 1))
+    svc.close()
+    assert len(sink.rows) == 1  # the other sinks still got the counts
+    assert done is (not truth)
