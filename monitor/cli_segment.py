@@ -102,7 +102,7 @@ def _segment(args: argparse.Namespace) -> int:
     cfg = config_or_default(args.config)
     frame, registry, ctx = _read_frame(args, cfg)
     ctx.device = cfg.pipeline.device
-    segmenter = registry.build("segmenters", cfg.segmenter, ctx, str(cfg.source or "<config>"), "segmenter")
+    segmenter = registry.build("segmenters", cfg.segmenter, ctx, cfg.source_name, "segmenter")
     shape0 = frame.shape_px
     work = rescale(frame, cfg.pipeline.pixel_size_um)
     log.info(

@@ -125,6 +125,11 @@ class Config(_Model):
     #: where this config was read from; relative paths resolve against its folder
     source: Path | None = Field(None, exclude=True)
 
+    @property
+    def source_name(self) -> str:
+        """The config file for error messages (``<config>`` when built in code)."""
+        return str(self.source or "<config>")
+
 
 def _dotted(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc) or "(top level)"

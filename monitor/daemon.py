@@ -151,7 +151,7 @@ class Service:
             reader = self.readers.choose(p)
             acq = reader.read(p)
         except NotReady as e:
-            if self.tracker.failed(p, e.problem):
+            if self.tracker.failed(p):
                 self._quarantine([p], "read", f"still unreadable after {self.cfg.service.ready_deadline_s:.0f}s: {e.problem}")
             else:
                 log.debug("not ready, will retry: %s", e)
@@ -268,7 +268,7 @@ def build_pipeline(cfg: Config, registry: Any, ctx: Any, classifier: Classifier 
     With ``classifier`` given, no index is loaded (the demo and benches use
     this to embed reference cells through the service's own components).
     """
-    src = str(cfg.source or "<config>")
+    src = cfg.source_name
     segmenter = registry.build("segmenters", cfg.segmenter, ctx, src, "segmenter")
     encoders = [registry.build("encoders", ref, ctx, src, f"encoders.{i}") for i, ref in enumerate(cfg.encoders)]
     p = cfg.pipeline
@@ -322,7 +322,7 @@ def build_service(cfg: Config, registry: Any, metrics_registry: Any = None, serv
     t = time.perf_counter()
     pipeline = build_pipeline(cfg, registry, ctx)
     log.info("models and index loaded in %.1fs (device %s); warm-up %.2fs", time.perf_counter() - t, device, warm_up(pipeline))
-    src = str(cfg.source or "<config>")
+    src = cfg.source_name
     sinks = [registry.build("sinks", ref, ctx, src, f"sinks.{i}") for i, ref in enumerate(cfg.sinks)]
     server = None
     if serve_metrics and s.metrics_port:

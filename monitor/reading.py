@@ -56,7 +56,7 @@ def build_readers(cfg: Config, registry: Registry, ctx: BuildContext) -> ReaderS
     In ``auto`` mode a reader that fails to build is skipped only if the
     config does not give it options; a configured one failing is fatal.
     """
-    src = str(cfg.source or "<config>")
+    src = cfg.source_name
     if cfg.reader.name != "auto":
         opts = {**cfg.readers.get(cfg.reader.name, {}), **cfg.reader.options}
         r = registry.build("readers", PluginRef(name=cfg.reader.name, options=opts), ctx, src, "reader")

@@ -79,11 +79,6 @@ class Frame:
     def shape_px(self) -> tuple[int, int]:
         return tuple(self.image.shape[:2])  # type: ignore[return-value]
 
-    @property
-    def area_um2(self) -> float:
-        h, w = self.shape_px
-        return float(h * w * self.pixel_size_um**2)
-
 
 @dataclass(frozen=True)
 class Cell:

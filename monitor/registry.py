@@ -114,7 +114,7 @@ class Registry:
 
     def validate_config(self, cfg: Config) -> list[str]:
         """Check every plugin the config names and its options; return problem lines."""
-        src = str(cfg.source or "<config>")
+        src = cfg.source_name
         problems: list[str] = []
         refs: list[tuple[str, PluginRef, str]] = [("segmenters", cfg.segmenter, "segmenter")]
         if cfg.reader.name != "auto":

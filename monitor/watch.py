@@ -88,7 +88,6 @@ class _Tracked:
     stable_since: float
     attempts: int = 0
     next_try: float = 0.0
-    last_error: str = ""
 
 
 class FileTracker:
@@ -140,14 +139,13 @@ class FileTracker:
     def done(self, path: Path) -> None:
         self._files.pop(path, None)
 
-    def failed(self, path: Path, error: str) -> bool:
+    def failed(self, path: Path) -> bool:
         """Record a not-ready failure; True when the deadline has passed (give up)."""
         t = self._files.get(path)
         if t is None:
             return True
         now = self.clock()
         t.attempts += 1
-        t.last_error = error
         if now - t.first_seen >= self.deadline_s:
             del self._files[path]
             return True

@@ -40,12 +40,12 @@ def test_backoff_then_give_up_at_deadline(tmp_path):
     p.write_bytes(b"x")
     tr.see(p)
     assert tr.ready() == [p]
-    assert tr.failed(p, "truncated") is False
+    assert tr.failed(p) is False
     assert tr.ready() == []  # backing off
     clock.t = 1.1
     assert tr.ready() == [p]
     clock.t = 11
-    assert tr.failed(p, "truncated") is True
+    assert tr.failed(p) is True
     assert p not in tr
 
 
