@@ -73,21 +73,19 @@ class Service:
         self.quarantine_csv = s.state_dir / "quarantine.csv"
 
     # ---- intake --------------------------------------------------------
-    def _see(self, p: Path) -> None:
-        if p not in self.tracker and not self.ledger.is_known(p):
+    def _see(self, p: Path) -> bool:
+        """Track a file unless the ledger finished it with its current size and mtime;
+        True when it was not tracked before."""
+        new = p not in self.tracker
+        if not new or not self.ledger.is_known(p):
             self.tracker.see(p)
-        elif p in self.tracker:
-            self.tracker.see(p)
+            return new
+        return False
 
     def backlog(self) -> int:
         """Queue every file in the watch folder that the ledger has not finished."""
         s = self.cfg.service
-        n = 0
-        for p in scan(s.watch_dir, s.patterns, s.recursive):
-            if p not in self.tracker and not self.ledger.is_known(p):
-                self.tracker.see(p)
-                n += 1
-        return n
+        return sum(self._see(p) for p in scan(s.watch_dir, s.patterns, s.recursive))
 
     def idle(self) -> bool:
         return self._queue.empty() and len(self.tracker) == 0 and self.assembler.n_pending == 0

@@ -38,8 +38,16 @@ CREATE TABLE IF NOT EXISTS frames (
 """
 
 
+FINISHED = ("done", "quarantined")
+
+
 class Ledger:
-    """Thread-safe (one connection behind a lock; the worker is the only writer)."""
+    """Thread-safe (one connection behind a lock; the worker is the only writer).
+
+    The (size, mtime) of every finished file is also kept in memory, so the
+    periodic rescan of a large export folder costs one ``stat`` per file and
+    no database query.
+    """
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -49,6 +57,8 @@ class Ledger:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        rows = self._db.execute("SELECT path, size, mtime_ns FROM files WHERE status IN (?, ?)", FINISHED).fetchall()
+        self._finished: dict[str, tuple[int, int]] = {p: (size, mtime) for p, size, mtime in rows}
 
     def close(self) -> None:
         with self._lock:
@@ -61,48 +71,50 @@ class Ledger:
 
     def is_known(self, path: Path) -> bool:
         """True when the file was finished (done or quarantined) with its current size and mtime."""
+        known = self._finished.get(str(path))
+        if known is None:
+            return False
         try:
-            size, mtime = self._stat(path)
+            return self._stat(path) == known
         except OSError:
             return False
-        with self._lock:
-            row = self._db.execute("SELECT size, mtime_ns, status FROM files WHERE path = ?", (str(path),)).fetchone()
-        return row is not None and row[2] in ("done", "quarantined") and row[0] == size and row[1] == mtime
 
     def frame_done(self, key: FrameKey) -> bool:
         with self._lock:
             row = self._db.execute("SELECT status FROM frames WHERE frame = ?", (str(key),)).fetchone()
         return row is not None and row[0] == "done"
 
-    def mark_files(self, paths: Iterable[Path], status: str, frame: FrameKey | None = None, error: str | None = None) -> None:
+    def _file_rows(self, paths: Iterable[Path], status: str, frame: FrameKey | None, error: str | None, now: float) -> list[tuple]:
         rows = []
-        now = time.time()
         for p in paths:
             try:
                 size, mtime = self._stat(Path(p))
             except OSError:
                 size, mtime = -1, -1
             rows.append((str(p), size, mtime, status, str(frame) if frame else None, error, now))
+        return rows
+
+    def _write(self, rows: list[tuple], frame_row: tuple | None = None) -> None:
         with self._lock:
             self._db.execute("BEGIN")
+            if frame_row is not None:
+                self._db.execute("INSERT OR REPLACE INTO frames VALUES (?,?,?,?)", frame_row)
             self._db.executemany("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?)", rows)
             self._db.execute("COMMIT")
+            for path, size, mtime, status, *_ in rows:
+                if status in FINISHED:
+                    self._finished[path] = (size, mtime)
+                else:
+                    self._finished.pop(path, None)
+
+    def mark_files(self, paths: Iterable[Path], status: str, frame: FrameKey | None = None, error: str | None = None) -> None:
+        self._write(self._file_rows(paths, status, frame, error, time.time()))
 
     def mark_frame(self, key: FrameKey, sources: Iterable[Path], status: str = "done", error: str | None = None) -> None:
         """Atomically mark a frame and its files."""
         now = time.time()
-        rows = []
-        for p in sources:
-            try:
-                size, mtime = self._stat(Path(p))
-            except OSError:
-                size, mtime = -1, -1
-            rows.append((str(p), size, mtime, "done" if status == "done" else "quarantined", str(key), error, now))
-        with self._lock:
-            self._db.execute("BEGIN")
-            self._db.execute("INSERT OR REPLACE INTO frames VALUES (?,?,?,?)", (str(key), status, error, now))
-            self._db.executemany("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?)", rows)
-            self._db.execute("COMMIT")
+        rows = self._file_rows(sources, "done" if status == "done" else "quarantined", key, error, now)
+        self._write(rows, (str(key), status, error, now))
 
     def counts(self) -> dict[str, int]:
         with self._lock:
