@@ -35,7 +35,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--plugin-path", type=Path, action="append", default=[], help="folder with site-local 'module:attr' encoder plugins")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA when available, else CPU")
 
 
 def _add_ewc(p: argparse.ArgumentParser, defaults: bool) -> None:
@@ -114,7 +114,9 @@ def _encoders(names: list[str], args: argparse.Namespace) -> list[Any]:
     from monitor.registry import Registry
 
     reg = Registry(args.plugin_path)
-    ctx = BuildContext(state_dir=Path.cwd(), device=args.device)
+    from monitor.daemon import resolve_device
+
+    ctx = BuildContext(state_dir=Path.cwd(), device=resolve_device(args.device))
     return [reg.build("encoders", PluginRef(name=n), ctx, where=f"--encoders {n}") for n in names]
 
 

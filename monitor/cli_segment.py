@@ -96,12 +96,13 @@ def _segment(args: argparse.Namespace) -> int:
     import tifffile
 
     from monitor.cli_service import config_or_default
+    from monitor.daemon import resolve_device
     from monitor.errors import BadInput
     from monitor.imaging import rescale
 
     cfg = config_or_default(args.config)
     frame, registry, ctx = _read_frame(args, cfg)
-    ctx.device = cfg.pipeline.device
+    ctx.device = resolve_device(cfg.pipeline.device)
     segmenter = registry.build("segmenters", cfg.segmenter, ctx, cfg.source_name, "segmenter")
     shape0 = frame.shape_px
     work = rescale(frame, cfg.pipeline.pixel_size_um)
