@@ -26,8 +26,8 @@ def encoder(name: str) -> Any:
 
 
 def embedded(data: Path, names: tuple[str, ...], prep: Any, classes: list[str] | None = None, progress: bool = True) -> Any:
-    from monitor.cache import EmbeddingCache, embed_dataset
-    from monitor.dataset import scan
+    from monitor.index.cache import EmbeddingCache, embed_dataset
+    from monitor.index.dataset import scan
 
     ds = scan(data, classes)
     return embed_dataset(ds, [encoder(n) for n in names], prep, EmbeddingCache(), batch_size=32, progress=progress)
@@ -45,13 +45,13 @@ def canberra_pruning(refs: Any, queries: Any, k: int, chunk: int = 256) -> tuple
     Returns (mean over queries of k-th neighbour distance / mean distance,
     fraction of all terms that must be computed when every reference is
     abandoned at the first ``chunk`` boundary where its partial sum, with the
-    dimensions in :func:`monitor.canberra.contribution_order`, exceeds the
+    dimensions in :func:`monitor.index.canberra.contribution_order`, exceeds the
     exact k-th distance). The second number is the best any exact
     chunk-wise abandoning can do; the real scan starts from a looser bound.
     """
     import numpy as np
 
-    from monitor.canberra import contribution_order
+    from monitor.index.canberra import contribution_order
 
     order = contribution_order(refs)
     r = np.asarray(refs, dtype=np.float64)[:, order]

@@ -22,11 +22,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._ewc_common import DATA, LITES, embedded, encoder, need_data  # noqa: E402
-from monitor.dataset import Preprocess, group_split, stratified_split  # noqa: E402
-from monitor.evaluate import evaluate  # noqa: E402
-from monitor.index import EWCParams, ReferenceIndex  # noqa: E402
-from monitor.report import table  # noqa: E402
-from monitor.search import SearchRow, best_ewc, combination_search  # noqa: E402
+from monitor.index.dataset import Preprocess, group_split, stratified_split  # noqa: E402
+from monitor.index.evaluate import evaluate  # noqa: E402
+from monitor.index.ewc import EWCParams  # noqa: E402
+from monitor.index.report import table  # noqa: E402
+from monitor.index.store import ReferenceIndex  # noqa: E402
+from monitor.index.tune import SearchRow, best_ewc, combination_search  # noqa: E402
 
 SHARED = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
 WHOLE = Preprocess(framing="whole", crop_px=224)
@@ -124,8 +125,8 @@ def main() -> int:
 
     # ---- transfer variants: scale and colour normalisation (first encoder, pbc subset)
     if args.variants:
-        from monitor.cache import EmbeddingCache, embed_dataset
-        from monitor.dataset import Dataset, scan
+        from monitor.index.cache import EmbeddingCache, embed_dataset
+        from monitor.index.dataset import Dataset, scan
 
         e0 = names[0]
         full = scan(DATA / "pbc", SHARED)

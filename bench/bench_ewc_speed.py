@@ -31,9 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._ewc_common import canberra_pruning, dense_canberra_rate  # noqa: E402
 from monitor import classify  # noqa: E402
-from monitor.canberra import CanberraSearch  # noqa: E402
-from monitor.index import EWCClassifier, EWCParams, HNSWParams, ReferenceIndex, _topk  # noqa: E402
-from monitor.report import table  # noqa: E402
+from monitor.index.canberra import CanberraSearch  # noqa: E402
+from monitor.index.ewc import EWCClassifier, EWCParams  # noqa: E402
+from monitor.index.report import table  # noqa: E402
+from monitor.index.search import HNSWParams, _topk  # noqa: E402
+from monitor.index.store import ReferenceIndex  # noqa: E402
 
 
 def synthetic(n: int, d: int, n_queries: int, seed: int = 0, noise: float = 0.9, ambiguous: float = 0.0, jitter: float = 0.01) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -92,7 +94,7 @@ def classify_section(args: argparse.Namespace, x: np.ndarray, y: np.ndarray, q: 
     t_old = time.perf_counter() - t
     rows.append(["  previous EWC path: re-search the undecided rows at every k", f"{t_old:.2f} s", f"now/previous = {t_cls / t_old:.2f}x", ""])
     t = time.perf_counter()
-    g10 = [_topk(idx._distance_block(q[s_:e_]), 10) for s_, e_ in idx._blocks(len(q))]
+    g10 = [_topk(idx.searcher._distance_block(q[s_:e_]), 10) for s_, e_ in idx.searcher._blocks(len(q))]
     t_gemm = time.perf_counter() - t
     gi = np.concatenate([g[1] for g in g10])
     gd = np.concatenate([g[0] for g in g10])
@@ -125,7 +127,7 @@ def classify_section(args: argparse.Namespace, x: np.ndarray, y: np.ndarray, q: 
 
 def scan_rate(cs: CanberraSearch, queries: np.ndarray) -> float:
     """Terms/s of the fast path's scan kernel over all terms (chunk = dim: nothing abandoned)."""
-    from monitor.canberra import _kernels, scan_eps
+    from monitor.index.canberra import _kernels, scan_eps
 
     r = cs.refs
     q = np.ascontiguousarray(np.asarray(queries, dtype=np.float32)[:, cs.order])
@@ -143,7 +145,7 @@ def scan_rate(cs: CanberraSearch, queries: np.ndarray) -> float:
 def canberra_section(args: argparse.Namespace, x: np.ndarray, q: np.ndarray, label: str, n_fast: int) -> None:
     import faiss
 
-    from monitor.canberra import canberra_knn_reference
+    from monitor.index.canberra import canberra_knn_reference
 
     n, dim = x.shape
     cq = q[: args.canberra_queries]
@@ -189,7 +191,7 @@ def canberra_section(args: argparse.Namespace, x: np.ndarray, q: np.ndarray, lab
 
 def real_section(args: argparse.Namespace) -> None:
     from bench._ewc_common import DATA, LITES, embedded, encoder
-    from monitor.dataset import Preprocess, stratified_split
+    from monitor.index.dataset import Preprocess, stratified_split
 
     if not DATA.is_dir():
         print(f"(real-embedding Canberra skipped: no data at {DATA})\n")

@@ -39,8 +39,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from monitor.config import load_config
-    from monitor.daemon import build_service
-    from monitor.demo import (
+    from monitor.demo.run import (
         DEMO_CONFIG,
         FIELD_PX,
         FRAME_UM,
@@ -48,9 +47,10 @@ def main() -> int:
         build_reference,
         write_frame,
     )
+    from monitor.demo.synthetic import make_cells, render_field
     from monitor.protocols import BuildContext
     from monitor.registry import Registry
-    from monitor.synthetic import make_cells, render_field
+    from monitor.service.loop import build_service
 
     work = Path(tempfile.mkdtemp(prefix="cellmonitor-bench-"))
     (work / "demo.toml").write_text(DEMO_CONFIG.replace("metrics_port = 9108", "metrics_port = 0"))
@@ -67,9 +67,9 @@ def main() -> int:
     load0 = os.getloadavg()[0]
     lines = ["# Service benchmark", "", f"Command: `python bench/bench_service.py --frames {args.frames}` ({os.cpu_count()} CPUs)", ""]
     # 1) stage times at two batch sizes, on the same 6 frames
-    from monitor.assemble import merge
     from monitor.pipeline import process_frame
     from monitor.records import Acquisition, FrameKey
+    from monitor.service.assemble import merge
 
     frames = []
     for t in range(6):

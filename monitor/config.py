@@ -67,7 +67,7 @@ class AssemblyConfig(_Model):
 
     @model_validator(mode="after")
     def _roles_in_channels(self) -> AssemblyConfig:
-        from monitor.assemble import _norm  # the assembler's own name matching
+        from monitor.service.assemble import _norm  # the assembler's own name matching
 
         names = {_norm(c) for c in self.channels}
         for role, value in (("primary", self.primary), ("control", self.control)):
@@ -193,3 +193,8 @@ def load_config(path: str | Path) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML ({e})") from None
     return parse_config(data, str(path), path.resolve().parent)
+
+
+def config_or_default(path: Path | None) -> Any:
+    """The config at ``path``, or the built-in defaults (paths relative to the cwd)."""
+    return load_config(path) if path is not None else Config()

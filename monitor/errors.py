@@ -61,3 +61,16 @@ class BadInput(CellmonitorError):
 
 class NotReady(BadInput):
     """A file that may still be being written (truncated TIFF, size changing)."""
+
+
+class StageError(Exception):
+    """A pipeline stage failed on one frame: the frame is quarantined, the service goes on.
+
+    ``stage`` names the stage (``rescale``, ``segment``, ``crop``, ``embed``,
+    ``classify``, ``control``); the original exception is ``__cause__``.
+    """
+
+    def __init__(self, stage: str, cause: BaseException):
+        self.stage = stage
+        self.cause = cause
+        super().__init__(f"{stage}: {type(cause).__name__}: {cause}")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from monitor.control import otsu_control
+from monitor.errors import StageError
 from monitor.imaging import crop_cells, rescale
 from monitor.protocols import Classifier, Encoder, Segmenter
 from monitor.records import ControlSignal, Counts, Embeddings, Frame, States
@@ -77,16 +78,21 @@ def _stage(name: str, seconds: dict[str, float]) -> Iterator[None]:
     t = time.perf_counter()
     try:
         yield
-    except Exception as e:
-        # the daemon counts failures by stage
-        e.stage = name  # type: ignore[attr-defined]
-        raise
+    except Exception as e:  # the service counts failures by stage
+        raise StageError(name, e) from e
     finally:
         seconds[name] = time.perf_counter() - t
 
 
 def process_frame(frame: Frame, p: Pipeline) -> Counts:
-    """Frame -> rescale -> segment -> crop -> embed -> EWC -> control -> Counts."""
+    """Frame -> rescale -> segment -> crop -> embed -> EWC -> control -> Counts.
+
+    Raises
+    ------
+    StageError
+        Any failure inside a stage, naming the stage; the service quarantines
+        the frame and carries on. Nothing here is fatal to the service.
+    """
     s: dict[str, float] = {}
     with _stage("rescale", s):
         frame = rescale(frame, p.pixel_size_um)

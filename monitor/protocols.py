@@ -60,7 +60,7 @@ class Encoder(Protocol):
 
 @runtime_checkable
 class Classifier(Protocol):
-    """Cell states from embeddings (the built-in one is EWC-FAISS, monitor.index.EWCClassifier)."""
+    """Cell states from embeddings (the built-in one is EWC-FAISS, monitor.index.store.EWCClassifier)."""
 
     @property
     def classes(self) -> tuple[str, ...]: ...
@@ -72,10 +72,14 @@ class Classifier(Protocol):
 class Sink(Protocol):
     """Receives per-timepoint counts after the pipeline returns.
 
-    A sink may set ``record_of_truth = True`` (the CSV sink does): if its
-    ``write`` fails, the frame is not marked done and is processed again at the
-    next start. Failures of other sinks are logged and counted only.
+    ``record_of_truth = True`` (the CSV sink): the service marks a frame done
+    only after this sink wrote it; if its ``write`` fails, the frame is not
+    marked done. Failures of other sinks (``record_of_truth = False``) are
+    logged and counted only. ``name`` labels the sink in logs and metrics.
     """
+
+    name: str
+    record_of_truth: bool
 
     def write(self, counts: Counts) -> None: ...
 
@@ -88,7 +92,7 @@ class BuildContext:
 
     state_dir: Path
     config_path: Path | None = None
-    metrics: Any = None  # monitor.metrics.ServiceMetrics or None
+    metrics: Any = None  # monitor.service.metrics.ServiceMetrics or None
     device: str = "cpu"
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -8,11 +8,13 @@ it receives. ``check_*`` functions assert the contract of a plugin instance.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from monitor.errors import BadInput
+from monitor.errors import BadInput, NotReady
 from monitor.protocols import Encoder, FrameReader, Segmenter, Sink
 from monitor.records import Acquisition, Cells, Counts, Frame, FrameKey
 from monitor.segmentation import cells_from_labels
@@ -56,11 +58,14 @@ class MeanColourEncoder:
 
 
 class ListSink:
+    """Keeps every Counts it receives in ``rows``; ``record_of_truth`` is settable."""
+
     name = "list"
 
-    def __init__(self) -> None:
+    def __init__(self, record_of_truth: bool = False) -> None:
         self.rows: list[Counts] = []
         self.closed = False
+        self.record_of_truth = record_of_truth
 
     def write(self, counts: Counts) -> None:
         self.rows.append(counts)
@@ -70,7 +75,13 @@ class ListSink:
 
 
 class ArrayReader:
-    """Reads ``.npy`` files named ``<well>_t<N>_<channel>.npy`` at a fixed pixel size."""
+    """Reads ``.npy`` files named ``<well>_t<N>_<channel>.npy`` at a fixed pixel size.
+
+    Like a real reader it tells a file still being written from a broken one:
+    a file that starts like ``.npy`` (or is shorter than its magic) but does
+    not decode is :class:`~monitor.errors.NotReady` (retried); anything else
+    that is not ``.npy`` is :class:`~monitor.errors.BadInput` (quarantined).
+    """
 
     name = "npy"
     specificity = 1
@@ -82,12 +93,23 @@ class ArrayReader:
         return None if path.suffix == ".npy" else "not a .npy file"
 
     def read(self, path: Path) -> Acquisition:
-        well, t, channel = path.stem.split("_", 2)
+        try:
+            well, t, channel = path.stem.split("_", 2)
+            timepoint = int(t[1:])
+        except ValueError:
+            raise BadInput(path, "name does not match <well>_t<N>_<channel>.npy") from None
+        try:
+            with path.open("rb") as f:
+                head = f.read(6)
+        except OSError as e:
+            raise NotReady(path, f"cannot open ({e.strerror})") from None
+        if len(head) == 6 and head != b"\x93NUMPY":
+            raise BadInput(path, "not a .npy file (bad magic)")
         try:
             arr = np.load(path, allow_pickle=False)
-        except Exception as e:
-            raise BadInput(path, f"not a readable .npy ({e})") from None
-        return Acquisition(path, FrameKey("test", well, "1", int(t[1:])), {channel: arr}, self.pixel_size_um, "config", "test")
+        except Exception as e:  # header or data cut short: still being written
+            raise NotReady(path, f"truncated .npy ({type(e).__name__})") from None
+        return Acquisition(path, FrameKey("test", well, "1", timepoint), {channel: arr}, self.pixel_size_um, "config", "test")
 
 
 # ---- contract checks ----------------------------------------------------------
@@ -135,7 +157,28 @@ def check_encoder(enc: Encoder, n: int = 3, size: int = 224) -> np.ndarray:
     return v
 
 
-def check_sink(sink: Sink, counts: Counts) -> None:
-    assert isinstance(sink, Sink)
+def check_sink(sink: Sink, counts: Counts, read_back: Callable[[], Iterable[Mapping[str, Any]]]) -> None:
+    """A sink keeps what it is given: ``read_back()`` must show ``counts`` after ``write``.
+
+    ``read_back`` returns what the sink holds as mappings (a CSV's rows, a
+    registry's samples) with at least ``well`` and ``n_cells`` and, where the
+    sink keeps them, ``timepoint`` and one entry per class. A record-of-truth
+    sink must also be idempotent: writing the same frame twice keeps one row.
+    """
+    assert isinstance(sink, Sink), "sink lacks name/record_of_truth/write/close"
+    assert isinstance(sink.name, str) and sink.name
+    assert isinstance(sink.record_of_truth, bool)
+
+    def matches(row: Mapping[str, Any]) -> bool:
+        want: dict[str, Any] = {"well": counts.key.well, "n_cells": counts.n_cells, "timepoint": counts.key.timepoint, **counts.counts}
+        return all(str(row[k]) == str(v) for k, v in want.items() if k in row) and "n_cells" in row and "well" in row
+
     sink.write(counts)
+    if sink.record_of_truth:
+        sink.write(counts)
+    held = list(read_back())
+    found = [r for r in held if matches(r)]
+    assert found, f"sink {sink.name} does not hold what was written ({len(held)} row(s) read back)"
+    if sink.record_of_truth:
+        assert len(found) == 1, f"record-of-truth sink {sink.name} wrote the same frame {len(found)} times"
     sink.close()

@@ -9,13 +9,13 @@ and scaled to [-1, 1] as the Lite models were trained (TF-Lite convention).
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from monitor.errors import WeightsMissing
+from monitor.hashing import file_sha256
 from monitor.protocols import BuildContext
 
 _NATIVE = {0: 224, 1: 240, 2: 260}
@@ -39,14 +39,6 @@ def _default_weights(variant: int) -> Path:
         ) from None
     cls = getattr(mod, f"EfficientnetLite{variant}ModelFile")
     return Path(cls.get_model_file_path())
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for b in iter(lambda: f.read(1 << 20), b""):
-            h.update(b)
-    return h.hexdigest()[:12]
 
 
 class EfficientNetLiteEncoder:
@@ -95,7 +87,7 @@ def load_efficientnet_lite(variant: int, weights: Path | None, input_px: int | N
         bad = [k for k in missing if not k.startswith("_fc")]
         if bad:
             raise WeightsMissing(f"{path}: not EfficientNet-Lite{variant} weights ({len(bad)} missing tensors, e.g. {bad[0]})")
-        tag = _file_digest(path)
+        tag = file_sha256(path)[:12]
     return EfficientNetLiteEncoder(variant, model, tag, input_px or _NATIVE[variant], device)
 
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict
 
 from monitor.protocols import BuildContext
 from monitor.records import Counts
-from monitor.results import COLUMNS_FIXED, counts_row
+from monitor.service.rows import COLUMNS_FIXED, counts_row
 
 
 class Options(BaseModel):

@@ -9,9 +9,9 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ConfigDict
 
-from monitor.metrics import ServiceMetrics
 from monitor.protocols import BuildContext
 from monitor.records import Counts
+from monitor.service.metrics import ServiceMetrics
 
 
 class Options(BaseModel):
@@ -20,6 +20,7 @@ class Options(BaseModel):
 
 class PrometheusSink:
     name = "prometheus"
+    record_of_truth = False  # live view only; the CSV is the record
 
     def __init__(self, metrics: ServiceMetrics):
         self.metrics = metrics

@@ -97,10 +97,70 @@ def test_missing_weights_file_is_a_clear_error(tmp_path, reg):
 def test_sinks_contract(tmp_path, reg, name):
     sink = reg.build("sinks", PluginRef(name=name), ctx(tmp_path))
     c = Counts(FrameKey("e", "A1", "1", 1), "t", None, 0.322, "config", 3, {"live": 2, "dead": 1}, 0, 0.9, None)
-    check_sink(sink, c)
+    check_sink(sink, c, _read_back(sink, tmp_path))
     if name == "csv":
         rows = (tmp_path / "counts.csv").read_text().splitlines()
         assert len(rows) == 2 and ",2,1," in rows[1]
+
+
+def _read_back(sink, tmp_path):
+    """What a built-in sink holds: the CSV's rows, or the gauges in the metrics registry."""
+    import csv as _csv
+
+    if sink.name == "csv":
+        return lambda: list(_csv.DictReader((tmp_path / "counts.csv").open()))
+
+    def gauges():
+        rows: dict[str, dict] = {}
+        for fam in sink.metrics.registry.collect():
+            for s in fam.samples:
+                if s.name == "cellmonitor_latest_cells":
+                    r = rows.setdefault(s.labels["well"], {"well": s.labels["well"], "n_cells": 0})
+                    r[s.labels["state"]] = int(s.value)
+                    r["n_cells"] += int(s.value)
+                elif s.name == "cellmonitor_latest_timepoint":
+                    rows.setdefault(s.labels["well"], {"well": s.labels["well"], "n_cells": 0})["timepoint"] = int(s.value)
+        return list(rows.values())
+
+    return gauges
+
+
+class _ForgetfulSink:
+    """A sink whose write does nothing: the contract check must catch it."""
+
+    name = "forgetful"
+    record_of_truth = True
+
+    def write(self, counts):
+        pass
+
+    def close(self):
+        pass
+
+
+class _DoublingCsv:
+    """A record-of-truth sink that appends every write, even of the same frame."""
+
+    name = "doubling"
+    record_of_truth = True
+
+    def __init__(self):
+        self.rows = []
+
+    def write(self, counts):
+        self.rows.append({"well": counts.key.well, "timepoint": counts.key.timepoint, "n_cells": counts.n_cells, **counts.counts})
+
+    def close(self):
+        pass
+
+
+def test_check_sink_catches_a_sink_that_keeps_nothing_or_doubles():
+    c = Counts(FrameKey("e", "A1", "1", 1), "t", None, 0.322, "config", 3, {"live": 2, "dead": 1}, 0, 0.9, None)
+    with pytest.raises(AssertionError, match="does not hold what was written"):
+        check_sink(_ForgetfulSink(), c, lambda: [])
+    d = _DoublingCsv()
+    with pytest.raises(AssertionError, match="wrote the same frame 2 times"):
+        check_sink(d, c, lambda: d.rows)
 
 
 def test_vendor_readers_pass_the_shipped_contract(tmp_path, reg):

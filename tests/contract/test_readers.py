@@ -36,14 +36,14 @@ from fixtures.vendor import (
     write_tiff,
 )
 
-from monitor.assemble import FrameAssembler
-from monitor.cli import main
+from monitor.cli.main import main
 from monitor.config import Config
 from monitor.errors import BadInput, NotReady
 from monitor.imaging import rescale
 from monitor.protocols import BuildContext, FrameReader
-from monitor.reading import build_readers
 from monitor.registry import Registry
+from monitor.service.assemble import FrameAssembler
+from monitor.service.reading import build_readers
 from monitor.testing import check_reader
 
 GEN5_NAME = "A1_03_1_1_Bright Field_001.tif"

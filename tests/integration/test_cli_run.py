@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 
 from monitor.config import PluginRef
-from monitor.demo import DEMO_CONFIG, FIELD_PX, FRAME_UM, write_frame
-from monitor.index import EWCParams, ReferenceIndex
+from monitor.demo.run import DEMO_CONFIG, FIELD_PX, FRAME_UM, write_frame
+from monitor.demo.synthetic import make_cells, render_field
+from monitor.index.ewc import EWCParams
+from monitor.index.store import ReferenceIndex
 from monitor.protocols import BuildContext
 from monitor.registry import Registry
-from monitor.synthetic import make_cells, render_field
 
 
 def free_port() -> int:

@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from monitor.demo import run_demo
+from monitor.demo.run import run_demo
 
 
 def free_port() -> int:
@@ -59,7 +59,7 @@ def test_small_demo_csv_matches_metrics_and_trends(tmp_path):
 
 
 def test_replay_reproduces_live_counts_and_export(tmp_path):
-    from monitor.cli import main
+    from monitor.cli.main import main
 
     res = run_demo(tmp_path / "demo", n_timepoints=2, wells=("A1",), cells_per_field=10, per_state=12, metrics_port=None, say=lambda m: None)
     cfg = (tmp_path / "demo" / "demo.toml").read_text().replace('state_dir = "state"', 'state_dir = "state2"')
@@ -80,7 +80,7 @@ def test_replay_reproduces_live_counts_and_export(tmp_path):
 
 
 def test_run_without_index_is_one_line_exit_78(tmp_path, capsys):
-    from monitor.cli import main
+    from monitor.cli.main import main
 
     cfg = tmp_path / "c.toml"
     cfg.write_text('[service]\nmetrics_port = 0\n[classifier]\nindex = "missing-index"\n')
@@ -93,7 +93,7 @@ def test_run_without_index_is_one_line_exit_78(tmp_path, capsys):
 
 
 def test_export_refuses_a_foreign_csv_in_one_line(tmp_path, capsys):
-    from monitor.cli import main
+    from monitor.cli.main import main
 
     bad = tmp_path / "other.csv"
     bad.write_text("a,b\n1,2\n")
@@ -102,7 +102,7 @@ def test_export_refuses_a_foreign_csv_in_one_line(tmp_path, capsys):
 
 
 def test_unwritable_output_is_one_line_not_an_internal_error(tmp_path, capsys):
-    from monitor.cli import main
+    from monitor.cli.main import main
 
     src = tmp_path / "counts.csv"
     src.write_text("experiment,well,field,timepoint,n_cells,n_live,frac_live\ne,A1,1,1,2,2,1.0\n")

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from monitor.cli import main
+from monitor.cli.main import main
 
 TINY = '''
 import numpy as np

@@ -13,10 +13,9 @@ from pathlib import Path
 from fixtures.service import make_service
 from fixtures.vendor import write_gen5_plate
 
-from monitor.config import parse_config
 from monitor.protocols import BuildContext
-from monitor.reading import build_readers
 from monitor.registry import Registry
+from monitor.service.reading import build_readers
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -24,17 +23,13 @@ REPO = Path(__file__).resolve().parents[2]
 def test_gen5_plate_export_folder_is_counted_per_well_field_timepoint(tmp_path):
     export = tmp_path / "in"
     plate = write_gen5_plate(export)
-    svc, sink = make_service(tmp_path)
     shipped = tomllib.loads((REPO / "config" / "lionheart.toml").read_text())
     data = {
         "service": {"watch_dir": "in", "state_dir": "state", "stable_s": 0.0, "metrics_port": 0},
         "reader": {"name": "auto"},
         "assembly": shipped["assembly"],
     }
-    cfg = parse_config(data, "t.toml", tmp_path)
-    svc.cfg = cfg
-    svc.__post_init__()
-    svc.readers = build_readers(cfg, Registry(), BuildContext(state_dir=tmp_path, extra={"experiment": "x"}))
+    svc, sink = make_service(tmp_path, data=data, readers=lambda cfg: build_readers(cfg, Registry(), BuildContext(state_dir=tmp_path, extra={"experiment": "x"})))
     svc.run(threading.Event(), until_idle=True, observe=False)
     svc.close()
     n_frames = len(plate.wells) * len(plate.fields) * plate.timepoints
@@ -57,7 +52,6 @@ def test_nanolive_export_is_rescaled_and_grouped(tmp_path):
 
     export = tmp_path / "in"
     write_nanolive_export(export, timepoints=3)
-    svc, sink = make_service(tmp_path)
     shipped = tomllib.loads((REPO / "config" / "nanolive.toml").read_text())
     data = {
         "service": {"watch_dir": "in", "state_dir": "state", "stable_s": 0.0, "metrics_port": 0},
@@ -65,10 +59,7 @@ def test_nanolive_export_is_rescaled_and_grouped(tmp_path):
         "readers": shipped["readers"],
         "assembly": shipped["assembly"],
     }
-    cfg = parse_config(data, "t.toml", tmp_path)
-    svc.cfg = cfg
-    svc.__post_init__()
-    svc.readers = build_readers(cfg, Registry(), BuildContext(state_dir=tmp_path))
+    svc, sink = make_service(tmp_path, data=data, readers=lambda cfg: build_readers(cfg, Registry(), BuildContext(state_dir=tmp_path)))
     svc.run(threading.Event(), until_idle=True, observe=False)
     svc.close()
     assert sorted(c.key.timepoint for c in sink.rows) == [1, 2, 3]

@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from monitor.cache import EmbeddingCache, embed_dataset
-from monitor.dataset import Dataset, Preprocess, scan
-from monitor.evaluate import evaluate
-from monitor.index import EWCParams, ReferenceIndex
+from monitor.index.cache import EmbeddingCache, embed_dataset
+from monitor.index.dataset import Dataset, Preprocess, scan
+from monitor.index.evaluate import evaluate
+from monitor.index.ewc import EWCParams
+from monitor.index.store import ReferenceIndex
 
 
 @pytest.mark.realdata

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from monitor.cli import main
+from monitor.cli.main import main
 
 DISCS_PX = [(30, 40, 12), (35, 110, 14), (95, 50, 13), (100, 125, 15)]  # (y, x, r) on a 140 x 170 image
 
@@ -91,7 +91,7 @@ def test_segment_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 def test_label_dtype_switches_to_uint32() -> None:
-    from monitor.cli_segment import label_dtype, labels_on_input_grid
+    from monitor.cli.segment import label_dtype, labels_on_input_grid
 
     assert label_dtype(65535) is np.uint16 and label_dtype(65536) is np.uint32
     many = np.arange(300 * 300, dtype=np.int64).reshape(300, 300)  # 89,999 cells + background

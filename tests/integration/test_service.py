@@ -14,7 +14,7 @@ from fixtures.service import blobs, drop, make_service, run_until
 @pytest.mark.usefixtures("no_thread_leak")
 def test_files_dropped_while_running_are_counted_once(tmp_path):
     svc, sink = make_service(tmp_path)
-    watch = svc.cfg.service.watch_dir
+    watch = svc.settings.watch_dir
 
     def feeder():
         time.sleep(0.3)
@@ -34,16 +34,16 @@ def test_files_dropped_while_running_are_counted_once(tmp_path):
 
 def test_restart_processes_backlog_and_never_duplicates(tmp_path):
     svc, sink = make_service(tmp_path, sinks=None)
-    watch = svc.cfg.service.watch_dir
+    watch = svc.settings.watch_dir
     drop(watch, "A1_t1_phase.npy", blobs(2, 0.3))
     csv_path = tmp_path / "state" / "counts.csv"
-    svc.sinks = [CsvSink(csv_path), sink]
+    svc.recorder.sinks = [CsvSink(csv_path), sink]
     svc.run(threading.Event(), until_idle=True, observe=False)
     svc.close()
     # files arrive while the service is down
     drop(watch, "A1_t2_phase.npy", blobs(5, 0.9))
     svc2, sink2 = make_service(tmp_path)
-    svc2.sinks = [CsvSink(csv_path), sink2]
+    svc2.recorder.sinks = [CsvSink(csv_path), sink2]
     svc2.run(threading.Event(), until_idle=True, observe=False)
     svc2.close()
     assert [c.key.timepoint for c in sink2.rows] == [2]  # t1 is in the ledger: not redone
@@ -55,13 +55,13 @@ def test_restart_processes_backlog_and_never_duplicates(tmp_path):
 def test_crash_between_csv_and_ledger_does_not_duplicate_rows(tmp_path):
     csv_path = tmp_path / "state" / "counts.csv"
     svc, sink = make_service(tmp_path)
-    drop(svc.cfg.service.watch_dir, "A1_t1_phase.npy", blobs(2, 0.3))
-    svc.sinks = [CsvSink(csv_path)]
-    svc.ledger.mark_frame = lambda *a, **k: None  # the 'crash': the ledger never hears of it
+    drop(svc.settings.watch_dir, "A1_t1_phase.npy", blobs(2, 0.3))
+    svc.recorder.sinks = [CsvSink(csv_path)]
+    svc.recorder.ledger.mark_frame = lambda *a, **k: None  # the 'crash': the ledger never hears of it
     svc.run(threading.Event(), until_idle=True, observe=False)
     svc.close()
     svc2, sink2 = make_service(tmp_path)
-    svc2.sinks = [CsvSink(csv_path), sink2]
+    svc2.recorder.sinks = [CsvSink(csv_path), sink2]
     svc2.run(threading.Event(), until_idle=True, observe=False)
     svc2.close()
     assert len(sink2.rows) == 1  # reprocessed ...
@@ -70,7 +70,7 @@ def test_crash_between_csv_and_ledger_does_not_duplicate_rows(tmp_path):
 
 def test_half_written_file_is_retried_then_counted(tmp_path):
     svc, sink = make_service(tmp_path)
-    watch = svc.cfg.service.watch_dir
+    watch = svc.settings.watch_dir
     watch.mkdir(parents=True, exist_ok=True)
     p = watch / "A1_t1_phase.npy"
     full = tmp_path / "full.npy"
@@ -84,15 +84,18 @@ def test_half_written_file_is_retried_then_counted(tmp_path):
 
     th = threading.Thread(target=finish)
     th.start()
-    run_until(svc, lambda: len(sink.rows) >= 1)
+    # no watcher and no rescan: only the reader's NotReady -> retry branch can bring the file back
+    svc.rescan_s = 3600
+    run_until(svc, lambda: len(sink.rows) >= 1, observe=False)
     th.join()
     svc.close()
     assert len(sink.rows) == 1 and sink.rows[0].n_cells == 3
+    assert not (tmp_path / "state" / "quarantine.csv").exists()
 
 
 def test_bad_file_is_quarantined_with_one_line_and_others_continue(tmp_path, caplog):
     svc, sink = make_service(tmp_path)
-    watch = svc.cfg.service.watch_dir
+    watch = svc.settings.watch_dir
     watch.mkdir(parents=True, exist_ok=True)
     (watch / "A1_t1_phase.npy").write_bytes(b"this is not an array")
     drop(watch, "A1_t2_phase.npy", blobs(2, 0.3))
@@ -107,7 +110,7 @@ def test_bad_file_is_quarantined_with_one_line_and_others_continue(tmp_path, cap
 
 def test_incomplete_frame_released_after_wait(tmp_path):
     svc, sink = make_service(tmp_path, channels=["phase", "apo15"], wait_s=0.3)
-    drop(svc.cfg.service.watch_dir, "A1_t1_phase.npy", blobs(2, 0.3))
+    drop(svc.settings.watch_dir, "A1_t1_phase.npy", blobs(2, 0.3))
     run_until(svc, lambda: len(sink.rows) >= 1, timeout=10)
     svc.close()
     assert len(sink.rows) == 1
@@ -117,7 +120,7 @@ def test_incomplete_frame_released_after_wait(tmp_path):
 
 def test_complete_frame_has_control_signal(tmp_path):
     svc, sink = make_service(tmp_path, channels=["phase", "apo15"], wait_s=30)
-    watch = svc.cfg.service.watch_dir
+    watch = svc.settings.watch_dir
     drop(watch, "A1_t1_phase.npy", blobs(2, 0.3))
     fl = np.random.default_rng(1).normal(0.1, 0.005, (128, 128)).astype(np.float32)
     fl[:16, :16] = 1.0  # 256 px bright
@@ -133,9 +136,9 @@ def test_complete_frame_has_control_signal(tmp_path):
 def test_frame_without_primary_channel_is_quarantined(tmp_path):
     svc, sink = make_service(tmp_path, channels=["phase", "apo15"], wait_s=0.2)
     fl = np.zeros((64, 64), np.float32)
-    drop(svc.cfg.service.watch_dir, "A1_t1_apo15.npy", fl)
+    drop(svc.settings.watch_dir, "A1_t1_apo15.npy", fl)
     run_until(svc, lambda: (tmp_path / "state" / "quarantine.csv").exists(), timeout=10)
-    known = svc.ledger.is_known(svc.cfg.service.watch_dir / "A1_t1_apo15.npy")
+    known = svc.recorder.ledger.is_known(svc.settings.watch_dir / "A1_t1_apo15.npy")
     svc.close()
     assert sink.rows == []
     q = (tmp_path / "state" / "quarantine.csv").read_text().splitlines()
@@ -145,7 +148,7 @@ def test_frame_without_primary_channel_is_quarantined(tmp_path):
 
 def test_missing_watch_folder_is_exit_69_not_created(tmp_path):
     svc, _ = make_service(tmp_path)
-    svc.cfg = svc.cfg.model_copy(update={"service": svc.cfg.service.model_copy(update={"watch_dir": tmp_path / "share" / "not-mounted"})})
+    svc.settings = svc.settings.model_copy(update={"watch_dir": tmp_path / "share" / "not-mounted"})
     from monitor.errors import Unavailable
 
     with pytest.raises(Unavailable) as e:
@@ -171,12 +174,12 @@ class _Failing:
 @pytest.mark.parametrize("truth", [True, False])
 def test_failed_record_of_truth_sink_leaves_the_frame_for_the_next_start(tmp_path, truth):
     svc, sink = make_service(tmp_path)
-    drop(svc.cfg.service.watch_dir, "A1_t1_phase.npy", blobs(2, 0.3))
-    svc.sinks = [_Failing(truth), sink]
+    drop(svc.settings.watch_dir, "A1_t1_phase.npy", blobs(2, 0.3))
+    svc.recorder.sinks = [_Failing(truth), sink]
     svc.run(threading.Event(), until_idle=True, observe=False)
     from monitor.records import FrameKey
 
-    done = svc.ledger.frame_done(FrameKey("test", "A1", "1", 1))
+    done = svc.recorder.ledger.frame_done(FrameKey("test", "A1", "1", 1))
     svc.close()
     assert len(sink.rows) == 1  # the other sinks still got the counts
     assert done is (not truth)

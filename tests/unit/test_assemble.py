@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from monitor.assemble import FrameAssembler, merge, resolve_roles
 from monitor.errors import ConfigError
 from monitor.records import Acquisition, FrameKey
+from monitor.service.assemble import FrameAssembler, merge, resolve_roles
 
 KEY = FrameKey("exp", "A1", "1", 3)
 
@@ -86,7 +86,7 @@ def test_timeout_releases_incomplete_frame_with_missing_channels(caplog):
     clock.t += 59.9
     assert a.due() == []
     clock.t += 0.2
-    with caplog.at_level(logging.WARNING, logger="monitor.assemble"):
+    with caplog.at_level(logging.WARNING, logger="monitor.service.assemble"):
         (f,) = a.due()
     assert f.missing_channels == ("Texas Red",) and f.control is None and f.primary == "Bright Field"
     assert a.n_pending == 0 and a.stats["incomplete"] == 1
@@ -140,7 +140,7 @@ def test_same_file_twice_replaces_it():
 
 def test_channel_names_match_case_insensitively_and_extras_are_left_out(caplog):
     a = FrameAssembler(["Bright Field", "Texas Red"], clock=Clock())
-    with caplog.at_level(logging.WARNING, logger="monitor.assemble"):
+    with caplog.at_level(logging.WARNING, logger="monitor.service.assemble"):
         assert a.add(acq("DAPI")) is None
     assert a.n_pending == 0 and a.stats["ignored_files"] == 1
     assert any("'DAPI' is not in assembly.channels" in r.getMessage() for r in caplog.records)
@@ -182,6 +182,6 @@ def test_merge_resamples_onto_the_primary_grid():
 
 
 def test_merge_warns_on_same_grid_different_pixel_size(caplog):
-    with caplog.at_level(logging.WARNING, logger="monitor.assemble"):
+    with caplog.at_level(logging.WARNING, logger="monitor.service.assemble"):
         merge([acq("Bright Field", px=0.322), acq("Texas Red", px=0.5)], "Bright Field", "Texas Red")
     assert any("on the same grid" in r.getMessage() for r in caplog.records)

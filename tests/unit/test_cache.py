@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from monitor.cache import EmbeddingCache, embed_dataset
-from monitor.dataset import Preprocess, scan, stratified_split
+from monitor.index.cache import EmbeddingCache, embed_dataset
+from monitor.index.dataset import Preprocess, scan, stratified_split
 
 
 class CountingEncoder:

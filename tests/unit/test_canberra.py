@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from monitor.canberra import (
+from monitor.index.canberra import (
     CanberraSearch,
     canberra_distances,
     canberra_knn,
@@ -79,7 +79,7 @@ def test_faiss_agrees() -> None:
 @pytest.mark.parametrize("nonneg", [True, False])
 def test_scan_values_within_eps(nonneg: bool) -> None:
     """The scan's float32 values (``vrcpps`` without a Newton step where AVX is there) stay within scan_eps of float64."""
-    from monitor.canberra import CHUNK, _kernels, scan_eps
+    from monitor.index.canberra import CHUNK, _kernels, scan_eps
 
     rng = np.random.default_rng(11)
     dim = 1029  # not a multiple of 8: the scalar tail of each chunk runs too
@@ -117,7 +117,7 @@ def test_portable_block_without_rcp() -> None:
     """The IEEE-division variant of the register block (used when AVX is missing) gives the same distances."""
     import numba as nb
 
-    from monitor.canberra import _make_block
+    from monitor.index.canberra import _make_block
 
     blk = _make_block(4, 2, False, False)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from monitor.cli import main
+from monitor.cli.main import main
 from monitor.config import Config, load_config, parse_config
 from monitor.errors import ConfigError
 from monitor.registry import Registry
@@ -82,7 +82,7 @@ def test_example_configs_load_and_validate(path):
 
 
 def test_demo_config_matches_the_shipped_example():
-    from monitor.demo import DEMO_CONFIG
+    from monitor.demo.run import DEMO_CONFIG
 
     shipped = tomllib.loads((REPO / "config" / "demo.toml").read_text())
     assert parse_config(shipped) == parse_config(tomllib.loads(DEMO_CONFIG))

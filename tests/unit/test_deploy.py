@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from monitor import systemd
-from monitor.metrics import ServiceMetrics
 from monitor.records import ControlSignal, Counts, FrameKey
+from monitor.service import notify as systemd
+from monitor.service.metrics import ServiceMetrics
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "systemd" / "cellmonitor.service"

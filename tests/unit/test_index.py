@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from monitor.errors import IndexError_
-from monitor.index import EWCClassifier, EWCParams, HNSWParams, ReferenceIndex
+from monitor.index.ewc import EWCClassifier, EWCParams, ewc_search
+from monitor.index.search import HNSWParams
+from monitor.index.store import ReferenceIndex
 
 ENC = [{"name": "a", "id": "a@1", "dim": 3, "version": "1.0"}, {"name": "b", "id": "b@2", "dim": 2}]
 
@@ -103,7 +105,7 @@ def test_refusals(tmp_path: Path) -> None:
     assert "labels.npy does not match its checksum" in _refusal(folder)
     # a consistent but wrong label count: rewrite the file and its checksum
     np.save(labels, np.zeros(59, dtype=np.int64), allow_pickle=False)
-    from monitor.index import _sha256
+    from monitor.hashing import file_sha256 as _sha256
 
     with_meta(checksums={**meta["checksums"], "labels.npy": _sha256(labels)})
     assert "59 labels for 60 vectors" in _refusal(folder)
@@ -134,8 +136,8 @@ def test_gemm_search_equals_faiss_exact(metric: str, k: int) -> None:
     q = rng.normal(size=(300, 48)).astype(np.float32)
     q[0] = x[10]
     idx = ReferenceIndex.build(x, np.arange(2500) % 4, tuple("abcd"), [{"name": "a", "id": "a", "dim": 48}], metric=metric)
-    assert idx.uses_gemm
-    idx._blocks = lambda n: [(s, min(n, s + 64)) for s in range(0, n, 64)]  # type: ignore[method-assign]
+    assert idx.searcher.uses_gemm
+    idx.searcher._blocks = lambda n: [(s, min(n, s + 64)) for s in range(0, n, 64)]  # type: ignore[method-assign]
     d, i = idx.search(q, k)
     if metric == "cosine":
         xn, qn = (v / np.linalg.norm(v, axis=1, keepdims=True) for v in (x, q))
@@ -165,9 +167,9 @@ def test_blocked_ewc_equals_adaptive_search() -> None:
     x = (rng.normal(size=(3000, 16)) + 0.8 * np.eye(16)[y]).astype(np.float32)
     q = rng.normal(size=(333, 16)).astype(np.float32)
     idx = ReferenceIndex.build(x, y, tuple("abcd"), [{"name": "a", "id": "a", "dim": 16}])
-    idx._blocks = lambda n: [(s, min(n, s + 100)) for s in range(0, n, 100)]  # type: ignore[method-assign]
+    idx.searcher._blocks = lambda n: [(s, min(n, s + 100)) for s in range(0, n, 100)]  # type: ignore[method-assign]
     p = EWCParams(5, 300, 0.6, True)
-    got = idx.ewc_search(q, p)
+    got = ewc_search(idx, q, p)
     want = classify.adaptive_search(idx.search, q, idx.labels, 4, idx.weights, 5, 300, 0.6)
     assert len(set(got.k_used.tolist())) > 2  # the schedule really runs past k_min
     for f in ("predicted", "certainty", "k_used", "neighbor_ids", "neighbor_labels"):

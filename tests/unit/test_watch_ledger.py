@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 
-from monitor.ledger import Ledger
 from monitor.records import FrameKey
-from monitor.watch import FileTracker, matches, scan
+from monitor.service.ledger import Ledger
+from monitor.service.watch import FileTracker, matches, scan
 
 
 class Clock:

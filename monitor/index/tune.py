@@ -20,8 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from monitor import classify
-from monitor.cache import EmbeddedSet
-from monitor.index import EWCParams, Metric, ReferenceIndex
+from monitor.index.cache import EmbeddedSet
+from monitor.index.ewc import EWCParams
+from monitor.index.search import Metric
+from monitor.index.store import ReferenceIndex
 
 log = logging.getLogger(__name__)
 

@@ -32,6 +32,7 @@ from typing import Any, Literal
 import numpy as np
 
 from monitor.errors import BadInput
+from monitor.hashing import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -209,15 +210,7 @@ def scan(root: str | Path, classes: list[str] | None = None) -> Dataset:
 
 def file_digest(path: Path, annotation: Path | None = None) -> str:
     """SHA-256 of the file's bytes (and of its annotation, whose boxes shape the crops)."""
-    h = hashlib.sha256()
-    for p in (path, annotation):
-        if p is None:
-            continue
-        with p.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        h.update(b"\0")
-    return h.hexdigest()
+    return file_sha256(path, annotation, separator=b"\0")
 
 
 def read_image(path: Path) -> np.ndarray:

@@ -114,20 +114,20 @@ def _encoders(names: list[str], args: argparse.Namespace) -> list[Any]:
     from monitor.registry import Registry
 
     reg = Registry(args.plugin_path)
-    from monitor.daemon import resolve_device
+    from monitor.service.loop import resolve_device
 
     ctx = BuildContext(state_dir=Path.cwd(), device=resolve_device(args.device))
     return [reg.build("encoders", PluginRef(name=n), ctx, where=f"--encoders {n}") for n in names]
 
 
 def _prep(args: argparse.Namespace) -> Any:
-    from monitor.dataset import Preprocess
+    from monitor.index.dataset import Preprocess
 
     return Preprocess(args.framing, args.crop_px, args.pixel_size, args.source_pixel_size, args.colour, args.cell_diameter_px)
 
 
 def _cache(args: argparse.Namespace) -> Any:
-    from monitor.cache import EmbeddingCache
+    from monitor.index.cache import EmbeddingCache
 
     return None if args.no_cache else EmbeddingCache(args.cache)
 
@@ -147,9 +147,9 @@ def _load_index(args: argparse.Namespace) -> tuple[Any, list[Any], Any]:
     """Load the index, rebuild its encoders by name, and validate ids/dims against it."""
     import json as _json
 
-    from monitor.dataset import Preprocess
     from monitor.errors import IndexError_
-    from monitor.index import ReferenceIndex
+    from monitor.index.dataset import Preprocess
+    from monitor.index.store import ReferenceIndex
 
     meta_path = args.index / "meta.json"
     try:
@@ -165,7 +165,7 @@ def _load_index(args: argparse.Namespace) -> tuple[Any, list[Any], Any]:
 
 
 def _params(args: argparse.Namespace, index: Any) -> Any:
-    from monitor.index import params_from_config
+    from monitor.index.ewc import params_from_config
 
     return params_from_config(index, args.k_min, args.k_max, args.threshold, args.reweight)
 
@@ -174,9 +174,11 @@ def _params(args: argparse.Namespace, index: Any) -> Any:
 def _build(args: argparse.Namespace) -> int:
     import time
 
-    from monitor.cache import embed_dataset
-    from monitor.dataset import scan
-    from monitor.index import EWCParams, HNSWParams, ReferenceIndex
+    from monitor.index.cache import embed_dataset
+    from monitor.index.dataset import scan
+    from monitor.index.ewc import EWCParams
+    from monitor.index.search import HNSWParams
+    from monitor.index.store import ReferenceIndex
 
     t0 = time.perf_counter()
     names = _csv(args.encoders)
@@ -214,10 +216,10 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from monitor.cache import embed_dataset
-    from monitor.dataset import scan
-    from monitor.evaluate import evaluate
-    from monitor.report import confusion_png, evaluation_text
+    from monitor.index.cache import embed_dataset
+    from monitor.index.dataset import scan
+    from monitor.index.evaluate import evaluate
+    from monitor.index.report import confusion_png, evaluation_text
 
     index, encoders, prep = _load_index(args)
     ds = scan(args.data)
@@ -239,10 +241,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from monitor.cache import embed_dataset
-    from monitor.dataset import scan, stratified_split
-    from monitor.report import table
-    from monitor.search import (
+    from monitor.index.cache import embed_dataset
+    from monitor.index.dataset import scan, stratified_split
+    from monitor.index.report import table
+    from monitor.index.tune import (
         DEFAULT_K_RANGES,
         DEFAULT_THRESHOLDS,
         best_ewc,
@@ -287,9 +289,9 @@ def _search(args: argparse.Namespace) -> int:
 def _classify(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from monitor.dataset import crops_for, read_image
     from monitor.errors import BadInput
-    from monitor.index import EWCClassifier
+    from monitor.index.dataset import crops_for, read_image
+    from monitor.index.ewc import EWCClassifier
     from monitor.pipeline import embed
 
     index, encoders, prep = _load_index(args)
@@ -340,7 +342,7 @@ def _classify(args: argparse.Namespace) -> int:
         for n in r["neighbours"]:
             print(f"    {n['label']:<16} d={n['distance']:<10.4g} {n['name'] or '#' + str(n['id'])}")
     if args.html:
-        from monitor.report import classify_html
+        from monitor.index.report import classify_html
 
         nimgs = [[_reference_crop(index, n["name"], prep) for n in r["neighbours"]] for r in results]
         args.html.write_text(classify_html(results, crops, nimgs, title=f"cellmonitor classify ({index.classes and len(index)} references)"))
@@ -350,8 +352,8 @@ def _classify(args: argparse.Namespace) -> int:
 
 def _reference_crop(index: Any, name: str | None, prep: Any) -> Any:
     """The crop a reference was embedded from, if its source file is still at the recorded data root."""
-    from monitor.dataset import crops_for, parse_voc, read_image
     from monitor.errors import BadInput
+    from monitor.index.dataset import crops_for, parse_voc, read_image
 
     root = (index.preprocessing or {}).get("data_root")
     if not name or not root:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from monitor.evaluate import Evaluation, Scores
+from monitor.index.evaluate import Evaluation, Scores
 
 log = logging.getLogger(__name__)
 

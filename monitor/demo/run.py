@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -28,42 +29,8 @@ from monitor.records import Counts, Embeddings, States
 
 log = logging.getLogger(__name__)
 
-DEMO_CONFIG = """\
-# cellmonitor demo configuration (written by `cellmonitor demo`; also config/demo.toml)
-[service]
-watch_dir = "input"          # the 'microscope export folder'
-state_dir = "state"          # ledger, counts.csv, quarantine.csv
-experiment = "demo"
-stable_s = 0.3               # a file must keep its size this long before it is read
-metrics_port = 9108
-
-[assembly]
-channels = ["phase", "apo15"]  # a frame = phase + Apo-15 fluorescence
-primary = "phase"
-control = "apo15"
-wait_s = 30
-
-[pipeline]
-pixel_size_um = 0.322        # frames are written at 0.4 um/px (TIFF resolution tags) and rescaled
-certainty_floor = 0.5
-blank_background = true      # crops show only the cell: neighbours would otherwise sway its state
-
-[segmenter]
-name = "classical"
-options = { mode = "intensity" }   # QPI-like frames: cells bright on a dark background
-
-[[encoders]]
-name = "efficientnet-lite0"
-
-[classifier]
-index = "index"
-
-[[sinks]]
-name = "csv"
-
-[[sinks]]
-name = "prometheus"
-"""
+#: the demo's configuration, shipped as package data (``config/demo.toml`` links to it)
+DEMO_CONFIG = (resources.files("monitor.demo") / "demo.toml").read_text(encoding="utf-8")
 
 FRAME_UM = 0.4
 FIELD_PX = 560
@@ -98,12 +65,13 @@ def write_frame(folder: Path, well: str, t: int, phase: np.ndarray, fluo: np.nda
 
 def build_reference(pipeline, per_state: int, seed: int, say: Callable[[str], None]):  # type: ignore[no-untyped-def]
     """Labelled reference cells from single-state fields, through segment -> crop -> embed."""
-    from monitor.assemble import merge
+    from monitor.demo.synthetic import reference_field
     from monitor.imaging import crop_cells, rescale
-    from monitor.index import EWCParams, ReferenceIndex
+    from monitor.index.ewc import EWCParams
+    from monitor.index.store import ReferenceIndex
     from monitor.pipeline import embed
     from monitor.records import Acquisition, FrameKey
-    from monitor.synthetic import reference_field
+    from monitor.service.assemble import merge
 
     field_um = FIELD_PX * FRAME_UM
     crops, labels = [], []
@@ -155,10 +123,10 @@ def run_demo(
 ) -> DemoResult:
     """Run the demo in ``folder`` (created; must not hold a previous demo's state)."""
     from monitor.config import load_config
-    from monitor.daemon import build_service, stop_server
+    from monitor.demo.synthetic import make_cells, render_field
     from monitor.protocols import BuildContext
     from monitor.registry import Registry
-    from monitor.synthetic import make_cells, render_field
+    from monitor.service.loop import build_service, stop_server
 
     t0 = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
@@ -240,7 +208,7 @@ def run_demo(
     for c in counted:
         for k, v in c.stage_seconds.items():
             stages[k] = stages.get(k, 0.0) + v
-    paths = [getattr(s, "path", None) for s in service.sinks]
+    paths = [getattr(s, "path", None) for s in service.recorder.sinks]
     csv_path = next((p for p in paths if isinstance(p, Path)), cfg.service.state_dir / "counts.csv")
     return DemoResult(folder, csv_path, counted, truth, url, time.perf_counter() - t0, n_refs, stages, metrics_text)
 
@@ -267,6 +235,6 @@ class _NoIndex:
 
 def bootstrap_pipeline(cfg: Any, registry: Any, ctx: Any) -> Any:
     """The service's segmenter and encoders, built from ``cfg``, before any index exists."""
-    from monitor.daemon import build_pipeline
+    from monitor.service.loop import build_pipeline
 
     return build_pipeline(cfg, registry, ctx, classifier=_NoIndex())

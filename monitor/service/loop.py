@@ -22,83 +22,78 @@ it.
 
 from __future__ import annotations
 
-import csv
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from monitor import systemd
-from monitor.assemble import FrameAssembler
-from monitor.config import Config
-from monitor.errors import BadInput, NotReady, Unavailable
-from monitor.ledger import Ledger
-from monitor.metrics import ServiceMetrics
+from monitor.config import Config, ServiceConfig
+from monitor.errors import BadInput, NotReady, StageError, Unavailable
 from monitor.pipeline import Pipeline, process_frame
-from monitor.protocols import Classifier, Sink
-from monitor.reading import ReaderSet
+from monitor.protocols import Classifier
 from monitor.records import Counts, Frame
-from monitor.watch import FileTracker, scan, start_observer
+from monitor.service import notify as systemd
+from monitor.service.assemble import FrameAssembler
+from monitor.service.ledger import Ledger
+from monitor.service.metrics import ServiceMetrics
+from monitor.service.reading import ReaderSet
+from monitor.service.recording import Recorder
+from monitor.service.watch import FileTracker, Intake, start_observer
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Service:
-    cfg: Config
+    """The worker loop: intake -> read -> assemble -> process -> record.
+
+    Each collaborator does one job and is injected (:func:`build_service`
+    wires the real ones; tests wire fakes): ``intake`` admits stable files,
+    ``readers`` decode them, ``assembler`` groups channels into frames,
+    ``pipeline`` turns a frame into counts, ``recorder`` writes sinks, the
+    ledger and the quarantine.
+    """
+
+    settings: ServiceConfig
     readers: ReaderSet
     pipeline: Pipeline
-    sinks: Sequence[Sink]
+    assembler: FrameAssembler
+    intake: Intake
+    recorder: Recorder
     metrics: ServiceMetrics
-    ledger: Ledger
     on_counts: Callable[[Counts], None] | None = None
     tick_s: float = 0.2
     rescan_s: float = 30.0
-    _queue: queue.Queue[Path] = field(default_factory=queue.Queue)
-    counted: int = 0
-    failed: int = 0
 
-    def __post_init__(self) -> None:
-        a = self.cfg.assembly
-        self.assembler = FrameAssembler(a.channels, a.primary, a.control, a.wait_s)
-        s = self.cfg.service
-        self.tracker = FileTracker(s.stable_s, s.ready_deadline_s)
-        self.quarantine_csv = s.state_dir / "quarantine.csv"
+    @property
+    def counted(self) -> int:
+        return self.recorder.counted
 
-    # ---- intake --------------------------------------------------------
-    def _see(self, p: Path) -> bool:
-        """Track a file unless the ledger finished it with its current size and mtime;
-        True when it was not tracked before."""
-        new = p not in self.tracker
-        if not new or not self.ledger.is_known(p):
-            self.tracker.see(p)
-            return new
-        return False
+    @property
+    def failed(self) -> int:
+        return self.recorder.failed
 
     def backlog(self) -> int:
         """Queue every file in the watch folder that the ledger has not finished."""
-        s = self.cfg.service
-        return sum(self._see(p) for p in scan(s.watch_dir, s.patterns, s.recursive))
+        return self.intake.backlog()
 
     def idle(self) -> bool:
-        return self._queue.empty() and len(self.tracker) == 0 and self.assembler.n_pending == 0
+        return self.intake.idle() and self.assembler.n_pending == 0
 
     # ---- the loop --------------------------------------------------------
     def run(self, stop: threading.Event, until_idle: bool = False, observe: bool = True) -> None:
         """Serve until ``stop`` is set (or, with ``until_idle``, until nothing is left to do)."""
-        s = self.cfg.service
+        s = self.settings
         check_watch_dir(s.watch_dir)
         n = self.backlog()
         if n:
             log.info("backlog: %d file(s) in %s not yet processed", n, s.watch_dir)
-        observer = start_observer(s.watch_dir, self._queue, s.patterns, s.polling, s.poll_interval_s, s.recursive) if observe else None
+        observer = start_observer(s.watch_dir, self.intake.queue, s.patterns, s.polling, s.poll_interval_s, s.recursive) if observe else None
         log.info("watching %s (%s)", s.watch_dir, "polling" if s.polling else "native events")
         systemd.notify("READY=1\nSTATUS=watching " + str(s.watch_dir))
         last_scan = time.monotonic()
@@ -124,118 +119,65 @@ class Service:
 
     def step(self) -> None:
         """One pass: take queued events, read stable files, process complete or overdue frames."""
-        while True:
-            try:
-                self._see(self._queue.get_nowait())
-            except queue.Empty:
-                break
-        for p in self.tracker.ready():
+        for p in self.intake.collect():
             self._read(p)
         for frame in self.assembler.due():
             self.metrics.frames.labels("incomplete").inc()
             self.handle(frame)
         self._drain_dropped()
-        self.metrics.queue_depth.labels("files").set(len(self.tracker))
+        self.metrics.queue_depth.labels("files").set(len(self.intake.tracker))
         self.metrics.queue_depth.labels("frames_waiting_for_channels").set(self.assembler.n_pending)
 
     def _drain_dropped(self) -> None:
         """Frames the assembler gave up on (no primary channel; a channel after its frame)."""
         for d in self.assembler.take_dropped():
             self.metrics.frames.labels("dropped").inc()
-            self._quarantine(list(d.sources), "assemble", d.reason)
+            self.recorder.quarantine(list(d.sources), "assemble", d.reason)
 
     def _read(self, p: Path) -> None:
+        tracker, ledger = self.intake.tracker, self.recorder.ledger
         try:
             reader = self.readers.choose(p)
             acq = reader.read(p)
         except NotReady as e:
-            if self.tracker.failed(p):
-                self._quarantine([p], "read", f"still unreadable after {self.cfg.service.ready_deadline_s:.0f}s: {e.problem}")
+            if tracker.failed(p):
+                self.recorder.quarantine([p], "read", f"still unreadable after {self.settings.ready_deadline_s:.0f}s: {e.problem}")
             else:
                 log.debug("not ready, will retry: %s", e)
             return
         except BadInput as e:
-            self.tracker.done(p)
-            self._quarantine([p], "read", e.problem)
+            tracker.done(p)
+            self.recorder.quarantine([p], "read", e.problem)
             return
         except Exception as e:  # a reader plugin bug must not stop the service
-            self.tracker.done(p)
-            self._quarantine([p], "read", f"{type(e).__name__}: {e}")
+            tracker.done(p)
+            self.recorder.quarantine([p], "read", f"{type(e).__name__}: {e}")
             return
-        self.tracker.done(p)
+        tracker.done(p)
         self.metrics.files.labels("read").inc()
-        if self.ledger.frame_done(acq.key):
+        if ledger.frame_done(acq.key):
             log.info("%s: frame %s already recorded; ignoring this file", p, acq.key)
-            self.ledger.mark_files([p], "done", acq.key)
+            ledger.mark_files([p], "done", acq.key)
             return
-        self.ledger.mark_files([p], "read", acq.key)
+        ledger.mark_files([p], "read", acq.key)
         frame = self.assembler.add(acq)
         if frame is not None:
             self.handle(frame)
 
     def handle(self, frame: Frame) -> Counts | None:
-        """Process one frame and hand the counts to every sink."""
+        """Process one frame and record it; a failing stage quarantines the frame."""
         try:
             counts = process_frame(frame, self.pipeline)
-        except Exception as e:
-            stage = getattr(e, "stage", "process")
-            self.metrics.errors.labels(stage).inc()
-            self._quarantine(list(frame.sources), stage, f"{type(e).__name__}: {e}", frame)
+        except StageError as e:
+            self.metrics.errors.labels(e.stage).inc()
+            self.recorder.quarantine(list(frame.sources), e.stage, f"{type(e.cause).__name__}: {e.cause}", frame.key)
             return None
-        recorded = True
-        for sink in self.sinks:
-            try:
-                sink.write(counts)
-            except Exception as e:
-                name = getattr(sink, "name", type(sink).__name__)
-                self.metrics.errors.labels(f"sink_{name}").inc()
-                log.error("%s: sink %s failed: %s: %s", frame.key, name, type(e).__name__, e)
-                if getattr(sink, "record_of_truth", False):
-                    recorded = False
-        if not recorded:
-            self.metrics.frames.labels("unrecorded").inc()
-            return counts  # not marked done: it is processed again at the next start
-        self.ledger.mark_frame(frame.key, frame.sources, "done")
-        self.metrics.observe_frame(counts)
-        self.counted += 1
-        log.info(
-            "%s: %d cells %s%s",
-            frame.key,
-            counts.n_cells,
-            " ".join(f"{k}={v}" for k, v in counts.counts.items()),
-            f" control={counts.control.area_fraction:.3f}" if counts.control else "",
-        )
-        if self.on_counts is not None:
+        if self.recorder.record(frame, counts) and self.on_counts is not None:
             self.on_counts(counts)
         return counts
 
-    def _quarantine(self, paths: list[Path], stage: str, problem: str, frame: Frame | None = None) -> None:
-        self.failed += 1
-        self.metrics.files.labels("quarantined").inc(len(paths))
-        if frame is not None:
-            self.metrics.frames.labels("failed").inc()
-            self.ledger.mark_frame(frame.key, paths, "failed", problem)
-        else:
-            self.ledger.mark_files(paths, "quarantined", None, problem)
-        for p in paths:
-            log.error("%s: %s (stage %s; quarantined)", p, problem, stage)
-        new = not self.quarantine_csv.exists()
-        self.quarantine_csv.parent.mkdir(parents=True, exist_ok=True)
-        with self.quarantine_csv.open("a", newline="") as f:
-            w = csv.writer(f)
-            if new:
-                w.writerow(["time", "path", "stage", "problem"])
-            now = datetime.now(UTC).isoformat(timespec="seconds")
-            for p in paths:
-                w.writerow([now, str(p), stage, problem])
-
     def close(self) -> None:
-        for sink in self.sinks:
-            try:
-                sink.close()
-            except Exception as e:
-                log.warning("sink %s did not close cleanly: %s", getattr(sink, "name", sink), e)
-        self.ledger.close()
+        self.recorder.close()
 
 
 def check_watch_dir(path: Path) -> None:
@@ -271,7 +213,8 @@ def build_pipeline(cfg: Config, registry: Any, ctx: Any, classifier: Classifier 
     encoders = [registry.build("encoders", ref, ctx, src, f"encoders.{i}") for i, ref in enumerate(cfg.encoders)]
     p = cfg.pipeline
     if classifier is None:
-        from monitor.index import EWCClassifier, ReferenceIndex, params_from_config
+        from monitor.index.ewc import EWCClassifier, params_from_config
+        from monitor.index.store import ReferenceIndex
 
         index = ReferenceIndex.load(cfg.classifier.index, [{"id": e.id, "dim": e.dim} for e in encoders])
         c = cfg.classifier
@@ -306,9 +249,9 @@ def build_service(cfg: Config, registry: Any, metrics_registry: Any = None, serv
     from prometheus_client import CollectorRegistry
 
     from monitor import __version__
-    from monitor.metrics import serve
     from monitor.protocols import BuildContext
-    from monitor.reading import build_readers
+    from monitor.service.metrics import serve
+    from monitor.service.reading import build_readers
 
     s = cfg.service
     check_watch_dir(s.watch_dir)  # before the (slow) model and index loading
@@ -329,8 +272,17 @@ def build_service(cfg: Config, registry: Any, metrics_registry: Any = None, serv
             log.info("metrics at http://%s:%d/metrics", s.metrics_addr, s.metrics_port)
         except OSError as e:  # Prometheus is not the record of truth
             log.error("metrics server could not start on %s:%d (%s); continuing without /metrics", s.metrics_addr, s.metrics_port, e)
+    return assemble_service(cfg, readers, pipeline, sinks, metrics), server
+
+
+def assemble_service(cfg: Config, readers: ReaderSet, pipeline: Pipeline, sinks: Sequence[Any], metrics: ServiceMetrics, **kw: Any) -> Service:
+    """Wire a :class:`Service` from its parts: ledger, intake, assembler and recorder from ``cfg``."""
+    s, a = cfg.service, cfg.assembly
     ledger = Ledger(s.state_dir / "ledger.sqlite")
-    return Service(cfg, readers, pipeline, sinks, metrics, ledger), server
+    intake = Intake(FileTracker(s.stable_s, s.ready_deadline_s), ledger, s.watch_dir, s.patterns, s.recursive)
+    assembler = FrameAssembler(a.channels, a.primary, a.control, a.wait_s)
+    recorder = Recorder(sinks, ledger, metrics, s.state_dir / "quarantine.csv")
+    return Service(s, readers, pipeline, assembler, intake, recorder, metrics, **kw)
 
 
 def stop_server(server: Any) -> None:

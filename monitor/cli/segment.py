@@ -61,10 +61,10 @@ def labels_on_input_grid(labels: np.ndarray, shape_yx: tuple[int, int]) -> tuple
 def _read_frame(args: argparse.Namespace, cfg: Any) -> Any:
     from dataclasses import replace
 
-    from monitor.assemble import merge
     from monitor.errors import BadInput
     from monitor.protocols import BuildContext
     from monitor.registry import Registry
+    from monitor.service.assemble import merge
 
     path: Path = args.image
     if not path.is_file():
@@ -79,7 +79,7 @@ def _read_frame(args: argparse.Namespace, cfg: Any) -> Any:
         reader = TIFF.build(TIFF.Options(pixel_size_um=args.pixel_size, prefer_config_pixel_size=True), ctx)
         acq = reader.read(path)
     else:
-        from monitor.reading import build_readers
+        from monitor.service.reading import build_readers
 
         acq = build_readers(cfg, registry, ctx).read(path)
     if not acq.channels:
@@ -95,10 +95,10 @@ def _read_frame(args: argparse.Namespace, cfg: Any) -> Any:
 def _segment(args: argparse.Namespace) -> int:
     import tifffile
 
-    from monitor.cli_service import config_or_default
-    from monitor.daemon import resolve_device
+    from monitor.config import config_or_default
     from monitor.errors import BadInput
     from monitor.imaging import rescale
+    from monitor.service.loop import resolve_device
 
     cfg = config_or_default(args.config)
     frame, registry, ctx = _read_frame(args, cfg)

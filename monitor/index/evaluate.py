@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from monitor import classify
-from monitor.index import EWCClassifier, EWCParams, ReferenceIndex
+from monitor.index.ewc import EWCClassifier, EWCParams
+from monitor.index.store import ReferenceIndex
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Service commands: ``run``, ``replay``, ``check-config``, ``demo``, ``export``."""
+"""Service commands: ``run``, ``replay``, ``check-config``, ``export``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import argparse
 import logging
 import signal
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -30,12 +29,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--index", action="store_true", help="also load the models and check the index against them")
     p.set_defaults(func=_check_config)
 
-    p = sub.add_parser("demo", help="run the whole service on a synthetic time-lapse (no downloads, no GPU)")
-    p.add_argument("--out", type=Path, help="demo folder (default: a new temporary folder, kept)")
-    p.add_argument("--timepoints", type=int, default=8)
-    p.add_argument("--port", type=int, default=9108, help="port for /metrics while the demo runs (0 = off)")
-    p.set_defaults(func=_demo)
-
     p = sub.add_parser("export", help="post-run export of the counts CSV, sorted, wide or long (tidy)")
     p.add_argument("counts", type=Path, metavar="COUNTS_CSV_OR_CONFIG")
     p.add_argument("--out", type=Path, required=True)
@@ -43,16 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_export)
 
 
-def config_or_default(path: Path | None) -> Any:
-    """The config at ``path``, or the built-in defaults (paths relative to the cwd)."""
-    from monitor.config import Config, load_config
-
-    return load_config(path) if path is not None else Config()
-
-
 def _serve(cfg: Any, until_idle: bool, serve_metrics: bool = True, args: argparse.Namespace | None = None) -> int:
-    from monitor.daemon import build_service, stop_server
     from monitor.registry import Registry
+    from monitor.service.loop import build_service, stop_server
 
     if args is None or not (getattr(args, "verbose", False) or getattr(args, "quiet", False)):
         logging.getLogger().setLevel(cfg.service.log_level)  # -v / -q on the command line win
@@ -74,7 +60,7 @@ def _serve(cfg: Any, until_idle: bool, serve_metrics: bool = True, args: argpars
         signal.signal(signal.SIGINT, on_signal)
     try:
         if until_idle:
-            from monitor.watch import scan
+            from monitor.service.watch import scan
 
             total = sum(1 for _ in scan(cfg.service.watch_dir, cfg.service.patterns, cfg.service.recursive))
             progress = _Progress(total)
@@ -86,7 +72,7 @@ def _serve(cfg: Any, until_idle: bool, serve_metrics: bool = True, args: argpars
     finally:
         service.close()
         stop_server(server)
-    log.info("stopped: %d frame(s) counted, %d problem(s) (see %s)", service.counted, service.failed, service.quarantine_csv)
+    log.info("stopped: %d frame(s) counted, %d problem(s) (see %s)", service.counted, service.failed, service.recorder.quarantine_csv)
     return 0
 
 
@@ -132,8 +118,8 @@ def _check_config(args: argparse.Namespace) -> int:
     if problems:
         raise ConfigError(problems)
     if args.index:
-        from monitor.daemon import build_pipeline, resolve_device
         from monitor.protocols import BuildContext
+        from monitor.service.loop import build_pipeline, resolve_device
 
         ctx = BuildContext(state_dir=cfg.service.state_dir, device=resolve_device(cfg.pipeline.device))
         p = build_pipeline(cfg, registry, ctx)
@@ -142,45 +128,9 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from monitor.demo import STATES, run_demo
-
-    folder = args.out or Path(tempfile.mkdtemp(prefix="cellmonitor-demo-"))
-    if (folder / "state" / "ledger.sqlite").exists():
-        from monitor.errors import CellmonitorError
-
-        raise CellmonitorError(f"{folder}: already holds a demo run; give a new --out folder")
-    print("cellmonitor demo: the images are SYNTHETIC (generated cells, not microscopy).", flush=True)
-    print(f"demo folder: {folder}", flush=True)
-    res = run_demo(folder, n_timepoints=args.timepoints, metrics_port=args.port or None, say=lambda m: print(m, flush=True))
-    print()
-    print("counts per timepoint (fractions of segmented cells; truth = what the generator drew)")
-    head = f"{'well':<5}{'t':>3}{'cells':>7}{'true':>6}" + "".join(f"{s:>11}{'true':>6}" for s in STATES) + f"{'uncert.':>9}{'Apo-15 area':>13}"
-    print(head)
-    print("-" * len(head))
-    for c in sorted(res.counts, key=lambda c: (c.key.well, c.key.timepoint)):
-        truth = res.truth[(c.key.well, c.key.timepoint)]
-        n_true = sum(truth.values())
-        row = f"{c.key.well:<5}{c.key.timepoint:>3}{c.n_cells:>7}{n_true:>6}"
-        for s in STATES:
-            row += f"{c.fraction(s):>11.0%}{truth[s] / n_true if n_true else 0:>6.0%}"
-        ctl = f"{c.control.area_fraction:.1%}" if c.control else "-"
-        row += f"{c.n_uncertain:>9}{ctl:>13}"
-        print(row)
-    errors = [abs(c.fraction(s) - res.truth[(c.key.well, c.key.timepoint)][s] / max(1, sum(res.truth[(c.key.well, c.key.timepoint)].values()))) for c in res.counts for s in STATES]
-    print(f"\nmean absolute error of the state fractions against the truth: {100 * sum(errors) / max(1, len(errors)):.1f} percentage points")
-    print(f"reference index: {res.n_references} labelled synthetic cells ({folder / 'index'})")
-    print(f"counts CSV:      {res.csv_path}")
-    print(f"config used:     {folder / 'demo.toml'}  (run it yourself: cellmonitor run {folder / 'demo.toml'})")
-    if res.metrics_url:
-        print(f"metrics were served at {res.metrics_url} while the demo ran")
-    print(f"done in {res.seconds:.0f} s")
-    return 0
-
-
 def _export(args: argparse.Namespace) -> int:
     from monitor.errors import BadInput
-    from monitor.results import export_csv
+    from monitor.service.rows import export_csv
 
     src = args.counts
     if src.suffix == ".toml":

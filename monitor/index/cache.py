@@ -1,7 +1,7 @@
 """Per-encoder embedding cache: no cell is embedded twice.
 
 Key: SHA-256 of the file's bytes (plus its annotation for boxed frames) x the
-:class:`~monitor.dataset.Preprocess` digest x the encoder id (which carries
+:class:`~monitor.index.dataset.Preprocess` digest x the encoder id (which carries
 its weights digest and input convention). Layout::
 
     CACHE/<sha(encoder id)[:16]>/encoder.json            {"id": ..., "dim": ...}
@@ -30,8 +30,15 @@ from typing import Any
 
 import numpy as np
 
-from monitor.dataset import Dataset, Preprocess, SourceFile, crops_for, file_digest, read_image
 from monitor.errors import BadInput
+from monitor.index.dataset import (
+    Dataset,
+    Preprocess,
+    SourceFile,
+    crops_for,
+    file_digest,
+    read_image,
+)
 
 log = logging.getLogger(__name__)
 

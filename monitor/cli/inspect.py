@@ -1,6 +1,6 @@
-"""``cellmonitor inspect FILE`` and ``cellmonitor plugins check FILE``.
+"""``cellmonitor inspect FILE``: what a reader parsed from a file.
 
-Both build the readers exactly as the service does (from ``--config`` or the
+It builds the readers exactly as the service does (from ``--config`` or the
 defaults) so what they print is what the service will see. A file that
 cannot be read is one line on stderr, ``cellmonitor: error: PATH: problem``,
 and the remaining files are still inspected. Exit status: 0 when every file
@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
+from monitor.cli.common import EX_DATAERR, EX_TEMPFAIL, one_line_error, readers_from_config
+
 log = logging.getLogger(__name__)
 
-EX_DATAERR = 65
-EX_TEMPFAIL = 75
 
 #: the rows ``inspect`` prints, in order, with their labels
 FIELDS = (
@@ -44,25 +43,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, help="config with reader options (pixel sizes, patterns)")
     p.add_argument("--json", action="store_true", help="one JSON object per file on stdout")
     p.set_defaults(func=_inspect)
-
-
-def register_check(psub: argparse._SubParsersAction) -> None:
-    p = psub.add_parser("check", help="which reader takes a file, and why the others declined")
-    p.add_argument("files", nargs="+", type=Path, metavar="FILE")
-    p.add_argument("--config", type=Path, help="config with reader options and the reader choice")
-    p.set_defaults(func=_check)
-
-
-def _readers(config: Path | None) -> Any:
-    from monitor.cli_service import config_or_default
-    from monitor.protocols import BuildContext
-    from monitor.reading import build_readers
-    from monitor.registry import Registry
-
-    cfg = config_or_default(config)
-    reg = Registry(cfg.plugins.paths)
-    ctx = BuildContext(state_dir=cfg.service.state_dir, config_path=config, extra={"experiment": cfg.service.experiment})
-    return build_readers(cfg, reg, ctx)
 
 
 def describe(acq: Any, reader: str) -> dict[str, Any]:
@@ -103,32 +83,26 @@ def format_description(info: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _error(path: Path, problem: str) -> None:
-    line = " ".join(str(problem).split())  # one line whatever the reader put in it
-    print(f"cellmonitor: error: {line}" if line.startswith(str(path)) else f"cellmonitor: error: {path}: {line}",
-          file=sys.stderr, flush=True)
-
-
 def _inspect(args: argparse.Namespace) -> int:
     from monitor.errors import BadInput, NotReady
 
-    readers = _readers(args.config)
+    readers = readers_from_config(args.config)
     failures: list[int] = []
     for f in args.files:
         try:
             r = readers.choose(f)
             info = describe(r.read(f), r.name)
         except NotReady as e:
-            _error(f, str(e))
+            one_line_error(f, str(e))
             failures.append(EX_TEMPFAIL)
             continue
         except BadInput as e:
-            _error(f, str(e))
+            one_line_error(f, str(e))
             failures.append(EX_DATAERR)
             continue
         except Exception as e:  # a reader plugin bug: one line, traceback only with -v
             log.debug("reader failed on %s", f, exc_info=True)
-            _error(f, f"reader failed: {type(e).__name__}: {e}")
+            one_line_error(f, f"reader failed: {type(e).__name__}: {e}")
             failures.append(EX_DATAERR)
             continue
         if args.json:
@@ -138,27 +112,3 @@ def _inspect(args: argparse.Namespace) -> int:
     if not failures:
         return 0
     return EX_TEMPFAIL if all(s == EX_TEMPFAIL for s in failures) else EX_DATAERR
-
-
-def _check(args: argparse.Namespace) -> int:
-    readers = _readers(args.config)
-    status = 0
-    mode = "configured reader" if readers.fixed else "automatic choice, most specific first"
-    for f in args.files:
-        exists = f.is_file()
-        print(f"{f}{'' if exists else '  (file does not exist; judged by name only)'}")
-        print(f"  ({mode})")
-        taken = None
-        for r, why in readers.explain(f):
-            spec = getattr(r, "specificity", 0)
-            if why is None and taken is None:
-                taken = r.name
-                print(f"  {r.name:<10} [{spec:>2}] TAKES this file")
-            elif why is None:
-                print(f"  {r.name:<10} [{spec:>2}] would accept, but {taken} is more specific")
-            else:
-                print(f"  {r.name:<10} [{spec:>2}] declined: {why}")
-        if taken is None:
-            _error(f, "no reader accepts this file")
-            status = EX_DATAERR
-    return status

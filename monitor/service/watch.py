@@ -151,3 +151,44 @@ class FileTracker:
             return True
         t.next_try = now + min(60.0, 0.5 * 2 ** min(t.attempts, 8))
         return False
+
+
+class Intake:
+    """Paths from the observer and from rescans, admitted once stable and not yet finished.
+
+    The observer's handler only enqueues (:meth:`queue`); the worker drains the
+    queue in :meth:`collect`. A file the ledger finished with its current size
+    and mtime is not tracked again.
+    """
+
+    def __init__(self, tracker: FileTracker, ledger: Any, watch_dir: Path, patterns: Sequence[str], recursive: bool = True):
+        self.tracker = tracker
+        self.ledger = ledger
+        self.watch_dir = watch_dir
+        self.patterns = tuple(patterns)
+        self.recursive = recursive
+        self.queue: queue.Queue[Path] = queue.Queue()
+
+    def see(self, p: Path) -> bool:
+        """Track ``p`` unless finished; True when it was not tracked before."""
+        new = p not in self.tracker
+        if not new or not self.ledger.is_known(p):
+            self.tracker.see(p)
+            return new
+        return False
+
+    def backlog(self) -> int:
+        """Track every file in the watch folder that the ledger has not finished."""
+        return sum(self.see(p) for p in scan(self.watch_dir, self.patterns, self.recursive))
+
+    def collect(self) -> list[Path]:
+        """Drain the event queue; return the files that are stable and due for reading."""
+        while True:
+            try:
+                self.see(self.queue.get_nowait())
+            except queue.Empty:
+                break
+        return self.tracker.ready()
+
+    def idle(self) -> bool:
+        return self.queue.empty() and len(self.tracker) == 0

@@ -2,7 +2,7 @@
 
 Heavy imports happen after argument parsing so ``cellmonitor --help`` is
 instant. Each feature area registers its subcommands from a small module
-(``monitor.cli_*``) with ``register(subparsers)``; a handler returns an exit
+(``monitor.cli.*``) with ``register(subparsers)``; a handler returns an exit
 status. A :class:`~monitor.errors.CellmonitorError` becomes one line on
 stderr and its exit status (78 for configuration errors), never a traceback.
 """
@@ -21,11 +21,12 @@ log = logging.getLogger("monitor")
 
 #: modules that add subcommands; each has register(subparsers)
 COMMAND_MODULES = (
-    "monitor.cli_service",
-    "monitor.cli_plugins",
-    "monitor.cli_readers",
-    "monitor.cli_segment",
-    "monitor.cli_index",
+    "monitor.cli.service",
+    "monitor.cli.plugins",
+    "monitor.cli.inspect",
+    "monitor.cli.segment",
+    "monitor.cli.index",
+    "monitor.cli.demo",
 )
 
 

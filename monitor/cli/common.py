@@ -1,0 +1,30 @@
+"""Helpers every command group shares (no command group imports another)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+EX_DATAERR = 65
+EX_TEMPFAIL = 75
+
+
+def readers_from_config(config: Path | None) -> Any:
+    """The readers exactly as the service builds them, from ``config`` or the defaults."""
+    from monitor.config import config_or_default
+    from monitor.protocols import BuildContext
+    from monitor.registry import Registry
+    from monitor.service.reading import build_readers
+
+    cfg = config_or_default(config)
+    reg = Registry(cfg.plugins.paths)
+    ctx = BuildContext(state_dir=cfg.service.state_dir, config_path=config, extra={"experiment": cfg.service.experiment})
+    return build_readers(cfg, reg, ctx)
+
+
+def one_line_error(path: Path, problem: str) -> None:
+    """Print ``cellmonitor: error: PATH: problem`` as one line on stderr."""
+    line = " ".join(str(problem).split())  # one line whatever the reader put in it
+    print(f"cellmonitor: error: {line}" if line.startswith(str(path)) else f"cellmonitor: error: {path}: {line}",
+          file=sys.stderr, flush=True)

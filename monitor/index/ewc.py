@@ -1,0 +1,119 @@
+"""EWC-FAISS over a reference index: adaptive k, class-reweighted vote, certainty.
+
+The maths lives in :mod:`monitor.classify` (pure numpy, tested on hand-made
+neighbour arrays); this module runs it against an index's search. On the
+exact L2/cosine path, per block of queries, k_min is one search; the distance
+matrix of the rows still undecided is computed once and every later k of the
+schedule is a ``topk`` on it, so a query that doubles k to k_max costs one
+extra GEMM row, not one per k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from monitor import classify
+from monitor.index.search import _topk
+from monitor.records import Embeddings, States
+
+if TYPE_CHECKING:
+    from monitor.index.store import ReferenceIndex
+
+
+@dataclass(frozen=True)
+class EWCParams:
+    """Adaptive-k range, entropy threshold and reweighting (see :mod:`monitor.classify`)."""
+
+    k_min: int = 10
+    k_max: int = 1000
+    entropy_threshold: float = 0.5
+    reweight: bool = True
+
+
+def ewc_search(index: ReferenceIndex, queries: np.ndarray, params: EWCParams, block: int = 2048) -> classify.EWCResult:
+    """:func:`monitor.classify.adaptive_search` over ``index``, the same result.
+
+    On the exact L2/cosine path, per block of ``block`` queries: k_min is
+    one :meth:`search`; the distance matrix of the rows still undecided
+    is then computed once and every later k of the schedule is a
+    ``topk`` on it. Otherwise each k is a :meth:`search` of the rows still
+    undecided.
+    """
+    x = np.asarray(queries, dtype=np.float32)
+    weights = index.weights if params.reweight else None
+    args = (index.labels, len(index.classes), weights, params.k_min, params.k_max, params.entropy_threshold)
+    if not index.searcher.uses_gemm or x.shape[0] == 0:
+        return classify.adaptive_search(index.search, x, *args)
+    parts = []
+    for s in range(0, x.shape[0], block):
+        xb = np.ascontiguousarray(x[s : s + block])
+        rows_of: dict[int, int] = {}
+        dist: list[Any] = []
+
+        def block_search(rows: np.ndarray, k: int, xb: np.ndarray = xb, rows_of: dict[int, int] = rows_of, dist: list[Any] = dist) -> tuple[np.ndarray, np.ndarray]:
+            r = rows[:, 0]
+            if not dist and len(r) == xb.shape[0]:
+                return index.search(xb, k)  # the first k, for every row
+            if not dist:  # the rows still undecided: their distances once
+                dist.append(index.searcher.distance_rows(xb[r]))
+                rows_of.update({int(v): i for i, v in enumerate(r)})
+            return _topk(dist[0][np.array([rows_of[int(v)] for v in r])], min(k, len(index)))
+
+        # the "queries" handed to adaptive_search are row numbers into the block
+        parts.append(classify.adaptive_search(block_search, np.arange(xb.shape[0])[:, None], *args))
+    return classify.EWCResult(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("predicted", "certainty", "k_used", "neighbor_ids", "neighbor_labels", "neighbor_distances")))
+
+
+class EWCClassifier:
+    """EWC-FAISS over a :class:`ReferenceIndex`; parameters from the index unless overridden."""
+
+    def __init__(self, index: ReferenceIndex, ewc: EWCParams | None = None, certainty_floor: float = 0.5):
+        self.index = index
+        self.params = ewc or index.ewc
+        self.certainty_floor = certainty_floor
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.index.classes
+
+    def classify(self, emb: Embeddings | np.ndarray) -> States:
+        """EWC-FAISS states of each row: label, certainty ``1 - H``, k used, neighbours.
+
+        Adaptive k from ``k_min`` doubling to ``k_max`` while the normalised
+        entropy exceeds the threshold, then the class-weighted vote
+        ``argmax_l sum_j w_{y_j} [y_j = l]`` (unweighted when reweighting is
+        off). Rows whose certainty is below ``certainty_floor`` are flagged
+        ``uncertain`` (still labelled). Neighbour arrays are padded beyond
+        each row's k.
+        """
+        vectors = emb.vectors if isinstance(emb, Embeddings) else emb
+        p = self.params
+        if len(vectors) == 0:
+            e = np.zeros((0, 0))
+            return States(self.classes, np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64), np.zeros(0, bool), e.astype(np.int64), e.astype(np.int64), e.astype(np.float32))
+        res = ewc_search(self.index, np.asarray(vectors, dtype=np.float32), p)
+        return States(
+            classes=self.classes,
+            predicted=res.predicted,
+            certainty=res.certainty,
+            k_used=res.k_used,
+            uncertain=res.certainty < self.certainty_floor,
+            neighbor_ids=res.neighbor_ids,
+            neighbor_labels=res.neighbor_labels,
+            neighbor_distances=res.neighbor_distances,
+        )
+
+
+def params_from_config(index: ReferenceIndex, k_min: int | None, k_max: int | None, thr: float | None, reweight: bool | None) -> EWCParams:
+    """Config values override the index's stored EWC parameters where given."""
+    base = index.ewc
+    return EWCParams(
+        k_min=k_min if k_min is not None else base.k_min,
+        k_max=k_max if k_max is not None else base.k_max,
+        entropy_threshold=thr if thr is not None else base.entropy_threshold,
+        reweight=reweight if reweight is not None else base.reweight,
+    )
+

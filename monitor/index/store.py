@@ -1,0 +1,283 @@
+"""The reference index on disk and the EWC-FAISS classifier over it.
+
+An index is a folder::
+
+    meta.json      format version, encoders (name, id, dim, version),
+                   preprocessing (how files became crops), metric,
+                   normalisation, search structure and HNSW parameters,
+                   classes and counts, class weights, EWC parameters,
+                   SHA-256 of every other file
+    vectors.faiss  the FAISS index (written by faiss.write_index)
+    labels.npy     int64 class index per reference (np.load, allow_pickle=False)
+    ids.json       optional source name per reference (file name, box)
+
+Nothing is unpickled. Loading checks the format version, that every file
+is present and matches its checksum, the label count against the FAISS size
+(and the names in ids.json), the dimension against the encoders' dims, and
+(when encoders are given) that their ids and dims match; any mismatch is
+fatal: one :class:`~monitor.errors.IndexError_` line naming the index folder.
+
+The index is three parts: a frozen :class:`IndexMeta` (what the index is),
+the labels, and a :class:`~monitor.index.search.VectorSearch` (how it is
+searched); EWC over it is :mod:`monitor.index.ewc`.
+
+Metrics: ``l2`` (default, squared L2 distances as FAISS reports them),
+``cosine`` (vectors L2-normalised, inner product; distance = 1 - cos) and
+``canberra`` (always exact, through the fast path of :mod:`monitor.index.canberra`;
+the vectors are stored in a FAISS ``IndexFlat`` but FAISS's own slow Canberra
+search is never used). Search structure: exact (``flat``) up to
+``hnsw_above`` references, HNSW above, or forced; HNSW's efSearch is raised to
+k whenever k exceeds it, so a search never returns fewer than k neighbours.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from monitor import classify
+from monitor.errors import IndexError_
+from monitor.hashing import file_sha256
+from monitor.index.ewc import EWCParams
+from monitor.index.search import HNSWParams, Metric, Structure, VectorSearch, _prepare, build_faiss
+
+FORMAT_VERSION = 1
+_DEFAULT_EWC = EWCParams()
+_DEFAULT_HNSW = HNSWParams()
+
+
+@dataclass(frozen=True)
+class IndexMeta:
+    """What an index is: recorded in ``meta.json``, checked against the service's encoders.
+
+    ``encoders`` lists ``{"name", "id", "dim"}`` (optionally ``"version"``) in
+    concatenation order; ``preprocessing`` records how files became crops.
+    """
+
+    encoders: tuple[dict[str, Any], ...]
+    classes: tuple[str, ...]
+    metric: Metric = "l2"
+    structure: str = "flat"
+    ewc: EWCParams = field(default_factory=EWCParams)
+    hnsw: HNSWParams = field(default_factory=HNSWParams)
+    normalize: bool = False
+    preprocessing: dict[str, Any] | None = None
+
+    @property
+    def dim(self) -> int:
+        return sum(int(e["dim"]) for e in self.encoders)
+
+
+class ReferenceIndex:
+    """Labelled reference embeddings behind a search back-end, described by an :class:`IndexMeta`."""
+
+    def __init__(self, meta: IndexMeta, labels: np.ndarray, searcher: VectorSearch, ref_names: Sequence[str] | None = None):
+        self.meta = meta
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.searcher = searcher
+        self.ref_names = list(ref_names) if ref_names is not None else None
+        self.weights = classify.class_weights(self.labels, len(meta.classes))
+
+    # what callers read most, from the meta
+    classes = property(lambda self: self.meta.classes)
+    encoders = property(lambda self: self.meta.encoders)
+    metric = property(lambda self: self.meta.metric)
+    structure = property(lambda self: self.meta.structure)
+    ewc = property(lambda self: self.meta.ewc)
+    hnsw = property(lambda self: self.meta.hnsw)
+    normalize = property(lambda self: self.meta.normalize)
+    preprocessing = property(lambda self: self.meta.preprocessing)
+    faiss_index = property(lambda self: self.searcher.faiss_index)
+
+    # ---- construction -------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        vectors: np.ndarray,
+        labels: np.ndarray,
+        classes: Sequence[str],
+        encoders: Sequence[dict[str, Any]],
+        *,
+        metric: Metric = "l2",
+        structure: Structure = "auto",
+        ewc: EWCParams = _DEFAULT_EWC,
+        hnsw: HNSWParams = _DEFAULT_HNSW,
+        hnsw_above: int = 50_000,
+        normalize: bool = False,
+        ref_names: Sequence[str] | None = None,
+        preprocessing: dict[str, Any] | None = None,
+    ) -> ReferenceIndex:
+        """Build the search structure over (N, D) float32 vectors.
+
+        ``structure="auto"`` picks exact search up to ``hnsw_above`` references
+        and HNSW above (Canberra is always exact).
+
+        Raises
+        ------
+        ValueError
+            Inconsistent inputs: empty vectors, label or name counts that
+            differ from the vector count, encoder dims that do not sum to D,
+            bad HNSW parameters.
+        """
+        x = np.ascontiguousarray(vectors, dtype=np.float32)
+        if x.ndim != 2 or x.shape[0] == 0:
+            raise ValueError(f"need a non-empty (N, D) matrix of reference vectors (got shape {x.shape})")
+        if len(labels) != x.shape[0]:
+            raise ValueError(f"{len(labels)} labels for {x.shape[0]} vectors")
+        meta = IndexMeta(tuple(dict(e) for e in encoders), tuple(classes), metric, structure, ewc, hnsw, normalize,
+                         dict(preprocessing) if preprocessing is not None else None)
+        if meta.dim != x.shape[1]:
+            raise ValueError(f"encoder dims sum to {meta.dim} but vectors have {x.shape[1]} columns")
+        if ref_names is not None and len(ref_names) != x.shape[0]:
+            raise ValueError(f"{len(ref_names)} reference names for {x.shape[0]} vectors")
+        if hnsw.ef_search < 1 or hnsw.m < 2 or hnsw.ef_construction < 1:
+            raise ValueError(f"bad HNSW parameters {hnsw}")
+        if structure == "auto":
+            meta = replace(meta, structure="hnsw" if x.shape[0] > hnsw_above and metric != "canberra" else "flat")
+        index = build_faiss(_prepare(x, metric, normalize), metric, meta.structure, hnsw)
+        return cls(meta, labels, VectorSearch(index, metric, meta.structure, hnsw, normalize), ref_names)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return self.searcher.dim
+
+    @property
+    def class_counts(self) -> dict[str, int]:
+        c = np.bincount(self.labels, minlength=len(self.classes))
+        return {name: int(n) for name, n in zip(self.classes, c, strict=True)}
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(distances, ids) of the k nearest references, nearest first (see :mod:`monitor.index.search`)."""
+        return self.searcher.search(queries, k)
+
+    # ---- persistence --------------------------------------------------
+    def save(self, folder: str | Path) -> Path:
+        """Write the index folder (meta.json last, atomically, so a torn write is refused)."""
+        import faiss
+
+        from monitor import __version__
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        faiss.write_index(self.faiss_index, str(folder / "vectors.faiss"))
+        np.save(folder / "labels.npy", self.labels, allow_pickle=False)
+        files = ["vectors.faiss", "labels.npy"]
+        if self.ref_names is not None:
+            (folder / "ids.json").write_text(json.dumps(self.ref_names))
+            files.append("ids.json")
+        m = self.meta
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "cellmonitor_version": __version__,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "encoders": list(m.encoders),
+            "dim": self.dim,
+            "n_references": len(self),
+            "preprocessing": m.preprocessing,
+            "metric": m.metric,
+            "normalize": m.normalize,
+            "structure": m.structure,
+            "hnsw": asdict(m.hnsw),
+            "classes": list(m.classes),
+            "class_counts": self.class_counts,
+            "class_weights": [float(w) for w in self.weights],
+            "ewc": asdict(m.ewc),
+            "reference_names": self.ref_names is not None,
+            "checksums": {f: file_sha256(folder / f) for f in files},
+        }
+        tmp = folder / "meta.json.tmp"
+        tmp.write_text(json.dumps(meta, indent=2))
+        tmp.replace(folder / "meta.json")
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, encoders: Sequence[dict[str, Any]] | None = None) -> ReferenceIndex:
+        """Load and validate an index folder.
+
+        Raises
+        ------
+        IndexError_
+            Fatal at start-up (exit 78), one line naming the folder: no or
+            unreadable meta.json, unsupported format, a missing file or a
+            checksum mismatch, labels that do not match the vectors, or
+            ``encoders`` (ids and dims, in order) that differ from the ones
+            the index was built with.
+        """
+        import faiss
+
+        folder = Path(folder)
+
+        def fail(msg: str) -> IndexError_:
+            return IndexError_(f"{folder}: {msg}")
+
+        meta_path = folder / "meta.json"
+        if not meta_path.is_file():
+            raise fail("not a cellmonitor index (no meta.json); build one with 'cellmonitor index build'")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as e:
+            raise fail(f"meta.json is unreadable ({e})") from None
+        if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+            got = meta.get("format_version") if isinstance(meta, dict) else None
+            raise fail(f"index format {got!r} is not supported (expected {FORMAT_VERSION}); rebuild it with 'cellmonitor index build'")
+        missing_keys = [k for k in ("encoders", "metric", "structure", "classes", "ewc", "hnsw", "checksums") if k not in meta]
+        if missing_keys:
+            raise fail(f"meta.json lacks {', '.join(missing_keys)}")
+        checks = meta["checksums"]
+        for f in ("vectors.faiss", "labels.npy"):
+            if f not in checks:
+                raise fail(f"meta.json has no checksum for {f}")
+        for f, digest in checks.items():
+            p = folder / f
+            if not p.is_file():
+                raise fail(f"{f} is missing")
+            if file_sha256(p) != digest:
+                raise fail(f"{f} does not match its checksum in meta.json (corrupt or edited)")
+        try:
+            labels = np.load(folder / "labels.npy", allow_pickle=False)
+            index = faiss.read_index(str(folder / "vectors.faiss"))
+        except Exception as e:
+            raise fail(f"cannot read index files ({e})") from None
+        if labels.ndim != 1 or index.ntotal != labels.shape[0]:
+            raise fail(f"{labels.shape[0]} labels for {index.ntotal} vectors")
+        dim_sum = sum(int(e["dim"]) for e in meta["encoders"])
+        if dim_sum != index.d:
+            raise fail(f"vectors have dim {index.d} but the recorded encoders' dims sum to {dim_sum}")
+        classes = meta["classes"]
+        if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
+            raise fail("labels refer to classes not listed in meta.json")
+        if encoders is not None:
+            want = [(e["id"], int(e["dim"])) for e in meta["encoders"]]
+            got = [(e["id"], int(e["dim"])) for e in encoders]
+            if want != got:
+                raise fail(
+                    "built with encoders "
+                    + ", ".join(f"{i} (dim {d})" for i, d in want)
+                    + " but the configuration gives "
+                    + ", ".join(f"{i} (dim {d})" for i, d in got)
+                )
+        names = None
+        if (folder / "ids.json").is_file():
+            names = json.loads((folder / "ids.json").read_text())
+            if not isinstance(names, list) or len(names) != labels.shape[0]:
+                raise fail(f"ids.json names {len(names) if isinstance(names, list) else '?'} references for {labels.shape[0]} vectors")
+        m = IndexMeta(
+            encoders=tuple(meta["encoders"]),
+            classes=tuple(classes),
+            metric=meta["metric"],
+            structure=meta["structure"],
+            ewc=EWCParams(**meta["ewc"]),
+            hnsw=HNSWParams(**meta["hnsw"]),
+            normalize=bool(meta.get("normalize", False)),
+            preprocessing=meta.get("preprocessing"),
+        )
+        return cls(m, labels, VectorSearch(index, m.metric, m.structure, m.hnsw, m.normalize), names)
