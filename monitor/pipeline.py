@@ -13,27 +13,37 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from monitor.config import Config, ControlConfig, PipelineConfig
 from monitor.control import otsu_control
 from monitor.errors import StageError
 from monitor.imaging import crop_cells, rescale
 from monitor.protocols import Classifier, Encoder, Segmenter
 from monitor.records import ControlSignal, Counts, Embeddings, Frame, States
 
+_P, _C = PipelineConfig(), ControlConfig()  # the defaults live in the config models, nowhere else
+
 
 @dataclass
 class Pipeline:
-    """Everything ``process_frame`` needs, built once at start-up."""
+    """Everything ``process_frame`` needs, built once at start-up (units in the names)."""
 
     segmenter: Segmenter
     encoders: Sequence[Encoder]
     classifier: Classifier
-    pixel_size_um: float = 0.322
-    crop_px: int = 224
-    blank_background: bool = False
-    batch_size: int = 64
-    control_enabled: bool = True
-    control_min_region_px: int = 4
-    control_min_snr: float = 5.0
+    pixel_size_um: float = _P.pixel_size_um
+    crop_px: int = _P.crop_px
+    blank_background: bool = _P.blank_background
+    batch_size: int = _P.batch_size
+    control_enabled: bool = _C.enabled
+    control_min_region_px: int = _C.min_region_px
+    control_min_snr: float = _C.min_snr
+
+    @classmethod
+    def from_config(cls, cfg: Config, segmenter: Segmenter, encoders: Sequence[Encoder], classifier: Classifier) -> Pipeline:
+        """The pipeline a config describes, around already-built plugins."""
+        p, c = cfg.pipeline, cfg.control
+        return cls(segmenter, encoders, classifier, p.pixel_size_um, p.crop_px, p.blank_background, p.batch_size,
+                   c.enabled, c.min_region_px, c.min_snr)
 
 
 def embed(crops: np.ndarray, encoders: Sequence[Encoder], batch_size: int = 64) -> Embeddings:

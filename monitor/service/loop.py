@@ -220,18 +220,7 @@ def build_pipeline(cfg: Config, registry: Any, ctx: Any, classifier: Classifier 
         c = cfg.classifier
         params = params_from_config(index, c.k_min, c.k_max, c.entropy_threshold, c.reweight)
         classifier = EWCClassifier(index, params, p.certainty_floor)
-    return Pipeline(
-        segmenter=segmenter,
-        encoders=encoders,
-        classifier=classifier,
-        pixel_size_um=p.pixel_size_um,
-        crop_px=p.crop_px,
-        blank_background=p.blank_background,
-        batch_size=p.batch_size,
-        control_enabled=cfg.control.enabled,
-        control_min_region_px=cfg.control.min_region_px,
-        control_min_snr=cfg.control.min_snr,
-    )
+    return Pipeline.from_config(cfg, segmenter, encoders, classifier)
 
 
 def warm_up(pipeline: Pipeline) -> float:
