@@ -5,7 +5,10 @@ tens of um across; a coarser grid is faster and loses little):
 
 1. Normalise (0.5/99.5 percentiles) and flatten the background by subtracting
    a wide Gaussian (``background_um``): uneven illumination and the halo of a
-   well's wall go away.
+   well's wall go away. An empty field (constant, or noise only: fewer than a
+   quarter of the smallest cell's area departs from the background by more than
+   ``empty_snr`` x the pixel noise, floored at the quantisation step) is 0 cells
+   at once; normalising it to the full range would only turn noise into cells.
 2. Foreground. ``mode="contrast"`` (phase contrast, brightfield): the local
    standard deviation over ``contrast_um``, which is high in textured cells
    whatever their polarity and low on the flat background; measured on the
@@ -89,6 +92,9 @@ class Options(BaseModel):
     )
     max_area_um2: float = Field(20000.0, gt=0)
     exclude_border: bool = False
+    empty_snr: float = Field(
+        8.0, ge=0, description="a field with less than a quarter of the smallest cell's area departing from the background by this x noise is empty (0 cells); 0: off"
+    )
 
 
 def resolve_mode(mode: str, background_level: float) -> str:
@@ -129,6 +135,26 @@ def _background(img: np.ndarray, sigma_px: float) -> np.ndarray:
     h, w = img.shape
     small = resize(img, (max(1, h // k), max(1, w // k)))
     return resize(_blur(small, sigma_px / k), (h, w))
+
+
+def pixel_noise(flat: np.ndarray, floor: float) -> float:
+    """Robust noise of a flattened image from neighbour differences (MAD / sqrt 2),
+    insensitive to structure wider than a pixel; at least ``floor`` (the quantisation step)."""
+    d = np.diff(flat[::2], axis=1).ravel() if flat.shape[1] > 1 else flat.ravel()
+    if d.size == 0:
+        return floor
+    mad = float(np.median(np.abs(d - np.median(d))))
+    return max(1.4826 * mad / np.sqrt(2.0), floor, 1e-6)
+
+
+def is_empty_field(flat: np.ndarray, noise: float, snr: float, min_px: float) -> bool:
+    """True when fewer than a quarter of the smallest cell's pixels (``min_px``)
+    depart from the background (the median) by more than ``snr`` x ``noise``:
+    a flat, featureless or noise-only field, which holds no cell."""
+    if snr <= 0:
+        return False
+    dev = np.abs(flat - np.float32(np.median(flat)))
+    return int(np.count_nonzero(dev > snr * noise)) < 0.25 * min_px
 
 
 def merge_weak_boundaries(labels: np.ndarray, edge: np.ndarray, threshold: float) -> np.ndarray:
@@ -190,13 +216,23 @@ def segment_image(image: np.ndarray, pixel_size_um: float, o: Options) -> np.nda
     img = img0
     if f < 0.999:
         img = resize(img0, (max(1, round(shape0[0] * f)), max(1, round(shape0[1] * f))))
-    lo, med, hi = np.percentile(img[::2, ::2], [0.5, 50, 99.5])
-    if hi <= lo:
-        return np.zeros(shape0, np.int32)
+    empty = np.zeros(shape0, np.int32)
+    if not np.isfinite(img).all():
+        img = np.nan_to_num(img, nan=0.0, posinf=0.0, neginf=0.0)
+        img0 = np.nan_to_num(img0, nan=0.0, posinf=0.0, neginf=0.0)
+    lo, med, hi = (float(v) for v in np.percentile(img[::2, ::2], [0.5, 50, 99.5]))
+    if not hi > lo:
+        return empty
     mode = resolve_mode(o.mode, (med - lo) / (hi - lo))
     img = (img - lo) / (hi - lo)
     bg = _background(img, o.background_um / work)
     flat = img - bg
+    min_px = min_area_um2(o, mode) / work**2
+    # a (nearly) flat field: normalising it to the full range would turn its noise into "cells"
+    # (and the foreground into the whole field, whose distance map has no end): 0 cells at once
+    step = 0.3 / (hi - lo) if np.issubdtype(np.asarray(image).dtype, np.integer) else 0.0
+    if is_empty_field(flat, pixel_noise(flat, step), o.empty_snr, min_px):
+        return empty
 
     if mode == "contrast" and o.native_contrast and img.shape != shape0:
         # fine texture of spread cytoplasm lives at the native resolution
@@ -210,8 +246,8 @@ def segment_image(image: np.ndarray, pixel_size_um: float, o: Options) -> np.nda
         signal = np.sqrt(np.clip(_blur(flat * flat, s) - mean * mean, 0, None))
     else:
         signal = _blur(flat, o.contrast_um / work)
-    if float(signal.max()) <= float(signal.min()):
-        return np.zeros(shape0, np.int32)
+    if not float(signal.max()) > float(signal.min()):
+        return empty
     t = float(threshold_otsu(signal)) * o.threshold_scale
     fg: np.ndarray = (signal > t).astype(np.uint8)
     if o.close_um > 0:
@@ -219,13 +255,12 @@ def segment_image(image: np.ndarray, pixel_size_um: float, o: Options) -> np.nda
     fg = ndi.binary_fill_holes(fg).astype(np.uint8)
     if o.open_um > 0:
         fg = cv2.morphologyEx(fg, cv2.MORPH_OPEN, _disk(o.open_um / work))
-    min_px = min_area_um2(o, mode) / work**2
     n, comp, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
     keep = stats[:, cv2.CC_STAT_AREA] >= min_px
     keep[0] = False
     fgb = keep[comp]
     if not fgb.any():
-        return np.zeros(shape0, np.int32)
+        return empty
 
     # background noise of the flattened image (robust), the unit of every brightness option
     bgv = flat[~fgb] if (~fgb).sum() > 100 else flat.ravel()
@@ -239,6 +274,9 @@ def segment_image(image: np.ndarray, pixel_size_um: float, o: Options) -> np.nda
         if o.halo_open_um > 0:
             seed_src = cv2.morphologyEx(seed_src, cv2.MORPH_OPEN, _disk(o.halo_open_um / work))
     dist = cv2.distanceTransform(seed_src, cv2.DIST_L2, 5) * work  # um
+    # with no background pixel at all the transform is "infinite" (and h-maxima on it never
+    # ends): bound it by the field's size, so every later step sees finite values
+    np.minimum(dist, float(sum(dist.shape)) * work, out=dist)
     dist = _blur(dist, o.seed_smooth_um / work)
     # h-maxima (a grey reconstruction) dominates the run time: find them on a
     # grid of about a third of the seed smoothing, which that smoothing makes lossless enough

@@ -166,3 +166,84 @@ def test_auto_mode_picks_intensity_for_phase_bright_cells_and_contrast_for_grey_
     assert len(cells) == len(DISCS_UM) and min(_match(truth, cells.labels)) > 0.85
     cells = ClassicalSegmenter(Options(min_area_um2=50.0)).segment(_frame(_phase_like(truth), 0.322))
     assert len(cells) == len(DISCS_UM)
+
+
+# --- empty fields (issue 10): a frame without contrast is 0 cells, at once, never a hang ---
+
+
+def _classical_cells(img: np.ndarray, pixel_size_um: float = 0.7):
+    from cellmonitor_plugins.segmenters.classical import ClassicalSegmenter, Options
+
+    return ClassicalSegmenter(Options()).segment(_frame(img, pixel_size_um))
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("pixel_size_um", [0.19, 0.7])
+def test_constant_dark_frame_is_zero_cells(pixel_size_um: float) -> None:
+    cells = _classical_cells(np.zeros((300, 320), np.uint16), pixel_size_um)
+    assert len(cells) == 0 and cells.labels.shape == (300, 320) and cells.labels.max() == 0
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("img", [np.full((300, 320), 65535, np.uint16), np.full((300, 320, 3), 255, np.uint8)])
+def test_constant_bright_frame_is_zero_cells_not_a_phantom(img: np.ndarray) -> None:
+    bright = img.copy()
+    bright[(slice(100, 101), slice(100, 101))] -= 1  # one pixel off the constant: still an empty field
+    for frame in (img, bright):
+        assert len(_classical_cells(frame)) == 0
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("pixel_size_um", [0.322, 0.7])
+@pytest.mark.parametrize("dtype,level,sd", [(np.uint16, 30000, 3.0), (np.uint8, 100, 1.0), (np.float32, 0.5, 1e-4)])
+def test_pure_low_amplitude_noise_is_zero_cells(pixel_size_um: float, dtype, level: float, sd: float) -> None:
+    img = (level + np.random.default_rng(3).normal(0, sd, (300, 320))).astype(dtype)
+    assert len(_classical_cells(img, pixel_size_um)) == 0
+
+
+def test_empty_field_check_keeps_real_structure() -> None:
+    """The empty-field check must not swallow frames with cells (the disc fixtures at full contrast
+    and one small, faint cell on noise)."""
+    from cellmonitor_plugins.segmenters.classical import ClassicalSegmenter, Options
+
+    truth = _truth(0.322)
+    assert len(ClassicalSegmenter(Options(min_area_um2=50.0)).segment(_frame(_phase_like(truth), 0.322))) == len(DISCS_UM)
+    one = _truth(0.7, [(60.0, 80.0, 12.0)])
+    rng = np.random.default_rng(0)
+    img = 30000 + rng.normal(0, 30, one.shape) + np.where(one > 0, 400 * rng.normal(0, 1, one.shape), 0)
+    assert len(ClassicalSegmenter(Options(min_area_um2=100.0)).segment(_frame(img.astype(np.uint16), 0.7))) == 1
+
+
+@pytest.mark.realdata
+@pytest.mark.timeout(20)
+def test_real_empty_livedead_frames_are_zero_cells(shared_data) -> None:
+    """Real, empty counting-chamber frames (no boxes) that hung the service: 0 cells, in seconds."""
+    import time
+
+    import cv2
+
+    folder = shared_data / "livedead"
+    if not folder.is_dir():
+        pytest.skip("no livedead folder")
+    for name in ("cell (274)", "cell (388)", "image1297", "image1326"):
+        png = folder / f"{name}.png"
+        if not png.exists():
+            pytest.skip(f"{png} absent")
+        assert "<object>" not in (folder / f"{name}.xml").read_text()
+        t0 = time.perf_counter()
+        cells = _classical_cells(cv2.imread(str(png), cv2.IMREAD_UNCHANGED), 0.7)
+        assert len(cells) == 0, name
+        assert time.perf_counter() - t0 < 5.0
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("pixel_size_um", [0.322, 0.7])
+def test_noise_with_empty_check_off_still_finishes(pixel_size_um: float) -> None:
+    """With the empty-field check off (``empty_snr=0``), normalised noise makes the whole field
+    foreground: its distance map has no background to measure from (it used to be inf, and
+    h-maxima on it crashed or never ended). The segmenter must still finish at once."""
+    from cellmonitor_plugins.segmenters.classical import ClassicalSegmenter, Options
+
+    img = (30000 + np.random.default_rng(0).normal(0, 3, (300, 300))).astype(np.uint16)
+    cells = ClassicalSegmenter(Options(empty_snr=0)).segment(_frame(img, pixel_size_um))
+    assert cells.labels.shape == (300, 300)
