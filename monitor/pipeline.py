@@ -8,19 +8,34 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from monitor.batching import OomPolicy, encode_all
 from monitor.config import Config, ControlConfig, PipelineConfig
 from monitor.control import otsu_control
 from monitor.errors import StageError
 from monitor.imaging import crop_cells, rescale
 from monitor.protocols import Classifier, Encoder, Segmenter
-from monitor.records import ControlSignal, Counts, Embeddings, Frame, States
+from monitor.records import Cells, ControlSignal, Counts, Embeddings, Frame, States
 
 _P, _C = PipelineConfig(), ControlConfig()  # the defaults live in the config models, nowhere else
+
+
+@runtime_checkable
+class FrameEncoder(Encoder, Protocol):
+    """An encoder that embeds cells in their frame's context (SAM's fast mode).
+
+    ``encode_cells(frame, cells)`` returns (len(cells), dim) float32 in
+    ``cells`` order; ``encode(crops)`` still works for crops without a frame
+    (reference sets of single-cell images).
+    """
+
+    def encode_cells(self, frame: Frame, cells: Cells) -> np.ndarray: ...
 
 
 @dataclass
@@ -37,6 +52,9 @@ class Pipeline:
     control_enabled: bool = _C.enabled
     control_min_region_px: int = _C.min_region_px
     control_min_snr: float = _C.min_snr
+    frames_per_call: int = 8  # the most queued frames the service hands process_frames at once
+    prefetch: bool = True  # segment the next frames in a thread while this batch is embedded
+    oom: OomPolicy = field(default_factory=OomPolicy, repr=False)  # batch sizes learnt from CUDA OOM
 
     @classmethod
     def from_config(cls, cfg: Config, segmenter: Segmenter, encoders: Sequence[Encoder], classifier: Classifier) -> Pipeline:
@@ -46,20 +64,21 @@ class Pipeline:
                    c.enabled, c.min_region_px, c.min_snr)
 
 
-def embed(crops: np.ndarray, encoders: Sequence[Encoder], batch_size: int = 64) -> Embeddings:
-    """Concatenate each encoder's vectors in the configured order, in batches."""
-    parts = []
-    for enc in encoders:
-        if len(crops) == 0:
-            parts.append(np.zeros((0, enc.dim), dtype=np.float32))
-            continue
-        chunks = [np.asarray(enc.encode(crops[s : s + batch_size]), dtype=np.float32) for s in range(0, len(crops), batch_size)]
-        v = np.concatenate(chunks, axis=0)
-        if v.shape != (len(crops), enc.dim):
-            raise RuntimeError(f"encoder {enc.name} returned shape {v.shape}, expected ({len(crops)}, {enc.dim})")
-        parts.append(v)
-    vectors = np.concatenate(parts, axis=1) if parts else np.zeros((len(crops), 0), np.float32)
+def embed(crops: np.ndarray, encoders: Sequence[Encoder], batch_size: int = 64, policy: OomPolicy | None = None) -> Embeddings:
+    """Concatenate each encoder's vectors in the configured order, in batches.
+
+    Chunking, prefetch and the GPU out-of-memory policy are
+    :func:`monitor.batching.encode_all`'s. Crops alone carry no frame, so a
+    frame-context encoder (:class:`FrameEncoder`) is called through its
+    plain ``encode`` here.
+    """
+    vectors = _embed_crops(crops, encoders, batch_size, policy)
     return Embeddings(vectors, tuple(e.id for e in encoders), tuple(e.dim for e in encoders))
+
+
+def _embed_crops(crops: np.ndarray, encoders: Sequence[Encoder], batch_size: int, policy: OomPolicy | None) -> np.ndarray:
+    parts = [encode_all(enc, crops, batch_size, policy) for enc in encoders]
+    return np.concatenate(parts, axis=1) if parts else np.zeros((len(crops), 0), np.float32)
 
 
 def count_states(frame: Frame, states: States, control: ControlSignal | None, stage_seconds: dict[str, float]) -> Counts:
@@ -97,12 +116,29 @@ def _stage(name: str, seconds: dict[str, float]) -> Iterator[None]:
 def process_frame(frame: Frame, p: Pipeline) -> Counts:
     """Frame -> rescale -> segment -> crop -> embed -> EWC -> control -> Counts.
 
+    The one-frame case of :func:`process_frames` (same code, same numbers).
+
     Raises
     ------
     StageError
         Any failure inside a stage, naming the stage; the service quarantines
         the frame and carries on. Nothing here is fatal to the service.
     """
+    result = process_frames([frame], p)[0]
+    if isinstance(result, StageError):
+        raise result
+    return result
+
+
+@dataclass
+class _Segmented:
+    frame: Frame  # rescaled
+    cells: Cells
+    crops: np.ndarray
+    seconds: dict[str, float]
+
+
+def _segment(frame: Frame, p: Pipeline) -> _Segmented:
     s: dict[str, float] = {}
     with _stage("rescale", s):
         frame = rescale(frame, p.pixel_size_um)
@@ -110,8 +146,117 @@ def process_frame(frame: Frame, p: Pipeline) -> Counts:
         cells = p.segmenter.segment(frame)
     with _stage("crop", s):
         crops = crop_cells(frame, cells, p.crop_px, p.blank_background)
-    with _stage("embed", s):
-        emb = embed(crops, p.encoders, p.batch_size)
+    return _Segmented(frame, cells, crops, s)
+
+
+def process_frames(frames: Sequence[Frame], p: Pipeline) -> list[Counts | StageError]:
+    """Several frames at once, crops of all of them sharing encoder calls.
+
+    Each frame's result is exactly what :func:`process_frame` gives it alone
+    (an encoder's vector for a crop does not depend on the other crops in its
+    batch; tested), in the order given; a frame whose stage fails gets its
+    :class:`StageError` in its place and the others go on.
+
+    Policy:
+
+    - Latency is bounded by the caller: only frames already due are passed
+      (the service takes at most ``frames_per_call``); nothing waits for more.
+    - Frames are rescaled, segmented and cropped one after another in a
+      prefetch thread (``prefetch``) while the main thread embeds the crops
+      gathered so far in full batches of ``batch_size``; the remainder is
+      embedded at the end. The GPU works while the CPU segments.
+    - A frame-context encoder (:class:`FrameEncoder`, e.g. SAM in its fast
+      mode) embeds each frame's cells from the frame itself.
+    - If a shared encoder call fails (other than out of memory, which
+      :mod:`monitor.batching` absorbs), every frame not yet fully embedded is
+      embedded on its own, so the failure lands on the frame that caused it.
+    - ``stage_seconds["embed"]`` of a frame is its share, by crop count, of
+      the shared calls plus its own frame-context encoders.
+    """
+    n = len(frames)
+    out: list[Counts | StageError | None] = [None] * n
+    crop_encs = [e for e in p.encoders if not isinstance(e, FrameEncoder)]
+    segmented: dict[int, _Segmented] = {}
+    rows: dict[int, list[np.ndarray]] = {}
+    shared_s: dict[int, float] = {}
+    buf: list[tuple[int, np.ndarray]] = []  # (frame, crops) not yet embedded
+    shared_ok = True
+
+    def flush(final: bool) -> None:
+        nonlocal buf, shared_ok
+        total = sum(len(c) for _, c in buf)
+        take = total if final else total - total % p.batch_size
+        if take == 0 or not shared_ok:
+            return
+        taken, rest, k = [], [], take
+        for i, c in buf:
+            m = min(k, len(c))
+            if m:
+                taken.append((i, c[:m]))
+            if m < len(c):
+                rest.append((i, c[m:]))
+            k -= m
+        crops = np.concatenate([c for _, c in taken])
+        t = time.perf_counter()
+        try:
+            v = _embed_crops(crops, crop_encs, p.batch_size, p.oom)
+        except Exception:  # re-done frame by frame below, so the error names its frame
+            shared_ok = False
+            return
+        dt, o = time.perf_counter() - t, 0
+        for i, c in taken:
+            rows[i].append(v[o : o + len(c)])
+            shared_s[i] += dt * len(c) / len(crops)
+            o += len(c)
+        buf = rest
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="segment") if p.prefetch and n > 1 else None
+    try:
+        futures = [pool.submit(_segment, f, p) for f in frames] if pool is not None else None
+        for i, f in enumerate(frames):
+            try:
+                sg = futures[i].result() if futures is not None else _segment(f, p)
+            except StageError as e:
+                out[i] = e
+                continue
+            segmented[i], rows[i], shared_s[i] = sg, [], 0.0
+            buf.append((i, sg.crops))
+            flush(final=False)
+        flush(final=True)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    for i, sg in segmented.items():
+        try:
+            out[i] = _finish(sg, rows[i], shared_s[i], crop_encs, p)
+        except StageError as e:
+            out[i] = e
+    return [r for r in out if r is not None]
+
+
+def _finish(sg: _Segmented, rows: list[np.ndarray], shared_s: float, crop_encs: list[Encoder], p: Pipeline) -> Counts:
+    """Embedding columns in configured order, EWC, control and counts for one segmented frame."""
+    s, frame = dict(sg.seconds), sg.frame
+    local: dict[str, float] = {}
+    with _stage("embed", local):
+        got = sum(len(r) for r in rows)
+        if got == len(sg.crops):
+            crop_v = np.concatenate(rows) if rows else np.zeros((len(sg.crops), sum(e.dim for e in crop_encs)), np.float32)
+        else:  # the shared call failed: this frame alone
+            crop_v = _embed_crops(sg.crops, crop_encs, p.batch_size, p.oom)
+        blocks, o = [], 0
+        for enc in p.encoders:
+            if isinstance(enc, FrameEncoder):
+                v = np.asarray(enc.encode_cells(frame, sg.cells), dtype=np.float32)
+                if v.shape != (len(sg.cells), enc.dim):
+                    raise RuntimeError(f"encoder {enc.name} returned shape {v.shape}, expected ({len(sg.cells)}, {enc.dim})")
+                blocks.append(v)
+            else:
+                blocks.append(crop_v[:, o : o + enc.dim])
+                o += enc.dim
+        vectors = np.concatenate(blocks, axis=1) if blocks else np.zeros((len(sg.crops), 0), np.float32)
+        emb = Embeddings(np.ascontiguousarray(vectors), tuple(e.id for e in p.encoders), tuple(e.dim for e in p.encoders))
+    s["embed"] = shared_s + local["embed"]
     with _stage("classify", s):
         states = p.classifier.classify(emb)
     with _stage("control", s):
