@@ -37,6 +37,9 @@ from monitor.errors import BadInput, NotReady
 log = logging.getLogger(__name__)
 
 PIXEL_SIZE_RANGE_UM = (0.05, 5.0)
+#: a plane may hold at most this many pixels (16,384 x 16,384): a 46 KB TIFF that
+#: declares 45,824 x 45,824 pixels is refused before a byte is decoded
+MAX_PLANE_PIXELS = 1 << 28
 TIFF_SUFFIXES = (".tif", ".tiff")
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
@@ -76,7 +79,6 @@ class TiffContent:
     ome_xml: str | None
     imagej: dict[str, Any] | None
     resolution: tuple[float, int] | None  # XResolution (px per unit), ResolutionUnit
-    page_names: list[str]
     descriptions: list[str | None] = field(default_factory=list)
     axes: str = ""
     series: np.ndarray | None = None
@@ -95,6 +97,21 @@ def check_pixel_size(path: Path | str, value: float, source: str) -> float:
             path, f"pixel size {value:g} um/px from {source} is outside the sane range {lo}..{hi} um/px"
         )
     return float(value)
+
+
+def check_plane_pixels(path: Path | str, shape: Any) -> None:
+    """Refuse a plane whose declared height x width exceeds :data:`MAX_PLANE_PIXELS`.
+
+    Raises
+    ------
+    BadInput
+        One line naming the declared size and the cap. Called on the size a
+        file *declares*, before decoding, so a decompression bomb costs nothing.
+    """
+    dims = [int(d) for d in shape]
+    yx = dims[-3:-1] if len(dims) >= 3 and dims[-1] in (3, 4) else dims[-2:]
+    if len(yx) == 2 and yx[0] * yx[1] > MAX_PLANE_PIXELS:
+        raise BadInput(path, f"declares {yx[1]} x {yx[0]} pixels per plane, above the limit of {MAX_PLANE_PIXELS:,} pixels")
 
 
 def _check_header(path: Path) -> None:
@@ -148,6 +165,8 @@ def read_tiff(path: Path) -> TiffContent:
             broken = _ifd_chain_broken(tf)
             if broken:
                 raise NotReady(path, f"TIFF truncated or still being written ({broken})")
+            for page in tf.pages:  # the declared sizes, before any pixel is decoded
+                check_plane_pixels(path, getattr(page, "shape", ()))
             series = tf.series[0] if tf.series else None
             arr: np.ndarray | None = None
             axes = ""
@@ -173,7 +192,6 @@ def read_tiff(path: Path) -> TiffContent:
                 ome_xml=tf.ome_metadata,
                 imagej=tf.imagej_metadata,
                 resolution=_resolution(first),
-                page_names=[],
                 descriptions=descriptions,
                 axes=axes,
                 series=arr,
@@ -328,6 +346,9 @@ def read_raster(path: Path) -> np.ndarray:
             raise NotReady(path, "empty file (still being written?)")
     except OSError as e:
         raise NotReady(path, f"cannot stat ({e.strerror})") from None
+    dims = _png_dims(path)
+    if dims is not None:
+        check_plane_pixels(path, dims)
     img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if img is None:
         raise NotReady(path, "image decode failed (truncated or not an image)")
@@ -336,6 +357,19 @@ def read_raster(path: Path) -> np.ndarray:
             return img[..., 0]
         img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB if img.shape[2] == 4 else cv2.COLOR_BGR2RGB)
     return img
+
+
+def _png_dims(path: Path) -> tuple[int, int] | None:
+    """(height, width) from a PNG's IHDR chunk, or None for other files."""
+    try:
+        with Path(path).open("rb") as f:
+            head = f.read(24)
+    except OSError:
+        return None
+    if len(head) < 24 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    w, h = struct.unpack(">II", head[16:24])
+    return int(h), int(w)
 
 
 def png_pixel_size_um(path: Path) -> float | None:
@@ -374,7 +408,8 @@ def as_plane(path: Path | str, name: str, img: np.ndarray) -> np.ndarray:
 
     Singleton axes are squeezed, RGBA loses its alpha, and a single-sample
     last axis becomes grey. Other shapes are :class:`BadInput` naming the
-    channel and shape.
+    channel and shape. Float planes: NaN/inf pixels are set to the finite
+    range (logged); a plane with no finite pixel is :class:`BadInput`.
     """
     a = np.asarray(img)
     while a.ndim > 3 and a.shape[0] == 1:
@@ -394,6 +429,14 @@ def as_plane(path: Path | str, name: str, img: np.ndarray) -> np.ndarray:
             a = a.astype(np.uint8)
         if a.dtype.kind not in "uif":
             raise BadInput(path, f"channel {name!r} has unsupported dtype {a.dtype}")
+        if a.dtype.kind == "f":
+            finite = np.isfinite(a)
+            if not finite.any():
+                raise BadInput(path, f"channel {name!r} holds no finite value (all NaN/inf)")
+            if not finite.all():  # a few dead pixels: the frame's own range, not NaN, downstream
+                lo, hi = float(a[finite].min()), float(a[finite].max())
+                log.warning("%s: channel %r: %d non-finite pixel(s) set to the image range", path, name, int((~finite).sum()))
+                a = np.nan_to_num(a, nan=lo, posinf=hi, neginf=lo)
         return a
     raise BadInput(path, f"channel {name!r} has unsupported shape {tuple(np.asarray(img).shape)} (want Y,X or Y,X,3)")
 

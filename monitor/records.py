@@ -12,11 +12,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 #: Where a pixel size came from: ``"metadata:<kind>"`` or ``"config"``.
 PixelSizeSource = str
+#: what a channel holds, as its reader declares it
+ChannelRole = Literal["transmitted", "fluorescence"]
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,10 @@ class Acquisition:
     """What a reader returns for one file: one or more channels of one frame.
 
     ``channels`` maps channel name to a 2-D array (Y, X) or an RGB array
-    (Y, X, 3) in the file's own dtype and pixel grid.
+    (Y, X, 3) in the file's own dtype and pixel grid. ``roles`` says, per
+    channel, what the reader knows it holds (``transmitted``: bright field,
+    phase, refractive index, segmented and embedded; ``fluorescence``: a
+    marker, the control signal); a channel absent from ``roles`` is unknown.
     """
 
     path: Path
@@ -48,6 +54,7 @@ class Acquisition:
     instrument: str
     acquired_at: datetime | None = None
     metadata: Mapping[str, str] = field(default_factory=dict)
+    roles: Mapping[str, ChannelRole] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

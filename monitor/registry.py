@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import importlib
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -21,12 +21,37 @@ from monitor.config import Config, PluginRef, format_validation_error
 from monitor.errors import PluginError
 from monitor.protocols import BuildContext
 
+OptionsT = TypeVar("OptionsT", bound=BaseModel)
+
 GROUPS = {
     "readers": "cellmonitor.readers",
     "segmenters": "cellmonitor.segmenters",
     "encoders": "cellmonitor.encoders",
     "sinks": "cellmonitor.sinks",
 }
+
+
+@dataclass(frozen=True)
+class Spec(Generic[OptionsT]):
+    """A plugin spec: what an entry point or ``"module:attr"`` names (see :mod:`monitor.protocols`).
+
+    ``factory(options, ctx)`` builds the plugin; it should import heavy
+    libraries (torch, transformers, faiss) itself, so importing the spec stays
+    cheap and ``plugins list`` stays fast.
+    """
+
+    name: str
+    description: str
+    Options: type[OptionsT]
+    factory: Callable[[OptionsT, BuildContext], Any]
+
+    def build(self, options: OptionsT, ctx: BuildContext) -> Any:
+        return self.factory(options, ctx)
+
+
+def plugin_spec(name: str, description: str, options: type[OptionsT], factory: Callable[[OptionsT, BuildContext], Any]) -> Spec[OptionsT]:
+    """The one way a built-in plugin declares itself: ``PLUGIN = plugin_spec(...)``."""
+    return Spec(name, description, options, factory)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import numpy as np
 
 from monitor.errors import BadInput, NotReady
 from monitor.protocols import Encoder, FrameReader, Segmenter, Sink
+from monitor.readkit import guess_role
 from monitor.records import Acquisition, Cells, Counts, Frame, FrameKey
 from monitor.segmentation import cells_from_labels
 
@@ -109,7 +110,9 @@ class ArrayReader:
             arr = np.load(path, allow_pickle=False)
         except Exception as e:  # header or data cut short: still being written
             raise NotReady(path, f"truncated .npy ({type(e).__name__})") from None
-        return Acquisition(path, FrameKey("test", well, "1", timepoint), {channel: arr}, self.pixel_size_um, "config", "test")
+        role = guess_role(channel)
+        return Acquisition(path, FrameKey("test", well, "1", timepoint), {channel: arr}, self.pixel_size_um, "config", "test",
+                           roles={channel: role} if role else {})
 
 
 # ---- contract checks ----------------------------------------------------------

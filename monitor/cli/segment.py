@@ -81,7 +81,7 @@ def _read_frame(args: argparse.Namespace, cfg: Any) -> Any:
     else:
         from monitor.service.reading import build_readers
 
-        acq = build_readers(cfg, registry, ctx).read(path)
+        acq = build_readers(cfg, registry, ctx).choose(path).read(path)
     if not acq.channels:
         raise BadInput(path, "no image channel in the file")
     primary = cfg.assembly.primary if cfg.assembly.primary in acq.channels else next(iter(acq.channels))

@@ -10,9 +10,10 @@ Policy
   regard to case and surrounding spaces; the configured spelling is kept).
   Channels that are not configured are left out of the frame (logged once per
   name), so an unexpected extra export cannot change what is segmented.
-* Roles are fixed from the configured list at start (``primary``/``control``
-  ``auto`` pick by name, see :func:`resolve_roles`), not from whatever
-  arrived first.
+* Roles: a named ``primary``/``control`` is fixed by the configuration;
+  ``auto`` uses the roles each reader declares for its channels
+  (``transmitted`` / ``fluorescence``, :attr:`Acquisition.roles`), in the
+  configured channel order, never file arrival order (see :func:`resolve_roles`).
 * Timeout: a frame still incomplete ``wait_s`` seconds after its first file
   is released by :meth:`FrameAssembler.due` with what arrived; its
   ``missing_channels`` says what was absent, the release is logged and
@@ -32,10 +33,9 @@ Policy
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -43,12 +43,9 @@ import numpy as np
 
 from monitor.errors import ConfigError
 from monitor.imaging import resize
-from monitor.records import Acquisition, Frame, FrameKey
+from monitor.records import Acquisition, ChannelRole, Frame, FrameKey
 
 log = logging.getLogger(__name__)
-
-_TRANSMITTED = re.compile(r"bright|phase|\bri\b|refractive|trans|dic|holo|grey|gray|image|bf\b", re.I)
-_FLUORESCENCE = re.compile(r"apo|\bpi\b|propidium|fluo|\bfl\d|tritc|texas|rfp|gfp|fitc|cy3|cy5|dapi|red|green|sytox|annexin", re.I)
 
 #: how many released/dropped frame keys are remembered to recognise late files
 _REMEMBER = 4096
@@ -58,20 +55,31 @@ def _norm(name: str) -> str:
     return " ".join(name.split()).casefold()
 
 
-def resolve_roles(names: Sequence[str], primary: str = "auto", control: str = "auto") -> tuple[str, str | None]:
-    """Pick the primary (segmented) and control (fluorescence) channels.
+def resolve_roles(
+    names: Sequence[str], primary: str = "auto", control: str = "auto", roles: Mapping[str, ChannelRole] | None = None
+) -> tuple[str, str | None]:
+    """Pick the primary (segmented) and control (fluorescence) channels of a frame.
 
-    ``auto`` primary: the first channel whose name looks transmitted-light
-    (bright field, phase, RI, ...), else the first channel. ``auto`` control:
-    the first other channel whose name looks fluorescent, else the first other
-    channel, else none. ``control = "none"`` disables it; a named control that
-    is absent gives none. A named primary that is absent is a ``KeyError``.
+    ``auto`` primary: the first channel its reader declared ``transmitted``,
+    else the first channel without a declared role, else the first channel.
+    ``auto`` control: the first other channel declared ``fluorescence``, else
+    the first other channel without a declared role, else none.
+    ``control = "none"`` disables it; a named control that is absent gives
+    none.
+
+    Raises
+    ------
+    KeyError
+        A named primary that is not among ``names``.
+    ValueError
+        No channels at all.
     """
     names = list(names)
+    roles = roles or {}
     if not names:
         raise ValueError("frame has no channels")
     if primary == "auto":
-        primary = next((n for n in names if _TRANSMITTED.search(n)), names[0])
+        primary = next((n for n in names if roles.get(n) == "transmitted"), None) or next((n for n in names if n not in roles), names[0])
     elif primary not in names:
         raise KeyError(f"primary channel {primary!r} not in frame (channels: {', '.join(names)})")
     others = [n for n in names if n != primary]
@@ -79,7 +87,7 @@ def resolve_roles(names: Sequence[str], primary: str = "auto", control: str = "a
     if control == "none":
         ctrl = None
     elif control == "auto":
-        ctrl = next((n for n in others if _FLUORESCENCE.search(n)), others[0] if others else None)
+        ctrl = next((n for n in others if roles.get(n) == "fluorescence"), None) or next((n for n in others if n not in roles), None)
     else:
         ctrl = control if control in names and control != primary else None
     return primary, ctrl
@@ -102,7 +110,10 @@ def merge(parts: Sequence[Acquisition], primary: str = "auto", control: str = "a
         for name, img in a.channels.items():
             channels[name] = img
             owner[name] = a
-    p, c = resolve_roles(list(channels), primary, control)
+    if expected:  # configured order, not arrival order
+        order = [n for n in expected if n in channels] + [n for n in channels if n not in expected]
+        channels = {n: channels[n] for n in order}
+    p, c = resolve_roles(list(channels), primary, control, _roles(parts))
     base = owner[p]
     shape = channels[p].shape[:2]
     for name, img in list(channels.items()):
@@ -126,6 +137,10 @@ def merge(parts: Sequence[Acquisition], primary: str = "auto", control: str = "a
         sources=tuple(dict.fromkeys(a.path for a in parts)),
         missing_channels=tuple(n for n in expected if n not in channels),
     )
+
+
+def _roles(parts: Sequence[Acquisition]) -> dict[str, ChannelRole]:
+    return {n: r for a in parts for n, r in a.roles.items() if n in a.channels}
 
 
 @dataclass(frozen=True)
@@ -176,7 +191,8 @@ class FrameAssembler:
                 raise ConfigError(f"assembly.primary: {self.primary!r} is not one of assembly.channels ({listed})")
             if control not in ("auto", "none") and control not in self.channels:
                 raise ConfigError(f"assembly.control: {self.control!r} is not one of assembly.channels ({listed})")
-            self._primary, self._control = resolve_roles(self.channels, primary, control)
+            self._primary = primary
+            self._control = control
 
     # -- intake -----------------------------------------------------------------------------
 
@@ -198,7 +214,8 @@ class FrameAssembler:
             return None
         if list(kept) == list(acq.channels):
             return acq
-        return replace(acq, channels=kept)
+        roles = {self._canon[_norm(n)]: r for n, r in acq.roles.items() if _norm(n) in self._canon}
+        return replace(acq, channels=kept, roles=roles)
 
     def _drop(self, key: FrameKey, sources: tuple[Path, ...], reason: str) -> None:
         new = tuple(s for s in sources if s not in self._dropped_paths)
@@ -239,7 +256,7 @@ class FrameAssembler:
             del self._pending[acq.key]
             self._remember(acq.key, "released")
             self.stats["complete"] += 1
-            return merge(pend.parts, self._primary or "auto", self._control or "none", self.channels)
+            return merge(pend.parts, self._primary or "auto", self._control or "auto", self.channels)
         return None
 
     def due(self, force: bool = False) -> list[Frame]:
@@ -257,10 +274,12 @@ class FrameAssembler:
             have = {n for a in pend.parts for n in a.channels}
             missing = [c for c in self.channels if c not in have]
             sources = tuple(a.path for a in pend.parts)
-            if self._primary not in have:
-                self._drop(key, sources, f"primary channel {self._primary!r} never arrived (missing: {', '.join(missing)})")
+            primary = self._primary_of(pend.parts)
+            if primary not in have:
+                self._drop(key, sources, f"primary channel {primary!r} never arrived (missing: {', '.join(missing)})")
                 continue
-            frame = merge(pend.parts, self._primary or "auto", self._control if self._control in have else "none", self.channels)
+            control = self._control if self._control in have or self._control in ("auto", "none") else "none"
+            frame = merge(pend.parts, primary, control or "auto", self.channels)
             self._remember(key, "released")
             self.stats["incomplete"] += 1
             log.warning(
@@ -276,9 +295,22 @@ class FrameAssembler:
         return out
 
     @property
-    def roles(self) -> tuple[str | None, str | None]:
-        """(primary, control) resolved from the configured channels; (None, None) without channels."""
+    def configured_roles(self) -> tuple[str | None, str | None]:
+        """(primary, control) as configured, in configured spelling (``auto``/``none`` as given)."""
         return self._primary, self._control
+
+    def _primary_of(self, parts: Sequence[Acquisition]) -> str:
+        """The configured primary, or (``auto``) the configured channel its reader declares transmitted.
+
+        With ``auto`` and no part declaring any transmitted channel, the first
+        configured channel that is not declared fluorescence is the primary.
+        """
+        if self._primary not in (None, "auto"):
+            return str(self._primary)
+        roles = _roles(parts)
+        return next((c for c in self.channels if roles.get(c) == "transmitted"), None) or next(
+            (c for c in self.channels if roles.get(c) != "fluorescence"), self.channels[0]
+        )
 
     @property
     def n_pending(self) -> int:

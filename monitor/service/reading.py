@@ -1,4 +1,8 @@
-"""Reader choice: explicit in the config, or the most specific reader that accepts a file."""
+"""Reader choice: explicit in the config, or the most specific reader that accepts a file.
+
+The service, ``inspect`` and ``plugins check`` all choose through
+:class:`ReaderSet`, so what ``plugins check`` says is what the service does.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,6 @@ from pathlib import Path
 from monitor.config import Config, PluginRef
 from monitor.errors import BadInput
 from monitor.protocols import BuildContext, FrameReader
-from monitor.records import Acquisition
 from monitor.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -38,16 +41,21 @@ class ReaderSet:
         return out
 
     def choose(self, path: Path) -> FrameReader:
+        """The first (most specific) reader that accepts ``path``; the same verdicts as :meth:`explain`.
+
+        Raises
+        ------
+        BadInput
+            No reader accepts the file; the message lists each reader's reason.
+            A reader whose ``accepts`` raises counts as declining, so
+            ``plugins check`` and the service always agree.
+        """
         reasons = []
-        for r in self.readers:
-            why = r.accepts(path)
+        for r, why in self.explain(path):
             if why is None:
                 return r
             reasons.append(f"{r.name}: {why}")
         raise BadInput(path, "no reader accepts this file (" + "; ".join(reasons) + ")")
-
-    def read(self, path: Path) -> Acquisition:
-        return self.choose(path).read(path)
 
 
 def build_readers(cfg: Config, registry: Registry, ctx: BuildContext) -> ReaderSet:

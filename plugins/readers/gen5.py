@@ -63,7 +63,6 @@ from monitor.errors import BadInput
 from monitor.imageio import (
     TIFF_SUFFIXES,
     as_plane,
-    check_pixel_size,
     head_contains,
     local_name,
     parse_xml_safely,
@@ -71,8 +70,9 @@ from monitor.imageio import (
     tiff_pixel_size_um,
     trailing_number,
 )
-from monitor.protocols import BuildContext
-from monitor.records import Acquisition, FrameKey
+from monitor.readkit import choose_pixel_size, guess_role
+from monitor.records import Acquisition, ChannelRole, FrameKey
+from monitor.registry import plugin_spec
 
 log = logging.getLogger(__name__)
 
@@ -486,6 +486,7 @@ class Gen5Reader:
         return Acquisition(
             path=path,
             key=key,
+            roles=self._roles(channels, metas),
             channels=dict(zip(channels, planes, strict=True)),
             pixel_size_um=size,
             pixel_size_source=source,
@@ -495,23 +496,32 @@ class Gen5Reader:
         )
 
     def _pixel_size(self, path: Path, meta: Gen5Meta | None, width_px: int, content: Any) -> tuple[float, str, str]:
-        conf = self.o.pixel_size_um
-        if conf is not None and self.o.prefer_config_pixel_size:
-            return check_pixel_size(path, conf, "config"), "config", ""
-        if meta is not None:
-            got = meta.pixel_size_um(width_px)
-            if got is not None:
-                size, note = got
-                if note:
-                    log.info("%s: %s", path, note)
-                return check_pixel_size(path, size, "metadata:gen5"), "metadata:gen5", note
-        other = tiff_pixel_size_um(content)
-        if other is not None:
-            return check_pixel_size(path, other[0], other[1]), other[1], ""
-        if conf is not None:
-            return check_pixel_size(path, conf, "config"), "config", ""
-        why = "no ImageWidthMicrons in the Gen5 XML" if meta is not None else "no <BTIImageMetaData> XML in TIFF tag 270"
-        raise BadInput(path, f"{why} and no pixel size configured (set readers.gen5.pixel_size_um)")
+        """(um/px, source, note): the Gen5 XML, then other TIFF metadata, then the config (readkit policy)."""
+        got = meta.pixel_size_um(width_px) if meta is not None else None
+        note = got[1] if got is not None else ""
+        candidates = [(got[0], "metadata:gen5") if got is not None else None, tiff_pixel_size_um(content)]
+        if not any(candidates) and self.o.pixel_size_um is None:
+            why = "no ImageWidthMicrons in the Gen5 XML" if meta is not None else "no <BTIImageMetaData> XML in TIFF tag 270"
+            raise BadInput(path, f"{why} and no pixel size configured (set readers.gen5.pixel_size_um)")
+        size, source = choose_pixel_size(path, candidates, self.o.pixel_size_um, self.o.prefer_config_pixel_size, "readers.gen5.pixel_size_um")
+        if source == "metadata:gen5" and note:
+            log.info("%s: %s", path, note)
+        return size, source, note if source == "metadata:gen5" else ""
+
+    @staticmethod
+    def _roles(names: list[str], metas: list[Gen5Meta | None]) -> dict[str, ChannelRole]:
+        """Each channel's role from its XML (BrightField/PhaseContrast, else an excitation
+        wavelength means fluorescence); from its name where the XML is silent."""
+        roles: dict[str, ChannelRole] = {}
+        for i, name in enumerate(names):
+            m = metas[i] if i < len(metas) else None
+            if m is not None and m.transmitted is not None:
+                roles[name] = "transmitted" if m.transmitted else "fluorescence"
+            elif m is not None and m.excitation_nm:
+                roles[name] = "fluorescence"
+            elif (r := guess_role(name)) is not None:
+                roles[name] = r
+        return roles
 
     def _channel_names(self, parsed: Gen5Name | None, metas: list[Gen5Meta | None], n: int) -> list[str]:
         xml_names = [m.channel_name if m is not None else None for m in metas]
@@ -528,17 +538,7 @@ class Gen5Reader:
         return names
 
 
-_Options = Options  # the spec's class attribute shadows the name inside its body
-
-
-class _Spec:
-    name = "gen5"
-    description = "BioTek Gen5 exports (Lionheart FX, Cytation): naming, plate folders, BTIImageMetaData XML"
-    Options = Options
-
-    @staticmethod
-    def build(options: _Options, ctx: BuildContext) -> Gen5Reader:
-        return Gen5Reader(options, ctx.extra.get("experiment", "default"))
-
-
-PLUGIN = _Spec()
+PLUGIN = plugin_spec(
+    "gen5", "BioTek Gen5 exports (Lionheart FX, Cytation): naming, plate folders, BTIImageMetaData XML", Options,
+    lambda o, ctx: Gen5Reader(o, ctx.extra.get("experiment", "default")),
+)

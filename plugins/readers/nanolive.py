@@ -46,13 +46,12 @@ from monitor.errors import BadInput
 from monitor.imageio import (
     TIFF_SUFFIXES,
     as_plane,
-    check_pixel_size,
     read_tiff,
     tiff_pixel_size_um,
-    trailing_number,
 )
-from monitor.protocols import BuildContext
-from monitor.records import Acquisition, FrameKey
+from monitor.readkit import choose_pixel_size, key_from_match
+from monitor.records import Acquisition, ChannelRole, FrameKey
+from monitor.registry import plugin_spec
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +172,7 @@ class NanoliveReader:
             raw_names = given[: len(stacks)] + [f"{raw_channel} C{i}" for i in range(len(given), len(stacks))]
 
         channels: dict[str, np.ndarray] = {}
+        roles: dict[str, ChannelRole] = {}
         meta: dict[str, str] = {"channel_file": raw_channel}
         for raw, stack in zip(raw_names, stacks, strict=True):
             name, is_ri = self._name(raw)
@@ -192,22 +192,14 @@ class NanoliveReader:
                 img = project(stack, self.o.fluorescence_projection) if n_z > 1 else stack
             meta[f"{name}.z_planes"] = str(n_z)
             channels[name] = as_plane(path, name, img)
+            roles[name] = "transmitted" if is_ri else "fluorescence"
 
-        size, source = float(self.o.pixel_size_um), "config"
-        if self.o.use_file_pixel_size:
-            got = tiff_pixel_size_um(content)
-            if got is not None:
-                size, source = got
-        check_pixel_size(path, size, source)
-
-        tp = g.get("timepoint")
-        key = FrameKey(
-            self.o.experiment or g.get("experiment") or self.experiment,
-            g.get("well") or "-",
-            g.get("field") or "1",
-            int(tp) if tp is not None else (trailing_number(path.stem) or 0),
-        )
-        return Acquisition(path, key, channels, size, source, self.o.instrument, metadata=meta)
+        from_file = [tiff_pixel_size_um(content)] if self.o.use_file_pixel_size else []
+        size, source = choose_pixel_size(path, from_file, self.o.pixel_size_um, False, "readers.nanolive.pixel_size_um")
+        key = key_from_match(m, path, self.o.experiment or self.experiment)
+        if self.o.experiment:
+            key = FrameKey(self.o.experiment, key.well, key.field, key.timepoint)
+        return Acquisition(path, key, channels, size, source, self.o.instrument, metadata=meta, roles=roles)
 
     def _stacks(self, path: Path, content: object) -> list[np.ndarray]:
         """One (Z, Y, X) / (Y, X) / (Y, X, 3) array per channel of the file."""
@@ -233,17 +225,7 @@ class NanoliveReader:
         return [arr.reshape((-1,) + arr.shape[y:])]
 
 
-_Options = Options  # the spec's class attribute shadows the name inside its body
-
-
-class _Spec:
-    name = "nanolive"
-    description = "Nanolive 3D Cell Explorer TIFF exports: RI (2-D or projected Z-stack) + fluorescence"
-    Options = Options
-
-    @staticmethod
-    def build(options: _Options, ctx: BuildContext) -> NanoliveReader:
-        return NanoliveReader(options, ctx.extra.get("experiment", "default"))
-
-
-PLUGIN = _Spec()
+PLUGIN = plugin_spec(
+    "nanolive", "Nanolive 3D Cell Explorer TIFF exports: RI (2-D or projected Z-stack) + fluorescence", Options,
+    lambda o, ctx: NanoliveReader(o, ctx.extra.get("experiment", "default")),
+)

@@ -23,20 +23,18 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from monitor.config import Regex
-from monitor.errors import BadInput
 from monitor.imageio import (
     RASTER_SUFFIXES,
     TIFF_SUFFIXES,
     as_plane,
-    check_pixel_size,
     png_pixel_size_um,
     read_raster,
     read_tiff,
     tiff_pixel_size_um,
-    trailing_number,
 )
-from monitor.protocols import BuildContext
+from monitor.readkit import choose_pixel_size, guess_role, key_from_match
 from monitor.records import Acquisition, FrameKey
+from monitor.registry import plugin_spec
 
 log = logging.getLogger(__name__)
 
@@ -78,18 +76,7 @@ class TiffReader:
     def identity(self, path: Path) -> tuple[FrameKey, str | None]:
         """Frame key and channel from the file name (pattern, else trailing number)."""
         m = self.rx.match(Path(path).name)
-        if m:
-            g = m.groupdict()
-            tp = g.get("timepoint")
-            key = FrameKey(
-                g.get("experiment") or self.experiment,
-                g.get("well") or "-",
-                g.get("field") or "1",
-                int(tp) if tp is not None else (trailing_number(Path(path).stem) or 0),
-            )
-            return key, g.get("channel")
-        tp = trailing_number(Path(path).stem)
-        return FrameKey(self.experiment, "-", "1", tp if tp is not None else 0), None
+        return key_from_match(m, path, self.experiment), (m.group("channel") if m and "channel" in m.groupdict() else None)
 
     def read(self, path: Path) -> Acquisition:
         """Decode the file; see the module docstring for the pixel-size policy."""
@@ -104,34 +91,20 @@ class TiffReader:
             pages = [read_raster(path)]
             png = png_pixel_size_um(path) if path.suffix.lower() == ".png" else None
             meta_size = (png, "metadata:png") if png else None
-        if self.o.pixel_size_um is not None and (meta_size is None or self.o.prefer_config_pixel_size):
-            size, source = self.o.pixel_size_um, "config"
-        elif meta_size is not None:
-            size, source = meta_size
-        else:
-            raise BadInput(path, "no pixel size in the file's metadata and none configured (set readers.tiff.pixel_size_um)")
-        check_pixel_size(path, size, source)
+        size, source = choose_pixel_size(path, [meta_size], self.o.pixel_size_um, self.o.prefer_config_pixel_size, "readers.tiff.pixel_size_um")
         if len(pages) == 1:
             channels = {channel or "image": as_plane(path, channel or "image", pages[0])}
         else:
             names = list(self.o.page_channels) + [f"page{i}" for i in range(len(self.o.page_channels), len(pages))]
             channels = {names[i]: as_plane(path, names[i], p) for i, p in enumerate(pages)}
+        # a generic file says nothing about its channels but their names
+        roles = {n: r for n in channels if (r := guess_role(n)) is not None}
         return Acquisition(
-            path, key, channels, size, source, self.o.instrument, metadata={"pages": str(len(pages))}
+            path, key, channels, size, source, self.o.instrument, metadata={"pages": str(len(pages))}, roles=roles
         )
 
 
-_Options = Options  # the spec's class attribute shadows the name inside its body
-
-
-class _Spec:
-    name = "tiff"
-    description = "TIFF/OME-TIFF/ImageJ/PNG/JPEG; pixel size from metadata or config"
-    Options = Options
-
-    @staticmethod
-    def build(options: _Options, ctx: BuildContext) -> TiffReader:
-        return TiffReader(options, ctx.extra.get("experiment", "default"))
-
-
-PLUGIN = _Spec()
+PLUGIN = plugin_spec(
+    "tiff", "TIFF/OME-TIFF/ImageJ/PNG/JPEG; pixel size from metadata or config", Options,
+    lambda o, ctx: TiffReader(o, ctx.extra.get("experiment", "default")),
+)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from monitor.errors import ConfigError
+from monitor.readkit import guess_role
 from monitor.records import Acquisition, FrameKey
 from monitor.service.assemble import FrameAssembler, merge, resolve_roles
 
@@ -27,9 +28,10 @@ class Clock:
 def acq(channel: str, key: FrameKey = KEY, shape=(40, 60), px: float = 0.322, value: int = 1, path: str | None = None,
         when: datetime | None = None) -> Acquisition:
     img = np.full(shape, value, np.uint16)
+    role = guess_role(channel)  # as the Gen5 reader declares it
     return Acquisition(
         Path(path or f"/in/{key.well}_{key.field}_{key.timepoint}_{channel}.tif"), key, {channel: img}, px,
-        "metadata:gen5", "lionheart", when,
+        "metadata:gen5", "lionheart", when, roles={channel: role} if role else {},
     )
 
 
@@ -40,14 +42,25 @@ def acq(channel: str, key: FrameKey = KEY, shape=(40, 60), px: float = 0.322, va
         (["RI", "FL1"], "auto", "auto", ("RI", "FL1")),
         (["Phase Contrast", "GFP", "DAPI"], "auto", "auto", ("Phase Contrast", "GFP")),
         (["Bright Field", "Texas Red"], "auto", "none", ("Bright Field", None)),
-        (["Bright Field", "Texas Red"], "Texas Red", "auto", ("Texas Red", "Bright Field")),
+        (["Bright Field", "Texas Red"], "Texas Red", "auto", ("Texas Red", None)),  # bright field is no control
         (["Bright Field", "Texas Red"], "auto", "Apo-15", ("Bright Field", None)),
         (["chan0"], "auto", "auto", ("chan0", None)),
         (["x", "y"], "auto", "auto", ("x", "y")),
     ],
 )
 def test_resolve_roles(names, primary, control, want):
-    assert resolve_roles(names, primary, control) == want
+    """Roles as a generic reader declares them (from the channel names)."""
+    from monitor.readkit import guess_role
+
+    roles = {n: r for n in names if (r := guess_role(n)) is not None}
+    assert resolve_roles(names, primary, control, roles) == want
+
+
+def test_declared_roles_decide_not_names_or_order():
+    # a reader that knows its channels: the names say nothing, the order is 'wrong'
+    assert resolve_roles(["ch1", "ch2"], "auto", "auto", {"ch1": "fluorescence", "ch2": "transmitted"}) == ("ch2", "ch1")
+    # no roles declared at all: first channel is primary, the next one the control
+    assert resolve_roles(["Texas Red", "Bright Field"]) == ("Texas Red", "Bright Field")
 
 
 def test_resolve_roles_errors():
@@ -59,7 +72,6 @@ def test_resolve_roles_errors():
 
 def test_complete_frame_is_released_at_once_with_roles_from_config():
     a = FrameAssembler(["Bright Field", "Texas Red"], clock=Clock())
-    assert a.roles == ("Bright Field", "Texas Red")
     assert a.add(acq("Texas Red", value=7)) is None
     assert a.n_pending == 1 and a.pending_paths() == ["/in/A1_1_3_Texas Red.tif"]
     f = a.add(acq("Bright Field", value=9, when=datetime(2024, 1, 1, 12)))
@@ -169,7 +181,7 @@ def test_misconfigured_roles_are_config_errors():
     with pytest.raises(ConfigError, match="assembly.control"):
         FrameAssembler(["Bright Field", "Texas Red"], control="Apo-15")
     a = FrameAssembler(["Bright Field", "Texas Red"], primary="bright field", control="texas red")
-    assert a.roles == ("Bright Field", "Texas Red")
+    assert a.configured_roles == ("Bright Field", "Texas Red")
 
 
 def test_merge_resamples_onto_the_primary_grid():

@@ -1,0 +1,87 @@
+"""The reader toolkit: what every reader plugin shares, so no reader copies another.
+
+* :func:`choose_pixel_size` -- the pixel-size precedence (metadata vs
+  configuration) with the source of the value that won;
+* :func:`key_from_match` -- frame identity from a file-name pattern match;
+* :func:`guess_role` -- a channel's role from its name, for readers that know
+  nothing better (vendor readers declare roles from their metadata);
+* (in :mod:`monitor.imageio`) decoding with the cap on a plane's declared
+  size, :func:`~monitor.imageio.check_plane_pixels`, and the sane pixel-size
+  range.
+
+Readers declare each channel's role (:data:`~monitor.records.ChannelRole`) in
+:attr:`~monitor.records.Acquisition.roles`; the assembler picks the segmented
+(transmitted) and control (fluorescence) channels from those roles.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from monitor.errors import BadInput
+from monitor.imageio import check_pixel_size, trailing_number
+from monitor.records import ChannelRole, FrameKey
+
+_TRANSMITTED = re.compile(r"bright|phase|\bri\b|refractive|trans|dic|holo|grey|gray|image|bf\b", re.I)
+_FLUORESCENCE = re.compile(r"apo|\bpi\b|propidium|fluo|\bfl\d|tritc|texas|rfp|gfp|fitc|cy3|cy5|dapi|red|green|sytox|annexin", re.I)
+
+
+def choose_pixel_size(
+    path: Path | str,
+    from_file: Sequence[tuple[float, str] | None],
+    configured: float | None,
+    prefer_config: bool,
+    option: str,
+) -> tuple[float, str]:
+    """The pixel size of a file and where it came from.
+
+    Precedence: the configured value when ``prefer_config`` is set; else the
+    first value the file's metadata gives (``from_file``, most trusted first,
+    each ``(um_per_px, source)`` or None); else the configured value (source
+    ``"config"``).
+
+    Raises
+    ------
+    BadInput
+        Neither the file nor the configuration gives a size (the message names
+        the option ``option`` to set), or the chosen value is outside
+        0.05..5 um/px.
+    """
+    candidates: list[tuple[float, str]] = []
+    if configured is not None and prefer_config:
+        candidates.append((float(configured), "config"))
+    candidates += [c for c in from_file if c is not None]
+    if configured is not None:
+        candidates.append((float(configured), "config"))
+    if not candidates:
+        raise BadInput(path, f"no pixel size in the file's metadata and none configured (set {option})")
+    size, source = candidates[0]
+    return check_pixel_size(path, size, source), source
+
+
+def key_from_match(m: re.Match[str] | None, path: Path | str, experiment: str) -> FrameKey:
+    """Frame identity from a match of a pattern with named groups.
+
+    Groups ``experiment``, ``well``, ``field`` and ``timepoint`` are optional:
+    absent ones give ``experiment`` (the configured one), well ``"-"``, field
+    ``"1"``, and the last number in the file name as the timepoint (0 if none).
+    """
+    g = m.groupdict() if m is not None else {}
+    tp = g.get("timepoint")
+    return FrameKey(
+        g.get("experiment") or experiment,
+        g.get("well") or "-",
+        g.get("field") or "1",
+        int(tp) if tp is not None else (trailing_number(Path(path).stem) or 0),
+    )
+
+
+def guess_role(name: str) -> ChannelRole | None:
+    """``transmitted`` for bright-field/phase/RI-like names, ``fluorescence`` for dye names, else None."""
+    if _TRANSMITTED.search(name):
+        return "transmitted"
+    if _FLUORESCENCE.search(name):
+        return "fluorescence"
+    return None
