@@ -120,7 +120,52 @@ def crop_at(
     return out
 
 
-def crop_cells(frame: Frame, cells: Cells, size: int = 224, blank_background: bool = False) -> np.ndarray:
+#: default context around a box: each side of the (square) crop window is the box's longer
+#: side plus this fraction of it on both sides
+BOX_MARGIN = 0.2
+
+
+def box_windows(boxes_yxyx: np.ndarray, margin: float = BOX_MARGIN) -> np.ndarray:
+    """(N, 3) ``(centre y, centre x, side)`` of the square window that frames each box.
+
+    ``boxes_yxyx`` are ``(y0, x0, y1, x1)`` with exclusive ends (a one-pixel box is
+    ``(y, x, y + 1, x + 1)``); the window is centred on the box and its side is the
+    box's longer side times ``1 + 2 * margin`` (at least 2 px).
+    """
+    b = np.asarray(boxes_yxyx, dtype=np.float64).reshape(-1, 4)
+    side = np.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]) * (1.0 + 2.0 * margin)
+    return np.stack([(b[:, 0] + b[:, 2]) / 2.0, (b[:, 1] + b[:, 3]) / 2.0, np.maximum(side, 2.0)], axis=1)
+
+
+def crop_boxes(
+    rgb: np.ndarray, boxes_yxyx: np.ndarray, size: int, margin: float = BOX_MARGIN, pad_value: int | np.ndarray | None = None
+) -> np.ndarray:
+    """(N, size, size, 3) uint8 crops, each cell framed by its box (box framing).
+
+    Policy: the square window of :func:`box_windows` (the box's longer side plus
+    ``margin`` of it on each side, centred on the box; the aspect ratio is kept)
+    is cut from ``rgb``, padded with the image's median colour (or ``pad_value``)
+    where it leaves the image, and resized to ``size`` (area interpolation when
+    shrinking, linear when growing). A cell thus fills the same share of every
+    crop whatever its size and the frame's scale: what a labelled box
+    (``index build`` on VOC frames) and a segmented cell (the service) give
+    the encoder is framed the same way.
+    """
+    wins = box_windows(boxes_yxyx, margin)
+    out = np.empty((len(wins), size, size, 3), dtype=np.uint8)
+    fill = np.median(rgb.reshape(-1, 3), axis=0).astype(np.uint8) if pad_value is None else pad_value
+    for i, (cy, cx, side) in enumerate(wins):
+        s = max(2, int(round(side)))
+        # crop_at starts the window at round(centre) - s // 2: aim it at centre - s / 2
+        shift = s // 2 - s / 2
+        c = crop_at(rgb, np.array([[cy + shift, cx + shift]]), s, pad_value=fill)[0]
+        out[i] = resize(c, (size, size))
+    return out
+
+
+def crop_cells(
+    frame: Frame, cells: Cells, size: int = 224, blank_background: bool = False, framing: str = "window", margin: float = BOX_MARGIN
+) -> np.ndarray:
     """(N, size, size, 3) uint8 crops of the primary channel, one per cell, in ``cells`` order.
 
     Policy: each crop is centred on the cell's mask centroid (rounded to the
@@ -131,12 +176,21 @@ def crop_cells(frame: Frame, cells: Cells, size: int = 224, blank_background: bo
     background and neighbouring cells) is set to that same median colour, so
     an encoder sees one cell on a neutral field. A cell larger than the crop
     is cut, not shrunk: the crop keeps the common pixel size.
+
+    ``framing="box"`` frames each cell by its bounding box instead
+    (:func:`crop_boxes`: the box's longer side plus ``margin`` of it on each
+    side, resized to ``size``), the way ``index build`` frames the labelled
+    boxes of VOC frames, so reference and query crops match; ``blank_background``
+    does not apply there.
     """
     rgb = display_range(frame.image)
-    centers = np.array([c.centroid_yx_px for c in cells.cells], dtype=np.float64).reshape(-1, 2)
     # grey frames repeat one channel three times: take the median once (3x less work per frame)
     grey = rgb.ndim == 3 and rgb.shape[2] == 3 and frame.image.ndim == 2
     fill = np.repeat(np.median(rgb[..., 0]), 3).astype(np.uint8) if grey else np.median(rgb.reshape(-1, 3), axis=0).astype(np.uint8)
+    if framing == "box":
+        boxes = np.array([c.bbox_px for c in cells.cells], dtype=np.float64).reshape(-1, 4)
+        return crop_boxes(rgb, boxes, size, margin, pad_value=fill)
+    centers = np.array([c.centroid_yx_px for c in cells.cells], dtype=np.float64).reshape(-1, 2)
     crops = crop_at(rgb, centers, size, pad_value=fill)
     if blank_background and len(cells):
         for i, c in enumerate(cells.cells):

