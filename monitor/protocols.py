@@ -31,16 +31,38 @@ class FrameReader(Protocol):
     name: str
     specificity: int
 
-    def accepts(self, path: Path) -> str | None: ...
+    def accepts(self, path: Path) -> str | None:
+        """None to take ``path``, else a short reason; must not decode the file.
 
-    def read(self, path: Path) -> Acquisition: ...
+        An exception raised here counts as declining (the reason names it).
+        """
+        ...
+
+    def read(self, path: Path) -> Acquisition:
+        """Decode ``path`` fully, declaring each channel's role where known.
+
+        Raises
+        ------
+        NotReady
+            The file may still be being written (truncated, empty): retried
+            with back-off until ``service.ready_deadline_s``.
+        BadInput
+            The file will never be readable: quarantined, one line.
+        """
+        ...
 
 
 @runtime_checkable
 class Segmenter(Protocol):
     """Instance segmentation of the frame's primary channel."""
 
-    def segment(self, frame: Frame) -> Cells: ...
+    def segment(self, frame: Frame) -> Cells:
+        """Cells of ``frame`` (already at the common pixel size); an empty field is 0 cells.
+
+        Any exception quarantines the frame (stage ``segment``); it is never
+        fatal to the service.
+        """
+        ...
 
 
 @runtime_checkable
@@ -55,7 +77,9 @@ class Encoder(Protocol):
     id: str
     dim: int
 
-    def encode(self, crops: np.ndarray) -> np.ndarray: ...
+    def encode(self, crops: np.ndarray) -> np.ndarray:
+        """float32 (N, dim) vectors of uint8 (N, S, S, 3) crops; deterministic, row-independent."""
+        ...
 
 
 @runtime_checkable
@@ -63,9 +87,13 @@ class Classifier(Protocol):
     """Cell states from embeddings (the built-in one is EWC-FAISS, monitor.index.store.EWCClassifier)."""
 
     @property
-    def classes(self) -> tuple[str, ...]: ...
+    def classes(self) -> tuple[str, ...]:
+        """The reference classes, in label order."""
+        ...
 
-    def classify(self, emb: Embeddings) -> States: ...
+    def classify(self, emb: Embeddings) -> States:
+        """One state per embedding row, with certainty and the neighbours that decided it."""
+        ...
 
 
 @runtime_checkable
@@ -81,9 +109,13 @@ class Sink(Protocol):
     name: str
     record_of_truth: bool
 
-    def write(self, counts: Counts) -> None: ...
+    def write(self, counts: Counts) -> None:
+        """Keep one frame's counts; a record-of-truth sink writes a frame at most once."""
+        ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Flush and release; called once at shutdown."""
+        ...
 
 
 @dataclass
@@ -98,8 +130,12 @@ class BuildContext:
 
 
 class PluginSpec(Protocol):
+    """What an entry point names: see :func:`monitor.registry.plugin_spec`."""
+
     name: str
     description: str
     Options: type[BaseModel]
 
-    def build(self, options: Any, ctx: BuildContext) -> Any: ...
+    def build(self, options: Any, ctx: BuildContext) -> Any:
+        """The plugin, from validated ``options``; failures are fatal start-up errors."""
+        ...

@@ -84,6 +84,7 @@ class Frame:
 
     @property
     def shape_px(self) -> tuple[int, int]:
+        """(height, width) of the primary channel in pixels."""
         return tuple(self.image.shape[:2])  # type: ignore[return-value]
 
 
@@ -142,6 +143,7 @@ class States:
         return int(self.predicted.shape[0])
 
     def label(self, i: int) -> str:
+        """The class name predicted for cell ``i``."""
         return self.classes[int(self.predicted[i])]
 
 
@@ -175,4 +177,5 @@ class Counts:
     stage_seconds: Mapping[str, float] = field(default_factory=dict)
 
     def fraction(self, state: str) -> float:
+        """Share of the frame's cells in ``state`` (0 for an empty frame or an unknown state)."""
         return self.counts.get(state, 0) / self.n_cells if self.n_cells else 0.0

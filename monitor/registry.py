@@ -46,6 +46,7 @@ class Spec(Generic[OptionsT]):
     factory: Callable[[OptionsT, BuildContext], Any]
 
     def build(self, options: OptionsT, ctx: BuildContext) -> Any:
+        """The plugin built from validated ``options``."""
         return self.factory(options, ctx)
 
 
@@ -56,6 +57,8 @@ def plugin_spec(name: str, description: str, options: type[OptionsT], factory: C
 
 @dataclass(frozen=True)
 class PluginInfo:
+    """One row of ``plugins list``: where a plugin comes from, and its error if broken."""
+
     kind: str
     name: str
     origin: str  # "entry point <dist> (<target>)" or "module:attr"
@@ -77,6 +80,7 @@ class Registry:
                 self._eps[kind].setdefault(ep.name, ep)
 
     def names(self, kind: str) -> list[str]:
+        """Installed plugin names of ``kind`` (entry points), sorted."""
         return sorted(self._eps[kind])
 
     def spec(self, kind: str, name: str) -> Any:
@@ -105,6 +109,14 @@ class Registry:
         return obj
 
     def options(self, kind: str, ref: PluginRef, source: str = "<config>", where: str = "") -> BaseModel:
+        """``ref.options`` validated against the plugin's ``Options``.
+
+        Raises
+        ------
+        PluginError
+            Unknown plugin, or options that do not validate: one line per
+            problem, ``source: where.options.key: message``; fatal (exit 78).
+        """
         spec = self.spec(kind, ref.name)
         try:
             return spec.Options.model_validate(ref.options)
@@ -125,6 +137,7 @@ class Registry:
             ) from None
 
     def list_plugins(self) -> list[PluginInfo]:
+        """Every installed plugin; one that fails to import is listed with its error, never raised."""
         out = []
         for kind in GROUPS:
             for name, ep in sorted(self._eps[kind].items()):

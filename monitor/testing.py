@@ -30,6 +30,7 @@ class DiscSegmenter:
         self.min_area_um2 = min_area_um2
 
     def segment(self, frame: Frame) -> Cells:
+        """Blobs brighter than mean + 2 sd of the primary channel."""
         from skimage.measure import label
 
         from monitor.imaging import to_float
@@ -50,6 +51,7 @@ class MeanColourEncoder:
         self.calls = 0
 
     def encode(self, crops: np.ndarray) -> np.ndarray:
+        """Mean RGB and a 5-bin grey histogram per crop (counts calls in ``calls``)."""
         self.calls += 1
         c = np.asarray(crops, dtype=np.float32) / 255.0
         mean = c.mean(axis=(1, 2))
@@ -69,9 +71,11 @@ class ListSink:
         self.record_of_truth = record_of_truth
 
     def write(self, counts: Counts) -> None:
+        """Append ``counts`` to ``rows``."""
         self.rows.append(counts)
 
     def close(self) -> None:
+        """Mark the sink closed."""
         self.closed = True
 
 
@@ -91,9 +95,11 @@ class ArrayReader:
         self.pixel_size_um = pixel_size_um
 
     def accepts(self, path: Path) -> str | None:
+        """Take ``.npy`` files."""
         return None if path.suffix == ".npy" else "not a .npy file"
 
     def read(self, path: Path) -> Acquisition:
+        """Decode; NotReady for a truncated file, BadInput for a foreign one (class docstring)."""
         try:
             well, t, channel = path.stem.split("_", 2)
             timepoint = int(t[1:])
@@ -138,6 +144,7 @@ def check_reader(reader: FrameReader, good: Path, bad: Path | None = None) -> Ac
 
 
 def check_segmenter(seg: Segmenter, frame: Frame) -> Cells:
+    """Labels on the frame's grid, ids matching the Cell list, positive areas; returns the Cells."""
     assert isinstance(seg, Segmenter)
     cells = seg.segment(frame)
     assert cells.labels.shape == frame.image.shape[:2], "labels not on the frame's grid"
@@ -149,6 +156,7 @@ def check_segmenter(seg: Segmenter, frame: Frame) -> Cells:
 
 
 def check_encoder(enc: Encoder, n: int = 3, size: int = 224) -> np.ndarray:
+    """(n, dim) finite float32 vectors, deterministic across calls, and a non-empty ``id``."""
     assert isinstance(enc, Encoder)
     crops = np.random.default_rng(0).integers(0, 255, (n, size, size, 3), dtype=np.uint8)
     v = np.asarray(enc.encode(crops))

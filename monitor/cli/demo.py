@@ -8,6 +8,7 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add this command group's subcommands to ``sub``."""
     p = sub.add_parser("demo", help="run the whole service on a synthetic time-lapse (no downloads, no GPU)")
     p.add_argument("--out", type=Path, help="demo folder (default: a new temporary folder, kept)")
     p.add_argument("--timepoints", type=int, default=8)
@@ -19,6 +20,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from monitor.demo.run import STATES, run_demo
 
+    if args.timepoints < 1:
+        from monitor.errors import UsageError
+
+        raise UsageError(f"--timepoints must be at least 1 (got {args.timepoints})")
     folder = args.out or Path(tempfile.mkdtemp(prefix="cellmonitor-demo-"))
     if (folder / "state" / "ledger.sqlite").exists():
         from monitor.errors import CellmonitorError

@@ -31,6 +31,7 @@ COMMAND_MODULES = (
 
 
 def setup_logging(level: str = "INFO") -> None:
+    """Configure logging once, on stderr (journald keeps it under systemd)."""
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
@@ -41,6 +42,7 @@ def setup_logging(level: str = "INFO") -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every command group's subcommands (no heavy imports)."""
     from monitor import __version__
 
     ap = argparse.ArgumentParser(
@@ -63,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns its exit status.
+
+    A :class:`~monitor.errors.CellmonitorError` is one ``cellmonitor: error:``
+    line and its own status (78 configuration, 65 bad input, 69 unavailable,
+    74 I/O); any other exception is one ``internal error`` line and 70.
+    """
     ap = build_parser()
     args = ap.parse_args(argv)
     if not getattr(args, "func", None):
