@@ -52,8 +52,9 @@ class ServiceConfig(_Model):
     stable_s: float = Field(1.0, ge=0)
     ready_deadline_s: float = Field(600.0, gt=0)
     patterns: list[str] = Field(default_factory=lambda: ["*.tif", "*.tiff", "*.png", "*.jpg", "*.jpeg"])
-    metrics_port: int = Field(9108, ge=0, le=65535)
-    metrics_addr: str = "0.0.0.0"
+    frame_timeout_s: float = Field(900.0, gt=0, description="a frame still processing after this long is quarantined and the service exits 75 (restarted)")
+    metrics_port: int = Field(9108, ge=0, le=65535, strict=True)
+    metrics_addr: str = "127.0.0.1"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
@@ -91,6 +92,9 @@ class ClassifierConfig(_Model):
     k_max: int | None = Field(None, ge=1)
     entropy_threshold: float | None = Field(None, ge=0.0, le=1.0)
     reweight: bool | None = None
+    #: reference class -> canonical state; classes not named here map to themselves when the
+    #: name is a canonical state (any case), else to "other"
+    roles: dict[str, Literal["live", "apoptotic", "necrotic", "dead", "other"]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _k_range(self) -> ClassifierConfig:

@@ -7,11 +7,30 @@ line, counted and quarantined; a file still being written is retried.
 
 from __future__ import annotations
 
-EX_CONFIG = 78
+EX_USAGE = 64
 EX_DATAERR = 65
+EX_NOINPUT = 66
 EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
 EX_IOERR = 74
+EX_TEMPFAIL = 75
+EX_CONFIG = 78
+
+#: every exit status of ``cellmonitor``, for the README and ``--help`` (sysexits.h numbers)
+EXIT_STATUSES = (
+    (0, "success (run/replay: stopped by SIGTERM/SIGINT after finishing the current frame)"),
+    (1, "other error the command reports in one line"),
+    (2, "command-line syntax (argparse usage)"),
+    (EX_USAGE, "a command-line value out of range (e.g. demo --timepoints 0)"),
+    (EX_DATAERR, "a file named on the command line is not readable data (no reader takes it, foreign CSV)"),
+    (EX_NOINPUT, "a file named on the command line does not exist"),
+    (EX_UNAVAILABLE, "something outside is not there yet: watch folder missing (share not mounted), metrics port in use, state folder locked by another instance; systemd retries"),
+    (EX_SOFTWARE, "internal error (a bug: run with -v for the traceback)"),
+    (EX_IOERR, "cannot write the record of truth or the state folder (disk full, read-only): stopped cleanly, nothing marked done that is not written"),
+    (EX_TEMPFAIL, "inspect: the file is still being written; run: a frame exceeded service.frame_timeout_s (quarantined, restart to continue)"),
+    (EX_CONFIG, "configuration, plugin, index or weights error; systemd does not restart"),
+    (130, "interrupted (Ctrl-C outside the service loop)"),
+)
 
 
 class CellmonitorError(Exception):
@@ -48,6 +67,28 @@ class Unavailable(CellmonitorError):
     exit_status = EX_UNAVAILABLE
 
 
+class UsageError(CellmonitorError):
+    """A command-line value out of range: exit 64 (EX_USAGE)."""
+
+    exit_status = EX_USAGE
+
+
+class StateWriteError(CellmonitorError):
+    """The record of truth or the state folder cannot be written (disk full): exit 74.
+
+    The service stops cleanly: nothing that was not written is marked done,
+    so every frame is processed again after the space returns.
+    """
+
+    exit_status = EX_IOERR
+
+
+class FrameTimeout(CellmonitorError):
+    """A frame ran past ``service.frame_timeout_s``: quarantined, the service exits 75 to restart."""
+
+    exit_status = EX_TEMPFAIL
+
+
 class BadInput(CellmonitorError):
     """A file that will never be readable: ``path: problem``."""
 
@@ -57,6 +98,15 @@ class BadInput(CellmonitorError):
         self.path = path
         self.problem = problem
         super().__init__(f"{path}: {problem}")
+
+
+class NoInput(BadInput):
+    """A file named on the command line does not exist: exit 66 (EX_NOINPUT) in every command."""
+
+    exit_status = EX_NOINPUT
+
+    def __init__(self, path: object, problem: str = "no such file"):
+        super().__init__(path, problem)
 
 
 class NotReady(BadInput):

@@ -6,8 +6,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-EX_DATAERR = 65
-EX_TEMPFAIL = 75
+from monitor.errors import EX_DATAERR, EX_NOINPUT, EX_TEMPFAIL
+
+__all__ = ["EX_DATAERR", "EX_NOINPUT", "EX_TEMPFAIL", "one_line_error", "readers_from_config"]
 
 
 def readers_from_config(config: Path | None) -> Any:

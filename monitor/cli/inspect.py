@@ -4,8 +4,9 @@ It builds the readers exactly as the service does (from ``--config`` or the
 defaults) so what they print is what the service will see. A file that
 cannot be read is one line on stderr, ``cellmonitor: error: PATH: problem``,
 and the remaining files are still inspected. Exit status: 0 when every file
-was read (inspect) or taken by a reader (check), 75 (EX_TEMPFAIL) when the
-only failures were files still being written, 65 (EX_DATAERR) otherwise.
+was read, 66 (EX_NOINPUT) when a named file does not exist (as in every
+command), 75 (EX_TEMPFAIL) when the only other failures were files still
+being written, 65 (EX_DATAERR) otherwise.
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from monitor.cli.common import EX_DATAERR, EX_TEMPFAIL, one_line_error, readers_from_config
+from monitor.cli.common import (
+    EX_DATAERR,
+    EX_NOINPUT,
+    EX_TEMPFAIL,
+    one_line_error,
+    readers_from_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +96,10 @@ def _inspect(args: argparse.Namespace) -> int:
     readers = readers_from_config(args.config)
     failures: list[int] = []
     for f in args.files:
+        if not f.is_file():
+            one_line_error(f, "no such file" if not f.exists() else "not a regular file")
+            failures.append(EX_NOINPUT)
+            continue
         try:
             r = readers.choose(f)
             info = describe(r.read(f), r.name)
@@ -111,4 +122,6 @@ def _inspect(args: argparse.Namespace) -> int:
             print("\n".join(format_description(info)))
     if not failures:
         return 0
+    if EX_NOINPUT in failures:
+        return EX_NOINPUT
     return EX_TEMPFAIL if all(s == EX_TEMPFAIL for s in failures) else EX_DATAERR

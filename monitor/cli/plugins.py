@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from monitor.cli.common import EX_DATAERR, one_line_error, readers_from_config
+from monitor.cli.common import EX_DATAERR, EX_NOINPUT, one_line_error, readers_from_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,8 +46,11 @@ def _check(args: argparse.Namespace) -> int:
     status = 0
     mode = "configured reader" if readers.fixed else "automatic choice, most specific first"
     for f in args.files:
-        exists = f.is_file()
-        print(f"{f}{'' if exists else '  (file does not exist; judged by name only)'}")
+        if not f.is_file():  # a reader judging a missing file by its name would mislead
+            one_line_error(f, "no such file" if not f.exists() else "not a regular file")
+            status = status or EX_NOINPUT
+            continue
+        print(f)
         print(f"  ({mode})")
         taken = None
         for r, why in readers.explain(f):
@@ -61,5 +64,5 @@ def _check(args: argparse.Namespace) -> int:
                 print(f"  {r.name:<10} [{spec:>2}] declined: {why}")
         if taken is None:
             one_line_error(f, "no reader accepts this file")
-            status = EX_DATAERR
+            status = status or EX_DATAERR
     return status

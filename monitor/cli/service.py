@@ -24,15 +24,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-metrics", action="store_true", help="do not serve /metrics while replaying")
     p.set_defaults(func=_replay)
 
-    p = sub.add_parser("check-config", help="validate a config and every plugin's options (exit 78 on problems)")
+    p = sub.add_parser("check-config", help="validate a config, every plugin's options, the watch folder and the index (exit 78 / 69 on problems)")
     p.add_argument("config", type=Path, metavar="CONFIG")
     p.add_argument("--index", action="store_true", help="also load the models and check the index against them")
     p.set_defaults(func=_check_config)
 
-    p = sub.add_parser("export", help="post-run export of the counts CSV, sorted, wide or long (tidy)")
+    p = sub.add_parser("export", help="post-run export of the counts CSV, sorted: wide or long (tidy) CSV, or Parquet")
     p.add_argument("counts", type=Path, metavar="COUNTS_CSV_OR_CONFIG")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--format", choices=("wide", "long"), default="wide")
+    p.add_argument("--out", type=Path, required=True, help="a CSV file; with --format parquet a folder (one <experiment>.parquet each)")
+    p.add_argument("--format", choices=("wide", "long", "parquet"), default="wide")
     p.set_defaults(func=_export)
 
 
@@ -49,6 +49,7 @@ def _serve(cfg: Any, until_idle: bool, serve_metrics: bool = True, args: argpars
 
         raise ConfigError(problems)
     service, server = build_service(cfg, registry, serve_metrics=serve_metrics)
+    service.exit_on_hang = True  # a stuck native call cannot be cancelled: quarantine the frame, exit 75, restart
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -108,15 +109,28 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    """Everything ``run`` would refuse at start-up, without loading models (``--index`` loads them).
+
+    Configuration problems (options, a missing index folder) exit 78; a
+    missing watch folder alone exits 69, as ``run`` does.
+    """
     from monitor.config import load_config
-    from monitor.errors import ConfigError
+    from monitor.errors import ConfigError, Unavailable
     from monitor.registry import Registry
 
     cfg = load_config(args.config)
     registry = Registry(cfg.plugins.paths)
-    problems = registry.validate_config(cfg)
+    problems = list(registry.validate_config(cfg))
+    index = cfg.classifier.index
+    if not (index / "meta.json").is_file():
+        problems.append(f"{cfg.source_name}: classifier.index: {index}: not an index folder (no meta.json; build one with `cellmonitor index build`)")
+    watch_missing = not cfg.service.watch_dir.is_dir()
     if problems:
+        if watch_missing:
+            problems.append(f"{cfg.source_name}: service.watch_dir: {cfg.service.watch_dir}: no such folder (is the export share mounted?)")
         raise ConfigError(problems)
+    if watch_missing:
+        raise Unavailable(f"{cfg.source_name}: service.watch_dir: {cfg.service.watch_dir}: no such folder (is the export share mounted?)")
     if args.index:
         from monitor.protocols import BuildContext
         from monitor.service.loop import build_pipeline, resolve_device
@@ -129,7 +143,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from monitor.errors import BadInput
+    from monitor.errors import NoInput
     from monitor.service.rows import export_csv
 
     src = args.counts
@@ -138,7 +152,8 @@ def _export(args: argparse.Namespace) -> int:
 
         src = load_config(src).service.state_dir / "counts.csv"
     if not src.is_file():
-        raise BadInput(src, "counts CSV not found")
+        raise NoInput(src, "counts CSV not found")
     n = export_csv(src, args.out, args.format)
-    print(f"wrote {n} rows to {args.out}")
+    what = f"{n} rows to {args.out}" + (" (one .parquet per experiment)" if args.format == "parquet" else "")
+    print(f"wrote {what}")
     return 0

@@ -4,16 +4,42 @@ A missing watch folder is exit 69 (EX_UNAVAILABLE, restarted by systemd: the
 share may not be mounted yet), never silently created.
 
 Start-up order (:func:`build_service` then :meth:`Service.run`): config,
-plugins, models and index (encoders checked against the index), one warm-up
-inference, metrics server, backlog scan against the ledger, watcher, then
-``READY=1`` to systemd. Configuration, plugin and index errors are fatal at
-start-up (exit 78). Per-frame errors are logged in one line, counted by stage
-and the frame is quarantined (recorded in the ledger and in
-``<state_dir>/quarantine.csv``; the instrument's files are never moved or
-modified). The CSV sink is the record of truth: if it fails the frame is not
-marked done and is processed again at the next start (any sink with
-``record_of_truth = True`` has that role); a failure of any other sink
-(Prometheus) is logged and counted, never fatal.
+watch folder, the state-folder lock (a second instance exits 69 naming the
+holder's pid), plugins, models and index (encoders checked against the
+index), one warm-up inference, metrics server (a port that cannot be bound
+is fatal: READY=1 is never sent), gauges restored from the record of truth,
+frames a previous run left in flight, backlog scan against the ledger,
+watcher, then ``READY=1`` to systemd. Configuration, plugin and index errors
+are fatal at start-up (exit 78).
+
+Per frame
+---------
+* Errors in reading, assembling channels or any pipeline stage are logged in
+  one line naming the file, counted by stage, and the frame (or file) is
+  quarantined (recorded in the ledger and in ``<state_dir>/quarantine.csv``;
+  the instrument's files are never moved or modified). Nothing a frame does
+  escapes the loop, except a failure of the record of truth.
+* A file whose channels this configuration does not count is ``skipped``
+  (final in the ledger, one INFO line), not decoded again at every rescan.
+* A file found not ready (still being written) gets one INFO line the first
+  time ("waiting up to N s"), then is retried with back-off until
+  ``ready_deadline_s``.
+* Before the pipeline runs, the frame is marked ``processing`` in the
+  ledger. A frame a previous run left ``processing`` (it died during that
+  frame: a crash, an out-of-memory kill, SIGKILL) is retried once, first;
+  found ``processing`` again, it is quarantined as having hung or crashed
+  the worker, so no frame can stop the service at every restart.
+* A frame still processing after ``service.frame_timeout_s`` is logged in
+  one ERROR line, counted (``cellmonitor_frames_total{result="over_time_limit"}``)
+  and quarantined; under ``cellmonitor run`` the process then exits 75 so that
+  systemd restarts it (a Python thread stuck in native code cannot be
+  cancelled; ``WATCHDOG=1`` stops while a frame runs, so systemd's watchdog is
+  the last resort).
+* The CSV sink is the record of truth: if it (or the ledger, or anything in
+  the state folder) cannot be written, the frame is not marked done and the
+  service stops cleanly with one line, exit 74 (EX_IOERR); it is processed
+  again after the restart. A failure of any other sink (Prometheus) is logged
+  and counted, never fatal.
 
 One worker thread does all reading and processing; watchdog threads only
 enqueue. The worker stops on a ``threading.Event``; signal handlers only set
@@ -23,6 +49,7 @@ it.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -33,16 +60,17 @@ from typing import Any
 import numpy as np
 
 from monitor.config import Config, ServiceConfig
-from monitor.errors import BadInput, NotReady, StageError, Unavailable
+from monitor.errors import EX_TEMPFAIL, BadInput, NotReady, StageError, StateWriteError, Unavailable
 from monitor.pipeline import Pipeline, process_frame
 from monitor.protocols import Classifier
-from monitor.records import Counts, Frame
+from monitor.records import Counts, Frame, FrameKey
 from monitor.service import notify as systemd
 from monitor.service.assemble import FrameAssembler
-from monitor.service.ledger import Ledger
+from monitor.service.ledger import Ledger, StateLock, path_text
 from monitor.service.metrics import ServiceMetrics
 from monitor.service.reading import ReaderSet
 from monitor.service.recording import Recorder
+from monitor.service.rows import class_roles
 from monitor.service.watch import FileTracker, Intake, start_observer
 
 log = logging.getLogger(__name__)
@@ -69,6 +97,16 @@ class Service:
     on_counts: Callable[[Counts], None] | None = None
     tick_s: float = 0.2
     rescan_s: float = 30.0
+    #: exit the process (status 75) when a frame runs past frame_timeout_s (``cellmonitor run``)
+    exit_on_hang: bool = False
+    lock: StateLock | None = None
+    #: how many times a frame may be found in flight at start-up before it is quarantined
+    max_attempts: int = 2
+
+    def __post_init__(self) -> None:
+        self._current: tuple[Frame, float] | None = None
+        self._current_lock = threading.Lock()
+        self._hung: set[FrameKey] = set()
 
     @property
     def counted(self) -> int:
@@ -90,13 +128,17 @@ class Service:
         """Serve until ``stop`` is set (or, with ``until_idle``, until nothing is left to do)."""
         s = self.settings
         check_watch_dir(s.watch_dir)
+        self.recover()
         n = self.backlog()
         if n:
             log.info("backlog: %d file(s) in %s not yet processed", n, s.watch_dir)
         observer = start_observer(s.watch_dir, self.intake.queue, s.patterns, s.polling, s.poll_interval_s, s.recursive) if observe else None
         log.info("watching %s (%s)", s.watch_dir, "polling" if s.polling else "native events")
-        systemd.notify("READY=1\nSTATUS=watching " + str(s.watch_dir))
+        systemd.notify("READY=1\nSTATUS=watching " + path_text(s.watch_dir))
         last_scan = time.monotonic()
+        guard_stop = threading.Event()
+        guard = threading.Thread(target=self._guard, args=(guard_stop,), name="cellmonitor-frame-guard", daemon=True)
+        guard.start()
         try:
             while not stop.is_set():
                 self.step()
@@ -105,28 +147,87 @@ class Service:
                     last_scan = time.monotonic()
                 systemd.notify("WATCHDOG=1")
                 if until_idle and self.idle():
-                    for frame in self.assembler.due(force=True):
+                    for frame in self._due(force=True):
                         self.handle(frame)
                     self._drain_dropped()
                     if self.idle():
                         break
                 stop.wait(self.tick_s)
         finally:
+            guard_stop.set()
+            guard.join(timeout=5)
             if observer is not None:
                 observer.stop()
                 observer.join(timeout=5)
             systemd.notify("STOPPING=1")
 
+    def recover(self) -> int:
+        """Frames a previous run left in flight: retry once (first in line), then quarantine.
+
+        Returns the number quarantined.
+        """
+        n = 0
+        for st in self.recorder.ledger.stale_frames():
+            if st.status == "hung" or st.attempts >= self.max_attempts:
+                why = ("ran past service.frame_timeout_s in a previous run" if st.status == "hung"
+                       else f"hung or crashed the worker in a previous run ({st.attempts} attempts)")
+                self.recorder.quarantine(list(st.paths), "process", why, st.key)
+                n += 1
+                continue
+            log.warning("%s: was being processed when the previous run stopped; processing it again (attempt %d of %d)",
+                        st.key, st.attempts + 1, self.max_attempts)
+            for p in st.paths:
+                self.intake.see(Path(p))
+        return n
+
+    def _guard(self, stop: threading.Event) -> None:
+        """Watch the frame in progress; act once when it runs past ``frame_timeout_s``."""
+        limit = self.settings.frame_timeout_s
+        while not stop.wait(min(1.0, max(0.01, limit / 10))):
+            with self._current_lock:
+                cur = self._current
+            if cur is None:
+                continue
+            frame, t0 = cur
+            took = time.monotonic() - t0
+            if took < limit or frame.key in self._hung:
+                continue
+            self._hung.add(frame.key)
+            self.metrics.frames.labels("over_time_limit").inc()
+            self.recorder.quarantine(list(frame.sources), "process",
+                                     f"still processing after {took:.0f}s (service.frame_timeout_s = {limit:g})", frame.key, status="hung")
+            if self.exit_on_hang:
+                log.critical("exiting (status %d) so that the service restarts without the stuck frame", EX_TEMPFAIL)
+                for h in logging.getLogger().handlers:
+                    h.flush()
+                os._exit(EX_TEMPFAIL)
+
     def step(self) -> None:
         """One pass: take queued events, read stable files, process complete or overdue frames."""
         for p in self.intake.collect():
             self._read(p)
-        for frame in self.assembler.due():
+        for frame in self._due():
             self.metrics.frames.labels("incomplete").inc()
             self.handle(frame)
         self._drain_dropped()
         self.metrics.queue_depth.labels("files").set(len(self.intake.tracker))
         self.metrics.queue_depth.labels("frames_waiting_for_channels").set(self.assembler.n_pending)
+
+    def _due(self, force: bool = False) -> list[Frame]:
+        """Overdue frames; an error while assembling one never escapes the loop.
+
+        The assembler releases overdue frames in one call, so when resampling
+        one of them fails, every file that left the waiting list in that call
+        is quarantined (the frames released beside it cannot be told apart).
+        """
+        before = set(self.assembler.pending_paths())
+        try:
+            return self.assembler.due(force)
+        except Exception as e:
+            lost = sorted(before - set(self.assembler.pending_paths()))
+            self.metrics.errors.labels("assemble").inc()
+            self.recorder.quarantine(lost, "assemble", f"channels could not be assembled: {type(e).__name__}: {e}")
+            return []
 
     def _drain_dropped(self) -> None:
         """Frames the assembler gave up on (no primary channel; a channel after its frame)."""
@@ -140,10 +241,14 @@ class Service:
             reader = self.readers.choose(p)
             acq = reader.read(p)
         except NotReady as e:
+            first = tracker.attempts(p) == 0
             if tracker.failed(p):
                 self.recorder.quarantine([p], "read", f"still unreadable after {self.settings.ready_deadline_s:.0f}s: {e.problem}")
+            elif first:
+                log.info("%s: not ready (%s); waiting up to %.0f s for it to be complete",
+                         path_text(p), e.problem, self.settings.ready_deadline_s)
             else:
-                log.debug("not ready, will retry: %s", e)
+                log.debug("not ready, will retry: %s", path_text(p))
             return
         except BadInput as e:
             tracker.done(p)
@@ -156,28 +261,58 @@ class Service:
         tracker.done(p)
         self.metrics.files.labels("read").inc()
         if ledger.frame_done(acq.key):
-            log.info("%s: frame %s already recorded; ignoring this file", p, acq.key)
+            log.info("%s: frame %s already recorded; ignoring this file", path_text(p), acq.key)
             ledger.mark_files([p], "done", acq.key)
             return
         ledger.mark_files([p], "read", acq.key)
-        frame = self.assembler.add(acq)
+        ignored = self.assembler.stats["ignored_files"]
+        pending = set(self.assembler.pending_paths())
+        try:
+            frame = self.assembler.add(acq)
+        except Exception as e:  # resampling a channel (e.g. a huge declared size) must not stop the loop
+            lost = [x for x in pending if x not in set(self.assembler.pending_paths())]
+            self.metrics.errors.labels("assemble").inc()
+            self.recorder.quarantine([p, *lost], "assemble", f"channels could not be assembled: {type(e).__name__}: {e}", acq.key)
+            return
+        if self.assembler.stats["ignored_files"] > ignored:
+            names = ", ".join(repr(c) for c in acq.channels)
+            self.recorder.skip(p, f"channel {names} is not in assembly.channels", acq.key)
+            return
         if frame is not None:
             self.handle(frame)
 
     def handle(self, frame: Frame) -> Counts | None:
         """Process one frame and record it; a failing stage quarantines the frame."""
+        self.recorder.ledger.mark_processing(frame.key, frame.sources)
+        with self._current_lock:
+            self._current = (frame, time.monotonic())
         try:
             counts = process_frame(frame, self.pipeline)
         except StageError as e:
             self.metrics.errors.labels(e.stage).inc()
             self.recorder.quarantine(list(frame.sources), e.stage, f"{type(e.cause).__name__}: {e.cause}", frame.key)
             return None
-        if self.recorder.record(frame, counts) and self.on_counts is not None:
+        except Exception as e:  # process_frame wraps every stage; this is a last resort, never a stop
+            self.metrics.errors.labels("process").inc()
+            self.recorder.quarantine(list(frame.sources), "process", f"{type(e).__name__}: {e}", frame.key)
+            return None
+        finally:
+            with self._current_lock:
+                self._current = None
+        try:
+            recorded = self.recorder.record(frame, counts)
+        except StateWriteError:
+            self.recorder.ledger.release_processing(frame.key)  # not the frame's fault: no attempt used
+            raise
+        if recorded and self.on_counts is not None:
             self.on_counts(counts)
         return counts
 
     def close(self) -> None:
         self.recorder.close()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 def check_watch_dir(path: Path) -> None:
@@ -244,34 +379,68 @@ def build_service(cfg: Config, registry: Any, metrics_registry: Any = None, serv
 
     s = cfg.service
     check_watch_dir(s.watch_dir)  # before the (slow) model and index loading
-    s.state_dir.mkdir(parents=True, exist_ok=True)
-    metrics = ServiceMetrics(metrics_registry or CollectorRegistry(), __version__)
-    device = resolve_device(cfg.pipeline.device)
-    ctx = BuildContext(state_dir=s.state_dir, config_path=cfg.source, metrics=metrics, device=device, extra={"experiment": s.experiment})
-    readers = build_readers(cfg, registry, ctx)
-    t = time.perf_counter()
-    pipeline = build_pipeline(cfg, registry, ctx)
-    log.info("models and index loaded in %.1fs (device %s); warm-up %.2fs", time.perf_counter() - t, device, warm_up(pipeline))
-    src = cfg.source_name
-    sinks = [registry.build("sinks", ref, ctx, src, f"sinks.{i}") for i, ref in enumerate(cfg.sinks)]
-    server = None
-    if serve_metrics and s.metrics_port:
-        try:
-            server = serve(metrics.registry, s.metrics_port, s.metrics_addr)
+    lock = StateLock(s.state_dir)  # a second instance stops here, before loading anything
+    try:
+        metrics = ServiceMetrics(metrics_registry or CollectorRegistry(), __version__)
+        device = resolve_device(cfg.pipeline.device)
+        ctx = BuildContext(state_dir=s.state_dir, config_path=cfg.source, metrics=metrics, device=device, extra={"experiment": s.experiment})
+        readers = build_readers(cfg, registry, ctx)
+        t = time.perf_counter()
+        pipeline = build_pipeline(cfg, registry, ctx)
+        log.info("models and index loaded in %.1fs (device %s); warm-up %.2fs", time.perf_counter() - t, device, warm_up(pipeline))
+        roles = roles_for(cfg, pipeline.classifier.classes)
+        metrics.roles = roles
+        ctx.extra["roles"] = roles
+        src = cfg.source_name
+        sinks = [registry.build("sinks", ref, ctx, src, f"sinks.{i}") for i, ref in enumerate(cfg.sinks)]
+        server = None
+        if serve_metrics and s.metrics_port:
+            server = serve(metrics.registry, s.metrics_port, s.metrics_addr)  # fatal when it cannot bind
             log.info("metrics at http://%s:%d/metrics", s.metrics_addr, s.metrics_port)
-        except OSError as e:  # Prometheus is not the record of truth
-            log.error("metrics server could not start on %s:%d (%s); continuing without /metrics", s.metrics_addr, s.metrics_port, e)
-    return assemble_service(cfg, readers, pipeline, sinks, metrics), server
+        try:
+            svc = assemble_service(cfg, readers, pipeline, sinks, metrics, lock=lock)
+        except BaseException:
+            stop_server(server)
+            raise
+    except BaseException:
+        lock.release()
+        raise
+    return svc, server
+
+
+def roles_for(cfg: Config, classes: Sequence[str]) -> dict[str, str]:
+    """Canonical state of each reference class; a configured class the index lacks is a config error."""
+    from monitor.errors import ConfigError
+
+    known = {c.casefold() for c in classes}
+    unknown = [k for k in cfg.classifier.roles if k.casefold() not in known]
+    if unknown:
+        raise ConfigError(f"{cfg.source_name}: classifier.roles: {', '.join(map(repr, unknown))} not a class of the index (classes: {', '.join(classes)})")
+    roles = class_roles(classes, cfg.classifier.roles)
+    log.info("class roles: %s", ", ".join(f"{c} -> {r}" for c, r in roles.items()))
+    return roles
 
 
 def assemble_service(cfg: Config, readers: ReaderSet, pipeline: Pipeline, sinks: Sequence[Any], metrics: ServiceMetrics, **kw: Any) -> Service:
     """Wire a :class:`Service` from its parts: ledger, intake, assembler and recorder from ``cfg``."""
     s, a = cfg.service, cfg.assembly
-    ledger = Ledger(s.state_dir / "ledger.sqlite")
-    intake = Intake(FileTracker(s.stable_s, s.ready_deadline_s), ledger, s.watch_dir, s.patterns, s.recursive)
-    assembler = FrameAssembler(a.channels, a.primary, a.control, a.wait_s)
-    recorder = Recorder(sinks, ledger, metrics, s.state_dir / "quarantine.csv")
-    return Service(s, readers, pipeline, assembler, intake, recorder, metrics, **kw)
+    lock = kw.pop("lock", None) or StateLock(s.state_dir)
+    try:
+        ledger = Ledger(s.state_dir / "ledger.sqlite")
+        intake = Intake(FileTracker(s.stable_s, s.ready_deadline_s), ledger, s.watch_dir, s.patterns, s.recursive)
+        assembler = FrameAssembler(a.channels, a.primary, a.control, a.wait_s)
+        roles = metrics.roles if metrics.roles is not None else class_roles(pipeline.classifier.classes, cfg.classifier.roles)
+        metrics.roles = roles
+        recorder = Recorder(sinks, ledger, metrics, s.state_dir / "quarantine.csv", roles)
+        for sink in sinks:  # the dashboard shows every well's last state straight after a restart
+            if getattr(sink, "record_of_truth", False) and isinstance(getattr(sink, "path", None), Path):
+                n = metrics.restore(sink.path)
+                if n:
+                    log.info("gauges of %d well(s) restored from %s", n, sink.path)
+    except BaseException:
+        lock.release()
+        raise
+    return Service(s, readers, pipeline, assembler, intake, recorder, metrics, lock=lock, **kw)
 
 
 def stop_server(server: Any) -> None:

@@ -3,27 +3,42 @@
 Policy
 ------
 * A frame is marked done in the ledger only after every record-of-truth sink
-  (``record_of_truth = True``, the CSV sink) wrote it. If one fails, the frame
-  stays unrecorded and is processed again at the next start.
+  (``record_of_truth = True``, the CSV sink) wrote it, in the same ledger
+  transaction that stores its per-timepoint counts.
+* The record of truth fails safe: if a record-of-truth sink fails (disk
+  full, read-only), the frame is not marked done and
+  :class:`~monitor.errors.StateWriteError` stops the service cleanly (exit
+  74, one line). The frame is processed again at the next start; the CSV
+  sink leaves no torn line and never writes a frame twice, so nothing is
+  lost or doubled. (Carrying on would leave the frame's files unfinished
+  and, at the next rescan, "late" for a frame already released.)
 * Any other sink (Prometheus) failing is logged and counted, never fatal.
 * A file or frame that cannot become a count is quarantined: one ERROR line
   naming the file and the problem, a ledger row, a row in
-  ``<state_dir>/quarantine.csv`` and a metrics counter. The instrument's files
-  are never moved or modified.
+  ``<state_dir>/quarantine.csv`` and a metrics counter. A file this
+  configuration does not count (an unconfigured channel) is ``skipped``: one
+  INFO line, a ledger row, a counter. The instrument's files are never moved
+  or modified.
+* Any write error in the state folder (ledger, quarantine CSV) is a
+  :class:`~monitor.errors.StateWriteError` too.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+from monitor.errors import CellmonitorError, StateWriteError
 from monitor.protocols import Sink
 from monitor.records import Counts, Frame, FrameKey
-from monitor.service.ledger import Ledger
+from monitor.service.ledger import Ledger, path_text
 from monitor.service.metrics import ServiceMetrics
+from monitor.service.rows import class_roles
 
 log = logging.getLogger(__name__)
 
@@ -31,37 +46,54 @@ log = logging.getLogger(__name__)
 class Recorder:
     """Where every outcome of a frame or file goes; one instance per service."""
 
-    def __init__(self, sinks: Sequence[Sink], ledger: Ledger, metrics: ServiceMetrics, quarantine_csv: Path):
+    def __init__(self, sinks: Sequence[Sink], ledger: Ledger, metrics: ServiceMetrics, quarantine_csv: Path,
+                 roles: Mapping[str, str] | None = None):
         self.sinks = list(sinks)
         self.ledger = ledger
         self.metrics = metrics
         self.quarantine_csv = quarantine_csv
+        self.roles = roles
         self.counted = 0
         self.failed = 0
+        self.skipped = 0
 
     def record(self, frame: Frame, counts: Counts) -> bool:
-        """Hand ``counts`` to every sink; mark the frame done if the record of truth has it.
+        """Hand ``counts`` to every sink; mark the frame done once the record of truth has it.
 
         Returns
         -------
         bool
-            True when the frame is recorded (ledger: done); False when a
-            record-of-truth sink failed (the frame is processed again later).
+            True when the frame is recorded (ledger: done).
+
+        Raises
+        ------
+        StateWriteError
+            A record-of-truth sink failed: the frame is not marked done; the
+            service must stop (it is processed again at the next start).
         """
-        recorded = True
-        for sink in self.sinks:
+        fatal: BaseException | None = None
+        # the record of truth first: a frame it cannot hold is shown nowhere
+        for sink in sorted(self.sinks, key=lambda k: not getattr(k, "record_of_truth", False)):
+            truth = getattr(sink, "record_of_truth", False)
+            if fatal is not None and not truth:
+                continue  # the frame is not recorded: no live view of it either
             try:
                 sink.write(counts)
             except Exception as e:
                 name = getattr(sink, "name", type(sink).__name__)
                 self.metrics.errors.labels(f"sink_{name}").inc()
+                if truth:
+                    fatal = e
+                    continue
                 log.error("%s: sink %s failed: %s: %s", frame.key, name, type(e).__name__, e)
-                if getattr(sink, "record_of_truth", False):
-                    recorded = False
-        if not recorded:
+        if fatal is not None:
             self.metrics.frames.labels("unrecorded").inc()
-            return False
-        self.ledger.mark_frame(frame.key, frame.sources, "done")
+            if isinstance(fatal, CellmonitorError):
+                raise fatal
+            what = f"{fatal.strerror or fatal}" if isinstance(fatal, OSError) else f"{type(fatal).__name__}: {fatal}"
+            raise StateWriteError(f"{frame.key}: cannot write the record of truth ({what}); stopped, the frame is processed again at the next start") from None
+        roles = self.roles if self.roles is not None else class_roles(counts.counts)
+        self.ledger.mark_counted(counts, frame.sources, roles)
         self.metrics.observe_frame(counts)
         self.counted += 1
         log.info(
@@ -73,26 +105,42 @@ class Recorder:
         )
         return True
 
-    def quarantine(self, paths: Sequence[Path], stage: str, problem: str, key: FrameKey | None = None) -> None:
+    def skip(self, path: Path, reason: str, key: FrameKey | None = None) -> None:
+        """A file this configuration does not count: final in the ledger, one INFO line."""
+        self.skipped += 1
+        self.metrics.files.labels("skipped").inc()
+        self.ledger.mark_files([path], "skipped", key, reason)
+        log.info("%s: skipped: %s", path_text(path), reason)
+
+    def quarantine(self, paths: Sequence[Path | str], stage: str, problem: str, key: FrameKey | str | None = None, status: str = "failed") -> None:
         """Record that ``paths`` (of frame ``key``, when known) will never become a count."""
         self.failed += 1
+        problem = " ".join(problem.split())  # one line, whatever a plugin put in its message
         self.metrics.files.labels("quarantined").inc(len(paths))
+        ps = [Path(p) for p in paths]
         if key is not None:
             self.metrics.frames.labels("failed").inc()
-            self.ledger.mark_frame(key, paths, "failed", problem)
+            self.ledger.mark_frame(key, ps, status, problem)
         else:
-            self.ledger.mark_files(paths, "quarantined", None, problem)
+            self.ledger.mark_files(ps, "quarantined", None, problem)
         for p in paths:
-            log.error("%s: %s (stage %s; quarantined)", p, problem, stage)
-        new = not self.quarantine_csv.exists()
-        self.quarantine_csv.parent.mkdir(parents=True, exist_ok=True)
-        with self.quarantine_csv.open("a", newline="") as f:
-            w = csv.writer(f)
-            if new:
-                w.writerow(["time", "path", "stage", "problem"])
-            now = datetime.now(UTC).isoformat(timespec="seconds")
-            for p in paths:
-                w.writerow([now, str(p), stage, problem])
+            log.error("%s: %s (stage %s; quarantined)", path_text(p), problem, stage)
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        if not self.quarantine_csv.exists() or self.quarantine_csv.stat().st_size == 0:
+            w.writerow(["time", "path", "stage", "problem"])
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        for p in paths:
+            w.writerow([now, path_text(p), stage, problem])
+        try:
+            self.quarantine_csv.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.quarantine_csv, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, buf.getvalue().encode("utf-8", "backslashreplace"))
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise StateWriteError(f"{self.quarantine_csv}: cannot write ({e.strerror or e})") from None
 
     def close(self) -> None:
         """Close every sink (a failure to close is a warning) and the ledger."""

@@ -1,13 +1,24 @@
-"""How counts become rows: one schema for the CSV sink, the export and the demo table."""
+"""How counts become rows: one schema for the CSV sink, the export and the demo table.
+
+Class roles: a reference index names its classes as the lab labelled them
+(``Living Cell``, ``Dead Cell``); the dashboard and the metrics speak of the
+canonical states :data:`CANONICAL`. :func:`class_roles` maps each class to
+one: the configured ``[classifier.roles]`` first, else identity when the name
+matches a canonical state without regard to case, else ``other``. The CSV
+keeps both: ``n_<class>``/``frac_<class>`` per reference class and
+``state_<canonical>`` counts per canonical state.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from monitor.records import Counts
+from monitor.service.ledger import path_text
 
 COLUMNS_FIXED = [
     "experiment", "well", "field", "timepoint", "acquired_at", "processed_at", "instrument",
@@ -15,8 +26,37 @@ COLUMNS_FIXED = [
 ]
 
 
-def counts_row(c: Counts) -> dict[str, Any]:
-    """Flat row: fixed identity columns, ``n_<state>`` and ``frac_<state>`` per class, control signal."""
+#: the states the metrics and the dashboard use, whatever the reference classes are called
+CANONICAL = ("live", "apoptotic", "necrotic", "dead", "other")
+
+
+def class_roles(classes: Iterable[str], configured: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Canonical state of every reference class (module docstring).
+
+    ``configured`` keys are matched to class names without regard to case;
+    a key that names no class is the caller's to report.
+    """
+    conf = {k.casefold(): v for k, v in (configured or {}).items()}
+    out = {}
+    for c in classes:
+        role = conf.get(c.casefold())
+        if role is None:
+            role = c.casefold() if c.casefold() in CANONICAL else "other"
+        out[c] = role
+    return out
+
+
+def by_role(counts: Mapping[str, int], roles: Mapping[str, str]) -> dict[str, int]:
+    """Counts per canonical state (every canonical state present, zeros included)."""
+    out = dict.fromkeys(CANONICAL, 0)
+    for cls, n in counts.items():
+        out[roles.get(cls, "other")] += int(n)
+    return out
+
+
+def counts_row(c: Counts, roles: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Flat row: fixed identity columns, ``n_<class>`` and ``frac_<class>`` per class,
+    ``state_<canonical>`` per canonical state, control signal."""
     row: dict[str, Any] = {
         "experiment": c.key.experiment,
         "well": c.key.well,
@@ -33,6 +73,8 @@ def counts_row(c: Counts) -> dict[str, Any]:
         row[f"n_{state}"] = n
     for state in c.counts:
         row[f"frac_{state}"] = f"{c.fraction(state):.4f}"
+    for role, n in by_role(c.counts, roles if roles is not None else class_roles(c.counts)).items():
+        row[f"state_{role}"] = n
     row["n_uncertain"] = c.n_uncertain
     row["mean_certainty"] = "" if math.isnan(c.mean_certainty) else f"{c.mean_certainty:.4f}"
     ctl = c.control
@@ -42,7 +84,7 @@ def counts_row(c: Counts) -> dict[str, Any]:
     row["control_regions"] = ctl.n_regions if ctl else ""
     row["missing_channels"] = ";".join(c.missing_channels)
     row["seconds_total"] = f"{sum(c.stage_seconds.values()):.3f}"
-    row["sources"] = ";".join(Path(p).name for p in c.sources)
+    row["sources"] = ";".join(path_text(Path(p).name) for p in c.sources)
     return row
 
 
@@ -50,20 +92,37 @@ def export_csv(src: Path, out: Path, fmt: str = "wide") -> int:
     """Post-run export: rows sorted by experiment/well/field/timepoint.
 
     ``wide`` keeps one row per frame; ``long`` gives one row per frame and
-    state (tidy data for R/pandas/Prism). Returns the number of rows written.
+    state (tidy data for R/pandas/Prism); ``parquet`` writes one Parquet file
+    per experiment into the folder ``out`` (``<experiment>.parquet``, wide,
+    typed columns: integers, floats, a UTC timestamp, strings). Returns the
+    number of rows written.
     """
+    df = read_counts(src)
+    if fmt == "parquet":
+        return _export_parquet(df, out)
+    return _export_table(df, out, fmt)
+
+
+def read_counts(src: Path) -> Any:
+    """The counts CSV as a DataFrame; :class:`BadInput` when it is not one."""
     import pandas as pd
 
     from monitor.errors import BadInput
 
     try:
-        df = pd.read_csv(src, dtype={"well": str, "field": str, "experiment": str})
+        df = pd.read_csv(src, dtype={"well": str, "field": str, "experiment": str, "sources": str, "control_channel": str,
+                                     "missing_channels": str, "pixel_size_source": str, "instrument": str})
     except (ValueError, OSError) as e:
         raise BadInput(src, f"not a readable CSV ({e})") from None
     missing = [c for c in ("experiment", "well", "field", "timepoint", "n_cells") if c not in df.columns]
     if missing:
         raise BadInput(src, f"not a cellmonitor counts CSV (missing columns: {', '.join(missing)})")
-    df = df.sort_values(["experiment", "well", "field", "timepoint"], kind="stable")
+    return df.sort_values(["experiment", "well", "field", "timepoint"], kind="stable")
+
+
+def _export_table(df: Any, out: Path, fmt: str) -> int:
+    import pandas as pd
+
     if fmt == "long":
         states = [c[2:] for c in df.columns if c.startswith("n_") and c not in ("n_cells", "n_uncertain")]
         keep = [c for c in ("experiment", "well", "field", "timepoint", "acquired_at", "n_cells", "control_area_um2", "control_area_fraction") if c in df]
@@ -78,3 +137,36 @@ def export_csv(src: Path, out: Path, fmt: str = "wide") -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(out, index=False)
     return len(df)
+
+
+def _export_parquet(df: Any, folder: Path) -> int:
+    import re
+
+    import pandas as pd
+
+    from monitor.errors import CellmonitorError
+
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        raise CellmonitorError("--format parquet needs pyarrow (pip install pyarrow)") from None
+    if folder.exists() and not folder.is_dir():
+        raise CellmonitorError(f"{folder}: --format parquet writes one file per experiment into a folder; this is a file")
+    typed = df.copy()
+    for col in ("acquired_at", "processed_at"):
+        if col in typed:
+            typed[col] = pd.to_datetime(typed[col], utc=True, errors="coerce", format="ISO8601")
+    for col in typed.columns:
+        if col.startswith(("n_", "state_")) or col in ("timepoint", "n_cells", "control_regions"):
+            typed[col] = pd.to_numeric(typed[col], errors="coerce").astype("Int64")
+        elif col.startswith("frac_") or col in ("pixel_size_um", "mean_certainty", "control_area_um2", "control_area_fraction", "seconds_total"):
+            typed[col] = pd.to_numeric(typed[col], errors="coerce").astype("float64")
+        elif typed[col].dtype == object:
+            typed[col] = typed[col].astype("string")
+    folder.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for exp, part in typed.groupby("experiment", sort=True):
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", str(exp)).strip("._") or "experiment"
+        part.reset_index(drop=True).to_parquet(folder / f"{name}.parquet", index=False)
+        n += len(part)
+    return n

@@ -7,7 +7,12 @@
 * :class:`FileTracker` admits a file once its size and mtime have been stable
   for ``stable_s``; a file that then fails to decode is retried with
   exponential back-off until ``ready_deadline_s`` after it was first seen,
-  and only then quarantined.
+  and only then quarantined (one INFO line when it is first found not ready).
+* Paths keep whatever bytes the file system gave (``os.fsdecode``'s
+  surrogate escapes for names that are not UTF-8); the ledger and every log
+  line show them through :func:`monitor.service.ledger.path_text`.
+* Only regular files are taken: a directory named like a frame, a dangling
+  symlink or a symlink loop is never tracked.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import fnmatch
 import logging
 import os
 import queue
+import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -40,8 +46,16 @@ def scan(root: Path, patterns: Sequence[str], recursive: bool = True) -> Iterato
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             found += [Path(dirpath) / f for f in filenames]
     else:
-        found = [p for p in root.iterdir() if p.is_file()]
+        found = list(root.iterdir())
+    found = [p for p in found if _regular(p)]
     yield from sorted(p for p in found if matches(p, patterns))
+
+
+def _regular(p: Path) -> bool:
+    try:
+        return p.is_file()  # follows symlinks: a loop or a dangling link is False
+    except OSError:
+        return False
 
 
 def _handler(q: queue.Queue[Path], patterns: Sequence[str]) -> Any:
@@ -112,6 +126,8 @@ class FileTracker:
             st = path.stat()
         except OSError:
             return
+        if not stat.S_ISREG(st.st_mode):
+            return  # a directory named like a frame, a device, ...
         t = self._files.get(path)
         if t is None:
             self._files[path] = _Tracked(now, st.st_size, st.st_mtime_ns, now)
@@ -138,6 +154,11 @@ class FileTracker:
 
     def done(self, path: Path) -> None:
         self._files.pop(path, None)
+
+    def attempts(self, path: Path) -> int:
+        """Not-ready failures recorded for ``path`` so far (0 when not tracked)."""
+        t = self._files.get(path)
+        return t.attempts if t is not None else 0
 
     def failed(self, path: Path) -> bool:
         """Record a not-ready failure; True when the deadline has passed (give up)."""

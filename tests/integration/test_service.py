@@ -57,7 +57,7 @@ def test_crash_between_csv_and_ledger_does_not_duplicate_rows(tmp_path):
     svc, sink = make_service(tmp_path)
     drop(svc.settings.watch_dir, "A1_t1_phase.npy", blobs(2, 0.3))
     svc.recorder.sinks = [CsvSink(csv_path)]
-    svc.recorder.ledger.mark_frame = lambda *a, **k: None  # the 'crash': the ledger never hears of it
+    svc.recorder.ledger.mark_counted = lambda *a, **k: None  # the 'crash': the ledger never hears of it
     svc.run(threading.Event(), until_idle=True, observe=False)
     svc.close()
     svc2, sink2 = make_service(tmp_path)
@@ -172,14 +172,30 @@ class _Failing:
 
 
 @pytest.mark.parametrize("truth", [True, False])
-def test_failed_record_of_truth_sink_leaves_the_frame_for_the_next_start(tmp_path, truth):
-    svc, sink = make_service(tmp_path)
-    drop(svc.settings.watch_dir, "A1_t1_phase.npy", blobs(2, 0.3))
-    svc.recorder.sinks = [_Failing(truth), sink]
-    svc.run(threading.Event(), until_idle=True, observe=False)
+def test_failed_record_of_truth_sink_stops_and_leaves_the_frame_for_the_next_start(tmp_path, truth):
+    from monitor.errors import StateWriteError
     from monitor.records import FrameKey
 
-    done = svc.recorder.ledger.frame_done(FrameKey("test", "A1", "1", 1))
+    svc, sink = make_service(tmp_path)
+    drop(svc.settings.watch_dir, "A1_t1_phase.npy", blobs(2, 0.3))
+    svc.recorder.sinks = [sink, _Failing(truth)]
+    if truth:
+        with pytest.raises(StateWriteError) as e:
+            svc.run(threading.Event(), until_idle=True, observe=False)
+        assert e.value.exit_status == 74 and "No space left on device" in str(e.value) and "\n" not in str(e.value)
+    else:
+        svc.run(threading.Event(), until_idle=True, observe=False)
+    key = FrameKey("test", "A1", "1", 1)
+    done = svc.recorder.ledger.frame_done(key)
+    stale = svc.recorder.ledger.stale_frames()
     svc.close()
-    assert len(sink.rows) == 1  # the other sinks still got the counts
     assert done is (not truth)
+    # record of truth failed: the frame is shown nowhere; another sink failing: the others still got it
+    assert len(sink.rows) == (0 if truth else 1)
+    assert stale == []  # a clean stop uses up no attempt: the frame is not 'hung' at the next start
+    if truth:  # space returns: the next start records it, once
+        svc2, sink2 = make_service(tmp_path)
+        svc2.run(threading.Event(), until_idle=True, observe=False)
+        svc2.close()
+        assert [c.key for c in sink2.rows] == [key]
+        assert not (tmp_path / "state" / "quarantine.csv").exists()
