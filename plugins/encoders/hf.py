@@ -46,12 +46,19 @@ PAPER_MODELS = {
 }
 
 
+#: families whose transformers classes run attention through torch's SDPA kernels
+SDPA_FAMILIES = frozenset({"dinov2", "clip", "vit-mae"})
+
+
 class Options(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     model: str | None = Field(None, description="local folder or cached hub id; default: the paper's model")
     cache_dir: Path | None = Field(None, description="HuggingFace cache folder (default: HF_HOME)")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    compile: bool = Field(False, description="torch.compile the model (GPU; 20-45 s at start-up)")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights and activations (bfloat16: GPUs since Ampere)")
+    autocast: Literal["off", "bfloat16", "float16"] = Field("off", description="float32 weights, matmuls in this dtype (torch.autocast)")
+    attention: Literal["sdpa", "eager"] = Field("sdpa", description="torch SDPA kernels where the model has them (dinov2, clip, vit-mae)")
+    compile: bool = Field(False, description="torch.compile at start-up (GPU; 20-45 s, cached in <state_dir>/torch-compile)")
+    compile_batch: int = Field(128, ge=1, le=4096, description="compiled graphs run at this one batch size (smaller calls are padded)")
 
 
 def _identity(model_dir: Path | None, name: str) -> str:
@@ -76,45 +83,196 @@ def _missing(family: str, ref: str, err: Exception) -> WeightsMissing:
     )
 
 
+def embedding_dim(family: str, cfg: Any) -> int:
+    """The pooled vector's length from a model config (object or config.json dict)."""
+    get = cfg.get if isinstance(cfg, dict) else (lambda k: getattr(cfg, k))
+    if family == "convnextv2":
+        return int(get("hidden_sizes")[-1])
+    if family == "swinv2":
+        return int(get("embed_dim") * 2 ** (len(get("depths")) - 1))
+    if family == "clip" and isinstance(cfg, dict) and "vision_config" in cfg:  # a full CLIPModel folder
+        return int(cfg["vision_config"].get("hidden_size", 1024))
+    return int(get("hidden_size"))
+
+
+class TensorPrep:
+    """The model's AutoImageProcessor as batched tensor work: uint8 (N, 3, H, W) -> float32 (N, 3, h, w).
+
+    The same steps as transformers' torchvision image processors, on whatever
+    device the crops are (the GPU in service): resize (bicubic or bilinear
+    with antialiasing, rounded back to 0..255 as a uint8 image would be),
+    centre crop, rescale and normalise. ConvNeXt's ``crop_pct`` rule (resize
+    the short side to ``size / crop_pct`` then crop ``size``) included.
+    Tested against the processor itself.
+    """
+
+    def __init__(self, processor: Any):
+        def sd(v: Any) -> dict[str, Any]:
+            return {} if v is None else {k: x for k, x in dict(v if isinstance(v, dict) else vars(v)).items() if x is not None}
+
+        self.size = sd(getattr(processor, "size", None))
+        self.crop = sd(getattr(processor, "crop_size", None)) if getattr(processor, "do_center_crop", False) else {}
+        self.crop_pct = getattr(processor, "crop_pct", None) if type(processor).__name__.startswith("ConvNext") else None
+        self.do_resize = bool(getattr(processor, "do_resize", True))
+        resample = int(getattr(processor, "resample", 2) or 2)
+        self.mode = {0: "nearest", 2: "bilinear"}.get(resample, "bicubic")  # PIL ids; lanczos -> bicubic, as torchvision does on tensors
+        scale = float(processor.rescale_factor) if getattr(processor, "do_rescale", True) else 1.0
+        mean = list(processor.image_mean) if getattr(processor, "do_normalize", True) else [0.0, 0.0, 0.0]
+        std = list(processor.image_std) if getattr(processor, "do_normalize", True) else [1.0, 1.0, 1.0]
+        self.mean = [m / scale for m in mean]  # fused: (x - mean / scale) / (std / scale) == (x * scale - mean) / std
+        self.std = [s / scale for s in std]
+
+    def _resize(self, x: Any, hw: tuple[int, int]) -> Any:
+        import torch.nn.functional as F
+
+        if tuple(x.shape[-2:]) == hw:
+            return x
+        if self.mode == "nearest":
+            return F.interpolate(x, size=hw, mode="nearest")
+        y = F.interpolate(x, size=hw, mode=self.mode, align_corners=False, antialias=True)
+        return y.clamp_(0, 255).round_()
+
+    @staticmethod
+    def _short_side(h: int, w: int, s: int) -> tuple[int, int]:
+        short, long = (h, w) if h <= w else (w, h)
+        new_long = int(s * long / short)
+        return (s, new_long) if h <= w else (new_long, s)
+
+    @staticmethod
+    def _center_crop(x: Any, ch: int, cw: int) -> Any:
+        h, w = x.shape[-2:]
+        if ch > h or cw > w:
+            import torch.nn.functional as F
+
+            pad = [(cw - w) // 2 if cw > w else 0, (cw - w + 1) // 2 if cw > w else 0, (ch - h) // 2 if ch > h else 0, (ch - h + 1) // 2 if ch > h else 0]
+            x = F.pad(x, pad)
+            h, w = x.shape[-2:]
+        top, left = int((h - ch) / 2.0), int((w - cw) / 2.0)
+        return x[..., top : top + ch, left : left + cw]
+
+    def __call__(self, x: Any) -> Any:
+        import torch
+
+        x = x.float()
+        h, w = x.shape[-2:]
+        if self.do_resize:
+            se = self.size.get("shortest_edge")
+            if self.crop_pct is not None and se is not None:
+                if se < 384:
+                    x = self._resize(x, self._short_side(h, w, int(se / self.crop_pct)))
+                    x = self._center_crop(x, se, se)
+                else:
+                    x = self._resize(x, (se, se))
+            elif se is not None:
+                x = self._resize(x, self._short_side(h, w, se))
+            else:
+                x = self._resize(x, (int(self.size["height"]), int(self.size["width"])))
+        if self.crop:
+            x = self._center_crop(x, int(self.crop["height"]), int(self.crop["width"]))
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return ((x - mean) / std).contiguous()
+
+
 class HFEncoder:
-    def __init__(self, family: str, model: Any, processor: Any, ref: str, tag: str, device: str, dtype: str):
+    """One frozen HF model: crops -> tensor preprocessing -> forward -> pooled vector.
+
+    ``prepare`` (host side, run in the batching prefetch thread) turns crops
+    into a tensor, in pinned memory when the model is on a GPU so the copy
+    is asynchronous; on the CPU it also resizes and normalises there.
+    ``encode_prepared`` copies to the device, preprocesses there (GPU) and
+    runs the model under ``inference_mode`` (and ``autocast`` if set).
+    ``to_device("cpu")`` is the out-of-memory fallback (see monitor.batching).
+    """
+
+    def __init__(self, family: str, model: Any, processor: Any, ref: str, tag: str, device: str, options: Options):
         import torch
 
         self.family = family
         self.name = family
-        self.model = model.to(device).eval()
-        self.processor = processor
         self.device = device
-        self.torch_dtype = getattr(torch, dtype)
-        if dtype != "float32":
-            self.model = self.model.to(self.torch_dtype)
-        cfg = model.config
-        if family == "convnextv2":
-            self.dim = int(cfg.hidden_sizes[-1])
-        elif family == "swinv2":
-            self.dim = int(cfg.embed_dim * 2 ** (len(cfg.depths) - 1))
-        else:
-            self.dim = int(cfg.hidden_size)
+        self.options = options
+        self.torch_dtype = getattr(torch, options.dtype)
+        self.model = model.to(device=device, dtype=self.torch_dtype).eval()
+        self.runner: Any = self.model
+        self.compiled = False
+        self.processor = processor
+        self.prep = TensorPrep(processor)
+        self.dim = embedding_dim(family, model.config)
+        self.attention = str(getattr(model.config, "_attn_implementation", None) or "eager")
         pool = {"dinov2": "cls-pooler", "convnextv2": "avg-pooler", "swinv2": "avg-pooler", "clip": "cls-pooler", "vit-mae": "cls-mask0"}[family]
-        self.id = f"{family}:{Path(ref).name}@{tag}:{pool}:{dtype}"
+        precision = options.dtype if options.autocast == "off" else f"{options.dtype}+autocast-{options.autocast}"
+        self.id = f"{family}:{Path(ref).name}@{tag}:{pool}:{precision}"
 
-    def encode(self, crops: Any) -> Any:
+    def compile(self, cache_dir: Path | None) -> float:
+        """``torch.compile`` the model and pay for it now, at ``compile_batch``; returns seconds."""
+        import os
+        import time
+
+        import torch
+
+        if cache_dir is not None:  # inductor's on-disk cache: a restart reuses the compiled kernels
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
+        t = time.perf_counter()
+        self.runner = torch.compile(self.model, dynamic=False)
+        self.compiled = True
+        s = self._input_px()
+        self.encode_prepared(self.prepare(__import__("numpy").zeros((self.options.compile_batch, s, s, 3), "uint8")))
+        return time.perf_counter() - t
+
+    def _input_px(self) -> int:
+        c = self.prep.crop or {}
+        return int(c.get("height") or self.prep.size.get("shortest_edge") or self.prep.size.get("height") or 224)
+
+    def prepare(self, crops: Any) -> Any:
         import numpy as np
         import torch
 
-        inputs = self.processor(images=list(np.asarray(crops)), return_tensors="pt")
-        pixel_values = inputs["pixel_values"].to(self.device, self.torch_dtype)
-        with torch.inference_mode():
-            out = self.model(pixel_values=pixel_values)
-            if self.family == "vit-mae":
-                v = out.last_hidden_state[:, 0]
-            else:
-                v = out.pooler_output
-            v = v.reshape(v.shape[0], -1)
+        x = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2)
+        if self.device == "cpu":
+            return self.prep(x)
+        return x.contiguous().pin_memory() if torch.cuda.is_available() else x.contiguous()
+
+    def encode_prepared(self, x: Any) -> Any:
+        import contextlib
+
+        import torch
+
+        if x.device.type != self.device.split(":")[0]:
+            x = x.to(self.device, non_blocking=True)
+        if x.dtype == torch.uint8:
+            x = self.prep(x)
+        x = x.to(self.torch_dtype)
+        n = x.shape[0]
+        step = self.options.compile_batch if self.compiled else max(n, 1)
+        parts = []
+        amp = (
+            torch.autocast(self.device.split(":")[0], dtype=getattr(torch, self.options.autocast))
+            if self.options.autocast != "off"
+            else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), amp:
+            for s in range(0, n, step):
+                xb = x[s : s + step]
+                m = xb.shape[0]
+                if self.compiled and m < step:  # one compiled shape: pad, never recompile
+                    xb = torch.cat([xb, xb.new_zeros((step - m, *xb.shape[1:]))])
+                out = self.runner(pixel_values=xb)
+                v = out.last_hidden_state[:, 0] if self.family == "vit-mae" else out.pooler_output
+                parts.append(v.reshape(v.shape[0], -1)[:m])
+        v = torch.cat(parts) if parts else x.new_zeros((0, self.dim))
         return v.float().cpu().numpy()
 
+    def encode(self, crops: Any) -> Any:
+        return self.encode_prepared(self.prepare(crops))
 
-def load_hf_encoder(family: str, options: Options, device: str = "cpu") -> HFEncoder:
+    def to_device(self, device: str) -> None:
+        """Move the model (the eager one: compiled graphs are device-specific) to ``device``."""
+        self.model.to(device)
+        self.runner, self.compiled, self.device = self.model, False, device
+
+
+def load_hf_encoder(family: str, options: Options, device: str = "cpu", compile_cache: Path | None = None) -> HFEncoder:
     """Load model and image processor from local files only; WeightsMissing otherwise."""
     import transformers as tf
 
@@ -130,6 +288,8 @@ def load_hf_encoder(family: str, options: Options, device: str = "cpu") -> HFEnc
         "vit-mae": tf.ViTMAEModel,
     }
     extra: dict[str, Any] = {"mask_ratio": 0.0} if family == "vit-mae" else {}
+    if family in SDPA_FAMILIES:
+        extra["attn_implementation"] = options.attention
     try:
         model = classes[family].from_pretrained(ref, **kw, **extra)
         processor = tf.AutoImageProcessor.from_pretrained(ref, **kw)
@@ -137,12 +297,25 @@ def load_hf_encoder(family: str, options: Options, device: str = "cpu") -> HFEnc
         raise _missing(family, ref, e) from None
     if family == "vit-mae" and getattr(model.config, "mask_ratio", 0.0) != 0.0:
         raise WeightsMissing(f"{ref}: could not disable ViT-MAE random masking")
-    enc = HFEncoder(family, model, processor, ref, _identity(Path(ref) if Path(ref).is_dir() else None, ref), device, options.dtype)
+    enc = HFEncoder(family, model, processor, ref, _identity(Path(ref) if Path(ref).is_dir() else None, ref), device, options)
     if options.compile:
-        import torch
-
-        enc.model = torch.compile(enc.model)
+        log.info("encoder %s: compiled at batch %d in %.0f s", family, options.compile_batch, enc.compile(compile_cache))
     return enc
+
+
+def locate(family: str, options: Options) -> tuple[Path | None, str]:
+    """Where the weights are (a folder with config.json), without loading them: ``(folder or None, ref)``."""
+    ref = options.model or PAPER_MODELS[family]
+    p = Path(ref).expanduser()
+    if p.is_dir():
+        return (p if (p / "config.json").is_file() else None), ref
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(ref, "config.json", cache_dir=str(options.cache_dir) if options.cache_dir else None)
+    except Exception:  # not a repo id, no hub library: not present
+        return None, ref
+    return (Path(hit).parent if isinstance(hit, str) else None), ref
 
 
 class _Spec:
@@ -154,7 +327,29 @@ class _Spec:
         self.description = f"{family} ({PAPER_MODELS[family]} by default), frozen; local weights only"
 
     def build(self, options: Options, ctx: BuildContext) -> HFEncoder:
-        return load_hf_encoder(self.family, options, ctx.device)
+        return load_hf_encoder(self.family, options, ctx.device, Path(ctx.state_dir) / "torch-compile")
+
+    def describe(self, options: Options, ctx: BuildContext) -> dict[str, Any]:
+        """For ``cellmonitor models list``: weights location and dim from config.json, nothing loaded."""
+        import json
+
+        folder, ref = locate(self.family, options)
+        dim = None
+        if folder is not None:
+            try:
+                dim = embedding_dim(self.family, json.loads((folder / "config.json").read_text()))
+            except (OSError, ValueError, KeyError, TypeError):
+                dim = None
+            has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
+        else:
+            has_weights = False
+        precision = options.dtype if options.autocast == "off" else f"{options.dtype} (autocast {options.autocast})"
+        return {
+            "present": folder is not None and has_weights,
+            "where": str(folder) if folder is not None else f"{ref} (not found: huggingface-cli download on a connected machine)",
+            "dim": dim,
+            "dtype": precision + (", compiled" if options.compile else ""),
+        }
 
 
 DINOV2 = _Spec("dinov2")
