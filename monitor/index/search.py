@@ -60,8 +60,10 @@ def build_faiss(x: np.ndarray, metric: Metric, structure: str, hnsw: HNSWParams)
 class VectorSearch:
     """k-NN over a FAISS index of prepared vectors, with the exact fast paths above."""
 
-    def __init__(self, faiss_index: Any, metric: Metric, structure: str, hnsw: HNSWParams, normalize: bool = False):
+    def __init__(self, faiss_index: Any, metric: Metric, structure: str, hnsw: HNSWParams, normalize: bool = False, conditioner: Any = None):
         self.faiss_index = faiss_index
+        #: the index's feature conditioning (:class:`monitor.index.condition.Conditioner`), applied to every query
+        self.conditioner = conditioner
         self.metric: Metric = metric
         self.structure = structure
         self.hnsw = hnsw
@@ -77,12 +79,15 @@ class VectorSearch:
         return int(self.faiss_index.d)
 
     def prepare(self, x: np.ndarray) -> np.ndarray:
-        """Queries as the stored vectors were: float32, L2-normalised for cosine or ``normalize``."""
+        """Raw query vectors as the stored vectors were: conditioned (when the index has a
+        conditioning), then float32, L2-normalised for cosine or ``normalize``."""
+        if self.conditioner is not None:
+            x = self.conditioner.apply(x)
         return _prepare(x, self.metric, self.normalize)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(distances, ids), nearest first, equal distances by reference id; cosine distances are ``1 - cos``."""
-        x = _prepare(np.ascontiguousarray(queries, dtype=np.float32), self.metric, self.normalize)
+        x = self.prepare(np.ascontiguousarray(queries, dtype=np.float32))
         k = min(k, len(self))
         if self.metric == "canberra":
             from monitor.index.canberra import CanberraSearch

@@ -10,6 +10,8 @@ An index is a folder::
     vectors.faiss  the FAISS index (written by faiss.write_index)
     labels.npy     int64 class index per reference (np.load, allow_pickle=False)
     ids.json       optional source name per reference (file name, box)
+    condition_*.npy  optional feature conditioning (mean, scale, projection;
+                   :mod:`monitor.index.condition`), fitted on the references
 
 Nothing is unpickled. Loading checks the format version, that every file
 is present and matches its checksum, the label count against the FAISS size
@@ -20,6 +22,15 @@ fatal: one :class:`~monitor.errors.IndexError_` line naming the index folder.
 The index is three parts: a frozen :class:`IndexMeta` (what the index is),
 the labels, and a :class:`~monitor.index.search.VectorSearch` (how it is
 searched); EWC over it is :mod:`monitor.index.ewc`.
+
+Conditioning: when the index has one, the stored vectors are the
+conditioned references and every query is conditioned the same way inside
+the search (:meth:`~monitor.index.search.VectorSearch.prepare`): whoever
+classifies (the service, ``classify``, ``evaluate``) hands raw encoder
+vectors. Query options (``meta.json`` ``query``, e.g. ``{"tta": 8}``) are
+applied to the encoders by whoever embeds queries
+(:func:`monitor.index.query.query_encoders`); the reference side is
+embedded without them.
 
 Metrics: ``l2`` (default, squared L2 distances as FAISS reports them),
 ``cosine`` (vectors L2-normalised, inner product; distance = 1 - cos) and
@@ -44,10 +55,13 @@ import numpy as np
 from monitor import classify
 from monitor.errors import IndexError_
 from monitor.hashing import file_sha256
+from monitor.index.condition import Conditioner, ConditioningSpec
 from monitor.index.ewc import EWCParams
 from monitor.index.search import HNSWParams, Metric, Structure, VectorSearch, _prepare, build_faiss
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: formats this version reads (1: before conditioning and query options)
+READABLE_FORMATS = (1, 2)
 _DEFAULT_EWC = EWCParams()
 _DEFAULT_HNSW = HNSWParams()
 
@@ -56,8 +70,12 @@ _DEFAULT_HNSW = HNSWParams()
 class IndexMeta:
     """What an index is: recorded in ``meta.json``, checked against the service's encoders.
 
-    ``encoders`` lists ``{"name", "id", "dim"}`` (optionally ``"version"``) in
-    concatenation order; ``preprocessing`` records how files became crops.
+    ``encoders`` lists ``{"name", "id", "dim"}`` (optionally ``"version"``,
+    ``"options"``) in concatenation order; ``preprocessing`` records how files
+    became crops; ``conditioning`` is the fitted conditioning's record
+    (:meth:`~monitor.index.condition.Conditioner.record`) or None; ``query``
+    holds query-side options (``{"tta": 8}``: mean of the 8 flips/rotations of
+    each query crop) or None.
     """
 
     encoders: tuple[dict[str, Any], ...]
@@ -68,10 +86,18 @@ class IndexMeta:
     hnsw: HNSWParams = field(default_factory=HNSWParams)
     normalize: bool = False
     preprocessing: dict[str, Any] | None = None
+    conditioning: dict[str, Any] | None = None
+    query: dict[str, Any] | None = None
 
     @property
     def dim(self) -> int:
+        """Dimension of the raw (concatenated encoder) vectors a query hands in."""
         return sum(int(e["dim"]) for e in self.encoders)
+
+    @property
+    def tta(self) -> int:
+        """Query-side test-time augmentation: 1 (off) or 8 (the dihedral group)."""
+        return int((self.query or {}).get("tta", 1))
 
 
 class ReferenceIndex:
@@ -94,6 +120,7 @@ class ReferenceIndex:
     normalize = property(lambda self: self.meta.normalize)
     preprocessing = property(lambda self: self.meta.preprocessing)
     faiss_index = property(lambda self: self.searcher.faiss_index)
+    conditioner = property(lambda self: self.searcher.conditioner)
 
     # ---- construction -------------------------------------------------
     @classmethod
@@ -112,11 +139,16 @@ class ReferenceIndex:
         normalize: bool = False,
         ref_names: Sequence[str] | None = None,
         preprocessing: dict[str, Any] | None = None,
+        conditioning: ConditioningSpec | Conditioner | None = None,
+        query: dict[str, Any] | None = None,
     ) -> ReferenceIndex:
         """Build the search structure over (N, D) float32 vectors.
 
         ``structure="auto"`` picks exact search up to ``hnsw_above`` references
-        and HNSW above (Canberra is always exact).
+        and HNSW above (Canberra is always exact). ``conditioning``: a spec is
+        fitted on these reference vectors (and nothing else); a fitted
+        :class:`Conditioner` is used as it is. The search structure then holds
+        the conditioned vectors.
 
         Raises
         ------
@@ -130,18 +162,24 @@ class ReferenceIndex:
             raise ValueError(f"need a non-empty (N, D) matrix of reference vectors (got shape {x.shape})")
         if len(labels) != x.shape[0]:
             raise ValueError(f"{len(labels)} labels for {x.shape[0]} vectors")
+        if query is not None and int(query.get("tta", 1)) not in (1, 8):
+            raise ValueError(f"query tta must be 1 or 8 (got {query.get('tta')})")
+        cond = Conditioner.fit(x, conditioning) if isinstance(conditioning, ConditioningSpec) else conditioning
         meta = IndexMeta(tuple(dict(e) for e in encoders), tuple(classes), metric, structure, ewc, hnsw, normalize,
-                         dict(preprocessing) if preprocessing is not None else None)
+                         dict(preprocessing) if preprocessing is not None else None,
+                         cond.record() if cond is not None else None, dict(query) if query else None)
         if meta.dim != x.shape[1]:
             raise ValueError(f"encoder dims sum to {meta.dim} but vectors have {x.shape[1]} columns")
+        if cond is not None and cond.in_dim != x.shape[1]:
+            raise ValueError(f"conditioning expects {cond.in_dim} columns but vectors have {x.shape[1]}")
         if ref_names is not None and len(ref_names) != x.shape[0]:
             raise ValueError(f"{len(ref_names)} reference names for {x.shape[0]} vectors")
         if hnsw.ef_search < 1 or hnsw.m < 2 or hnsw.ef_construction < 1:
             raise ValueError(f"bad HNSW parameters {hnsw}")
         if structure == "auto":
             meta = replace(meta, structure="hnsw" if x.shape[0] > hnsw_above and metric != "canberra" else "flat")
-        index = build_faiss(_prepare(x, metric, normalize), metric, meta.structure, hnsw)
-        return cls(meta, labels, VectorSearch(index, metric, meta.structure, hnsw, normalize), ref_names)
+        index = build_faiss(_prepare(cond.apply(x) if cond is not None else x, metric, normalize), metric, meta.structure, hnsw)
+        return cls(meta, labels, VectorSearch(index, metric, meta.structure, hnsw, normalize, cond), ref_names)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -174,6 +212,8 @@ class ReferenceIndex:
         if self.ref_names is not None:
             (folder / "ids.json").write_text(json.dumps(self.ref_names))
             files.append("ids.json")
+        if self.conditioner is not None:
+            files += self.conditioner.save(folder)
         m = self.meta
         meta = {
             "format_version": FORMAT_VERSION,
@@ -191,6 +231,8 @@ class ReferenceIndex:
             "class_counts": self.class_counts,
             "class_weights": [float(w) for w in self.weights],
             "ewc": asdict(m.ewc),
+            "conditioning": m.conditioning,
+            "query": m.query,
             "reference_names": self.ref_names is not None,
             "checksums": {f: file_sha256(folder / f) for f in files},
         }
@@ -226,14 +268,17 @@ class ReferenceIndex:
             meta = json.loads(meta_path.read_text())
         except (OSError, ValueError) as e:
             raise fail(f"meta.json is unreadable ({e})") from None
-        if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        if not isinstance(meta, dict) or meta.get("format_version") not in READABLE_FORMATS:
             got = meta.get("format_version") if isinstance(meta, dict) else None
             raise fail(f"index format {got!r} is not supported (expected {FORMAT_VERSION}); rebuild it with 'cellmonitor index build'")
         missing_keys = [k for k in ("encoders", "metric", "structure", "classes", "ewc", "hnsw", "checksums") if k not in meta]
         if missing_keys:
             raise fail(f"meta.json lacks {', '.join(missing_keys)}")
         checks = meta["checksums"]
-        for f in ("vectors.faiss", "labels.npy"):
+        crec = meta.get("conditioning")
+        if crec is not None and not isinstance(crec, dict):
+            raise fail("meta.json: conditioning is not a table")
+        for f in ("vectors.faiss", "labels.npy", *((crec or {}).get("files") or [])):
             if f not in checks:
                 raise fail(f"meta.json has no checksum for {f}")
         for f, digest in checks.items():
@@ -250,8 +295,22 @@ class ReferenceIndex:
         if labels.ndim != 1 or index.ntotal != labels.shape[0]:
             raise fail(f"{labels.shape[0]} labels for {index.ntotal} vectors")
         dim_sum = sum(int(e["dim"]) for e in meta["encoders"])
-        if dim_sum != index.d:
-            raise fail(f"vectors have dim {index.d} but the recorded encoders' dims sum to {dim_sum}")
+        cond = None
+        if crec is not None:
+            try:
+                cond = Conditioner.load(folder, crec)
+            except (ValueError, KeyError, TypeError) as e:
+                raise fail(f"conditioning: {e}") from None
+            if cond.in_dim != dim_sum:
+                raise fail(f"the conditioning takes {cond.in_dim}-d vectors but the recorded encoders' dims sum to {dim_sum}")
+        if (cond.dim if cond is not None else dim_sum) != index.d:
+            raise fail(
+                f"vectors have dim {index.d} but the recorded encoders' dims sum to {dim_sum}"
+                + (f" (conditioned to {cond.dim})" if cond is not None else "")
+            )
+        query = meta.get("query")
+        if query is not None and (not isinstance(query, dict) or int(query.get("tta", 1)) not in (1, 8)):
+            raise fail(f"meta.json: unsupported query options {query!r}")
         classes = meta["classes"]
         if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
             raise fail("labels refer to classes not listed in meta.json")
@@ -279,5 +338,7 @@ class ReferenceIndex:
             hnsw=HNSWParams(**meta["hnsw"]),
             normalize=bool(meta.get("normalize", False)),
             preprocessing=meta.get("preprocessing"),
+            conditioning=crec,
+            query=query,
         )
-        return cls(m, labels, VectorSearch(index, m.metric, m.structure, m.hnsw, m.normalize), names)
+        return cls(m, labels, VectorSearch(index, m.metric, m.structure, m.hnsw, m.normalize, cond), names)
