@@ -52,6 +52,8 @@ class Pipeline:
     control_enabled: bool = _C.enabled
     control_min_region_px: int = _C.min_region_px
     control_min_snr: float = _C.min_snr
+    crop_framing: str = "window"  # "box": each cell framed by its bounding box (set from the index, monitor.index.query)
+    crop_margin: float = 0.2
     frames_per_call: int = 8  # the most queued frames the service hands process_frames at once
     prefetch: bool = True  # segment the next frames in a thread while this batch is embedded
     oom: OomPolicy = field(default_factory=OomPolicy, repr=False)  # batch sizes learnt from CUDA OOM
@@ -145,7 +147,7 @@ def _segment(frame: Frame, p: Pipeline) -> _Segmented:
     with _stage("segment", s):
         cells = p.segmenter.segment(frame)
     with _stage("crop", s):
-        crops = crop_cells(frame, cells, p.crop_px, p.blank_background)
+        crops = crop_cells(frame, cells, p.crop_px, p.blank_background, p.crop_framing, p.crop_margin)
     return _Segmented(frame, cells, crops, s)
 
 
