@@ -349,12 +349,15 @@ def build_pipeline(cfg: Config, registry: Any, ctx: Any, classifier: Classifier 
     p = cfg.pipeline
     if classifier is None:
         from monitor.index.ewc import EWCClassifier, params_from_config
+        from monitor.index.query import query_pipeline
         from monitor.index.store import ReferenceIndex
 
         index = ReferenceIndex.load(cfg.classifier.index, [{"id": e.id, "dim": e.dim} for e in encoders])
         c = cfg.classifier
         params = params_from_config(index, c.k_min, c.k_max, c.entropy_threshold, c.reweight)
         classifier = EWCClassifier(index, params, p.certainty_floor)
+        # the index's query side (TTA encoders, crop framing), as classify and evaluate apply it
+        return query_pipeline(Pipeline.from_config(cfg, segmenter, encoders, classifier), index)
     return Pipeline.from_config(cfg, segmenter, encoders, classifier)
 
 
