@@ -100,7 +100,20 @@ FINISHED = ("done", "quarantined", "skipped")
 
 def path_text(path: str | bytes | os.PathLike[str]) -> str:
     """A path as text that any UTF-8 sink accepts: undecodable bytes become ``\\xNN``."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    try:
+        raw = os.fsencode(path)
+    except UnicodeEncodeError:  # a lone surrogate that is not an escaped byte
+        return os.fspath(path).encode("utf-8", "backslashreplace").decode("utf-8")  # type: ignore[union-attr]
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def safe_text(s: str) -> str:
+    """Text parsed from a file name (a well, an experiment) made valid UTF-8 the same way."""
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        return path_text(s)
 
 
 @dataclass(frozen=True)
@@ -202,7 +215,7 @@ class Ledger:
 
     def _frame_status(self, key: FrameKey) -> str | None:
         with self._lock:
-            row = self._db.execute("SELECT status FROM frames WHERE frame = ?", (str(key),)).fetchone()
+            row = self._db.execute("SELECT status FROM frames WHERE frame = ?", (safe_text(str(key)),)).fetchone()
         return None if row is None else str(row[0])
 
     def frame_done(self, key: FrameKey) -> bool:
@@ -215,7 +228,7 @@ class Ledger:
                 size, mtime = self._stat(Path(p))
             except OSError:
                 size, mtime = -1, -1
-            rows.append((path_text(p), size, mtime, status, str(frame) if frame else None, error, now))
+            rows.append((path_text(p), size, mtime, status, safe_text(str(frame)) if frame else None, error and safe_text(error), now))
         return rows
 
     def _write(self, rows: list[tuple[Any, ...]], frame_row: tuple[Any, ...] | None = None, counts: tuple[Counts, Mapping[str, str]] | None = None) -> None:
@@ -242,7 +255,7 @@ class Ledger:
     def mark_processing(self, key: FrameKey, sources: Iterable[Path]) -> None:
         """The worker takes this frame now (``attempts`` + 1); its files stay ``read``."""
         now = time.time()
-        self._write(self._file_rows(sources, "read", key, None, now), (str(key), "processing", None, now, 1))
+        self._write(self._file_rows(sources, "read", key, None, now), (safe_text(str(key)), "processing", None, now, 1))
 
     def release_processing(self, key: FrameKey) -> bool:
         """Undo :meth:`mark_processing` (the frame was not recorded through no fault of its own).
@@ -252,7 +265,7 @@ class Ledger:
         """
         try:
             with self._tx() as db:
-                db.execute("UPDATE frames SET status = 'pending', attempts = MAX(attempts - 1, 0) WHERE frame = ? AND status = 'processing'", (str(key),))
+                db.execute("UPDATE frames SET status = 'pending', attempts = MAX(attempts - 1, 0) WHERE frame = ? AND status = 'processing'", (safe_text(str(key)),))
         except StateWriteError:
             return False
         return True
@@ -261,13 +274,13 @@ class Ledger:
         """Atomically mark a frame (``done``, ``failed`` or ``hung``) and its files."""
         now = time.time()
         rows = self._file_rows(sources, "done" if status == "done" else "quarantined", key, error, now)
-        self._write(rows, (str(key), status, error, now, 0))
+        self._write(rows, (safe_text(str(key)), status, error and safe_text(error), now, 0))
 
     def mark_counted(self, counts: Counts, sources: Iterable[Path], roles: Mapping[str, str]) -> None:
         """Mark the frame done and store its per-timepoint counts, in one transaction."""
         now = time.time()
         rows = self._file_rows(sources, "done", counts.key, None, now)
-        self._write(rows, (str(counts.key), "done", None, now, 0), (counts, roles))
+        self._write(rows, (safe_text(str(counts.key)), "done", None, now, 0), (counts, roles))
 
     def stale_frames(self) -> list[Stale]:
         """Frames a previous run left ``processing`` or ``hung``, with their files."""
@@ -288,15 +301,16 @@ class Ledger:
 
 def _insert_timepoint(db: sqlite3.Connection, c: Counts, roles: Mapping[str, str]) -> None:
     k = c.key
+    exp, well, fld = safe_text(k.experiment), safe_text(k.well), safe_text(k.field)
     now = time.time()
     acquired = c.acquired_at.timestamp() if c.acquired_at is not None else None
     db.execute(
         "INSERT OR REPLACE INTO timepoints VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-        (k.experiment, k.well, k.field, k.timepoint, c.instrument, acquired if acquired is not None else now,
+        (exp, well, fld, k.timepoint, safe_text(c.instrument), acquired if acquired is not None else now,
          "acquired" if acquired is not None else "processed", c.n_cells, c.n_uncertain,
          c.control.area_fraction if c.control is not None else None, now),
     )
     db.executemany(
         "INSERT OR REPLACE INTO timepoint_states VALUES (?,?,?,?,?,?,?)",
-        [(k.experiment, k.well, k.field, k.timepoint, cls, roles.get(cls, "other"), int(n)) for cls, n in c.counts.items()],
+        [(exp, well, fld, k.timepoint, cls, roles.get(cls, "other"), int(n)) for cls, n in c.counts.items()],
     )

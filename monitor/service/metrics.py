@@ -26,6 +26,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from monitor.records import Counts
+from monitor.service.ledger import safe_text
 from monitor.service.rows import CANONICAL, by_role, class_roles
 
 log = logging.getLogger(__name__)
@@ -90,9 +91,10 @@ class ServiceMetrics:
         per_state = by_role(c.counts, self._roles(c.counts))
         for state, n in per_state.items():
             if n:
-                self.cells.labels(c.key.experiment, state).inc(n)
+                self.cells.labels(safe_text(c.key.experiment), state).inc(n)
         ctl = c.control
-        self._set_latest((c.instrument, c.key.experiment, c.key.well), per_state, c.n_cells, c.n_uncertain,
+        lab = (safe_text(c.instrument), safe_text(c.key.experiment), safe_text(c.key.well))  # names may not be UTF-8
+        self._set_latest(lab, per_state, c.n_cells, c.n_uncertain,
                          ctl.area_um2 if ctl else None, ctl.area_fraction if ctl else None, c.key.timepoint)
 
     def restore(self, csv_path: Path) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from monitor.records import Counts
-from monitor.service.ledger import path_text
+from monitor.service.ledger import path_text, safe_text
 
 COLUMNS_FIXED = [
     "experiment", "well", "field", "timepoint", "acquired_at", "processed_at", "instrument",
@@ -58,13 +58,13 @@ def counts_row(c: Counts, roles: Mapping[str, str] | None = None) -> dict[str, A
     """Flat row: fixed identity columns, ``n_<class>`` and ``frac_<class>`` per class,
     ``state_<canonical>`` per canonical state, control signal."""
     row: dict[str, Any] = {
-        "experiment": c.key.experiment,
-        "well": c.key.well,
-        "field": c.key.field,
+        "experiment": safe_text(c.key.experiment),  # names parsed from file names may not be UTF-8
+        "well": safe_text(c.key.well),
+        "field": safe_text(c.key.field),
         "timepoint": c.key.timepoint,
         "acquired_at": c.acquired_at.isoformat() if c.acquired_at else "",
         "processed_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "instrument": c.instrument,
+        "instrument": safe_text(c.instrument),
         "pixel_size_um": f"{c.pixel_size_um:.4f}",
         "pixel_size_source": c.pixel_size_source,
         "n_cells": c.n_cells,
