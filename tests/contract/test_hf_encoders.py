@@ -60,3 +60,53 @@ def test_options_are_validated(tmp_path):
     with pytest.raises(PluginError) as e:
         Registry().build("encoders", PluginRef(name="clip", options={"dtype": "int8"}), BuildContext(state_dir=tmp_path))
     assert "encoders.options.dtype" in str(e.value)
+
+
+@pytest.mark.parametrize("family", ["dinov2", "convnextv2", "swinv2", "clip", "vit-mae"])
+def test_tensor_preprocessing_is_the_processors_own(family):
+    """Resize, crop and normalise as batched tensor work give the processor's pixels (within one grey level)."""
+    import torch
+    from cellmonitor_plugins.encoders.hf import TensorPrep
+    from skimage import data
+
+    from monitor.imaging import display_range
+
+    _, proc, _ = tiny(family)
+    rgb = display_range(data.cell())  # a real phase image: smooth, like a cell crop
+    prep = TensorPrep(proc)
+    for size in (224, 48, 24):  # down-, down- and up-scaling to the model's 32 px
+        crops = np.stack([rgb[i * 40 : i * 40 + size, i * 30 : i * 30 + size] for i in range(3)])
+        want = proc(images=list(crops), return_tensors="pt")["pixel_values"]
+        got = prep(torch.from_numpy(crops).permute(0, 3, 1, 2))
+        assert got.shape == want.shape and got.dtype == torch.float32
+        one_level = 1 / 255 / min(proc.image_std)
+        assert float((got - want).abs().max()) <= one_level + 1e-4
+        assert float((got - want).abs().mean()) < 0.25 * one_level  # most pixels equal
+
+
+def test_precision_and_attention_options(tmp_path):
+    model, proc, _ = tiny("dinov2")
+    folder = tmp_path / "tiny-dinov2"
+    model.save_pretrained(folder)
+    proc.save_pretrained(folder)
+    build = lambda **o: Registry().build("encoders", PluginRef(name="dinov2", options={"model": str(folder), **o}), BuildContext(state_dir=tmp_path))  # noqa: E731
+    plain, amp, eager = build(), build(autocast="bfloat16"), build(attention="eager")
+    assert plain.attention == "sdpa" and eager.attention == "eager"
+    assert plain.id.endswith(":float32") and amp.id.endswith(":float32+autocast-bfloat16")  # an index knows the precision
+    crops = np.random.default_rng(0).integers(0, 255, (4, 40, 40, 3), dtype=np.uint8)
+    v, va, ve = plain.encode(crops), amp.encode(crops), eager.encode(crops)
+    np.testing.assert_allclose(ve, v, rtol=1e-4, atol=1e-5)  # SDPA is the same maths
+    assert not np.array_equal(va, v) and np.allclose(va, v, atol=0.1)  # bf16 matmuls: close, not equal
+
+
+def test_describe_reads_config_json_without_loading(tmp_path):
+    from cellmonitor_plugins.encoders.hf import CONVNEXTV2, Options
+
+    model, proc, dim = tiny("convnextv2")
+    folder = tmp_path / "tiny-convnextv2"
+    model.save_pretrained(folder)
+    proc.save_pretrained(folder)
+    d = CONVNEXTV2.describe(Options(model=str(folder), dtype="bfloat16"), BuildContext(state_dir=tmp_path))
+    assert d == {"present": True, "where": str(folder), "dim": dim, "dtype": "bfloat16"}
+    missing = CONVNEXTV2.describe(Options(), BuildContext(state_dir=tmp_path))
+    assert missing["present"] is False and missing["dim"] is None and "facebook/convnextv2-large-22k-224" in missing["where"]
