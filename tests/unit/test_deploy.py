@@ -38,6 +38,11 @@ def test_unit_policy():
     assert s["Restart"] == ["on-failure"]
     assert "WatchdogSec" in s and s["ProtectSystem"] == ["strict"] and s["NoNewPrivileges"] == ["yes"]
     assert "PrivateDevices" not in s  # would hide /dev/nvidia*
+    # RestartPreventExitStatus covers the main process only: a check-config ExecStartPre exiting 78
+    # would be restarted every RestartSec; `run` itself exits 78 on a bad config
+    assert "ExecStartPre" not in s
+    assert s["ExecStart"][0].split()[-2] == "run"
+    assert s["SystemCallFilter"] == ["@system-service"] and s["SystemCallErrorNumber"] == ["EPERM"]
     assert "MemoryDenyWriteExecute" not in s  # breaks torch/numba JIT
 
 
