@@ -46,6 +46,9 @@ CHECKPOINT_NAMES = {
     "vit_b": "sam_vit_b_01ec64.pth",
 }
 
+#: ``BuildContext.extra`` key: {(model_type, checkpoint): FrameEmbeddings} of SAM segmenters built so far
+SHARED_KEY = "sam.frame_embeddings"
+
 #: rough CPU seconds per frame on a 2-core machine (vit_b measured: 100 s at 16x16 points)
 _CPU_SECONDS_HINT = {"vit_h": 400, "vit_l": 250, "vit_b": 100}
 
@@ -66,8 +69,19 @@ class Options(BaseModel):
     min_unique_fraction: float = Field(0.5, gt=0.0, le=1.0, description="share of a mask not claimed by better masks to keep it")
 
 
+def checkpoint_path(options: Options, ctx: BuildContext) -> Path:
+    """Where the weights are expected: the configured path, else ``<state_dir>/models/<official name>``."""
+    if options.checkpoint is not None:
+        path = Path(options.checkpoint).expanduser()
+        if not path.is_absolute() and ctx.config_path is not None:
+            path = Path(ctx.config_path).parent / path
+        return path
+    name = CHECKPOINT_NAMES.get(options.model_type, f"sam_{options.model_type}.pth")
+    return Path(ctx.state_dir) / "models" / name
+
+
 def resolve_checkpoint(options: Options, ctx: BuildContext) -> Path:
-    """Where the weights are expected: the configured path, else ``<state_dir>/models/<official name>``.
+    """:func:`checkpoint_path`, which must exist.
 
     Raises
     ------
@@ -76,13 +90,7 @@ def resolve_checkpoint(options: Options, ctx: BuildContext) -> Path:
     """
     from monitor.errors import WeightsMissing
 
-    if options.checkpoint is not None:
-        path = Path(options.checkpoint).expanduser()
-        if not path.is_absolute() and ctx.config_path is not None:
-            path = Path(ctx.config_path).parent / path
-    else:
-        name = CHECKPOINT_NAMES.get(options.model_type, f"sam_{options.model_type}.pth")
-        path = Path(ctx.state_dir) / "models" / name
+    path = checkpoint_path(options, ctx)
     if not path.is_file():
         official = CHECKPOINT_NAMES.get(options.model_type, "the matching SAM .pth file")
         raise WeightsMissing(
@@ -92,17 +100,28 @@ def resolve_checkpoint(options: Options, ctx: BuildContext) -> Path:
     return path
 
 
-def choose_device(requested: str) -> str:
-    """``cuda`` when requested (or ``auto``) and available, otherwise ``cpu``."""
-    import torch
+def describe_checkpoint(options: Options, ctx: BuildContext) -> dict[str, Any]:
+    """For ``cellmonitor models list``: where the checkpoint is (or is expected), nothing loaded.
 
-    if requested in ("auto", "cuda") or requested.startswith("cuda:"):
-        if torch.cuda.is_available():
-            return "cuda" if requested == "auto" else requested
-        if requested != "auto":
-            log.warning("segmenter sam: %s requested but not available; using the CPU", requested)
-        return "cpu"
-    return requested
+    ``dim`` is SAM's image-embedding channels (256 for the official
+    ``vit_h``/``vit_l``/``vit_b``; unknown for other registry entries).
+    """
+    path = checkpoint_path(options, ctx)
+    present = path.is_file()
+    size = f", {path.stat().st_size / 2**30:.2f} GiB" if present else ""
+    return {
+        "present": present,
+        "where": f"{path}{size}" if present else f"{path} (missing: copy {CHECKPOINT_NAMES.get(options.model_type, 'the .pth file')} there)",
+        "dim": 256 if options.model_type in CHECKPOINT_NAMES else None,
+        "dtype": "float32",
+    }
+
+
+def choose_device(requested: str) -> str:
+    """The device policy of :func:`monitor.device.resolve_device` (``cuda`` without a GPU is a start-up error)."""
+    from monitor.device import resolve_device
+
+    return resolve_device(requested)
 
 
 def load_sam(model_type: str, checkpoint: Path, device: str) -> Any:
@@ -159,6 +178,76 @@ def masks_to_labels(masks: list[dict[str, Any]], shape: tuple[int, int], min_uni
     return labels
 
 
+class FrameEmbeddings:
+    """SAM image embeddings of the last few frames, computed once and shared (thread-safe).
+
+    The segmenter's mask generator and SAM's fast encoder
+    (:mod:`cellmonitor_plugins.encoders.sam`) ask for the same frame; the
+    image encoder (34 ms a frame for ViT-H on an H100, minutes on a CPU) runs
+    once. The image is the frame's primary channel in display range
+    (:func:`monitor.imaging.display_range`), resized by SAM's own
+    ``ResizeLongestSide`` exactly as ``SamPredictor.set_image`` does. A frame
+    is known by its image array's identity (the array is held while cached)
+    and key; ``capacity`` frames are kept, the oldest dropped first.
+    """
+
+    def __init__(self, model: Any, capacity: int = 16):
+        import threading
+        from collections import OrderedDict
+
+        from segment_anything.utils.transforms import ResizeLongestSide
+
+        self.model = model
+        self.capacity = capacity
+        self.transform = ResizeLongestSide(model.image_encoder.img_size)
+        self.computed = 0  # image-encoder runs, for tests and logs
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple[int, Any], tuple[np.ndarray, Any, tuple[int, int], tuple[int, int]]] = OrderedDict()
+
+    def get(self, frame: Frame, rgb: np.ndarray | None = None) -> tuple[Any, tuple[int, int], tuple[int, int]]:
+        """``(features (1, C, G, G), input_size, original_size)`` of ``frame`` (computed if not cached)."""
+        key = (id(frame.image), frame.key)
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None and hit[0] is frame.image:
+                self._entries.move_to_end(key)
+                return hit[1], hit[2], hit[3]
+        import torch
+
+        from monitor.imaging import display_range
+
+        rgb = display_range(frame.image) if rgb is None else rgb
+        device = next(self.model.parameters()).device
+        x = torch.as_tensor(self.transform.apply_image(rgb), device=device).permute(2, 0, 1).contiguous()[None]
+        with torch.inference_mode():
+            features = self.model.image_encoder(self.model.preprocess(x))
+        entry = (frame.image, features, (int(x.shape[-2]), int(x.shape[-1])), (int(rgb.shape[0]), int(rgb.shape[1])))
+        with self._lock:
+            self.computed += 1
+            self._entries[key] = entry
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+        return entry[1], entry[2], entry[3]
+
+
+def _shared_predictor(model: Any, cache: FrameEmbeddings) -> Any:
+    """A ``SamPredictor`` whose ``set_image`` takes the whole frame's embedding from ``cache``."""
+    from segment_anything import SamPredictor
+
+    class SharedPredictor(SamPredictor):
+        frame: Frame | None = None
+
+        def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+            f = self.frame
+            if f is None or image.shape[:2] != f.shape_px or image_format != self.model.image_format:
+                return super().set_image(image, image_format)  # a sub-crop (crop_n_layers > 0)
+            self.reset_image()
+            self.features, self.input_size, self.original_size = cache.get(f, image)
+            self.is_image_set = True
+
+    return SharedPredictor(model)
+
+
 class SamSegmenter:
     """SAM automatic mask generation, filtered into one instance label image."""
 
@@ -180,6 +269,8 @@ class SamSegmenter:
             crop_n_layers=options.crop_n_layers,
             output_mode="binary_mask",
         )
+        self.embeddings = FrameEmbeddings(model)
+        self.generator.predictor = _shared_predictor(model, self.embeddings)
 
     def segment(self, frame: Frame) -> Cells:
         """Masks of the primary channel (display-range uint8 RGB), filtered in um^2."""
@@ -189,8 +280,13 @@ class SamSegmenter:
 
         rgb = display_range(frame.image)
         t = time.perf_counter()
-        with torch.inference_mode():
-            masks = self.generator.generate(rgb)
+        predictor = self.generator.predictor
+        predictor.frame = frame  # the whole-frame embedding goes to (or comes from) the shared cache
+        try:
+            with torch.inference_mode():
+                masks = self.generator.generate(rgb)
+        finally:
+            predictor.frame = None
         labels = masks_to_labels(masks, rgb.shape[:2], self.o.min_unique_fraction)
         cells = cells_from_labels(
             labels, frame.pixel_size_um, self.o.min_area_um2, self.o.max_area_um2, self.o.exclude_border
@@ -208,6 +304,10 @@ class _Spec:
     Options = Options
 
     @staticmethod
+    def describe(options: _Options, ctx: BuildContext) -> dict[str, Any]:
+        return describe_checkpoint(options, ctx) | {"dim": None}
+
+    @staticmethod
     def build(options: _Options, ctx: BuildContext) -> SamSegmenter:
         path = resolve_checkpoint(options, ctx)
         device = choose_device(ctx.device)
@@ -219,7 +319,10 @@ class _Spec:
                 _CPU_SECONDS_HINT.get(options.model_type, 60),
             )
         model = load_sam(options.model_type, path, device)
-        return SamSegmenter(options, model, device)
+        seg = SamSegmenter(options, model, device)
+        # SAM's fast encoder, built next with the same context, shares the model and the frame embeddings
+        ctx.extra.setdefault(SHARED_KEY, {})[(options.model_type, str(path.resolve()))] = seg.embeddings
+        return seg
 
 
 PLUGIN = _Spec()
