@@ -46,6 +46,9 @@ PAPER_MODELS = {
 }
 
 
+#: pooled dims of the paper's models (reported by ``models list`` before the weights are there)
+PAPER_DIMS = {"dinov2": 1536, "convnextv2": 1536, "swinv2": 1536, "clip": 1024, "vit-mae": 1280}
+
 #: families whose transformers classes run attention through torch's SDPA kernels
 SDPA_FAMILIES = frozenset({"dinov2", "clip", "vit-mae"})
 
@@ -343,6 +346,7 @@ class _Spec:
             has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
         else:
             has_weights = False
+            dim = PAPER_DIMS[self.family] if ref == PAPER_MODELS[self.family] else None
         precision = options.dtype if options.autocast == "off" else f"{options.dtype} (autocast {options.autocast})"
         return {
             "present": folder is not None and has_weights,

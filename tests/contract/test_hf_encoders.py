@@ -109,4 +109,4 @@ def test_describe_reads_config_json_without_loading(tmp_path):
     d = CONVNEXTV2.describe(Options(model=str(folder), dtype="bfloat16"), BuildContext(state_dir=tmp_path))
     assert d == {"present": True, "where": str(folder), "dim": dim, "dtype": "bfloat16"}
     missing = CONVNEXTV2.describe(Options(), BuildContext(state_dir=tmp_path))
-    assert missing["present"] is False and missing["dim"] is None and "facebook/convnextv2-large-22k-224" in missing["where"]
+    assert missing["present"] is False and missing["dim"] == 1536 and "facebook/convnextv2-large-22k-224" in missing["where"]
