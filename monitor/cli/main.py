@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "monitor.cli.segment",
     "monitor.cli.index",
     "monitor.cli.demo",
+    "monitor.cli.models",
 )
 
 
