@@ -83,7 +83,7 @@ class PipelineConfig(_Model):
     blank_background: bool = False
     batch_size: int = Field(64, ge=1, le=4096)
     certainty_floor: float = Field(0.5, ge=0.0, le=1.0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda", "cuda-or-cpu"] = Field("auto", description="see monitor.device: cuda without a usable GPU is a start-up error; cuda-or-cpu falls back, logged")
 
 
 class ClassifierConfig(_Model):

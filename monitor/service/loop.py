@@ -60,6 +60,7 @@ from typing import Any
 import numpy as np
 
 from monitor.config import Config, ServiceConfig
+from monitor.device import resolve_device
 from monitor.errors import EX_TEMPFAIL, BadInput, NotReady, StageError, StateWriteError, Unavailable
 from monitor.pipeline import Pipeline, process_frame
 from monitor.protocols import Classifier
@@ -320,21 +321,6 @@ def check_watch_dir(path: Path) -> None:
     silently replaced by an empty local folder): :class:`Unavailable`, exit 69, retried."""
     if not path.is_dir():
         raise Unavailable(f"service.watch_dir {path}: no such folder (is the export share mounted?)")
-
-
-def resolve_device(want: str) -> str:
-    """``auto``: CUDA when torch sees a GPU, else CPU (every feature works without a GPU)."""
-    if want == "cpu":
-        return "cpu"
-    try:
-        import torch
-
-        ok = torch.cuda.is_available()
-    except Exception:
-        ok = False
-    if want == "cuda" and not ok:
-        log.warning("pipeline.device = cuda but no usable GPU; falling back to CPU")
-    return "cuda" if ok else "cpu"
 
 
 def build_pipeline(cfg: Config, registry: Any, ctx: Any, classifier: Classifier | None = None) -> Pipeline:
