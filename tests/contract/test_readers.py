@@ -606,9 +606,12 @@ def test_cli_plugins_check(plate, tmp_path, capsys):
     assert "gen5       [10] TAKES this file" in out
     assert "tiff       [ 0] would accept, but gen5 is more specific" in out
     assert "nanolive   [ 5] declined: name does not match" in out
+    (tmp_path / "notes.txt").write_text("not an image")
     assert main(["plugins", "check", str(tmp_path / "notes.txt")]) == 65
     cap = capsys.readouterr()
     assert "declined: suffix .txt" in cap.out and cap.err.strip().endswith("notes.txt: no reader accepts this file")
+    assert main(["plugins", "check", str(tmp_path / "absent.tif")]) == 66  # a missing file: 66 in every command
+    assert capsys.readouterr().err.strip().endswith("absent.tif: no such file")
     cfg = tmp_path / "c.toml"
     cfg.write_text('[reader]\nname = "tiff"\n')
     assert main(["plugins", "check", "--config", str(cfg), str(plate.files[0])]) == 0
