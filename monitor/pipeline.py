@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -169,6 +169,8 @@ def process_frames(frames: Sequence[Frame], p: Pipeline) -> list[Counts | StageE
       embedded at the end. The GPU works while the CPU segments.
     - A frame-context encoder (:class:`FrameEncoder`, e.g. SAM in its fast
       mode) embeds each frame's cells from the frame itself.
+    - A frame whose crops are all embedded is classified (EWC, control,
+      counts) in a second thread while later crops are embedded.
     - If a shared encoder call fails (other than out of memory, which
       :mod:`monitor.batching` absorbs), every frame not yet fully embedded is
       embedded on its own, so the failure lands on the frame that caused it.
@@ -212,7 +214,19 @@ def process_frames(frames: Sequence[Frame], p: Pipeline) -> list[Counts | StageE
             o += len(c)
         buf = rest
 
-    pool = ThreadPoolExecutor(1, thread_name_prefix="segment") if p.prefetch and n > 1 else None
+    threaded = p.prefetch and n > 1
+    pool = ThreadPoolExecutor(1, thread_name_prefix="segment") if threaded else None
+    finisher = ThreadPoolExecutor(1, thread_name_prefix="classify") if threaded else None
+    finishing: dict[int, Future[Counts]] = {}
+
+    def finish_complete(final: bool) -> None:
+        """Classify (in the finisher thread) every frame whose crops are all embedded."""
+        for i, sg in segmented.items():
+            if i in finishing or (not final and sum(len(r) for r in rows[i]) < len(sg.crops)):
+                continue
+            if finisher is not None:
+                finishing[i] = finisher.submit(_finish, sg, rows[i], shared_s[i], crop_encs, p)
+
     try:
         futures = [pool.submit(_segment, f, p) for f in frames] if pool is not None else None
         for i, f in enumerate(frames):
@@ -224,15 +238,18 @@ def process_frames(frames: Sequence[Frame], p: Pipeline) -> list[Counts | StageE
             segmented[i], rows[i], shared_s[i] = sg, [], 0.0
             buf.append((i, sg.crops))
             flush(final=False)
+            finish_complete(final=False)
         flush(final=True)
+        finish_complete(final=True)
+        for i, sg in segmented.items():
+            try:
+                out[i] = finishing[i].result() if i in finishing else _finish(sg, rows[i], shared_s[i], crop_encs, p)
+            except StageError as e:
+                out[i] = e
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-    for i, sg in segmented.items():
-        try:
-            out[i] = _finish(sg, rows[i], shared_s[i], crop_encs, p)
-        except StageError as e:
-            out[i] = e
+        for ex in (pool, finisher):
+            if ex is not None:
+                ex.shutdown(wait=True, cancel_futures=True)
     return [r for r in out if r is not None]
 
 
