@@ -39,11 +39,26 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_ewc(p: argparse.ArgumentParser, defaults: bool) -> None:
-    g = p.add_argument_group("EWC parameters")
-    g.add_argument("--k-min", type=int, default=10 if defaults else None)
-    g.add_argument("--k-max", type=int, default=1000 if defaults else None)
-    g.add_argument("--threshold", type=float, default=0.5 if defaults else None, help="entropy threshold in [0, 1]")
+    g = p.add_argument_group("EWC parameters" + (" (default: the preset's)" if defaults else " (default: the index's)"))
+    g.add_argument("--k-min", type=int, default=None)
+    g.add_argument("--k-max", type=int, default=None)
+    g.add_argument("--threshold", type=float, default=None, help="entropy threshold in [0, 1]")
     g.add_argument("--no-reweight", dest="reweight", action="store_false", default=None, help="vote without class weights")
+
+
+def _add_features(p: argparse.ArgumentParser) -> None:
+    from monitor.index.presets import DEFAULT_PRESET, PRESETS
+
+    g = p.add_argument_group("features (default: the preset's)")
+    g.add_argument(
+        "--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
+        help=f"encoders, conditioning, query TTA and EWC parameters in one word (default {DEFAULT_PRESET}); "
+        + "; ".join(f"{k}: {v.description}" for k, v in PRESETS.items()),
+    )
+    g.add_argument("--encoders", default=None, help="comma-separated encoder plugins, concatenated in this order; options as name:key=value, e.g. efficientnet-lite0:layers=multi")
+    g.add_argument("--condition-dim", type=int, default=None, metavar="D", help="conditioning: standardise, PCA-whiten to D dims, L2-normalise, fitted on the references (0: raw vectors)")
+    g.add_argument("--shrinkage", type=float, default=None, help="conditioning: eigenvalue shrinkage towards their mean, 0..1")
+    g.add_argument("--tta", type=int, choices=(1, 8), default=None, help="query-side test-time augmentation: 8 = mean of the 8 flips/rotations (references are not augmented)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -53,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b = isub.add_parser("build", help="embed labelled cells (class folders or VOC boxes) and write an index folder")
     b.add_argument("data", type=Path, metavar="DATA")
     b.add_argument("--out", type=Path, required=True, metavar="INDEX")
-    b.add_argument("--encoders", default="efficientnet-lite0", help="comma-separated encoder plugins, concatenated in this order")
+    _add_features(b)
     b.add_argument("--metric", choices=("l2", "cosine", "canberra"), default="l2")
     b.add_argument("--normalize", action="store_true", help="L2-normalise vectors (off in the paper)")
     b.add_argument("--structure", choices=("auto", "flat", "hnsw"), default="auto")
@@ -79,7 +94,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     s = isub.add_parser("search", help="power-set search over encoders x (k range, threshold) on a validation split")
     s.add_argument("data", type=Path, metavar="DATA")
-    s.add_argument("--encoders", required=True, help="comma-separated encoder plugins to combine")
+    s.add_argument("--encoders", required=True, help="comma-separated encoder plugins to combine (name:key=value options)")
+    s.add_argument("--condition-dims", type=lambda v: [int(x) for x in _csv(v)], default=None, help="conditioning dims to try, 0 = raw (default 0,128,192,256)")
+    s.add_argument("--shrinkage", type=float, default=0.1, help="conditioning shrinkage")
     s.add_argument("--metric", choices=("l2", "cosine", "canberra"), default="l2")
     s.add_argument("--val-fraction", type=float, default=0.1)
     s.add_argument("--seed", type=int, default=0)
@@ -108,16 +125,25 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 # ---------------------------------------------------------------- helpers
-def _encoders(names: list[str], args: argparse.Namespace) -> list[Any]:
+def _encoders(specs: list[tuple[str, dict[str, Any]]], args: argparse.Namespace) -> list[Any]:
     from monitor.config import PluginRef
     from monitor.protocols import BuildContext
     from monitor.registry import Registry
-
-    reg = Registry(args.plugin_path)
     from monitor.service.loop import resolve_device
 
+    reg = Registry(args.plugin_path)
     ctx = BuildContext(state_dir=Path.cwd(), device=resolve_device(args.device))
-    return [reg.build("encoders", PluginRef(name=n), ctx, where=f"--encoders {n}") for n in names]
+    return [reg.build("encoders", PluginRef(name=n, options=o), ctx, where=f"--encoders {n}") for n, o in specs]
+
+
+def _encoder_specs(text: str) -> list[tuple[str, dict[str, Any]]]:
+    from monitor.errors import CellmonitorError
+    from monitor.index.presets import parse_encoder
+
+    try:
+        return [parse_encoder(x) for x in _csv(text)]
+    except ValueError as e:
+        raise CellmonitorError(f"--encoders: {e}") from None
 
 
 def _prep(args: argparse.Namespace) -> Any:
@@ -137,10 +163,13 @@ def _report_skips(skipped: list[str]) -> None:
         print(f"skipped {len(skipped)} unreadable file(s) (listed above)", file=sys.stderr)
 
 
-def _encoder_record(enc: Any, name: str) -> dict[str, Any]:
+def _encoder_record(enc: Any, name: str, options: dict[str, Any]) -> dict[str, Any]:
     from monitor import __version__
 
-    return {"name": name, "id": enc.id, "dim": int(enc.dim), "version": getattr(enc, "version", None) or f"cellmonitor {__version__}", "module": type(enc).__module__}
+    return {
+        "name": name, "options": dict(options), "id": enc.id, "dim": int(enc.dim),
+        "version": getattr(enc, "version", None) or f"cellmonitor {__version__}", "module": type(enc).__module__,
+    }
 
 
 def _load_index(args: argparse.Namespace) -> tuple[Any, list[Any], Any]:
@@ -154,11 +183,11 @@ def _load_index(args: argparse.Namespace) -> tuple[Any, list[Any], Any]:
     meta_path = args.index / "meta.json"
     try:
         meta = _json.loads(meta_path.read_text())
-        names = [e["name"] for e in meta["encoders"]]
-    except (OSError, ValueError, KeyError, TypeError):
+        specs = [(e["name"], dict(e.get("options") or {})) for e in meta["encoders"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         ReferenceIndex.load(args.index)  # raises the precise one-line refusal
         raise IndexError_(f"{args.index}: meta.json does not name its encoders") from None
-    encoders = _encoders(names, args)
+    encoders = _encoders(specs, args)
     index = ReferenceIndex.load(args.index, [{"id": e.id, "dim": e.dim} for e in encoders])
     prep = Preprocess.from_dict(index.preprocessing or {})
     return index, encoders, prep
@@ -175,14 +204,17 @@ def _build(args: argparse.Namespace) -> int:
     import time
 
     from monitor.index.cache import embed_dataset
+    from monitor.index.condition import ConditioningSpec
     from monitor.index.dataset import scan
     from monitor.index.ewc import EWCParams
+    from monitor.index.presets import PRESETS, encoders_toml
     from monitor.index.search import HNSWParams
     from monitor.index.store import ReferenceIndex
 
     t0 = time.perf_counter()
-    names = _csv(args.encoders)
-    encoders = _encoders(names, args)
+    preset = PRESETS[args.preset]
+    specs = _encoder_specs(args.encoders) if args.encoders else [(n, dict(o)) for n, o in preset.encoders]
+    encoders = _encoders(specs, args)
     ds = scan(args.data, args.classes)
     prep = _prep(args)
     print(f"{args.data}: {ds.n_cells} cells in {len(ds.files)} files, classes {', '.join(ds.classes)} ({ds.layout})", file=sys.stderr)
@@ -193,12 +225,23 @@ def _build(args: argparse.Namespace) -> int:
         from monitor.errors import BadInput
 
         raise BadInput(args.data, "no readable cells")
-    ewc = EWCParams(args.k_min, args.k_max, args.threshold, True if args.reweight is None else args.reweight)
+    pe = preset.ewc
+    ewc = EWCParams(
+        args.k_min if args.k_min is not None else pe.k_min,
+        args.k_max if args.k_max is not None else pe.k_max,
+        args.threshold if args.threshold is not None else pe.entropy_threshold,
+        pe.reweight if args.reweight is None else args.reweight,
+    )
+    pc = preset.conditioning
+    dim = args.condition_dim if args.condition_dim is not None else (pc.dim if pc is not None else 0)
+    shrink = args.shrinkage if args.shrinkage is not None else (pc.shrinkage if pc is not None else 0.1)
+    conditioning = ConditioningSpec(dim, shrink) if dim > 0 else None
+    tta = args.tta if args.tta is not None else preset.tta
     index = ReferenceIndex.build(
         emb.concat([e.id for e in encoders]),
         emb.labels,
         emb.classes,
-        [_encoder_record(e, n) for e, n in zip(encoders, names, strict=True)],
+        [_encoder_record(e, n, o) for e, (n, o) in zip(encoders, specs, strict=True)],
         metric=args.metric,
         structure=args.structure,
         ewc=ewc,
@@ -207,11 +250,19 @@ def _build(args: argparse.Namespace) -> int:
         normalize=args.normalize,
         ref_names=emb.names,
         preprocessing={**prep.as_dict(), "layout": ds.layout, "data_root": str(args.data.resolve())},
+        conditioning=conditioning,
+        query={"tta": tta} if tta != 1 else None,
     )
     index.save(args.out)
     counts = ", ".join(f"{c} {n}" for c, n in index.class_counts.items())
     hits = f", cache {cache.hits} hit(s) / {cache.misses} miss(es)" if cache is not None else ""
-    print(f"wrote {args.out}: {len(index)} references x {index.dim} dims ({index.metric}, {index.structure}); {counts}{hits}; {time.perf_counter() - t0:.1f} s")
+    cond = f", conditioned {index.meta.dim} -> {index.dim}" if index.conditioner is not None else ", raw vectors"
+    e = index.ewc
+    print(
+        f"wrote {args.out}: {len(index)} references x {index.dim} dims ({index.metric}, {index.structure}{cond}); {counts}{hits}; "
+        f"EWC k {e.k_min}..{e.k_max} thr {e.entropy_threshold:g}{'' if e.reweight else ' no reweight'}; query TTA {tta}; {time.perf_counter() - t0:.1f} s"
+    )
+    print(f"the service config names these encoders (the index refuses others):\n\n{encoders_toml(specs)}", file=sys.stderr)
     return 0
 
 
@@ -219,11 +270,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     from monitor.index.cache import embed_dataset
     from monitor.index.dataset import scan
     from monitor.index.evaluate import evaluate
+    from monitor.index.query import query_encoders
     from monitor.index.report import confusion_png, evaluation_text
 
     index, encoders, prep = _load_index(args)
     ds = scan(args.data)
-    emb = embed_dataset(ds, encoders, prep, _cache(args), args.batch_size, progress=not args.no_progress)
+    emb = embed_dataset(ds, query_encoders(encoders, index.meta), prep, _cache(args), args.batch_size, progress=not args.no_progress)
     _report_skips(emb.skipped)
     y = [emb.classes[i] for i in emb.labels]
     ev = evaluate(index, emb.concat([e.id for e in encoders]), y, _params(args, index), args.baseline_k)
@@ -233,6 +285,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**ev.to_dict(), "confusion_png": str(png), "classes_not_in_index": unknown}, indent=2))
         return 0
+    c = index.conditioner
+    features = f"conditioned {index.meta.dim} -> {c.dim} (shrinkage {c.shrinkage:g})" if c is not None else f"raw {index.dim}-d"
+    print(f"{len(y)} cells; features: {features}, query TTA {index.meta.tta}; EWC and plain k-NN on the same features\n")
     print(evaluation_text(ev))
     if unknown:
         print(f"\nclasses not in the index (always wrong): {', '.join(unknown)}")
@@ -242,9 +297,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     from monitor.index.cache import embed_dataset
-    from monitor.index.dataset import scan, stratified_split
+    from monitor.index.dataset import group_split, scan, stratified_split
+    from monitor.index.presets import encoder_spec
     from monitor.index.report import table
     from monitor.index.tune import (
+        DEFAULT_CONDITION_DIMS,
         DEFAULT_K_RANGES,
         DEFAULT_THRESHOLDS,
         best_ewc,
@@ -252,12 +309,16 @@ def _search(args: argparse.Namespace) -> int:
         winner_toml,
     )
 
-    names = _csv(args.encoders)
-    encoders = _encoders(names, args)
+    specs = _encoder_specs(args.encoders)
+    encoders = _encoders(specs, args)
     ds = scan(args.data, args.classes)
     emb = embed_dataset(ds, encoders, _prep(args), _cache(args), args.batch_size, progress=not args.no_progress)
     _report_skips(emb.skipped)
-    train, val = stratified_split(emb.labels, args.val_fraction, args.seed)
+    # boxed frames: split by frame, so cells of one frame never sit on both sides
+    if ds.layout == "voc":
+        train, val = group_split(emb.labels, emb.groups, args.val_fraction, args.seed)
+    else:
+        train, val = stratified_split(emb.labels, args.val_fraction, args.seed)
     rows = combination_search(
         emb,
         [e.id for e in encoders],
@@ -267,8 +328,10 @@ def _search(args: argparse.Namespace) -> int:
         args.thresholds or DEFAULT_THRESHOLDS,
         args.k_ranges or DEFAULT_K_RANGES,
         baseline_k=args.baseline_k,
+        condition_dims=args.condition_dims if args.condition_dims is not None else DEFAULT_CONDITION_DIMS,
+        shrinkage=args.shrinkage,
     )
-    id2name = {e.id: n for e, n in zip(encoders, names, strict=True)}
+    id2name = {e.id: encoder_spec(n, o) for e, (n, o) in zip(encoders, specs, strict=True)}
     win = best_ewc(rows)
     snippet = winner_toml(win, id2name, len(rows), args.metric)
     args.out.write_text(snippet)
@@ -277,10 +340,10 @@ def _search(args: argparse.Namespace) -> int:
         return 0
     print(f"validation: {len(val)} cells, training: {len(train)} cells, {len(rows)} configurations")
     shown = [
-        ["+".join(id2name[e] for e in r.encoders), r.method, f"{r.k_min}..{r.k_max}", r.threshold, "on" if r.reweight else "off", r.macro_accuracy, r.mean_k]
+        ["+".join(id2name[e] for e in r.encoders), r.condition_dim or "raw", r.method, f"{r.k_min}..{r.k_max}", r.threshold, "on" if r.reweight else "off", r.macro_accuracy, r.mean_k]
         for r in rows[: args.top]
     ]
-    print(table(["encoders", "method", "k", "threshold", "reweight", "macro acc", "mean k"], shown))
+    print(table(["encoders", "conditioning", "method", "k", "threshold", "reweight", "macro acc", "mean k"], shown))
     print(f"\nwinner written to {args.out}:\n")
     print(snippet)
     return 0
@@ -292,6 +355,7 @@ def _classify(args: argparse.Namespace) -> int:
     from monitor.errors import BadInput
     from monitor.index.dataset import crops_for, read_image
     from monitor.index.ewc import EWCClassifier
+    from monitor.index.query import query_encoders
     from monitor.pipeline import embed
 
     index, encoders, prep = _load_index(args)
@@ -306,7 +370,7 @@ def _classify(args: argparse.Namespace) -> int:
             status = 65
     if not crops:
         return status or 65
-    emb = embed(np.stack(crops), encoders, args.batch_size)
+    emb = embed(np.stack(crops), query_encoders(encoders, index.meta), args.batch_size)
     states = EWCClassifier(index, _params(args, index), args.certainty_floor).classify(emb)
     results: list[dict[str, Any]] = []
     for i, path in enumerate(shown):

@@ -43,6 +43,13 @@ from monitor.index.dataset import (
 log = logging.getLogger(__name__)
 
 
+def cache_id(encoder: Any) -> str:
+    """The cache key of an encoder: its ``cache_id`` when it has one (a query-side wrapper
+    such as :class:`monitor.index.query.TTAEncoder` keeps the wrapped id for the index
+    check but embeds differently), else its ``id``."""
+    return str(getattr(encoder, "cache_id", encoder.id))
+
+
 def default_cache_dir() -> Path:
     env = os.environ.get("CELLMONITOR_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "cellmonitor" / "embeddings"
@@ -82,12 +89,13 @@ class EmbeddingCache:
         return v
 
     def put(self, encoder: Any, prep: Preprocess, digest: str, vectors: np.ndarray) -> None:
-        d = self._dir(encoder.id, prep)
+        cid = cache_id(encoder)
+        d = self._dir(cid, prep)
         if not (d / "prep.json").is_file():
             d.mkdir(parents=True, exist_ok=True)
             (d / "prep.json").write_text(json.dumps(prep.as_dict(), sort_keys=True))
-            (d.parent / "encoder.json").write_text(json.dumps({"id": encoder.id, "name": encoder.name, "dim": int(encoder.dim)}))
-        p = self.path(encoder.id, prep, digest)
+            (d.parent / "encoder.json").write_text(json.dumps({"id": cid, "name": encoder.name, "dim": int(encoder.dim)}))
+        p = self.path(cid, prep, digest)
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
         with tmp.open("wb") as f:
@@ -178,7 +186,7 @@ def embed_dataset(
         got: dict[str, np.ndarray] = {}
         missing = []
         for enc in encoders:
-            v = cache.get(enc.id, prep, digest, (sf.n_cells, int(enc.dim))) if cache is not None else None
+            v = cache.get(cache_id(enc), prep, digest, (sf.n_cells, int(enc.dim))) if cache is not None else None
             if v is None:
                 missing.append(enc)
             else:
@@ -205,7 +213,7 @@ def embed_dataset(
     labels: list[int] = []
     names: list[str] = []
     groups: list[int] = []
-    for sf, found in zip(ds.files, per_file, strict=True):
+    for i, (sf, found) in enumerate(zip(ds.files, per_file, strict=True)):
         if found is None:
             continue
         for enc in encoders:

@@ -58,6 +58,7 @@ class TTAEncoder:
         self.encoder = encoder
         self.name = encoder.name
         self.id = encoder.id
+        self.cache_id = f"{getattr(encoder, 'cache_id', encoder.id)}+tta8"  # the embedding cache tells them apart
         self.dim = encoder.dim
         self.batch_size = batch_size
 

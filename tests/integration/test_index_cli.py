@@ -94,7 +94,7 @@ def _calls() -> int:
 def test_build_evaluate_classify(tmp_path: Path, plugin: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
     data = _folders(tmp_path / "data")
     (data / "red" / "broken.png").write_bytes(b"not a png")
-    common = ["--encoders", "tinyenc_cli:TINY", "--plugin-path", str(plugin), "--cache", str(tmp_path / "cache"), "--no-progress", "--crop-px", "32"]
+    common = ["--encoders", "tinyenc_cli:TINY", "--plugin-path", str(plugin), "--cache", str(tmp_path / "cache"), "--no-progress", "--crop-px", "32", "--condition-dim", "0"]
     idx = tmp_path / "index"
     assert main(["index", "build", str(data), "--out", str(idx), "--k-min", "3", "--k-max", "12", "--threshold", "0.3", *common]) == 0
     out, err = capsys.readouterr()
@@ -147,9 +147,11 @@ def test_voc_boxes_and_search(tmp_path: Path, plugin: Path, capsys: pytest.Captu
     assert json.loads((idx / "ids.json").read_text())[1] == "frame0.png#1"
     capsys.readouterr()
     out_toml = tmp_path / "win.toml"
-    assert main(["index", "search", str(data), "--val-fraction", "0.25", "--thresholds", "0.2,0.6", "--k-ranges", "2:8", "--out", str(out_toml), *common]) == 0
+    assert main(["index", "search", str(data), "--val-fraction", "0.25", "--thresholds", "0.2,0.6", "--k-ranges", "2:8", "--condition-dims", "0,4", "--top", "40", "--out", str(out_toml), *common]) == 0
     text = capsys.readouterr().out
     assert "plain k-NN" in text and "EWC" in text
+    # split by frame: 2 of the 6 frames (4 cells each) validate, the others train
+    assert "validation: 8 cells, training: 16 cells, 10 configurations" in text
     cfg = tomllib.loads(out_toml.read_text())
     assert cfg["encoders"] == [{"name": "tinyenc_cli:TINY"}] and cfg["classifier"]["k_min"] == 2
     from monitor.config import parse_config

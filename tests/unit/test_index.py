@@ -36,7 +36,7 @@ def _built(tmp_path: Path, metric: str = "l2") -> tuple[ReferenceIndex, Path]:
 def test_round_trip(tmp_path: Path, metric: str) -> None:
     idx, folder = _built(tmp_path, metric)
     meta = json.loads((folder / "meta.json").read_text())
-    assert meta["format_version"] == 1 and meta["metric"] == metric
+    assert meta["format_version"] == 2 and meta["metric"] == metric
     assert meta["classes"] == ["live", "apoptotic", "dead"] and meta["class_counts"] == {"live": 20, "apoptotic": 20, "dead": 20}
     assert meta["class_weights"] == [1.0, 1.0, 1.0]
     assert meta["ewc"] == {"k_min": 2, "k_max": 16, "entropy_threshold": 0.4, "reweight": False}

@@ -1,0 +1,119 @@
+"""Named index presets a lab picks in one line: ``cellmonitor index build DATA --preset fast``.
+
+A preset fixes what the benchmarks chose (``bench/bench_presets.py``, figures in
+``bench/results/presets.md``): the encoders and their options, the feature
+conditioning, the query-side test-time augmentation and the EWC parameters.
+Any of them can still be overridden on the command line. The service config
+must name the same encoders with the same options (the index refuses others,
+one line); :func:`encoders_toml` prints that part of the config, and
+``config/presets/*.toml`` hold it for each preset.
+
+* ``accurate`` (the default): the best accuracy measured on the shared data.
+* ``fast``: for a weak CPU (2 cores): one small encoder, no test-time
+  augmentation.
+* ``raw``: the paper's setting (EfficientNet-Lite0 last layer, raw vectors,
+  no conditioning), for comparison.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from monitor.index.condition import ConditioningSpec
+from monitor.index.ewc import EWCParams
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Encoders (plugin name, options) in concatenation order, conditioning, query TTA, EWC."""
+
+    encoders: tuple[tuple[str, dict[str, Any]], ...]
+    conditioning: ConditioningSpec | None
+    tta: int = 1
+    ewc: EWCParams = field(default_factory=EWCParams)
+    description: str = ""
+
+
+_MULTI = {"layers": "multi"}
+
+PRESETS: dict[str, Preset] = {
+    "accurate": Preset(
+        encoders=(("efficientnet-lite0", _MULTI), ("efficientnet-lite2", _MULTI)),
+        conditioning=ConditioningSpec(dim=192, shrinkage=0.1),
+        tta=1,
+        ewc=EWCParams(k_min=10, k_max=100, entropy_threshold=0.5, reweight=True),
+        description="EfficientNet-Lite0 + Lite2, multi-layer, conditioned to 192-d",
+    ),
+    "fast": Preset(
+        encoders=(("efficientnet-lite0", _MULTI),),
+        conditioning=ConditioningSpec(dim=128, shrinkage=0.1),
+        tta=1,
+        ewc=EWCParams(k_min=10, k_max=100, entropy_threshold=0.5, reweight=True),
+        description="EfficientNet-Lite0, multi-layer, conditioned to 128-d",
+    ),
+    "raw": Preset(
+        encoders=(("efficientnet-lite0", {}),),
+        conditioning=None,
+        tta=1,
+        ewc=EWCParams(k_min=10, k_max=1000, entropy_threshold=0.5, reweight=True),
+        description="the paper's setting: Lite0 last layer, raw vectors",
+    ),
+}
+DEFAULT_PRESET = "accurate"
+
+
+def parse_encoder(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"efficientnet-lite0:layers=multi:input_px=192"`` -> ``("efficientnet-lite0", {"layers": "multi", "input_px": 192})``.
+
+    Values that parse as JSON numbers or booleans become those; anything else
+    stays a string. A ``module:attr`` plugin name keeps its colon when its
+    second part holds no ``=``.
+    """
+    parts = spec.split(":")
+    name_parts = [parts[0]]
+    rest = parts[1:]
+    while rest and "=" not in rest[0]:
+        name_parts.append(rest.pop(0))
+    options: dict[str, Any] = {}
+    for kv in rest:
+        k, sep, v = kv.partition("=")
+        if not sep or not k:
+            raise ValueError(f"encoder option {kv!r} in {spec!r} is not key=value")
+        options[k.strip()] = _value(v.strip())
+    return ":".join(name_parts), options
+
+
+def _value(v: str) -> Any:
+    import json
+
+    try:
+        out = json.loads(v)
+    except ValueError:
+        return v
+    return out if isinstance(out, int | float | bool) else v
+
+
+def encoder_spec(name: str, options: dict[str, Any]) -> str:
+    """The inverse of :func:`parse_encoder`."""
+    return ":".join([name, *(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in options.items())])
+
+
+def encoders_toml(encoders: list[tuple[str, dict[str, Any]]]) -> str:
+    """The ``[[encoders]]`` tables of a service config naming these encoders and options."""
+    lines: list[str] = []
+    for name, opts in encoders:
+        lines += ["[[encoders]]", f'name = "{name}"']
+        if opts:
+            inner = ", ".join(f"{k} = {_toml(v)}" for k, v in opts.items())
+            lines.append(f"options = {{ {inner} }}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
