@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from monitor.errors import WeightsMissing
+from monitor.errors import PluginError, WeightsMissing
 from monitor.protocols import BuildContext
 
 log = logging.getLogger(__name__)
@@ -277,7 +277,10 @@ class HFEncoder:
 
 def load_hf_encoder(family: str, options: Options, device: str = "cpu", compile_cache: Path | None = None) -> HFEncoder:
     """Load model and image processor from local files only; WeightsMissing otherwise."""
-    import transformers as tf
+    try:
+        import transformers as tf
+    except ImportError as e:
+        raise PluginError(f"encoder {family} needs the transformers package ({e.msg}): pip install 'cellmonitor[hf]'") from None
 
     ref = options.model or PAPER_MODELS[family]
     kw: dict[str, Any] = {"local_files_only": True}

@@ -149,6 +149,7 @@ class _Spec:
     def build(options: Options, ctx: BuildContext) -> SamEncoder:
         from cellmonitor_plugins.segmenters import sam as seg
 
+        seg.require_sam("encoder sam")
         seg_opts = seg.Options(model_type=options.model_type, checkpoint=options.checkpoint)
         try:
             path = seg.resolve_checkpoint(seg_opts, ctx)

@@ -124,6 +124,16 @@ def choose_device(requested: str) -> str:
     return resolve_device(requested)
 
 
+def require_sam(who: str = "segmenter sam") -> None:
+    """segment-anything (and the torchvision it imports) are the ``sam`` extra: a one-line error without them."""
+    from monitor.errors import PluginError
+
+    try:
+        import segment_anything  # noqa: F401
+    except ImportError as e:
+        raise PluginError(f"{who} needs the segment-anything package ({e.msg}): pip install 'cellmonitor[sam]'") from None
+
+
 def load_sam(model_type: str, checkpoint: Path, device: str) -> Any:
     """Build SAM's architecture from ``sam_model_registry`` and load a state dict.
 
@@ -309,6 +319,7 @@ class _Spec:
 
     @staticmethod
     def build(options: _Options, ctx: BuildContext) -> SamSegmenter:
+        require_sam()
         path = resolve_checkpoint(options, ctx)
         device = choose_device(ctx.device)
         if device == "cpu":

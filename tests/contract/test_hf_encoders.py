@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import transformers as tf
@@ -110,3 +112,10 @@ def test_describe_reads_config_json_without_loading(tmp_path):
     assert d == {"present": True, "where": str(folder), "dim": dim, "dtype": "bfloat16"}
     missing = CONVNEXTV2.describe(Options(), BuildContext(state_dir=tmp_path))
     assert missing["present"] is False and missing["dim"] == 1536 and "facebook/convnextv2-large-22k-224" in missing["where"]
+
+
+def test_a_missing_extra_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as on a CPU install without the hf extra
+    with pytest.raises(PluginError) as e:
+        Registry().build("encoders", PluginRef(name="dinov2"), BuildContext(state_dir=tmp_path))
+    assert "\n" not in str(e.value) and "needs the transformers package" in str(e.value) and "pip install 'cellmonitor[hf]'" in str(e.value)

@@ -130,3 +130,13 @@ def test_fast_mode_shares_model_and_embedding_with_the_sam_segmenter(tiny_checkp
     before = seg.embeddings.computed
     process_frame(f, Pipeline(seg, [enc], One(), pixel_size_um=0.322, crop_px=24))
     assert seg.embeddings.computed == before  # same frame object: still cached (segmenter and encoder share it)
+
+
+@pytest.mark.parametrize(("kind", "who"), [("segmenters", "segmenter sam"), ("encoders", "encoder sam")])
+def test_a_missing_sam_extra_is_one_line(tmp_path, monkeypatch, kind, who):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "segment_anything", None)
+    with pytest.raises(PluginError) as e:
+        Registry().build(kind, PluginRef(name="sam"), BuildContext(state_dir=tmp_path))
+    assert str(e.value).endswith("pip install 'cellmonitor[sam]'") and who in str(e.value) and "\n" not in str(e.value)
