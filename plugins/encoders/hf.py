@@ -351,9 +351,13 @@ class _Spec:
             has_weights = False
             dim = PAPER_DIMS[self.family] if ref == PAPER_MODELS[self.family] else None
         precision = options.dtype if options.autocast == "off" else f"{options.dtype} (autocast {options.autocast})"
+        import importlib.util
+
+        package = importlib.util.find_spec("transformers") is not None
+        where = str(folder) if folder is not None else f"{ref} (not found: huggingface-cli download on a connected machine)"
         return {
-            "present": folder is not None and has_weights,
-            "where": str(folder) if folder is not None else f"{ref} (not found: huggingface-cli download on a connected machine)",
+            "present": folder is not None and has_weights and package,
+            "where": where if package else f"{where}; transformers missing: pip install 'cellmonitor[hf]'",
             "dim": dim,
             "dtype": precision + (", compiled" if options.compile else ""),
         }

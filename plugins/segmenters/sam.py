@@ -106,12 +106,16 @@ def describe_checkpoint(options: Options, ctx: BuildContext) -> dict[str, Any]:
     ``dim`` is SAM's image-embedding channels (256 for the official
     ``vit_h``/``vit_l``/``vit_b``; unknown for other registry entries).
     """
+    import importlib.util
+
     path = checkpoint_path(options, ctx)
     present = path.is_file()
     size = f", {path.stat().st_size / 2**30:.2f} GiB" if present else ""
+    where = f"{path}{size}" if present else f"{path} (missing: copy {CHECKPOINT_NAMES.get(options.model_type, 'the .pth file')} there)"
+    package = importlib.util.find_spec("segment_anything") is not None
     return {
-        "present": present,
-        "where": f"{path}{size}" if present else f"{path} (missing: copy {CHECKPOINT_NAMES.get(options.model_type, 'the .pth file')} there)",
+        "present": present and package,
+        "where": where if package else f"{where}; segment-anything missing: pip install 'cellmonitor[sam]'",
         "dim": 256 if options.model_type in CHECKPOINT_NAMES else None,
         "dtype": "float32",
     }
