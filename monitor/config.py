@@ -53,6 +53,7 @@ class ServiceConfig(_Model):
     ready_deadline_s: float = Field(600.0, gt=0)
     patterns: list[str] = Field(default_factory=lambda: ["*.tif", "*.tiff", "*.png", "*.jpg", "*.jpeg"])
     frame_timeout_s: float = Field(900.0, gt=0, description="a frame still processing after this long is quarantined and the service exits 75 (restarted)")
+    max_frame_attempts: int = Field(3, ge=1, le=100, description="a frame found in flight at this many start-ups (it crashed or hung the worker each time) is quarantined")
     metrics_port: int = Field(9108, ge=0, le=65535, strict=True)
     metrics_addr: str = "127.0.0.1"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -26,9 +26,10 @@ Per frame
   ``ready_deadline_s``.
 * Before the pipeline runs, the frame is marked ``processing`` in the
   ledger. A frame a previous run left ``processing`` (it died during that
-  frame: a crash, an out-of-memory kill, SIGKILL) is retried once, first;
-  found ``processing`` again, it is quarantined as having hung or crashed
-  the worker, so no frame can stop the service at every restart.
+  frame: a crash, an out-of-memory kill, SIGKILL) is retried, first in line;
+  found in flight at ``service.max_frame_attempts`` (3) start-ups, it is
+  quarantined as having hung or crashed the worker, so no frame can stop the
+  service at every restart (and a kill at a random moment costs no frame).
 * A frame still processing after ``service.frame_timeout_s`` is logged in
   one ERROR line, counted (``cellmonitor_frames_total{result="over_time_limit"}``)
   and quarantined; under ``cellmonitor run`` the process then exits 75 so that
@@ -101,9 +102,6 @@ class Service:
     #: exit the process (status 75) when a frame runs past frame_timeout_s (``cellmonitor run``)
     exit_on_hang: bool = False
     lock: StateLock | None = None
-    #: how many times a frame may be found in flight at start-up before it is quarantined
-    max_attempts: int = 2
-
     def __post_init__(self) -> None:
         self._current: tuple[Frame, float] | None = None
         self._current_lock = threading.Lock()
@@ -169,14 +167,14 @@ class Service:
         """
         n = 0
         for st in self.recorder.ledger.stale_frames():
-            if st.status == "hung" or st.attempts >= self.max_attempts:
+            if st.status == "hung" or st.attempts >= self.settings.max_frame_attempts:
                 why = ("ran past service.frame_timeout_s in a previous run" if st.status == "hung"
                        else f"hung or crashed the worker in a previous run ({st.attempts} attempts)")
                 self.recorder.quarantine(list(st.paths), "process", why, st.key)
                 n += 1
                 continue
             log.warning("%s: was being processed when the previous run stopped; processing it again (attempt %d of %d)",
-                        st.key, st.attempts + 1, self.max_attempts)
+                        st.key, st.attempts + 1, self.settings.max_frame_attempts)
             for p in st.paths:
                 self.intake.see(Path(p))
         return n

@@ -19,8 +19,9 @@ def notify(state: str) -> bool:
         addr = "\0" + addr[1:]
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.setblocking(False)  # a receiver that stops reading must never block the worker loop
             s.connect(addr)
             s.sendall(state.encode())
         return True
-    except OSError:
+    except OSError:  # includes BlockingIOError: a full receive queue drops the message
         return False

@@ -32,7 +32,7 @@ def sample(svc, name, **labels):
 
 # ---- frames that hang or crash the worker ---------------------------------------------
 
-def test_frame_left_processing_by_a_dead_run_is_retried_once_then_quarantined(tmp_path, caplog):
+def test_frame_left_processing_by_a_dead_run_is_retried_then_quarantined(tmp_path, caplog):
     svc = fault_service(tmp_path)
     p = drop(svc.settings.watch_dir, "A1_t1_phase.npy", blobs(2, 0.3))
     drop(svc.settings.watch_dir, "A1_t2_phase.npy", blobs(3, 0.3))
@@ -44,14 +44,14 @@ def test_frame_left_processing_by_a_dead_run_is_retried_once_then_quarantined(tm
     run_idle(svc)  # attempt 2 succeeds: a kill at a random moment costs no frame
     svc.close()
     assert frame_keys(csv_rows(tmp_path)) == [("A1", "1"), ("A1", "2")]
-    assert any("processing it again (attempt 2 of 2)" in r.getMessage() for r in caplog.records)
+    assert any("processing it again (attempt 2 of 3)" in r.getMessage() for r in caplog.records)
 
-    # the same file rewritten and then taking down two runs in a row: quarantined, never retried forever
+    # a frame that takes down three runs in a row: quarantined, never retried forever
     p3 = drop(svc.settings.watch_dir, "A1_t3_phase.npy", blobs(2, 0.3))
     k3 = FrameKey("test", "A1", "1", 3)
     svc = fault_service(tmp_path)
-    svc.recorder.ledger.mark_processing(k3, [p3])
-    svc.recorder.ledger.mark_processing(k3, [p3])
+    for _ in range(3):
+        svc.recorder.ledger.mark_processing(k3, [p3])
     svc.close()
     caplog.clear()
     svc = fault_service(tmp_path)
@@ -61,7 +61,7 @@ def test_frame_left_processing_by_a_dead_run_is_retried_once_then_quarantined(tm
     assert status == [("failed",)]
     assert frame_keys(csv_rows(tmp_path)) == [("A1", "1"), ("A1", "2")]
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
-    assert len(lines) == 1 and "A1_t3_phase.npy" in lines[0] and "hung or crashed the worker in a previous run" in lines[0]
+    assert len(lines) == 1 and "A1_t3_phase.npy" in lines[0] and "hung or crashed the worker in a previous run (3 attempts)" in lines[0]
     q = (tmp_path / "state" / "quarantine.csv").read_text().splitlines()
     assert len(q) == 2 and "A1_t3_phase.npy" in q[1]
 
