@@ -130,3 +130,35 @@ def test_sigkill_twenty_times_during_a_hundred_frame_run(tmp_path):
     db.close()
     print(f"\n{KILLS} SIGKILLs, {mid_frame} with a frame in flight, {torn_injected} torn rows injected; {FRAMES} frames exactly once")
     assert mid_frame >= 1  # the kills did land inside frames
+
+
+@pytest.mark.timeout(120)
+def test_a_hanging_frame_is_quarantined_and_run_exits_75_then_goes_on(tmp_path):
+    """A stage that never returns: `run` quarantines the frame after frame_timeout_s and exits 75
+    (systemd restarts it); the restarted service skips the frame and counts the rest."""
+    cfg = write_setup(tmp_path, service="frame_timeout_s = 1.0", segmenter_options="sleep_on_blank_s = 3600")
+    watch, state = tmp_path / "in", tmp_path / "state"
+    np.save(watch / "A1_t1_phase.npy", blobs(2, 0.3))
+    np.save(watch / "A1_t2_phase.npy", np.zeros((64, 64), np.float32))  # hangs the (fake) segmenter
+    np.save(watch / "A1_t3_phase.npy", blobs(3, 0.3))
+    t0 = time.monotonic()
+    r = subprocess.run([str(EXE), "run", str(cfg)], capture_output=True, text=True, timeout=90)
+    assert r.returncode == 75, r.stderr[-2000:]
+    assert time.monotonic() - t0 < 60
+    lines = [ln for ln in r.stderr.splitlines() if "A1_t2_phase.npy" in ln]
+    assert len(lines) == 1 and "still processing after" in lines[0] and "frame_timeout_s = 1" in lines[0], r.stderr[-3000:]
+    proc = subprocess.Popen([str(EXE), "run", str(cfg)], stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 60:
+            rows = list(csv.DictReader((state / "counts.csv").open())) if (state / "counts.csv").exists() else []
+            if len(rows) >= 2:
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert sorted(int(r["timepoint"]) for r in rows) == [1, 3]
+    assert "A1_t2_phase.npy" in (state / "quarantine.csv").read_text()
