@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -98,13 +99,19 @@ CREATE INDEX IF NOT EXISTS timepoints_time ON timepoints (time_s);
 FINISHED = ("done", "quarantined", "skipped")
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def path_text(path: str | bytes | os.PathLike[str]) -> str:
-    """A path as text that any UTF-8 sink accepts: undecodable bytes become ``\\xNN``."""
+    """A path as text that any UTF-8 sink accepts, on one line: undecodable bytes and
+    control characters become ``\\xNN``."""
     try:
         raw = os.fsencode(path)
     except UnicodeEncodeError:  # a lone surrogate that is not an escaped byte
-        return os.fspath(path).encode("utf-8", "backslashreplace").decode("utf-8")  # type: ignore[union-attr]
-    return raw.decode("utf-8", "backslashreplace")
+        raw = os.fspath(path).encode("utf-8", "backslashreplace")  # type: ignore[union-attr]
+    text = raw.decode("utf-8", "backslashreplace")
+    # a newline or other control character in a name must not split a log line or a CSV row
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text) if _CONTROL.search(text) else text
 
 
 def safe_text(s: str) -> str:
@@ -212,6 +219,10 @@ class Ledger:
             return self._stat(path) == known
         except OSError:
             return False
+
+    def was_finished(self, path: Path) -> bool:
+        """True when the ledger finished this path, whatever its size and mtime now."""
+        return path_text(path) in self._finished
 
     def _frame_status(self, key: FrameKey) -> str | None:
         with self._lock:

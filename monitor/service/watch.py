@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from monitor.service.ledger import path_text
+
 log = logging.getLogger(__name__)
 
 
@@ -36,8 +38,9 @@ def matches(path: Path, patterns: Sequence[str]) -> bool:
     return not name.startswith(".") and any(fnmatch.fnmatch(name, p.lower()) for p in patterns)
 
 
-def scan(root: Path, patterns: Sequence[str], recursive: bool = True) -> Iterator[Path]:
-    """Every matching file under ``root``, sorted so timepoints arrive in order."""
+def scan(root: Path, patterns: Sequence[str], recursive: bool = True, regular_only: bool = True) -> Iterator[Path]:
+    """Every matching file under ``root``, sorted so timepoints arrive in order
+    (``regular_only=False``: also directories and links named like a frame)."""
     if not root.is_dir():
         return
     if recursive:
@@ -45,9 +48,12 @@ def scan(root: Path, patterns: Sequence[str], recursive: bool = True) -> Iterato
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             found += [Path(dirpath) / f for f in filenames]
+            if not regular_only:  # a directory named like a frame is reported, not walked as one
+                found += [Path(dirpath) / d for d in dirnames if matches(Path(d), patterns)]
     else:
         found = list(root.iterdir())
-    found = [p for p in found if _regular(p)]
+    if regular_only:
+        found = [p for p in found if _regular(p)]
     yield from sorted(p for p in found if matches(p, patterns))
 
 
@@ -143,6 +149,7 @@ class FileTracker:
                 st = p.stat()
             except OSError:
                 del self._files[p]  # deleted or moved away before we read it
+                log.info("%s: deleted or moved away before it could be read; ignored", path_text(p))
                 continue
             if (st.st_size, st.st_mtime_ns) != (t.size, t.mtime_ns):
                 t.size, t.mtime_ns, t.stable_since = st.st_size, st.st_mtime_ns, now
@@ -191,7 +198,16 @@ class Intake:
         self.queue: queue.Queue[Path] = queue.Queue()
 
     def see(self, p: Path) -> bool:
-        """Track ``p`` unless finished; True when it was not tracked before."""
+        """Track ``p`` unless finished; True when it was not tracked before.
+
+        A path that is there but is not a regular file (a directory named like
+        a frame, a symlink loop, a dangling link) is never tracked: one INFO
+        line the first time it is seen, and a ``skipped`` row in the ledger so
+        that no later start tells it again.
+        """
+        if not _regular(p):
+            self._irregular(p)
+            return False
         new = p not in self.tracker
         if not new or not self.ledger.is_known(p):
             self.tracker.see(p)
@@ -200,7 +216,24 @@ class Intake:
 
     def backlog(self) -> int:
         """Track every file in the watch folder that the ledger has not finished."""
-        return sum(self.see(p) for p in scan(self.watch_dir, self.patterns, self.recursive))
+        return sum(self.see(p) for p in scan(self.watch_dir, self.patterns, self.recursive, regular_only=False))
+
+    def _irregular(self, p: Path) -> None:
+        try:
+            if p.is_dir():
+                what = "a directory"
+            elif p.is_symlink():
+                what = "a symlink that leads nowhere (dangling, or a loop)"
+            elif os.path.lexists(p):
+                what = "not a regular file"
+            else:
+                return  # gone: deleted before it was looked at
+        except OSError as e:
+            what = f"cannot be examined ({e.strerror or e})"
+        if self.ledger.was_finished(p):
+            return  # told at an earlier start
+        log.info("%s: %s, named like a frame; ignored", path_text(p), what)
+        self.ledger.mark_files([p], "skipped", None, f"{what}, named like a frame")
 
     def collect(self) -> list[Path]:
         """Drain the event queue; return the files that are stable and due for reading."""
