@@ -121,6 +121,8 @@ class SamFastEncoder(SamEncoder):
         super().__init__(model, model_type, tag, device)
         self.embeddings = embeddings
         self.shared = shared  # with a SAM segmenter's cache
+        if shared:  # the model is the segmenter's: an OOM fallback must not move it from under the segmenter
+            self.to_device = None  # type: ignore[assignment,method-assign]
         self.id = f"sam-{model_type}@{tag}:{self.size}px:frame-mask-pool"
 
     def encode_cells(self, frame: Any, cells: Any) -> np.ndarray:
