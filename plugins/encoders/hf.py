@@ -212,6 +212,7 @@ class HFEncoder:
         import os
         import time
 
+        import numpy as np
         import torch
 
         if cache_dir is not None:  # inductor's on-disk cache: a restart reuses the compiled kernels
@@ -220,7 +221,7 @@ class HFEncoder:
         self.runner = torch.compile(self.model, dynamic=False)
         self.compiled = True
         s = self._input_px()
-        self.encode_prepared(self.prepare(__import__("numpy").zeros((self.options.compile_batch, s, s, 3), "uint8")))
+        self.encode_prepared(self.prepare(np.zeros((self.options.compile_batch, s, s, 3), np.uint8)))
         return time.perf_counter() - t
 
     def _input_px(self) -> int:
