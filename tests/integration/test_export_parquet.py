@@ -29,6 +29,7 @@ def test_parquet_export_is_typed_and_split_by_experiment(tmp_path, capsys):
     t = pq.read_table(out / "test.parquet")
     schema = {f.name: f.type for f in t.schema}
     assert schema["timepoint"] == pa.int64() and schema["n_cells"] == pa.int64() and schema["n_live"] == pa.int64()
+    assert schema["control_regions"] == pa.int64()  # empty in the CSV (no control channel): null integers, not floats
     assert schema["frac_live"] == pa.float64() and schema["pixel_size_um"] == pa.float64()
     assert pa.types.is_timestamp(schema["processed_at"]) and schema["processed_at"].tz == "UTC"
     assert all(pa.types.is_string(schema[c]) or pa.types.is_large_string(schema[c]) for c in ("well", "field", "experiment"))

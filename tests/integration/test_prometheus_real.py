@@ -16,6 +16,7 @@ import time
 import urllib.parse
 import urllib.request
 
+import numpy as np
 import pytest
 from fixtures.faultkit import csv_rows, fault_service
 from fixtures.service import blobs, drop
@@ -35,11 +36,13 @@ def free_port() -> int:
 
 @pytest.fixture
 def live_service(tmp_path):
-    svc = fault_service(tmp_path)
+    svc = fault_service(tmp_path, assembly={"channels": ["phase", "apo15"], "wait_s": 30})
     w = svc.settings.watch_dir
-    drop(w, "A1_t1_phase.npy", blobs(3, 0.3))
-    drop(w, "A1_t2_phase.npy", blobs(4, 0.9))
-    drop(w, "B2_t1_phase.npy", blobs(2, 0.3))
+    fluo = np.random.default_rng(1).normal(0.1, 0.005, (128, 128)).astype(np.float32)
+    fluo[:16, :16] = 1.0
+    for name, n, b in (("A1_t1", 3, 0.3), ("A1_t2", 4, 0.9), ("B2_t1", 2, 0.3)):
+        drop(w, f"{name}_phase.npy", blobs(n, b))
+        drop(w, f"{name}_apo15.npy", fluo)
     (w / "A1_t3_phase.npy").write_bytes(b"garbage")  # one quarantined file
     port = free_port()
     server = serve(svc.metrics.registry, port, "127.0.0.1")
@@ -66,7 +69,7 @@ def scrape(port: int) -> str:
 def test_promtool_finds_nothing_to_lint_in_a_real_scrape(live_service):
     _, port, _ = live_service
     text = scrape(port)
-    assert "cellmonitor_control_area_square_meters" in text or "cellmonitor_latest_cells" in text
+    assert 'cellmonitor_control_area_square_meters{experiment="test",instrument="test",well="A1"} 2.65' in text  # 256 px of 0.322 um
     r = subprocess.run([PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and r.stdout.strip() == "" and r.stderr.strip() == "", r.stdout + r.stderr
 
@@ -123,6 +126,8 @@ def test_real_prometheus_scrapes_the_service_and_promql_matches_the_csv(live_ser
         assert float(counted[0]["value"][1]) == len(rows) == 3
         notcounted = query('sum(cellmonitor_files_total{result=~"quarantined|skipped"})')
         assert float(notcounted[0]["value"][1]) == 1.0
+        area = query('cellmonitor_control_area_square_meters{well="A1"}')
+        assert float(area[0]["value"][1]) == pytest.approx(float(last["A1"]["control_area_um2"]) * 1e-12, rel=1e-3)
     finally:
         proc.terminate()
         try:
