@@ -264,3 +264,16 @@ def test_encoder_specs_and_presets() -> None:
         cfg = tomllib.loads(encoders_toml(list(p.encoders)))
         parse_config(cfg)  # a valid service config fragment
         assert [(e["name"], e.get("options", {})) for e in cfg["encoders"]] == [(n, dict(o)) for n, o in p.encoders]
+
+
+@pytest.mark.parametrize("name", ["accurate", "fast"])
+def test_shipped_preset_configs_match_the_presets(name: str) -> None:
+    import tomllib
+
+    from monitor.config import parse_config
+    from monitor.index.presets import PRESETS
+
+    path = Path(__file__).resolve().parents[2] / "config" / "presets" / f"{name}.toml"
+    cfg = tomllib.loads(path.read_text())
+    parse_config(cfg)
+    assert [(e["name"], e.get("options", {})) for e in cfg["encoders"]] == [(n, dict(o)) for n, o in PRESETS[name].encoders]
