@@ -16,7 +16,9 @@ Policy
   the file and never writes a key twice, so a crash between the CSV write and
   the ledger commit cannot duplicate a row.
 * If the reference classes change, the header no longer fits: a
-  configuration error (exit 78) asking for a new csv path.
+  configuration error (exit 78) asking for a new csv path. A file begun by
+  an earlier version (without the ``state_<canonical>`` columns) is continued
+  in its own columns, so an upgrade in the middle of an experiment goes on.
 """
 
 from __future__ import annotations
@@ -75,6 +77,11 @@ def repair_torn_tail(path: Path) -> int:
     return size - keep
 
 
+def _older_layout(old: list[str], new: list[str]) -> bool:
+    """True when ``old`` is ``new`` without the columns later versions added (``state_*``)."""
+    return old == [c for c in new if not c.startswith("state_")]
+
+
 class CsvSink:
     name = "csv"
     record_of_truth = True  # the service marks a frame done only after this sink wrote it
@@ -120,7 +127,9 @@ class CsvSink:
         if self._header is None:
             w.writerow(header)
         elif header != self._header:
-            raise ConfigError(f"{self.path}: columns changed (the classes differ from the file's header); set a new [[sinks]] csv path")
+            if not _older_layout(self._header, header):
+                raise ConfigError(f"{self.path}: columns changed (the classes differ from the file's header); set a new [[sinks]] csv path")
+            header = self._header  # a file begun by an earlier version: keep its columns
         w.writerow([row[c] for c in header])
         self._append(buf.getvalue())  # header (first time) and row: one write
         self._header = header

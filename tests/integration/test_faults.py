@@ -432,3 +432,24 @@ def test_service_threads_stop(tmp_path):
     svc.close()
     assert not th.is_alive()
     assert not [t for t in threading.enumerate() if t.name == "cellmonitor-frame-guard"]
+
+
+def test_a_counts_csv_begun_by_an_earlier_version_is_continued_in_its_columns(tmp_path):
+    svc = fault_service(tmp_path)
+    drop(svc.settings.watch_dir, "A1_t1_phase.npy", blobs(2, 0.3))
+    run_idle(svc)
+    svc.close()
+    path = tmp_path / "state" / "counts.csv"
+    import csv as csvmod
+
+    rows = list(csvmod.reader(path.open(newline="")))
+    keep = [i for i, c in enumerate(rows[0]) if not c.startswith("state_")]
+    with path.open("w", newline="") as f:  # the file as the previous version wrote it
+        csvmod.writer(f).writerows([[r[i] for i in keep] for r in rows])
+    drop(svc.settings.watch_dir, "A1_t2_phase.npy", blobs(3, 0.3))
+    svc = fault_service(tmp_path)
+    run_idle(svc)
+    svc.close()
+    got = csv_rows(tmp_path)
+    assert [(r["timepoint"], r["n_cells"]) for r in got] == [("1", "2"), ("2", "3")]
+    assert not any(k.startswith("state_") for k in got[0])

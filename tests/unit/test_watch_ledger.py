@@ -86,3 +86,39 @@ def test_ledger_knows_finished_files_until_they_change(tmp_path):
     assert led2._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     led2.close()
     assert os.path.exists(tmp_path / "l.sqlite")
+
+
+def test_a_ledger_written_by_an_earlier_version_opens_and_migrates(tmp_path):
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "l.sqlite")
+    db.executescript("""
+        CREATE TABLE files (path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, status TEXT NOT NULL,
+                            frame TEXT, error TEXT, updated REAL NOT NULL);
+        CREATE TABLE frames (frame TEXT PRIMARY KEY, status TEXT NOT NULL, error TEXT, updated REAL NOT NULL);
+        INSERT INTO frames VALUES ('e/A1/1/t1', 'done', NULL, 0);
+    """)
+    db.commit()
+    db.close()
+    led = Ledger(tmp_path / "l.sqlite")
+    key = FrameKey("e", "A1", "1", 2)
+    p = tmp_path / "f.tif"
+    p.write_bytes(b"x")
+    led.mark_processing(key, [p])
+    led.mark_processing(key, [p])
+    assert [(s.key, s.attempts) for s in led.stale_frames()] == [("e/A1/1/t2", 2)]
+    assert led.frame_done(FrameKey("e", "A1", "1", 1))
+    led.close()
+
+
+def test_non_utf8_and_control_characters_in_names_are_stored_and_found(tmp_path):
+    raw = os.path.join(os.fsencode(tmp_path), b"bad\xffname\n_A1_t1.tif")
+    with open(raw, "wb") as f:
+        f.write(b"x")
+    p = tmp_path / os.fsdecode(b"bad\xffname\n_A1_t1.tif")
+    led = Ledger(tmp_path / "l.sqlite")
+    led.mark_files([p], "quarantined", None, "not a TIFF")
+    assert led.is_known(p)
+    (stored,) = led._db.execute("SELECT path FROM files").fetchone()
+    assert stored.endswith("bad\\xffname\\x0a_A1_t1.tif")
+    led.close()
