@@ -61,14 +61,14 @@ def labels_on_input_grid(labels: np.ndarray, shape_yx: tuple[int, int]) -> tuple
 def _read_frame(args: argparse.Namespace, cfg: Any) -> Any:
     from dataclasses import replace
 
-    from monitor.errors import BadInput
+    from monitor.errors import BadInput, NoInput
     from monitor.protocols import BuildContext
     from monitor.registry import Registry
     from monitor.service.assemble import merge
 
     path: Path = args.image
     if not path.is_file():
-        raise BadInput(path, "no such file")
+        raise NoInput(path)  # exit 66, as in every command
     registry = Registry(cfg.plugins.paths)
     ctx = BuildContext(state_dir=cfg.service.state_dir, config_path=cfg.source, extra={"experiment": cfg.service.experiment})
     if args.pixel_size is not None:
