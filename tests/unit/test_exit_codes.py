@@ -33,6 +33,7 @@ def test_demo_with_no_timepoints_fails_in_one_line(capsys, tmp_path):
     ("inspect", "{missing}"),
     ("plugins", "check", "{missing}"),
     ("export", "{missing}", "--out", "{tmp}/x.csv"),
+    ("segment", "{missing}", "--out", "{tmp}/labels.tif"),
 ])
 def test_a_missing_file_is_exit_66_in_every_command(capsys, tmp_path, argv):
     missing = tmp_path / "nope_A1_t1_phase.tif"
