@@ -105,13 +105,20 @@ def pool_under_masks(features: Any, labels: np.ndarray, ids: list[int], input_si
     patch = img_size / g
     gy = np.minimum(((np.arange(h) + 0.5) * input_size[0] / h / patch).astype(np.int64), g - 1)
     gx = np.minimum(((np.arange(w) + 0.5) * input_size[1] / w / patch).astype(np.int64), g - 1)
-    row_of = np.full(int(labels.max(initial=0)) + 1, -1, np.int64)
-    row_of[np.asarray(ids, np.int64)] = np.arange(n)
-    rows = row_of[labels]
-    inside = rows >= 0
-    flat = (gy[:, None] * g + gx[None, :])[inside]
-    weights = np.bincount(rows[inside] * g * g + flat, minlength=n * g * g).reshape(n, g * g).astype(np.float32)
-    return (weights @ f.reshape(c, g * g).T) / np.maximum(weights.sum(axis=1, keepdims=True), 1.0)
+    from scipy import ndimage
+
+    boxes = ndimage.find_objects(labels)  # one pass; then each cell is counted inside its own box
+    table = np.ascontiguousarray(f.reshape(c, g * g).T)  # (patches, C)
+    out = np.zeros((n, c), np.float32)
+    for r, i in enumerate(ids):
+        box = boxes[i - 1] if 0 < i <= len(boxes) else None
+        if box is None:
+            continue
+        m = labels[box] == i
+        patches, counts = np.unique((gy[box[0]][:, None] * g + gx[box[1]][None, :])[m], return_counts=True)
+        if len(patches):  # a cell covers a handful of patches: a small weighted sum, not a dense matmul
+            out[r] = counts.astype(np.float32) @ table[patches] / counts.sum()
+    return out
 
 
 class SamFastEncoder(SamEncoder):
