@@ -27,6 +27,8 @@ def _add_prep(p: argparse.ArgumentParser) -> None:
     g.add_argument("--source-pixel-size", type=float, default=None, metavar="UM", help="the data's pixel size (default: already at the target)")
     g.add_argument("--colour", choices=("rgb", "grey", "reinhard"), default="rgb", help="colour handling (reinhard = stain normalisation)")
     g.add_argument("--cell-diameter-px", type=int, default=120, help="framing=cell: target cell diameter")
+    g.add_argument("--box-framing", choices=("box", "window"), default="box", help="boxed frames: each cell framed by its box plus a margin, resized to --crop-px (default; the service frames segmented cells the same way), or a fixed --crop-px window at the target pixel size")
+    g.add_argument("--box-margin", type=float, default=0.2, help="box framing: context on each side, as a fraction of the box's longer side")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -149,7 +151,7 @@ def _encoder_specs(text: str) -> list[tuple[str, dict[str, Any]]]:
 def _prep(args: argparse.Namespace) -> Any:
     from monitor.index.dataset import Preprocess
 
-    return Preprocess(args.framing, args.crop_px, args.pixel_size, args.source_pixel_size, args.colour, args.cell_diameter_px)
+    return Preprocess(args.framing, args.crop_px, args.pixel_size, args.source_pixel_size, args.colour, args.cell_diameter_px, args.box_framing, args.box_margin)
 
 
 def _cache(args: argparse.Namespace) -> Any:
