@@ -54,7 +54,7 @@ class Pipeline:
     control_min_snr: float = _C.min_snr
     crop_framing: str = "window"  # "box": each cell framed by its bounding box (set from the index, monitor.index.query)
     crop_margin: float = 0.2
-    frames_per_call: int = 8  # the most queued frames the service hands process_frames at once
+    frames_per_call: int = 8  # the most queued frames a caller hands process_frames at once
     prefetch: bool = True  # segment the next frames in a thread while this batch is embedded
     oom: OomPolicy = field(default_factory=OomPolicy, repr=False)  # batch sizes learnt from CUDA OOM
 
@@ -162,7 +162,7 @@ def process_frames(frames: Sequence[Frame], p: Pipeline) -> list[Counts | StageE
     Policy:
 
     - Latency is bounded by the caller: only frames already due are passed
-      (the service takes at most ``frames_per_call``); nothing waits for more.
+      (at most ``frames_per_call``); nothing here waits for more.
     - Frames are rescaled, segmented and cropped one after another in a
       prefetch thread (``prefetch``) while the main thread embeds the crops
       gathered so far in full batches of ``batch_size``; the remainder is
