@@ -83,6 +83,7 @@ class PipelineConfig(_Model):
     crop_px: int = Field(224, ge=16, le=2048)
     blank_background: bool = False
     batch_size: int = Field(64, ge=1, le=4096)
+    frames_per_call: int = Field(8, ge=1, le=256, description="queued frames whose crops share encoder calls (only frames already due; never waits)")
     certainty_floor: float = Field(0.5, ge=0.0, le=1.0)
     device: Literal["auto", "cpu", "cuda", "cuda-or-cpu"] = Field("auto", description="see monitor.device: cuda without a usable GPU is a start-up error; cuda-or-cpu falls back, logged")
 

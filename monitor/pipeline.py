@@ -54,7 +54,7 @@ class Pipeline:
     control_min_snr: float = _C.min_snr
     crop_framing: str = "window"  # "box": each cell framed by its bounding box (set from the index, monitor.index.query)
     crop_margin: float = 0.2
-    frames_per_call: int = 8  # the most queued frames a caller hands process_frames at once
+    frames_per_call: int = _P.frames_per_call  # the most queued frames a caller hands process_frames at once
     prefetch: bool = True  # segment the next frames in a thread while this batch is embedded
     oom: OomPolicy = field(default_factory=OomPolicy, repr=False)  # batch sizes learnt from CUDA OOM
 
@@ -63,7 +63,7 @@ class Pipeline:
         """The pipeline a config describes, around already-built plugins."""
         p, c = cfg.pipeline, cfg.control
         return cls(segmenter, encoders, classifier, p.pixel_size_um, p.crop_px, p.blank_background, p.batch_size,
-                   c.enabled, c.min_region_px, c.min_snr)
+                   c.enabled, c.min_region_px, c.min_snr, frames_per_call=p.frames_per_call)
 
 
 def embed(crops: np.ndarray, encoders: Sequence[Encoder], batch_size: int = 64, policy: OomPolicy | None = None) -> Embeddings:

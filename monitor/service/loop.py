@@ -63,12 +63,12 @@ import numpy as np
 from monitor.config import Config, ServiceConfig
 from monitor.device import resolve_device
 from monitor.errors import EX_TEMPFAIL, BadInput, NotReady, StageError, StateWriteError, Unavailable
-from monitor.pipeline import Pipeline, process_frame
+from monitor.pipeline import Pipeline, process_frame, process_frames
 from monitor.protocols import Classifier
 from monitor.records import Counts, Frame, FrameKey
 from monitor.service import notify as systemd
 from monitor.service.assemble import FrameAssembler
-from monitor.service.ledger import Ledger, StateLock, path_text
+from monitor.service.ledger import Ledger, StateLock, path_text, safe_text
 from monitor.service.metrics import ServiceMetrics
 from monitor.service.reading import ReaderSet
 from monitor.service.recording import Recorder
@@ -103,9 +103,12 @@ class Service:
     exit_on_hang: bool = False
     lock: StateLock | None = None
     def __post_init__(self) -> None:
-        self._current: tuple[Frame, float] | None = None
+        self._current: tuple[list[Frame], float] | None = None
         self._current_lock = threading.Lock()
         self._hung: set[FrameKey] = set()
+        #: frames a previous run left in flight: processed one at a time, never in a shared call,
+        #: so that a frame that hangs or crashes the worker is the one blamed
+        self._solo: set[str] = set()  # ledger keys (safe_text(str(key)))
 
     @property
     def counted(self) -> int:
@@ -146,8 +149,7 @@ class Service:
                     last_scan = time.monotonic()
                 systemd.notify("WATCHDOG=1")
                 if until_idle and self.idle():
-                    for frame in self._due(force=True):
-                        self.handle(frame)
+                    self.handle_all(self._due(force=True))
                     self._drain_dropped()
                     if self.idle():
                         break
@@ -173,28 +175,40 @@ class Service:
                 self.recorder.quarantine(list(st.paths), "process", why, st.key)
                 n += 1
                 continue
-            log.warning("%s: was being processed when the previous run stopped; processing it again (attempt %d of %d)",
+            log.warning("%s: was being processed when the previous run stopped; processing it again, alone (attempt %d of %d)",
                         st.key, st.attempts + 1, self.settings.max_frame_attempts)
+            self._solo.add(st.key)
             for p in st.paths:
                 self.intake.see(Path(p))
         return n
 
     def _guard(self, stop: threading.Event) -> None:
-        """Watch the frame in progress; act once when it runs past ``frame_timeout_s``."""
+        """Watch the call in progress; act once when it runs past ``frame_timeout_s`` per frame.
+
+        One frame: it is quarantined (``hung``). Several frames sharing encoder
+        calls: which one hangs cannot be told, so none is blamed; they stay in
+        flight in the ledger and the restarted service processes each alone
+        (:meth:`recover`), where the guard names the one that hangs.
+        """
         limit = self.settings.frame_timeout_s
         while not stop.wait(min(1.0, max(0.01, limit / 10))):
             with self._current_lock:
                 cur = self._current
             if cur is None:
                 continue
-            frame, t0 = cur
+            frames, t0 = cur
             took = time.monotonic() - t0
-            if took < limit or frame.key in self._hung:
+            if took < limit * len(frames) or frames[0].key in self._hung:
                 continue
-            self._hung.add(frame.key)
+            self._hung.add(frames[0].key)
             self.metrics.frames.labels("over_time_limit").inc()
-            self.recorder.quarantine(list(frame.sources), "process",
-                                     f"still processing after {took:.0f}s (service.frame_timeout_s = {limit:g})", frame.key, status="hung")
+            if len(frames) == 1:
+                frame = frames[0]
+                self.recorder.quarantine(list(frame.sources), "process",
+                                         f"still processing after {took:.0f}s (service.frame_timeout_s = {limit:g})", frame.key, status="hung")
+            else:
+                log.error("frames %s, processed together, still processing after %.0fs (service.frame_timeout_s = %g each); "
+                          "each is processed alone after the restart", ", ".join(str(f.key) for f in frames), took, limit)
             if self.exit_on_hang:
                 log.critical("exiting (status %d) so that the service restarts without the stuck frame", EX_TEMPFAIL)
                 for h in logging.getLogger().handlers:
@@ -202,12 +216,17 @@ class Service:
                 os._exit(EX_TEMPFAIL)
 
     def step(self) -> None:
-        """One pass: take queued events, read stable files, process complete or overdue frames."""
-        for p in self.intake.collect():
-            self._read(p)
+        """One pass: take queued events, read stable files, process complete or overdue frames.
+
+        The frames that became due in this pass are processed together
+        (:meth:`handle_all`), so a backlog shares encoder calls; a frame never
+        waits for others to arrive.
+        """
+        ready = [f for f in map(self._read, self.intake.collect()) if f is not None]
         for frame in self._due():
             self.metrics.frames.labels("incomplete").inc()
-            self.handle(frame)
+            ready.append(frame)
+        self.handle_all(ready)
         self._drain_dropped()
         self.metrics.queue_depth.labels("files").set(len(self.intake.tracker))
         self.metrics.queue_depth.labels("frames_waiting_for_channels").set(self.assembler.n_pending)
@@ -234,7 +253,8 @@ class Service:
             self.metrics.frames.labels("dropped").inc()
             self.recorder.quarantine(list(d.sources), "assemble", d.reason)
 
-    def _read(self, p: Path) -> None:
+    def _read(self, p: Path) -> Frame | None:
+        """Read one stable file; the frame it completes, if any (not yet processed)."""
         tracker, ledger = self.intake.tracker, self.recorder.ledger
         try:
             reader = self.readers.choose(p)
@@ -248,21 +268,21 @@ class Service:
                          path_text(p), e.problem, self.settings.ready_deadline_s)
             else:
                 log.debug("not ready, will retry: %s", path_text(p))
-            return
+            return None
         except BadInput as e:
             tracker.done(p)
             self.recorder.quarantine([p], "read", e.problem)
-            return
+            return None
         except Exception as e:  # a reader plugin bug must not stop the service
             tracker.done(p)
             self.recorder.quarantine([p], "read", f"{type(e).__name__}: {e}")
-            return
+            return None
         tracker.done(p)
         self.metrics.files.labels("read").inc()
         if ledger.frame_done(acq.key):
             log.info("%s: frame %s already recorded; ignoring this file", path_text(p), acq.key)
             ledger.mark_files([p], "done", acq.key)
-            return
+            return None
         ledger.mark_files([p], "read", acq.key)
         ignored = self.assembler.stats["ignored_files"]
         pending = set(self.assembler.pending_paths())
@@ -272,21 +292,65 @@ class Service:
             lost = [x for x in pending if x not in set(self.assembler.pending_paths())]
             self.metrics.errors.labels("assemble").inc()
             self.recorder.quarantine([p, *lost], "assemble", f"channels could not be assembled: {type(e).__name__}: {e}", acq.key)
-            return
+            return None
         if self.assembler.stats["ignored_files"] > ignored:
             names = ", ".join(repr(c) for c in acq.channels)
             self.recorder.skip(p, f"channel {names} is not in assembly.channels", acq.key)
-            return
-        if frame is not None:
-            self.handle(frame)
+            return None
+        return frame
 
-    def handle(self, frame: Frame) -> Counts | None:
-        """Process one frame and record it; a failing stage quarantines the frame."""
-        self.recorder.ledger.mark_processing(frame.key, frame.sources)
-        with self._current_lock:
-            self._current = (frame, time.monotonic())
+    def handle_all(self, frames: Sequence[Frame]) -> None:
+        """Process frames that are due now, up to ``pipeline.frames_per_call`` per shared call.
+
+        Frames a previous run left in flight are processed alone. Every frame
+        of a call is marked ``processing`` before it starts; each is recorded
+        (or quarantined) on its own, exactly as if it had been processed alone.
+        """
+        solo = [f for f in frames if safe_text(str(f.key)) in self._solo]
+        rest = [f for f in frames if safe_text(str(f.key)) not in self._solo]
+        for f in solo:
+            self._solo.discard(safe_text(str(f.key)))
+            self.handle(f)
+        n = max(1, self.pipeline.frames_per_call)
+        for i in range(0, len(rest), n):
+            chunk = rest[i : i + n]
+            if len(chunk) == 1:
+                self.handle(chunk[0])
+                continue
+            for f in chunk:
+                self.recorder.ledger.mark_processing(f.key, f.sources)
+            with self._current_lock:
+                self._current = (chunk, time.monotonic())
+            try:
+                results: list[Counts | StageError] = process_frames(chunk, self.pipeline)
+            except Exception as e:  # process_frames isolates frames; this is a last resort, never a stop
+                results = [StageError("process", e)] * len(chunk)
+            finally:
+                with self._current_lock:
+                    self._current = None
+            for j, (f, r) in enumerate(zip(chunk, results, strict=True)):
+                try:
+                    self.handle(f, r)
+                except StateWriteError:
+                    for later in chunk[j + 1 :]:
+                        self.recorder.ledger.release_processing(later.key)
+                    raise
+
+    def handle(self, frame: Frame, result: Counts | StageError | None = None) -> Counts | None:
+        """Process one frame (or take ``result``, its share of a :meth:`handle_all` call) and record it.
+
+        A failing stage quarantines the frame; a failure to write the record of
+        truth (:class:`StateWriteError`) propagates and stops the service
+        without using one of the frame's attempts.
+        """
+        if result is None:
+            self.recorder.ledger.mark_processing(frame.key, frame.sources)
+            with self._current_lock:
+                self._current = ([frame], time.monotonic())
         try:
-            counts = process_frame(frame, self.pipeline)
+            if isinstance(result, StageError):
+                raise result
+            counts = result if result is not None else process_frame(frame, self.pipeline)
         except StageError as e:
             self.metrics.errors.labels(e.stage).inc()
             self.recorder.quarantine(list(frame.sources), e.stage, f"{type(e.cause).__name__}: {e.cause}", frame.key)

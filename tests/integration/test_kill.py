@@ -134,19 +134,31 @@ def test_sigkill_twenty_times_during_a_hundred_frame_run(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_a_hanging_frame_is_quarantined_and_run_exits_75_then_goes_on(tmp_path):
-    """A stage that never returns: `run` quarantines the frame after frame_timeout_s and exits 75
-    (systemd restarts it); the restarted service skips the frame and counts the rest."""
+    """A stage that never returns: `run` exits 75 (systemd restarts it) and the frame that hangs,
+    and only that one, is quarantined; the restarted service counts the rest.
+
+    The three frames are a backlog, so the first run processes them in one shared call: which
+    one hangs cannot be told, none is blamed, and the restart processes each alone, where the
+    hanging one is named and quarantined."""
     cfg = write_setup(tmp_path, service="frame_timeout_s = 1.0", segmenter_options="sleep_on_blank_s = 3600")
     watch, state = tmp_path / "in", tmp_path / "state"
     np.save(watch / "A1_t1_phase.npy", blobs(2, 0.3))
     np.save(watch / "A1_t2_phase.npy", np.zeros((64, 64), np.float32))  # hangs the (fake) segmenter
     np.save(watch / "A1_t3_phase.npy", blobs(3, 0.3))
-    t0 = time.monotonic()
-    r = subprocess.run([str(EXE), "run", str(cfg)], capture_output=True, text=True, timeout=90)
-    assert r.returncode == 75, r.stderr[-2000:]
-    assert time.monotonic() - t0 < 60
-    lines = [ln for ln in r.stderr.splitlines() if "A1_t2_phase.npy" in ln]
-    assert len(lines) == 1 and "still processing after" in lines[0] and "frame_timeout_s = 1" in lines[0], r.stderr[-3000:]
+    stderr = ""
+    for _ in range(3):
+        t0 = time.monotonic()
+        r = subprocess.run([str(EXE), "run", str(cfg)], capture_output=True, text=True, timeout=90)
+        assert r.returncode == 75, r.stderr[-2000:]
+        assert time.monotonic() - t0 < 60
+        stderr += r.stderr
+        if "A1_t2_phase.npy" in (state / "quarantine.csv").read_text() if (state / "quarantine.csv").exists() else False:
+            break
+    lines = [ln for ln in stderr.splitlines() if "A1_t2_phase.npy" in ln]
+    assert len(lines) == 1 and "still processing after" in lines[0] and "frame_timeout_s = 1" in lines[0], stderr[-3000:]
+    assert "processed together" in stderr  # the first run did share one call among the three
+    q = (state / "quarantine.csv").read_text()
+    assert "A1_t1_phase.npy" not in q and "A1_t3_phase.npy" not in q  # the innocent frames are never blamed
     proc = subprocess.Popen([str(EXE), "run", str(cfg)], stderr=subprocess.PIPE, text=True)
     try:
         t0 = time.monotonic()
