@@ -44,15 +44,27 @@ class Spec(Generic[OptionsT]):
     description: str
     Options: type[OptionsT]
     factory: Callable[[OptionsT, BuildContext], Any]
+    #: what ``models list`` shows without building (weights present, where, dim, dtype), or None
+    describe: Callable[[OptionsT, BuildContext], dict[str, Any]] | None = None
 
     def build(self, options: OptionsT, ctx: BuildContext) -> Any:
         """The plugin built from validated ``options``."""
         return self.factory(options, ctx)
 
 
-def plugin_spec(name: str, description: str, options: type[OptionsT], factory: Callable[[OptionsT, BuildContext], Any]) -> Spec[OptionsT]:
-    """The one way a built-in plugin declares itself: ``PLUGIN = plugin_spec(...)``."""
-    return Spec(name, description, options, factory)
+def plugin_spec(
+    name: str,
+    description: str,
+    options: type[OptionsT],
+    factory: Callable[[OptionsT, BuildContext], Any],
+    describe: Callable[[OptionsT, BuildContext], dict[str, Any]] | None = None,
+) -> Spec[OptionsT]:
+    """The one way a built-in plugin declares itself: ``PLUGIN = plugin_spec(...)``.
+
+    ``describe(options, ctx)``, for heavy models, tells ``cellmonitor models
+    list`` what it needs without loading the weights.
+    """
+    return Spec(name, description, options, factory, describe)
 
 
 @dataclass(frozen=True)

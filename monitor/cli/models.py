@@ -49,8 +49,9 @@ def describe(registry: Any, kind: str, ref: Any, ctx: Any, source: str, where: s
         opts = registry.options(kind, ref, source, where)
     except CellmonitorError as e:
         return {"present": False, "where": str(e), "dim": None, "dtype": "-"}
-    if hasattr(spec, "describe"):
-        return dict(spec.describe(opts, ctx))
+    describer = getattr(spec, "describe", None)  # None: build the plugin to find out
+    if describer is not None:
+        return dict(describer(opts, ctx))
     try:
         obj = spec.build(opts, ctx)
     except CellmonitorError as e:

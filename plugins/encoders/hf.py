@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from monitor.errors import PluginError, WeightsMissing
 from monitor.protocols import BuildContext
+from monitor.registry import plugin_spec
 
 log = logging.getLogger(__name__)
 
@@ -325,47 +326,45 @@ def locate(family: str, options: Options) -> tuple[Path | None, str]:
     return (Path(hit).parent if isinstance(hit, str) else None), ref
 
 
-class _Spec:
-    Options = Options
+def describe_hf(family: str, options: Options, ctx: BuildContext) -> dict[str, Any]:
+    """For ``cellmonitor models list``: weights location and dim from config.json, nothing loaded."""
+    import json
 
-    def __init__(self, family: str):
-        self.family = family
-        self.name = family
-        self.description = f"{family} ({PAPER_MODELS[family]} by default), frozen; local weights only"
+    folder, ref = locate(family, options)
+    dim = None
+    if folder is not None:
+        try:
+            dim = embedding_dim(family, json.loads((folder / "config.json").read_text()))
+        except (OSError, ValueError, KeyError, TypeError):
+            dim = None
+        has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
+    else:
+        has_weights = False
+        dim = PAPER_DIMS[family] if ref == PAPER_MODELS[family] else None
+    precision = options.dtype if options.autocast == "off" else f"{options.dtype} (autocast {options.autocast})"
+    import importlib.util
 
-    def build(self, options: Options, ctx: BuildContext) -> HFEncoder:
-        return load_hf_encoder(self.family, options, ctx.device, Path(ctx.state_dir) / "torch-compile")
-
-    def describe(self, options: Options, ctx: BuildContext) -> dict[str, Any]:
-        """For ``cellmonitor models list``: weights location and dim from config.json, nothing loaded."""
-        import json
-
-        folder, ref = locate(self.family, options)
-        dim = None
-        if folder is not None:
-            try:
-                dim = embedding_dim(self.family, json.loads((folder / "config.json").read_text()))
-            except (OSError, ValueError, KeyError, TypeError):
-                dim = None
-            has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
-        else:
-            has_weights = False
-            dim = PAPER_DIMS[self.family] if ref == PAPER_MODELS[self.family] else None
-        precision = options.dtype if options.autocast == "off" else f"{options.dtype} (autocast {options.autocast})"
-        import importlib.util
-
-        package = importlib.util.find_spec("transformers") is not None
-        where = str(folder) if folder is not None else f"{ref} (not found: huggingface-cli download on a connected machine)"
-        return {
-            "present": folder is not None and has_weights and package,
-            "where": where if package else f"{where}; transformers missing: pip install 'cellmonitor[hf]'",
-            "dim": dim,
-            "dtype": precision + (", compiled" if options.compile else ""),
-        }
+    package = importlib.util.find_spec("transformers") is not None
+    where = str(folder) if folder is not None else f"{ref} (not found: huggingface-cli download on a connected machine)"
+    return {
+        "present": folder is not None and has_weights and package,
+        "where": where if package else f"{where}; transformers missing: pip install 'cellmonitor[hf]'",
+        "dim": dim,
+        "dtype": precision + (", compiled" if options.compile else ""),
+    }
 
 
-DINOV2 = _Spec("dinov2")
-CONVNEXTV2 = _Spec("convnextv2")
-SWINV2 = _Spec("swinv2")
-CLIP = _Spec("clip")
-VITMAE = _Spec("vit-mae")
+
+def _spec(family: str) -> Any:
+    return plugin_spec(
+        family, f"{family} ({PAPER_MODELS[family]} by default), frozen; local weights only", Options,
+        lambda o, ctx: load_hf_encoder(family, o, ctx.device, Path(ctx.state_dir) / "torch-compile"),
+        lambda o, ctx: describe_hf(family, o, ctx),
+    )
+
+
+DINOV2 = _spec("dinov2")
+CONVNEXTV2 = _spec("convnextv2")
+SWINV2 = _spec("swinv2")
+CLIP = _spec("clip")
+VITMAE = _spec("vit-mae")

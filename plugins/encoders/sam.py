@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from monitor.errors import WeightsMissing
 from monitor.protocols import BuildContext
+from monitor.registry import plugin_spec
 
 
 class Options(BaseModel):
@@ -149,40 +150,37 @@ class SamFastEncoder(SamEncoder):
         return np.concatenate([pool_under_masks(feats[i], labels, [1], input_size, self.size) for i in range(n)])
 
 
-class _Spec:
-    name = "sam"
-    description = "SAM image encoder (segment-anything checkpoint): faithful (crop at 1024, mean) or fast (frame embedding pooled under masks)"
-    Options = Options
+def build_sam_encoder(options: Options, ctx: BuildContext) -> SamEncoder:
+    from cellmonitor_plugins.segmenters import sam as seg
 
-    @staticmethod
-    def build(options: Options, ctx: BuildContext) -> SamEncoder:
-        from cellmonitor_plugins.segmenters import sam as seg
-
-        seg.require_sam("encoder sam")
-        seg_opts = seg.Options(model_type=options.model_type, checkpoint=options.checkpoint)
-        try:
-            path = seg.resolve_checkpoint(seg_opts, ctx)
-        except WeightsMissing as e:
-            raise WeightsMissing(str(e).replace("segmenter sam:", "encoder sam:").replace("[segmenter.options]", "[encoders.options]")) from None
-        shared = ctx.extra.get(seg.SHARED_KEY, {}).get((options.model_type, str(path.resolve())))
-        if options.mode == "fast" and shared is not None:  # the segmenter's model and frame embeddings
-            model = shared.model
-            return SamFastEncoder(model, options.model_type, _tag(path), str(next(model.parameters()).device), shared, True)
-        device = seg.choose_device(ctx.device)
-        try:
-            model = seg.load_sam(options.model_type, path, device)
-        except WeightsMissing as e:
-            raise WeightsMissing(str(e).replace("segmenter sam:", "encoder sam:")) from None
-        if options.mode == "fast":
-            return SamFastEncoder(model, options.model_type, _tag(path), device, seg.FrameEmbeddings(model), False)
-        return SamEncoder(model, options.model_type, _tag(path), device)
-
-    @staticmethod
-    def describe(options: Options, ctx: BuildContext) -> dict[str, Any]:
-        """For ``cellmonitor models list``: checkpoint location and dim, nothing loaded."""
-        from cellmonitor_plugins.segmenters import sam as seg
-
-        return seg.describe_checkpoint(seg.Options(model_type=options.model_type, checkpoint=options.checkpoint), ctx) | {"mode": options.mode}
+    seg.require_sam("encoder sam")
+    seg_opts = seg.Options(model_type=options.model_type, checkpoint=options.checkpoint)
+    try:
+        path = seg.resolve_checkpoint(seg_opts, ctx)
+    except WeightsMissing as e:
+        raise WeightsMissing(str(e).replace("segmenter sam:", "encoder sam:").replace("[segmenter.options]", "[encoders.options]")) from None
+    shared = ctx.extra.get(seg.SHARED_KEY, {}).get((options.model_type, str(path.resolve())))
+    if options.mode == "fast" and shared is not None:  # the segmenter's model and frame embeddings
+        model = shared.model
+        return SamFastEncoder(model, options.model_type, _tag(path), str(next(model.parameters()).device), shared, True)
+    device = seg.choose_device(ctx.device)
+    try:
+        model = seg.load_sam(options.model_type, path, device)
+    except WeightsMissing as e:
+        raise WeightsMissing(str(e).replace("segmenter sam:", "encoder sam:")) from None
+    if options.mode == "fast":
+        return SamFastEncoder(model, options.model_type, _tag(path), device, seg.FrameEmbeddings(model), False)
+    return SamEncoder(model, options.model_type, _tag(path), device)
 
 
-SAM_ENCODER = _Spec()
+def describe_sam_encoder(options: Options, ctx: BuildContext) -> dict[str, Any]:
+    """For ``cellmonitor models list``: checkpoint location and dim, nothing loaded."""
+    from cellmonitor_plugins.segmenters import sam as seg
+
+    return seg.describe_checkpoint(seg.Options(model_type=options.model_type, checkpoint=options.checkpoint), ctx) | {"mode": options.mode}
+
+
+SAM_ENCODER = plugin_spec(
+    "sam", "SAM image encoder (segment-anything checkpoint): faithful (crop at 1024, mean) or fast (frame embedding pooled under masks)",
+    Options, build_sam_encoder, describe_sam_encoder,
+)

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from monitor.protocols import BuildContext
 from monitor.records import Cells, Frame
+from monitor.registry import plugin_spec
 from monitor.segmentation import cells_from_labels
 
 log = logging.getLogger(__name__)
@@ -309,35 +310,31 @@ class SamSegmenter:
         return cells
 
 
-_Options = Options
+def describe_sam_segmenter(options: Options, ctx: BuildContext) -> dict[str, Any]:
+    """For ``cellmonitor models list``: the checkpoint, nothing loaded."""
+    return describe_checkpoint(options, ctx) | {"dim": None}
 
 
-class _Spec:
-    name = "sam"
-    description = "Segment Anything automatic masks (segment-anything), filtered by area in um^2 and border"
-    Options = Options
-
-    @staticmethod
-    def describe(options: _Options, ctx: BuildContext) -> dict[str, Any]:
-        return describe_checkpoint(options, ctx) | {"dim": None}
-
-    @staticmethod
-    def build(options: _Options, ctx: BuildContext) -> SamSegmenter:
-        require_sam()
-        path = resolve_checkpoint(options, ctx)
-        device = choose_device(ctx.device)
-        if device == "cpu":
-            log.warning(
-                "segmenter sam: running %s on the CPU; expect roughly %d s per frame or more "
-                "(a GPU takes well under a second)",
-                options.model_type,
-                _CPU_SECONDS_HINT.get(options.model_type, 60),
-            )
-        model = load_sam(options.model_type, path, device)
-        seg = SamSegmenter(options, model, device)
-        # SAM's fast encoder, built next with the same context, shares the model and the frame embeddings
-        ctx.extra.setdefault(SHARED_KEY, {})[(options.model_type, str(path.resolve()))] = seg.embeddings
-        return seg
+def build_sam_segmenter(options: Options, ctx: BuildContext) -> SamSegmenter:
+    """Load SAM (warning with the expected time on a CPU) and share it with SAM's fast encoder."""
+    require_sam()
+    path = resolve_checkpoint(options, ctx)
+    device = choose_device(ctx.device)
+    if device == "cpu":
+        log.warning(
+            "segmenter sam: running %s on the CPU; expect roughly %d s per frame or more "
+            "(a GPU takes well under a second)",
+            options.model_type,
+            _CPU_SECONDS_HINT.get(options.model_type, 60),
+        )
+    model = load_sam(options.model_type, path, device)
+    seg = SamSegmenter(options, model, device)
+    # SAM's fast encoder, built next with the same context, shares the model and the frame embeddings
+    ctx.extra.setdefault(SHARED_KEY, {})[(options.model_type, str(path.resolve()))] = seg.embeddings
+    return seg
 
 
-PLUGIN = _Spec()
+PLUGIN = plugin_spec(
+    "sam", "Segment Anything automatic masks (segment-anything), filtered by area in um^2 and border", Options,
+    build_sam_segmenter, describe_sam_segmenter,
+)

@@ -33,8 +33,8 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from monitor.errors import ConfigError
-from monitor.protocols import BuildContext
 from monitor.records import Counts
+from monitor.registry import plugin_spec
 from monitor.service.rows import COLUMNS_FIXED, counts_row
 
 log = logging.getLogger(__name__)
@@ -141,15 +141,8 @@ class CsvSink:
             self._fd = -1
 
 
-class _Spec:
-    name = "csv"
-    description = "per-timepoint counts appended to a CSV file (idempotent per frame, whole fsync-ed lines)"
-    Options = Options
-
-    @staticmethod
-    def build(options: Options, ctx: BuildContext) -> CsvSink:
-        return CsvSink(options.path or ctx.state_dir / "counts.csv", (ctx.extra or {}).get("roles"))
-
-
-PLUGIN = _Spec()
+PLUGIN = plugin_spec(
+    "csv", "per-timepoint counts appended to a CSV file (idempotent per frame, whole fsync-ed lines)", Options,
+    lambda o, ctx: CsvSink(o.path or ctx.state_dir / "counts.csv", (ctx.extra or {}).get("roles")),
+)
 __all__ = ["COLUMNS_FIXED", "CsvSink", "PLUGIN", "repair_torn_tail"]

@@ -9,8 +9,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ConfigDict
 
-from monitor.protocols import BuildContext
 from monitor.records import Counts
+from monitor.registry import plugin_spec
 from monitor.service.metrics import ServiceMetrics
 
 
@@ -32,15 +32,7 @@ class PrometheusSink:
         pass
 
 
-class _Spec:
-    name = "prometheus"
-    description = "latest per-well counts, fractions and control signal as /metrics gauges"
-    Options = Options
-
-    @staticmethod
-    def build(options: Options, ctx: BuildContext) -> PrometheusSink:
-        metrics = ctx.metrics or ServiceMetrics(CollectorRegistry())
-        return PrometheusSink(metrics)
-
-
-PLUGIN = _Spec()
+PLUGIN = plugin_spec(
+    "prometheus", "latest per-well counts, fractions and control signal as /metrics gauges", Options,
+    lambda o, ctx: PrometheusSink(ctx.metrics or ServiceMetrics(CollectorRegistry())),
+)
