@@ -92,8 +92,8 @@ def build_index(train: list[Path], out: Path, preset: str, work: Path) -> float:
     return time.perf_counter() - t
 
 
-def service_pipeline(index: Path, preset: str, segmenter: dict[str, Any], state: Path) -> Any:
-    """The pipeline the service builds from a config naming this index, preset encoders and segmenter."""
+def service_pipeline(index: Path, preset: str, segmenter: dict[str, Any], state: Path, encoders: list[tuple[str, dict[str, Any]]] | None = None) -> Any:
+    """The pipeline the service builds from a config naming this index, the preset's (or these) encoders and segmenter."""
     from monitor.config import parse_config
     from monitor.index.presets import PRESETS
     from monitor.protocols import BuildContext
@@ -104,7 +104,7 @@ def service_pipeline(index: Path, preset: str, segmenter: dict[str, Any], state:
         {
             "service": {"watch_dir": str(state), "state_dir": str(state)},
             "segmenter": {"name": "classical", "options": segmenter},
-            "encoders": [{"name": n, "options": o} for n, o in PRESETS[preset].encoders],
+            "encoders": [{"name": n, "options": o} for n, o in (encoders or PRESETS[preset].encoders)],
             "classifier": {"index": str(index)},
             "pipeline": {"pixel_size_um": PIXEL_SIZE_UM, "device": "cpu"},
         }

@@ -82,12 +82,19 @@ def cli(*argv: str) -> str:
     return buf.getvalue()
 
 
+def _px128(preset: str) -> list[str]:
+    """The preset's encoders at a 128 px input (a quarter of the pixels of 224: faster on a weak CPU)."""
+    from monitor.index.presets import PRESETS, encoder_spec
+
+    return [encoder_spec(n, {**o, "input_px": 128}) for n, o in PRESETS[preset].encoders]
+
+
 def build_and_evaluate(train: Path, test: Path, preset: str, work: Path) -> tuple[dict[str, Any], Path]:
     """``PRESET``, ``PRESET/raw`` (the same preset with ``--condition-dim 0``: its unconditioned
     baseline) or ``PRESET/tta`` (with ``--tta 8``: query-side test-time augmentation)."""
     name, _, variant = preset.partition("/")
     idx = work / f"index-{name}-{variant}-{train.name}"
-    extra = {"raw": ["--condition-dim", "0"], "tta": ["--tta", "8"]}.get(variant, [])
+    extra = {"raw": ["--condition-dim", "0"], "tta": ["--tta", "8"], "px128": ["--encoders", ",".join(_px128(name))]}.get(variant, [])
     cli("index", "build", str(train), "--out", str(idx), "--preset", name, "--no-progress", *extra)
     return json.loads(cli("index", "evaluate", str(idx), str(test), "--json", "--no-progress")), idx
 
@@ -111,11 +118,14 @@ def speed(index: Path, preset: str, frames: list[Path], work: Path, repeats: int
     """(cells in the frame, best-of-``repeats`` seconds end to end, that run's stage seconds) on one Lionheart-size frame."""
     from dataclasses import replace
 
+    from monitor.index.presets import parse_encoder
     from monitor.pipeline import process_frames
     from monitor.records import Frame, FrameKey
 
     # every cell framed by its box, as an index built from boxed frames asks
-    p = replace(service_pipeline(index, preset.partition("/")[0], LIVEDEAD_SEGMENTER, work), crop_framing="box")
+    name, _, variant = preset.partition("/")
+    encs = [parse_encoder(e) for e in _px128(name)] if variant == "px128" else None
+    p = replace(service_pipeline(index, name, LIVEDEAD_SEGMENTER, work, encs), crop_framing="box")
     frame = Frame(FrameKey("speed", "A1", "1", 0), {"image": lionheart_frame(frames)}, "image", None, PIXEL_SIZE_UM, "config", "bench")
     best, n, stages = float("inf"), 0, {}
     process_frames([frame], p)  # warm-up
@@ -157,7 +167,7 @@ def main() -> int:
         boxed_test = [f for f in ld_test if f.with_suffix(".xml").is_file()]
         lde = link_folders([*boxed_test, *(f.with_suffix(".xml") for f in boxed_test)], DATA / "livedead", work / "ld-test")
         for preset in presets:
-            desc = PRESETS[preset.partition("/")[0]].description + {"raw": ", raw vectors", "tta": ", query TTA 8"}.get(preset.partition("/")[2], "")
+            desc = PRESETS[preset.partition("/")[0]].description + {"raw": ", raw vectors", "tta": ", query TTA 8", "px128": ", 128 px encoder input"}.get(preset.partition("/")[2], "")
             sets = [("pbc 90/10", pbc_train, pbc_test), ("livedead by frame", ldt, lde), ("transfer pbc -> bccd", DATA / "pbc", DATA / "bccd")]
             ld_index = pbc_index = None
             for name, tr, te in sets:
@@ -173,10 +183,12 @@ def main() -> int:
                 e, b = rep["ewc"], rep["baseline"]
                 acc_rows.append([preset, name, b["macro_accuracy"], e["macro_accuracy"], e["macro_accuracy"] - b["macro_accuracy"], e["mean_k"], e["n"], time.perf_counter() - t])
                 print(table(["preset", "data", "plain 20-NN", "EWC", "EWC - kNN", "mean k", "test cells", "s"], acc_rows[-1:]), flush=True)
-            if not args.skip_speed and "/" not in preset:
+            if not args.skip_speed and (preset.endswith("/px128") or "/" not in preset):
                 if ld_index is None and pbc_index is None:  # any index with the preset's encoders will do
                     pbc_index = work / f"speed-{preset}"
-                    cli("index", "build", str(pbc_train), "--out", str(pbc_index), "--preset", preset, "--no-progress")
+                    name, _, variant = preset.partition("/")
+                    extra = ["--encoders", ",".join(_px128(name))] if variant == "px128" else []
+                    cli("index", "build", str(pbc_train), "--out", str(pbc_index), "--preset", name, "--no-progress", *extra)
                 n, secs, st = speed(ld_index or pbc_index, preset, ld_test + ld_train, work)  # type: ignore[arg-type]
                 load = os.getloadavg()[0]
                 speed_rows.append([preset, desc, n, secs, n / secs, st.get("segment", float("nan")), st.get("embed", float("nan")), st.get("classify", float("nan")), load])
@@ -196,6 +208,7 @@ def main() -> int:
         *[f"| {p} | {PRESETS[p].description}; query TTA {PRESETS[p].tta}; EWC k {PRESETS[p].ewc.k_min}..{PRESETS[p].ewc.k_max} thr {PRESETS[p].ewc.entropy_threshold:g} |" for p in presets if p in PRESETS],
         *[f"| {p} | the same preset with `--condition-dim 0`: raw vectors (the conditioning's baseline) |" for p in presets if p.endswith("/raw")],
         *[f"| {p} | the same preset with `--tta 8`: each query cell embedded as the mean of its 8 flips/rotations |" for p in presets if p.endswith("/tta")],
+        *[f"| {p} | the same preset with the encoders at a 128 px input (`--encoders {','.join(_px128(p.partition('/')[0]))}`) |" for p in presets if p.endswith("/px128")],
         "",
         "## Accuracy (macro = balanced accuracy)",
         "",
