@@ -44,7 +44,7 @@ def test_frame_left_processing_by_a_dead_run_is_retried_then_quarantined(tmp_pat
     run_idle(svc)  # attempt 2 succeeds: a kill at a random moment costs no frame
     svc.close()
     assert frame_keys(csv_rows(tmp_path)) == [("A1", "1"), ("A1", "2")]
-    assert any("processing it again (attempt 2 of 3)" in r.getMessage() for r in caplog.records)
+    assert any("processing it again, alone (attempt 2 of 3)" in r.getMessage() for r in caplog.records)
 
     # a frame that takes down three runs in a row: quarantined, never retried forever
     p3 = drop(svc.settings.watch_dir, "A1_t3_phase.npy", blobs(2, 0.3))
