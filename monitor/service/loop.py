@@ -207,8 +207,9 @@ class Service:
                 self.recorder.quarantine(list(frame.sources), "process",
                                          f"still processing after {took:.0f}s (service.frame_timeout_s = {limit:g})", frame.key, status="hung")
             else:
-                log.error("frames %s, processed together, still processing after %.0fs (service.frame_timeout_s = %g each); "
-                          "each is processed alone after the restart", ", ".join(str(f.key) for f in frames), took, limit)
+                log.error("frames %s, processed together, still processing after %.1fs (service.frame_timeout_s = %g each); %s",
+                          ", ".join(str(f.key) for f in frames), took, limit,
+                          "each is processed alone after the restart" if self.exit_on_hang else "none is blamed")
             if self.exit_on_hang:
                 log.critical("exiting (status %d) so that the service restarts without the stuck frame", EX_TEMPFAIL)
                 for h in logging.getLogger().handlers:
