@@ -1,6 +1,6 @@
 """End to end on real counting-chamber frames: what the dashboard would show, against the boxes.
 
-    .venv/bin/python bench/bench_e2e_livedead.py [--preset accurate] [--frames N] [--write bench/results/e2e_livedead.md]
+    .venv/bin/python bench/bench_e2e_livedead.py [--preset balanced] [--frames N] [--write bench/results/e2e_livedead.md]
 
 Data: ``../shared/data/livedead`` (800 brightfield frames, ~225 x 219 px, Pascal
 VOC boxes ``Living Cell`` / ``Dead Cell``; 25 frames have no box). Protocol:
@@ -187,7 +187,7 @@ def score(frames: list[Path], counted: list[dict[str, int]], dead: str) -> dict[
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="accurate")
+    ap.add_argument("--preset", default="balanced")
     ap.add_argument("--frames", type=int, default=0, help="held-out frames to run (0: all)")
     ap.add_argument("--write", type=Path, default=None)
     args = ap.parse_args()

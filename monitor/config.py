@@ -122,7 +122,9 @@ class Config(_Model):
     assembly: AssemblyConfig = AssemblyConfig()
     pipeline: PipelineConfig = PipelineConfig()
     segmenter: PluginRef = PluginRef(name="classical")
-    encoders: list[PluginRef] = Field(default_factory=lambda: [PluginRef(name="efficientnet-lite0")], min_length=1)
+    #: the default index preset's encoders (monitor.index.presets.DEFAULT_PRESET; a test keeps them equal),
+    #: so an index built with `cellmonitor index build DATA --out index` is taken by a config that names none
+    encoders: list[PluginRef] = Field(default_factory=lambda: [PluginRef(name="efficientnet-lite0", options={"layers": "multi"})], min_length=1)
     classifier: ClassifierConfig = ClassifierConfig()
     control: ControlConfig = ControlConfig()
     sinks: list[PluginRef] = Field(default_factory=lambda: [PluginRef(name="csv"), PluginRef(name="prometheus")])

@@ -277,3 +277,12 @@ def test_shipped_preset_configs_match_the_presets(name: str) -> None:
     cfg = tomllib.loads(path.read_text())
     parse_config(cfg)
     assert [(e["name"], e.get("options", {})) for e in cfg["encoders"]] == [(n, dict(o)) for n, o in PRESETS[name].encoders]
+
+
+def test_config_default_encoders_are_the_default_preset_s():
+    """A config that names no encoders takes an index built with no --preset (the defaults agree)."""
+    from monitor.config import Config
+    from monitor.index import presets as P
+
+    want = [(n, dict(o)) for n, o in P.PRESETS[P.DEFAULT_PRESET].encoders]
+    assert [(r.name, dict(r.options)) for r in Config().encoders] == want
