@@ -24,7 +24,6 @@ import numpy as np
 from monitor import classify
 from monitor.index.cache import EmbeddedSet
 from monitor.index.condition import ConditioningSpec
-from monitor.index.ewc import EWCParams
 from monitor.index.search import Metric
 from monitor.index.store import ReferenceIndex
 
@@ -134,7 +133,3 @@ def winner_toml(row: SearchRow, encoder_names: dict[str, str], n_configs: int, m
         "",
     ]
     return "\n".join(lines)
-
-
-def ewc_params(row: SearchRow) -> EWCParams:
-    return EWCParams(row.k_min, row.k_max, row.threshold, row.reweight)

