@@ -226,22 +226,22 @@ def file_digest(path: Path, annotation: Path | None = None) -> str:
 
 
 def read_image(path: Path) -> np.ndarray:
-    """Decode any raster or TIFF; raises :class:`~monitor.errors.BadInput` on failure."""
-    from monitor.imageio import read_raster
+    """Decode a labelled image with the readers' own decoding (:mod:`monitor.imageio`).
 
-    if path.suffix.lower() in (".tif", ".tiff"):
-        import tifffile
+    The same code the service's readers use: declared-size cap before
+    decoding, NaN/inf handling, one plane per image (the first page of a
+    multi-page TIFF). A file that cannot be decoded is :class:`BadInput` (a
+    data set is not being written while it is indexed, so no retry).
+    """
+    from monitor.errors import NotReady
+    from monitor.imageio import TIFF_SUFFIXES, as_plane, read_raster, read_tiff
 
-        try:
-            return np.asarray(tifffile.imread(path))
-        except Exception as e:
-            raise BadInput(path, f"cannot read TIFF ({e})") from None
     try:
-        return read_raster(path)
-    except BadInput:
-        raise
-    except Exception as e:
-        raise BadInput(path, f"cannot decode ({e})") from None
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            return as_plane(path, "image", read_tiff(path).pages[0])
+        return as_plane(path, "image", read_raster(path))
+    except NotReady as e:
+        raise BadInput(path, e.problem) from None
 
 
 def _frame(image: np.ndarray, pixel_size_um: float) -> Any:
