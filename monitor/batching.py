@@ -47,6 +47,7 @@ class OomPolicy:
     moved_to_cpu: set[int] = field(default_factory=set)
 
     def batch_for(self, enc: Encoder, batch_size: int) -> int:
+        """The batch size for ``enc``: ``batch_size``, or the smaller one an out-of-memory error taught."""
         return min(batch_size, self.limits.get(id(enc), batch_size))
 
 

@@ -98,6 +98,8 @@ def weighted_vote(counts: np.ndarray, weights: np.ndarray | None, neighbor_label
 
 @dataclass(frozen=True)
 class EWCResult:
+    """Per query: predicted class, certainty ``1 - H``, k used, and the neighbours (ids, labels, distances; padded past k)."""
+
     predicted: np.ndarray  # (Q,)
     certainty: np.ndarray  # (Q,) 1 - H at k_used
     k_used: np.ndarray  # (Q,)

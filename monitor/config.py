@@ -43,6 +43,8 @@ class PluginRef(_Model):
 
 
 class ServiceConfig(_Model):
+    """``[service]``: the watch folder, state folder, intake timing, metrics endpoint and frame limits."""
+
     watch_dir: Path = Path("input")
     state_dir: Path = Path("state")
     experiment: str = Field("default", min_length=1)
@@ -79,6 +81,8 @@ class AssemblyConfig(_Model):
 
 
 class PipelineConfig(_Model):
+    """``[pipeline]``: the common pixel size, crops, batching, certainty floor and device."""
+
     pixel_size_um: float = Field(0.322, ge=0.05, le=5.0)
     crop_px: int = Field(224, ge=16, le=2048)
     blank_background: bool = False
@@ -89,6 +93,8 @@ class PipelineConfig(_Model):
 
 
 class ClassifierConfig(_Model):
+    """``[classifier]``: the index folder, EWC overrides and class roles (canonical states)."""
+
     index: Path = Path("index")
     k_min: int | None = Field(None, ge=1)
     k_max: int | None = Field(None, ge=1)
@@ -106,16 +112,22 @@ class ClassifierConfig(_Model):
 
 
 class ControlConfig(_Model):
+    """``[control]``: the Otsu control signal and its noise floor."""
+
     enabled: bool = True
     min_region_px: int = Field(4, ge=1)
     min_snr: float = Field(5.0, ge=0, description="threshold floor: background median + min_snr * sigma (0 = plain Otsu)")
 
 
 class PluginsConfig(_Model):
+    """``[plugins]``: folders searched for site-local ``module:attr`` plugins."""
+
     paths: list[Path] = Field(default_factory=list)
 
 
 class Config(_Model):
+    """The whole configuration; unknown keys are errors, every default lives here."""
+
     service: ServiceConfig = ServiceConfig()
     reader: PluginRef = PluginRef(name="auto")
     readers: dict[str, dict[str, Any]] = Field(default_factory=dict)

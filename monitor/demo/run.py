@@ -39,6 +39,8 @@ STATES = ("live", "apoptotic", "necrotic", "dead")
 
 @dataclass
 class DemoResult:
+    """What the demo measured: counts, the generator's truth, where the CSV is, timing."""
+
     folder: Path
     csv_path: Path
     counts: list[Counts]

@@ -24,6 +24,8 @@ STATES = ("live", "apoptotic", "necrotic", "dead")
 
 @dataclass(frozen=True)
 class SynthCell:
+    """One synthetic cell: position, size and its state at each timepoint."""
+
     y_um: float
     x_um: float
     radius_um: float

@@ -51,6 +51,7 @@ def cache_id(encoder: Any) -> str:
 
 
 def default_cache_dir() -> Path:
+    """Where embeddings are cached when no ``--cache`` is given: ``$CELLMONITOR_CACHE``, else ``~/.cache/cellmonitor/embeddings``."""
     env = os.environ.get("CELLMONITOR_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "cellmonitor" / "embeddings"
 
@@ -67,6 +68,7 @@ class EmbeddingCache:
         return self.folder / hashlib.sha256(encoder_id.encode()).hexdigest()[:16] / prep.key()
 
     def path(self, encoder_id: str, prep: Preprocess, digest: str) -> Path:
+        """The cache file for this encoder, preprocessing and file digest."""
         return self._dir(encoder_id, prep) / digest[:2] / f"{digest}.npy"
 
     def get(self, encoder_id: str, prep: Preprocess, digest: str, shape: tuple[int, int]) -> np.ndarray | None:
@@ -89,6 +91,7 @@ class EmbeddingCache:
         return v
 
     def put(self, encoder: Any, prep: Preprocess, digest: str, vectors: np.ndarray) -> None:
+        """Store one file's (cells, dim) vectors under the encoder's cache id and the preprocessing."""
         cid = cache_id(encoder)
         d = self._dir(cid, prep)
         if not (d / "prep.json").is_file():
@@ -122,6 +125,7 @@ class EmbeddedSet:
         return np.ascontiguousarray(np.concatenate([self.vectors[e] for e in encoder_ids], axis=1), dtype=np.float32)
 
     def subset(self, rows: np.ndarray) -> EmbeddedSet:
+        """The embedded set restricted to ``rows`` (e.g. a train or test split)."""
         return EmbeddedSet(
             {k: v[rows] for k, v in self.vectors.items()},
             self.labels[rows],
@@ -157,6 +161,7 @@ def embed_dataset(
     pending: list[tuple[int, str, np.ndarray, list[Any]]] = []  # file idx, digest, crops, encoders to run
 
     def flush() -> None:
+        """Embed the pending crops, one call per encoder, and store them in the cache."""
         if not pending:
             return
         for enc in encoders:

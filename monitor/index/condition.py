@@ -69,10 +69,12 @@ class Conditioner:
 
     @property
     def in_dim(self) -> int:
+        """Length of the raw (concatenated encoder) vectors the conditioning takes."""
         return int(self.mean.shape[0])
 
     @property
     def dim(self) -> int:
+        """Length of the conditioned vectors the index stores."""
         return int(self.proj.shape[1])
 
     @classmethod

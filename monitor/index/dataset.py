@@ -96,6 +96,7 @@ class Preprocess:
     box_margin: float = 0.2
 
     def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form, recorded in the index's ``preprocessing``."""
         return asdict(self)
 
     def key(self) -> str:
@@ -104,6 +105,7 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocess:
+        """Back from :meth:`as_dict` (unknown keys from newer versions ignored)."""
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
@@ -137,9 +139,11 @@ class Dataset:
         return sum(f.n_cells for f in self.files)
 
     def labels(self) -> list[str]:
+        """The class name of every cell, in file order."""
         return [lab for f in self.files for lab in f.labels]
 
     def names(self) -> list[str]:
+        """A stable name per cell (``file`` or ``file#box``), in file order."""
         out = []
         for f in self.files:
             if f.boxes is None:
@@ -149,12 +153,14 @@ class Dataset:
         return out
 
     def counts(self) -> dict[str, int]:
+        """Cells per class."""
         labs = self.labels()
         return {c: labs.count(c) for c in self.classes}
 
 
 def parse_voc(xml_path: Path) -> tuple[list[str], list[tuple[float, float, float, float]]]:
     # ElementTree does not expand external entities; annotation files are small
+    """Labels and boxes (xmin, ymin, xmax, ymax in pixels) of a Pascal VOC annotation; no entity expansion."""
     root = ET.parse(xml_path).getroot()
     labels, boxes = [], []
     for obj in root.iter("object"):

@@ -46,6 +46,7 @@ class Scores:
     n: int
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (``index evaluate --json``)."""
         return {
             "method": self.method,
             "macro_accuracy": self.macro_accuracy,

@@ -63,6 +63,7 @@ class TTAEncoder:
         self.batch_size = batch_size
 
     def encode(self, crops: Any) -> np.ndarray:
+        """Mean of the encoder's vectors over the 8 flips/rotations of each crop."""
         x = np.asarray(crops)
         n = len(x)
         if n == 0:

@@ -37,6 +37,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def confusion_table(s: Scores) -> str:
+    """The confusion matrix as aligned text (rows: true class, columns: predicted)."""
     headers = ["true \\ predicted", *s.pred_classes]
     rows = [[t, *[int(v) for v in s.confusion[i]]] for i, t in enumerate(s.true_classes)]
     return table(headers, rows)

@@ -76,6 +76,7 @@ class VectorSearch:
 
     @property
     def dim(self) -> int:
+        """Length of the stored (prepared) vectors."""
         return int(self.faiss_index.d)
 
     def prepare(self, x: np.ndarray) -> np.ndarray:

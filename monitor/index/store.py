@@ -186,10 +186,12 @@ class ReferenceIndex:
 
     @property
     def dim(self) -> int:
+        """Length of the stored vectors (after conditioning, if any)."""
         return self.searcher.dim
 
     @property
     def class_counts(self) -> dict[str, int]:
+        """Reference cells per class."""
         c = np.bincount(self.labels, minlength=len(self.classes))
         return {name: int(n) for name, n in zip(self.classes, c, strict=True)}
 

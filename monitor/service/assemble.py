@@ -314,7 +314,9 @@ class FrameAssembler:
 
     @property
     def n_pending(self) -> int:
+        """Frames waiting for channels."""
         return len(self._pending)
 
     def pending_paths(self) -> list[str]:
+        """Files of the frames waiting for channels."""
         return [str(a.path) for p in self._pending.values() for a in p.parts]

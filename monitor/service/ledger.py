@@ -156,6 +156,7 @@ class StateLock:
         os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
 
     def release(self) -> None:
+        """Release the state-folder lock."""
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
@@ -187,6 +188,7 @@ class Ledger:
         self._finished: dict[str, tuple[int, int]] = {p: (size, mtime) for p, size, mtime in rows}
 
     def close(self) -> None:
+        """Close the database (the state-folder lock is :class:`StateLock`'s to release)."""
         with self._lock:
             self._db.close()
 
@@ -230,6 +232,7 @@ class Ledger:
         return None if row is None else str(row[0])
 
     def frame_done(self, key: FrameKey) -> bool:
+        """Whether this frame is recorded (its counts are in the record of truth)."""
         return self._frame_status(key) == "done"
 
     def _file_rows(self, paths: Iterable[Path], status: str, frame: FrameKey | str | None, error: str | None, now: float) -> list[tuple[Any, ...]]:
@@ -261,6 +264,7 @@ class Ledger:
                 self._finished.pop(path, None)
 
     def mark_files(self, paths: Iterable[Path], status: str, frame: FrameKey | None = None, error: str | None = None) -> None:
+        """Record files with a status (``read``, ``done``, ``quarantined``, ``skipped``); raises StateWriteError when the state folder cannot be written."""
         self._write(self._file_rows(paths, status, frame, error, time.time()))
 
     def mark_processing(self, key: FrameKey, sources: Iterable[Path]) -> None:
@@ -304,6 +308,7 @@ class Ledger:
         return out
 
     def counts(self) -> dict[str, int]:
+        """Files per status (for logs and tests)."""
         with self._lock:
             files = dict(self._db.execute("SELECT status, COUNT(*) FROM files GROUP BY status").fetchall())
             frames = dict(self._db.execute("SELECT status, COUNT(*) FROM frames GROUP BY status").fetchall())

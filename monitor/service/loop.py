@@ -112,10 +112,12 @@ class Service:
 
     @property
     def counted(self) -> int:
+        """Frames recorded since start."""
         return self.recorder.counted
 
     @property
     def failed(self) -> int:
+        """Files and frames quarantined since start."""
         return self.recorder.failed
 
     def backlog(self) -> int:
@@ -123,6 +125,7 @@ class Service:
         return self.intake.backlog()
 
     def idle(self) -> bool:
+        """Nothing queued, tracked or waiting for channels."""
         return self.intake.idle() and self.assembler.n_pending == 0
 
     # ---- the loop --------------------------------------------------------
@@ -373,6 +376,7 @@ class Service:
         return counts
 
     def close(self) -> None:
+        """Close sinks and ledger, release the state-folder lock."""
         self.recorder.close()
         if self.lock is not None:
             self.lock.release()
@@ -496,6 +500,7 @@ def assemble_service(cfg: Config, readers: ReaderSet, pipeline: Pipeline, sinks:
 
 
 def stop_server(server: Any) -> None:
+    """Stop the metrics HTTP server (None: nothing to do)."""
     if server is None:
         return
     httpd = server[0] if isinstance(server, tuple) else server

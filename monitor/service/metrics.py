@@ -35,6 +35,8 @@ STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60
 
 
 class ServiceMetrics:
+    """Every metric of the service, created against one injected registry."""
+
     def __init__(self, registry: CollectorRegistry, version: str = "0", roles: Mapping[str, str] | None = None):
         self.registry = registry
         self.roles = dict(roles) if roles is not None else None

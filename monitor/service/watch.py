@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 
 def matches(path: Path, patterns: Sequence[str]) -> bool:
+    """Whether a file name matches one of the watch patterns (case-insensitive)."""
     name = path.name.lower()
     return not name.startswith(".") and any(fnmatch.fnmatch(name, p.lower()) for p in patterns)
 
@@ -160,6 +161,7 @@ class FileTracker:
         return out
 
     def done(self, path: Path) -> None:
+        """Stop tracking a file (read, or given up)."""
         self._files.pop(path, None)
 
     def attempts(self, path: Path) -> int:
@@ -245,4 +247,5 @@ class Intake:
         return self.tracker.ready()
 
     def idle(self) -> bool:
+        """No queued event and no tracked file."""
         return self.queue.empty() and len(self.tracker) == 0
