@@ -24,7 +24,7 @@ STATES = ("live", "apoptotic", "necrotic", "dead")
 
 @dataclass(frozen=True)
 class SynthCell:
-    """One synthetic cell: position, size and its state at each timepoint."""
+    """One synthetic cell: position, shape, when it starts dying (never: inf) and whether necrotically."""
 
     y_um: float
     x_um: float

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 
 def matches(path: Path, patterns: Sequence[str]) -> bool:
-    """Whether a file name matches one of the watch patterns (case-insensitive)."""
+    """Whether a file name matches one of the watch patterns (case-insensitive; hidden files never)."""
     name = path.name.lower()
     return not name.startswith(".") and any(fnmatch.fnmatch(name, p.lower()) for p in patterns)
 
