@@ -266,7 +266,7 @@ def test_encoder_specs_and_presets() -> None:
         assert [(e["name"], e.get("options", {})) for e in cfg["encoders"]] == [(n, dict(o)) for n, o in p.encoders]
 
 
-@pytest.mark.parametrize("name", ["accurate", "balanced", "fast"])
+@pytest.mark.parametrize("name", ["accurate", "balanced", "fast", "zoo"])
 def test_shipped_preset_configs_match_the_presets(name: str) -> None:
     import tomllib
 
