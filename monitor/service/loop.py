@@ -63,7 +63,7 @@ import numpy as np
 from monitor.config import Config, ServiceConfig
 from monitor.device import resolve_device
 from monitor.errors import EX_TEMPFAIL, BadInput, NotReady, StageError, StateWriteError, Unavailable
-from monitor.pipeline import Pipeline, process_frame, process_frames
+from monitor.pipeline import Pipeline, process_frames
 from monitor.protocols import Classifier
 from monitor.records import Counts, Frame, FrameKey
 from monitor.service import notify as systemd
@@ -312,68 +312,50 @@ class Service:
         """
         solo = [f for f in frames if safe_text(str(f.key)) in self._solo]
         rest = [f for f in frames if safe_text(str(f.key)) not in self._solo]
-        for f in solo:
-            self._solo.discard(safe_text(str(f.key)))
-            self.handle(f)
+        self._solo.difference_update(safe_text(str(f.key)) for f in solo)
         n = max(1, self.pipeline.frames_per_call)
-        for i in range(0, len(rest), n):
-            chunk = rest[i : i + n]
-            if len(chunk) == 1:
-                self.handle(chunk[0])
-                continue
-            for f in chunk:
-                self.recorder.ledger.mark_processing(f.key, f.sources)
-            with self._current_lock:
-                self._current = (chunk, time.monotonic())
-            try:
-                results: list[Counts | StageError] = process_frames(chunk, self.pipeline)
-            except Exception as e:  # process_frames isolates frames; this is a last resort, never a stop
-                results = [StageError("process", e)] * len(chunk)
-            finally:
-                with self._current_lock:
-                    self._current = None
-            for j, (f, r) in enumerate(zip(chunk, results, strict=True)):
+        for call in [[f] for f in solo] + [rest[i : i + n] for i in range(0, len(rest), n)]:
+            for j, (f, r) in enumerate(zip(call, self._process(call), strict=True)):
                 try:
-                    self.handle(f, r)
+                    self._record(f, r)
                 except StateWriteError:
-                    for later in chunk[j + 1 :]:
+                    for later in call[j + 1 :]:
                         self.recorder.ledger.release_processing(later.key)
                     raise
 
-    def handle(self, frame: Frame, result: Counts | StageError | None = None) -> Counts | None:
-        """Process one frame (or take ``result``, its share of a :meth:`handle_all` call) and record it.
-
-        A failing stage quarantines the frame; a failure to write the record of
-        truth (:class:`StateWriteError`) propagates and stops the service
-        without using one of the frame's attempts.
-        """
-        if result is None:
-            self.recorder.ledger.mark_processing(frame.key, frame.sources)
-            with self._current_lock:
-                self._current = ([frame], time.monotonic())
+    def _process(self, frames: list[Frame]) -> list[Counts | StageError]:
+        """One pipeline call under the frame guard; every frame marked ``processing`` first."""
+        for f in frames:
+            self.recorder.ledger.mark_processing(f.key, f.sources)
+        with self._current_lock:
+            self._current = (frames, time.monotonic())
         try:
-            if isinstance(result, StageError):
-                raise result
-            counts = result if result is not None else process_frame(frame, self.pipeline)
-        except StageError as e:
-            self.metrics.errors.labels(e.stage).inc()
-            self.recorder.quarantine(list(frame.sources), e.stage, f"{type(e.cause).__name__}: {e.cause}", frame.key)
-            return None
-        except Exception as e:  # process_frame wraps every stage; this is a last resort, never a stop
-            self.metrics.errors.labels("process").inc()
-            self.recorder.quarantine(list(frame.sources), "process", f"{type(e).__name__}: {e}", frame.key)
-            return None
+            return process_frames(frames, self.pipeline)
+        except Exception as e:  # process_frames isolates frames and stages; this is a last resort, never a stop
+            return [StageError("process", e)] * len(frames)
         finally:
             with self._current_lock:
                 self._current = None
+
+    def _record(self, frame: Frame, result: Counts | StageError) -> Counts | None:
+        """Record one frame's counts, or quarantine it for its failed stage.
+
+        A failure to write the record of truth (:class:`StateWriteError`)
+        propagates and stops the service without using one of the frame's
+        attempts.
+        """
+        if isinstance(result, StageError):
+            self.metrics.errors.labels(result.stage).inc()
+            self.recorder.quarantine(list(frame.sources), result.stage, f"{type(result.cause).__name__}: {result.cause}", frame.key)
+            return None
         try:
-            recorded = self.recorder.record(frame, counts)
+            recorded = self.recorder.record(frame, result)
         except StateWriteError:
             self.recorder.ledger.release_processing(frame.key)  # not the frame's fault: no attempt used
             raise
         if recorded and self.on_counts is not None:
-            self.on_counts(counts)
-        return counts
+            self.on_counts(result)
+        return result
 
     def close(self) -> None:
         """Close sinks and ledger, release the state-folder lock."""
