@@ -257,12 +257,13 @@ def bench_qpi(data: Path, um: float, images: Path | None) -> list[str]:
 def bench_sam_random(model_type: str, image: np.ndarray, um: float, points_per_side: int) -> str:
     """Seconds for one frame through SamSegmenter with random weights of the real architecture."""
     import torch
-    from cellmonitor_plugins.segmenters.sam import Options, SamSegmenter, choose_device
+    from cellmonitor_plugins.segmenters.sam import Options, SamSegmenter
     from segment_anything import sam_model_registry
 
+    from monitor.device import resolve_device
     from monitor.records import Frame, FrameKey
 
-    device = choose_device("auto")
+    device = resolve_device("auto")
     model = sam_model_registry[model_type](checkpoint=None).to(device).eval()
     seg = SamSegmenter(Options(model_type=model_type, points_per_side=points_per_side), model, device)
     frame = Frame(FrameKey("bench", "-", "1", 0), {"p": image}, "p", None, um, "config", "bench")

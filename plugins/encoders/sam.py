@@ -35,6 +35,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from monitor.device import resolve_device
 from monitor.errors import WeightsMissing
 from monitor.protocols import BuildContext
 from monitor.registry import plugin_spec
@@ -163,7 +164,7 @@ def build_sam_encoder(options: Options, ctx: BuildContext) -> SamEncoder:
     if options.mode == "fast" and shared is not None:  # the segmenter's model and frame embeddings
         model = shared.model
         return SamFastEncoder(model, options.model_type, _tag(path), str(next(model.parameters()).device), shared, True)
-    device = seg.choose_device(ctx.device)
+    device = resolve_device(ctx.device)
     try:
         model = seg.load_sam(options.model_type, path, device)
     except WeightsMissing as e:

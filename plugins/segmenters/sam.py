@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from monitor.device import resolve_device
 from monitor.protocols import BuildContext
 from monitor.records import Cells, Frame
 from monitor.registry import plugin_spec
@@ -120,13 +121,6 @@ def describe_checkpoint(options: Options, ctx: BuildContext) -> dict[str, Any]:
         "dim": 256 if options.model_type in CHECKPOINT_NAMES else None,
         "dtype": "float32",
     }
-
-
-def choose_device(requested: str) -> str:
-    """The device policy of :func:`monitor.device.resolve_device` (``cuda`` without a GPU is a start-up error)."""
-    from monitor.device import resolve_device
-
-    return resolve_device(requested)
 
 
 def require_sam(who: str = "segmenter sam") -> None:
@@ -319,7 +313,7 @@ def build_sam_segmenter(options: Options, ctx: BuildContext) -> SamSegmenter:
     """Load SAM (warning with the expected time on a CPU) and share it with SAM's fast encoder."""
     require_sam()
     path = resolve_checkpoint(options, ctx)
-    device = choose_device(ctx.device)
+    device = resolve_device(ctx.device)
     if device == "cpu":
         log.warning(
             "segmenter sam: running %s on the CPU; expect roughly %d s per frame or more "
