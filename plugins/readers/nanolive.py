@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -50,7 +51,7 @@ from monitor.imageio import (
     tiff_pixel_size_um,
 )
 from monitor.readkit import choose_pixel_size, key_from_match
-from monitor.records import Acquisition, ChannelRole, FrameKey
+from monitor.records import Acquisition, ChannelRole
 from monitor.registry import plugin_spec
 
 log = logging.getLogger(__name__)
@@ -196,9 +197,9 @@ class NanoliveReader:
 
         from_file = [tiff_pixel_size_um(content)] if self.o.use_file_pixel_size else []
         size, source = choose_pixel_size(path, from_file, self.o.pixel_size_um, False, "readers.nanolive.pixel_size_um")
-        key = key_from_match(m, path, self.o.experiment or self.experiment)
-        if self.o.experiment:
-            key = FrameKey(self.o.experiment, key.well, key.field, key.timepoint)
+        key = key_from_match(m, path, self.experiment)
+        if self.o.experiment:  # a fixed experiment name beats the file name's group
+            key = replace(key, experiment=self.o.experiment)
         return Acquisition(path, key, channels, size, source, self.o.instrument, metadata=meta, roles=roles)
 
     def _stacks(self, path: Path, content: object) -> list[np.ndarray]:
