@@ -34,6 +34,7 @@ def choose_pixel_size(
     configured: float | None,
     prefer_config: bool,
     option: str,
+    missing: str = "no pixel size in the file's metadata and none configured",
 ) -> tuple[float, str]:
     """The pixel size of a file and where it came from.
 
@@ -45,7 +46,7 @@ def choose_pixel_size(
     Raises
     ------
     BadInput
-        Neither the file nor the configuration gives a size (the message names
+        Neither the file nor the configuration gives a size (``missing``, then
         the option ``option`` to set), or the chosen value is outside
         0.05..5 um/px.
     """
@@ -56,7 +57,7 @@ def choose_pixel_size(
     if configured is not None:
         candidates.append((float(configured), "config"))
     if not candidates:
-        raise BadInput(path, f"no pixel size in the file's metadata and none configured (set {option})")
+        raise BadInput(path, f"{missing} (set {option})")
     size, source = candidates[0]
     return check_pixel_size(path, size, source), source
 

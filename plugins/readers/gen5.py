@@ -500,10 +500,9 @@ class Gen5Reader:
         got = meta.pixel_size_um(width_px) if meta is not None else None
         note = got[1] if got is not None else ""
         candidates = [(got[0], "metadata:gen5") if got is not None else None, tiff_pixel_size_um(content)]
-        if not any(candidates) and self.o.pixel_size_um is None:
-            why = "no ImageWidthMicrons in the Gen5 XML" if meta is not None else "no <BTIImageMetaData> XML in TIFF tag 270"
-            raise BadInput(path, f"{why} and no pixel size configured (set readers.gen5.pixel_size_um)")
-        size, source = choose_pixel_size(path, candidates, self.o.pixel_size_um, self.o.prefer_config_pixel_size, "readers.gen5.pixel_size_um")
+        why = "no ImageWidthMicrons in the Gen5 XML" if meta is not None else "no <BTIImageMetaData> XML in TIFF tag 270"
+        size, source = choose_pixel_size(path, candidates, self.o.pixel_size_um, self.o.prefer_config_pixel_size,
+                                         "readers.gen5.pixel_size_um", f"{why} and no pixel size configured")
         if source == "metadata:gen5" and note:
             log.info("%s: %s", path, note)
         return size, source, note if source == "metadata:gen5" else ""
