@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "monitor.cli.index",
     "monitor.cli.demo",
     "monitor.cli.models",
+    "monitor.cli.report",
 )
 
 
