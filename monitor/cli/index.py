@@ -120,6 +120,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--html", type=Path, default=None, metavar="OUT", help="self-contained page with the query and its neighbours")
     c.add_argument("--neighbours", type=int, default=5, help="nearest references shown (default 5)")
     c.add_argument("--certainty-floor", type=float, default=0.5)
+    c.add_argument("--config", type=Path, default=None, metavar="FILE", help="config whose segmenter checks each image for several cells (default: the built-in classical segmenter)")
+    c.add_argument("--per-cell", action="store_true", help="an image with several cells: classify each segmented cell (IMAGE#cellN) instead of the image as one cell")
     _add_ewc(c, False)
     _add_common(c)
     c.set_defaults(func=_classify)
@@ -358,18 +360,46 @@ def _classify(args: argparse.Namespace) -> int:
     from monitor.index.dataset import crops_for, read_image
     from monitor.index.ewc import EWCClassifier
     from monitor.index.query import query_encoders
+    from monitor.index.report import crop_geometry
     from monitor.pipeline import embed
 
     index, encoders, prep = _load_index(args)
-    crops, shown = [], []
+    from monitor.index.query import crop_framing
+
+    crops: list[Any] = []
+    shown: list[Path] = []
+    scales: list[tuple[float | None, Any]] = []
     status = 0
+    segmenter, seg_cfg = _classify_segmenter(args)
+    framing = crop_framing(index.meta) or ("window", 0.2)
+    per_cell: dict[int, Any] = {}  # query row -> (source image index, cell id); the cells of a multi-cell image
+    found: list[int] = []
+    overlays_src: dict[str, Any] = {}
     for path in args.images:
         try:
-            crops.append(crops_for(read_image(path), prep)[0])
-            shown.append(path)
+            image = read_image(path)
+            cells = _segment_query(image, prep, segmenter, seg_cfg, framing)
         except BadInput as e:
             print(f"cellmonitor: error: {e}", file=sys.stderr)
             status = 65
+            continue
+        n = len(cells[1]) if cells is not None else 1
+        if n > 1 and args.per_cell:
+            frame, cs, cell_crops = cells
+            overlays_src[str(path)] = (frame, cs)
+            for k, c in enumerate(cs.cells):
+                per_cell[len(crops)] = (len(shown), c.id)
+                crops.append(cell_crops[k])
+                scales.append((frame.pixel_size_um if framing[0] == "window" else None, None))
+                shown.append(path)
+                found.append(n)
+            continue
+        if n > 1:
+            print(f"cellmonitor: warning: {path}: the segmenter found {n} cells; classified as one cell (--per-cell classifies each)", file=sys.stderr)
+        crops.append(crops_for(image, prep)[0])
+        scales.append(crop_geometry(image.shape, prep))
+        shown.append(path)
+        found.append(n)
     if not crops:
         return status or 65
     emb = embed(np.stack(crops), query_encoders(encoders, index.meta), args.batch_size)
@@ -389,9 +419,12 @@ def _classify(args: argparse.Namespace) -> int:
                     "distance": float(states.neighbor_distances[i, j]),
                 }
             )
+        cell = per_cell.get(i)
         results.append(
             {
-                "image": str(path),
+                "image": f"{path}#cell{cell[1]}" if cell else str(path),
+                **({"source_image": str(path), "cell": cell[1]} if cell else {}),
+                "cells_found": found[i],
                 "label": states.label(i),
                 "certainty": float(states.certainty[i]),
                 "k_used": int(states.k_used[i]),
@@ -404,22 +437,63 @@ def _classify(args: argparse.Namespace) -> int:
             print(json.dumps(r))
             continue
         flag = "  (uncertain)" if r["uncertain"] else ""
+        if r["cells_found"] > 1 and "cell" not in r:
+            flag += f"  (warning: {r['cells_found']} cells in the image)"
         print(f"{r['image']}: {r['label']}  certainty {r['certainty']:.2f}  k {r['k_used']}{flag}")
         for n in r["neighbours"]:
             print(f"    {n['label']:<16} d={n['distance']:<10.4g} {n['name'] or '#' + str(n['id'])}")
     if args.html:
-        from monitor.index.report import classify_html
+        from monitor.index.report import annotate_crop, classify_html
+        from monitor.report.overlay import draw_overlay
 
         nimgs = [[_reference_crop(index, n["name"], prep) for n in r["neighbours"]] for r in results]
-        args.html.write_text(classify_html(results, crops, nimgs, title=f"cellmonitor classify ({index.classes and len(index)} references)"))
+        qimgs = [annotate_crop(c, um, box) for c, (um, box) in zip(crops, scales, strict=True)]
+        overlays = {}
+        for src, (frame, cs) in overlays_src.items():
+            rows = [i for i, r in enumerate(results) if r.get("source_image") == src]
+            overlays[src] = draw_overlay(frame.image, cs.labels, states.predicted[rows], states.classes, frame.pixel_size_um,
+                                         cell_ids=[results[i]["cell"] for i in rows], uncertain=states.uncertain[rows])
+        args.html.write_text(classify_html(results, qimgs, nimgs, title=f"cellmonitor classify ({index.classes and len(index)} references)", overlays=overlays))
         print(f"wrote {args.html}", file=sys.stderr)
     return status
 
 
+def _classify_segmenter(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The configured segmenter (``--config``, else the defaults) that checks query images for several cells."""
+    from monitor.config import config_or_default
+    from monitor.protocols import BuildContext
+    from monitor.registry import Registry
+
+    cfg = config_or_default(args.config)
+    reg = Registry(cfg.plugins.paths)
+    ctx = BuildContext(state_dir=cfg.service.state_dir, config_path=cfg.source)
+    return reg.build("segmenters", cfg.segmenter, ctx, cfg.source_name, "segmenter"), cfg
+
+
+def _segment_query(image: Any, prep: Any, segmenter: Any, cfg: Any, framing: tuple[str, float]) -> Any:
+    """(frame at the index's pixel size, its cells, their crops) of a query image, or None when it is too small to segment.
+
+    The image is taken at the index's data pixel size, rescaled to the
+    target, segmented, and each cell cropped as the service crops (the
+    index's crop framing, the config's background blanking).
+    """
+    from monitor.imaging import crop_cells, rescale
+    from monitor.records import Frame, FrameKey
+
+    if min(image.shape[:2]) < 16:
+        return None
+    src = prep.source_pixel_size_um or prep.pixel_size_um
+    frame = rescale(Frame(FrameKey("classify", "-", "-", 0), {"image": image}, "image", None, src, "config", "classify"), prep.pixel_size_um)
+    cells = segmenter.segment(frame)
+    return frame, cells, crop_cells(frame, cells, prep.crop_px, cfg.pipeline.blank_background, framing[0], framing[1])
+
+
 def _reference_crop(index: Any, name: str | None, prep: Any) -> Any:
-    """The crop a reference was embedded from, if its source file is still at the recorded data root."""
+    """The crop a reference was embedded from, if its source file is still at the recorded data root,
+    with its labelled cell marked and a scale bar (:func:`monitor.index.report.annotate_crop`)."""
     from monitor.errors import BadInput
     from monitor.index.dataset import crops_for, parse_voc, read_image
+    from monitor.index.report import annotate_crop, crop_geometry
 
     root = (index.preprocessing or {}).get("data_root")
     if not name or not root:
@@ -430,7 +504,8 @@ def _reference_crop(index: Any, name: str | None, prep: Any) -> Any:
         img = read_image(path)
         if box:
             _, boxes = parse_voc(path.with_suffix(".xml"))
-            return crops_for(img, prep, (boxes[int(box)],))[0]
-        return crops_for(img, prep)[0]
+            b = boxes[int(box)]
+            return annotate_crop(crops_for(img, prep, (b,))[0], *crop_geometry(img.shape, prep, b))
+        return annotate_crop(crops_for(img, prep)[0], *crop_geometry(img.shape, prep))
     except (BadInput, OSError, ValueError, IndexError):
         return None

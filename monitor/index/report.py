@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,28 +63,87 @@ def evaluation_text(ev: Evaluation) -> str:
     return "\n".join(lines)
 
 
-def confusion_png(s: Scores, path: Path) -> Path:
-    """Write the confusion matrix as a PNG (matplotlib, Agg backend)."""
+def confusion_size_in(n_pred: int, n_true: int) -> tuple[float, float]:
+    """Figure size (inches) of a confusion matrix: cells of a readable size at any class count,
+    never smaller than what the axis labels, colour bar and title need."""
+    return max(5.2, 2.6 + 0.62 * n_pred), max(4.4, 2.2 + 0.55 * n_true)
+
+
+def confusion_png(s: Scores, path: Path, dpi: int = 110) -> Path:
+    """Write the confusion matrix as a PNG (matplotlib, Agg backend).
+
+    Colour: each row normalised (recall per true class); text: the counts,
+    white on dark cells. The size grows with the class count
+    (:func:`confusion_size_in`) and the figure is saved with a tight bounding
+    box, so the title (the headline accuracy) and the class names are never cut.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     c = s.confusion.astype(float)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(s.pred_classes), 1.0 + 0.6 * len(s.true_classes)))
-    ax.imshow(c / np.maximum(c.sum(axis=1, keepdims=True), 1), cmap="Blues", vmin=0, vmax=1)
+    norm = c / np.maximum(c.sum(axis=1, keepdims=True), 1)
+    n_pred, n_true = len(s.pred_classes), len(s.true_classes)
+    fig, ax = plt.subplots(figsize=confusion_size_in(n_pred, n_true))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    fs = 11 if max(n_pred, n_true) <= 6 else 9
     for i in range(c.shape[0]):
         for j in range(c.shape[1]):
-            ax.text(j, i, str(int(c[i, j])), ha="center", va="center", fontsize=8)
-    ax.set_xticks(range(len(s.pred_classes)), s.pred_classes, rotation=45, ha="right")
-    ax.set_yticks(range(len(s.true_classes)), s.true_classes)
+            ax.text(j, i, str(int(c[i, j])), ha="center", va="center", fontsize=fs, color="white" if norm[i, j] > 0.55 else "black")
+    ax.set_xticks(range(n_pred), s.pred_classes, rotation=45 if n_pred > 2 else 0, ha="right" if n_pred > 2 else "center")
+    ax.set_yticks(range(n_true), s.true_classes)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(f"{s.method}: macro accuracy {s.macro_accuracy:.3f}")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    fig.suptitle(f"{s.method}: macro accuracy {s.macro_accuracy:.3f}, accuracy {s.accuracy:.3f} (n = {s.n})", fontsize=12)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight", pad_inches=0.25)
     plt.close(fig)
     return path
+
+
+def crop_geometry(
+    image_shape: tuple[int, ...], prep: Any, box_xyxy: tuple[float, float, float, float] | None = None
+) -> tuple[float | None, tuple[float, float, float, float] | None]:
+    """(um per crop pixel, the labelled box in crop pixels as ``(y0, x0, y1, x1)``) of the crop
+    :func:`monitor.index.dataset.crops_for` cuts from an image of ``image_shape`` under ``prep``.
+
+    The scale is None where the crop has no fixed scale (``cell`` framing
+    normalises each cell's size); the box is None without a labelled box
+    (class-folder images: the labelled cell is the one at the centre). The
+    data's pixel size is ``prep.source_pixel_size_um``, or the target when
+    the data is already at it.
+    """
+    src = prep.source_pixel_size_um or prep.pixel_size_um
+    n = prep.crop_px
+    if box_xyxy is not None:
+        bx0, by0, bx1, by1 = box_xyxy
+        bw, bh = bx1 - bx0, by1 - by0
+        if prep.box_framing == "box":
+            side = max(max(bw, bh) * (1 + 2 * prep.box_margin), 2.0)
+            f = n / side  # crop px per source px
+            um = src / f
+        else:
+            f = src / prep.pixel_size_um
+            um = prep.pixel_size_um
+        c = n / 2
+        return um, (c - bh * f / 2, c - bw * f / 2, c + bh * f / 2, c + bw * f / 2)
+    if prep.framing == "whole":
+        return src * max(image_shape[0], image_shape[1]) / n, None
+    if prep.framing == "cell":
+        return None, None
+    return prep.pixel_size_um, None
+
+
+def annotate_crop(crop: np.ndarray, pixel_size_um: float | None, box_yxyx: tuple[float, float, float, float] | None = None, mark: bool = True) -> np.ndarray:
+    """A crop for people: the labelled cell marked (box corners, or ticks at the centre) and a scale bar."""
+    from monitor.report.overlay import draw_scale_bar, mark_cell
+
+    out = mark_cell(crop, box_yxyx) if mark else np.asarray(crop, np.uint8)
+    if pixel_size_um:
+        out = draw_scale_bar(out, pixel_size_um, corner="bottom-right")
+    return out
 
 
 def png_data_uri(rgb: np.ndarray) -> str:
@@ -100,32 +159,56 @@ def png_data_uri(rgb: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.tobytes()).decode("ascii")
 
 
-def classify_html(results: Sequence[dict[str, Any]], query_images: Sequence[np.ndarray | None], neighbour_images: Sequence[Sequence[np.ndarray | None]], title: str = "cellmonitor classify") -> str:
+def classify_html(
+    results: Sequence[dict[str, Any]],
+    query_images: Sequence[np.ndarray | None],
+    neighbour_images: Sequence[Sequence[np.ndarray | None]],
+    title: str = "cellmonitor classify",
+    overlays: Mapping[str, np.ndarray] | None = None,
+) -> str:
     """A self-contained page: each query crop, its prediction and certainty, its nearest references.
 
-    ``results`` are the dicts printed by ``cellmonitor classify --json``.
+    ``results`` are the dicts printed by ``cellmonitor classify --json``; a
+    result with ``cells_found`` > 1 carries a warning that the image holds
+    several cells (and ``overlays[image]``, the segmented image with each
+    cell outlined by its state, when per-cell results were asked for).
+    Images are shown as given: the caller marks the labelled cell and adds
+    scale bars (:func:`annotate_crop`).
     """
     e = html.escape
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{e(title)}</title>",
         "<style>body{font-family:sans-serif;margin:1em}section{border-bottom:1px solid #ccc;padding:1em 0}"
-        "figure{display:inline-block;margin:4px;text-align:center;font-size:12px}img{width:112px;height:112px;image-rendering:pixelated}"
-        ".q img{width:180px;height:180px}.warn{color:#b00}</style></head><body>",
+        "figure{display:inline-block;margin:4px;text-align:center;font-size:12px;vertical-align:top}img{width:128px;height:128px}"
+        ".q img{width:192px;height:192px}.ov img{width:auto;height:auto;max-width:640px}.warn{color:#b00}"
+        ".warnbox{background:#fde8e8;border-left:4px solid #c33;padding:6px 10px}</style></head><body>",
         f"<h1>{e(title)}</h1>",
+        "<p>Cyan marks: the labelled cell of each reference crop (corners: its labelled box; ticks: the cell at the centre). "
+        "Scale bars where the crop has a fixed scale.</p>",
     ]
+    shown_overlay: set[str] = set()
     for r, qimg, nimgs in zip(results, query_images, neighbour_images, strict=True):
         cert = r["certainty"]
         parts.append("<section>")
         parts.append(f"<h2>{e(str(r['image']))}</h2>")
+        found = r.get("cells_found")
+        if found is not None and found > 1 and r.get("cell") is None:
+            parts.append(f"<p class='warnbox'>The segmenter found {found} cells in this image; it was classified as one cell. "
+                         "Run with <code>--per-cell</code> to classify each cell.</p>")
+        src = str(r.get("source_image", r["image"]))
+        if overlays and src in overlays and src not in shown_overlay:
+            shown_overlay.add(src)
+            parts.append(f"<p class='warnbox'>The segmenter found {found} cells in this image: each is classified below.</p>")
+            parts.append(f"<figure class='ov'><img alt='cells by state' src='{png_data_uri(overlays[src])}'><figcaption>cells outlined by their call</figcaption></figure>")
         flag = " <span class='warn'>(uncertain)</span>" if r.get("uncertain") else ""
         parts.append(f"<p>prediction <b>{e(r['label'])}</b>, certainty {cert:.2f}{flag}, k used {r['k_used']}</p>")
         if qimg is not None:
             parts.append(f"<figure class='q'><img alt='query' src='{png_data_uri(qimg)}'><figcaption>query</figcaption></figure>")
         for nb, img in zip(r["neighbours"], nimgs, strict=False):
-            src = f"<img alt='{e(nb['label'])}' src='{png_data_uri(img)}'>" if img is not None else "<div style='width:112px;height:112px;background:#eee'></div>"
+            src_img = f"<img alt='{e(nb['label'])}' src='{png_data_uri(img)}'>" if img is not None else "<div style='width:128px;height:128px;background:#eee'></div>"
             name = nb.get("name") or f"#{nb['id']}"
-            parts.append(f"<figure>{src}<figcaption>{e(nb['label'])}<br>d={nb['distance']:.3g}<br>{e(str(name))}</figcaption></figure>")
+            parts.append(f"<figure>{src_img}<figcaption>{e(nb['label'])}<br>d={nb['distance']:.3g}<br>{e(str(name))}</figcaption></figure>")
         parts.append("</section>")
     parts.append("</body></html>")
     return "\n".join(parts)
