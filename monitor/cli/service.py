@@ -22,6 +22,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", type=Path, metavar="CONFIG")
     p.add_argument("--input", type=Path, help="folder to replay (default: service.watch_dir)")
     p.add_argument("--no-metrics", action="store_true", help="do not serve /metrics while replaying")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: this process (default); ray: a Ray cluster's workers read and process, this process records (pip install 'cellmonitor[cluster]')")
+    p.add_argument("--address", help="--engine ray: a running Ray cluster (e.g. HEAD:6379, as `ray start --head` prints); default: start a local one")
+    p.add_argument("--workers", type=int, help="--engine ray: number of workers (default: as many as the cluster's CPUs, or GPUs, allow)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="--engine ray: CPUs each worker reserves (default 1)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="--engine ray: GPUs each worker reserves (e.g. 1 on a GPU node pool; default 0)")
     p.set_defaults(func=_replay)
 
     p = sub.add_parser("check-config", help="validate a config, every plugin's options, the watch folder and the index (exit 78 / 69 on problems)")
@@ -78,16 +84,23 @@ def _serve(cfg: Any, until_idle: bool, serve_metrics: bool = True, args: argpars
 
 
 class _Progress:
-    """Replay progress on stderr: frames counted against files found."""
+    """Replay progress on stderr: frames counted against files found, and frames per second."""
 
     def __init__(self, total_files: int):
+        import time
+
         from tqdm import tqdm
 
         self.bar = tqdm(total=total_files, unit="file", desc="replay", file=sys.stderr, disable=None)
+        self.clock = time.monotonic
+        self.t0 = self.clock()
+        self.frames = 0
 
     def update(self, counts: Any) -> None:
+        self.frames += 1
         self.bar.update(len(counts.sources))
-        self.bar.set_postfix_str(f"{counts.key} {counts.n_cells} cells")
+        rate = self.frames / max(1e-9, self.clock() - self.t0)
+        self.bar.set_postfix_str(f"{counts.key} {counts.n_cells} cells, {rate:.1f} frames/s")
 
     def close(self) -> None:
         self.bar.close()
@@ -105,7 +118,49 @@ def _replay(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if args.input is not None:
         cfg = cfg.model_copy(update={"service": cfg.service.model_copy(update={"watch_dir": args.input})})
+    if args.engine == "ray":
+        return _replay_ray(cfg, args)
     return _serve(cfg, until_idle=True, serve_metrics=not args.no_metrics, args=args)
+
+
+def _replay_ray(cfg: Any, args: argparse.Namespace) -> int:
+    """``replay --engine ray``: Ray workers read and process, this process records (monitor.service.cluster)."""
+    from monitor.errors import ConfigError, UsageError
+    from monitor.registry import Registry
+    from monitor.service.cluster import ClusterReplay
+    from monitor.service.watch import scan
+
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers {args.workers}: must be at least 1")
+    if args.cpus_per_worker < 0 or args.gpus_per_worker < 0:
+        raise UsageError("--cpus-per-worker and --gpus-per-worker cannot be negative")
+    if not (getattr(args, "verbose", False) or getattr(args, "quiet", False)):
+        logging.getLogger().setLevel(cfg.service.log_level)
+    registry = Registry(cfg.plugins.paths)
+    problems = registry.validate_config(cfg)
+    if problems:
+        raise ConfigError(problems)
+    total = sum(1 for _ in scan(cfg.service.watch_dir, cfg.service.patterns, cfg.service.recursive))
+    progress = _Progress(total)
+    engine = ClusterReplay(cfg, registry, workers=args.workers, address=args.address, cpus_per_worker=args.cpus_per_worker,
+                           gpus_per_worker=args.gpus_per_worker, serve_metrics=not args.no_metrics, on_counts=progress.update)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("signal %d: stopping after the frames in flight", signum)
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    try:
+        stats = engine.run(stop)
+    finally:
+        progress.close()
+    rec = engine.recorder
+    log.info("stopped: %d frame(s) counted on %d Ray worker(s) in %.1fs, %d problem(s) (see %s)",
+             stats.frames, stats.workers, stats.seconds, rec.failed if rec else 0, cfg.service.state_dir / "quarantine.csv")
+    return 0
 
 
 def _check_config(args: argparse.Namespace) -> int:

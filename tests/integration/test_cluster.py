@@ -1,0 +1,170 @@
+"""`cellmonitor replay --engine ray` on a local Ray cluster started here (2 CPUs, one start-up for
+the file): the same CSV as a local replay, row for row; a worker killed mid-run and a driver
+killed mid-run still give every frame exactly once. Skipped where ray is not installed."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fixtures.fakeplugins import write_setup
+from fixtures.service import blobs
+
+ray = pytest.importorskip("ray")
+
+from monitor.cli.main import main  # noqa: E402
+from monitor.config import load_config  # noqa: E402
+from monitor.registry import Registry  # noqa: E402
+from monitor.service.cluster import ClusterReplay  # noqa: E402
+
+EXE = Path(sys.executable).parent / "cellmonitor"
+TIMING = ("processed_at", "seconds_total")  # when and how long: the only columns a second run may change
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One local Ray cluster for the whole file; its GCS address for drivers in subprocesses."""
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+def setup(folder: Path, n: int, channels: bool = False, bad: bool = True, segmenter_options: str = "") -> Path:
+    """A fake-plugin config and ``n`` frames (one file each, or a phase + pi pair with ``channels``)."""
+    cfg = write_setup(folder, segmenter_options=segmenter_options)
+    watch = folder / "in"
+    for i in range(n):
+        name = f"{'ABCDEF'[i % 6]}{1 + i // 24}_t{1 + (i // 6) % 4}"
+        np.save(watch / f"{name}_phase.npy", blobs(1 + i % 5, 0.3 if i % 3 else 0.9, seed=i))
+        if channels and i % 7 != 3:  # every 7th frame lacks its pi channel: released incomplete
+            pi = np.zeros((128, 128), np.float32)
+            pi[10 : 10 + 4 * (i % 5), 10:40] = 1.0
+            np.save(watch / f"{name}_pi.npy", pi)
+    if bad:
+        (watch / "Z9_t1_phase.npy").write_bytes(b"this is not numpy data at all")  # quarantined: bad magic
+    if channels:
+        np.save(watch / "Z8_t1_dapi.npy", blobs(2, 0.3))  # a channel not configured: skipped
+        with cfg.open("a") as f:
+            f.write('\n[assembly]\nchannels = ["phase", "pi"]\nprimary = "phase"\ncontrol = "pi"\nwait_s = 5\n')
+    return cfg
+
+
+def rows(state: Path) -> list[dict[str, str]]:
+    with (state / "counts.csv").open(newline="") as f:
+        return [{k: v for k, v in r.items() if k not in TIMING} for r in csv.DictReader(f)]
+
+
+def quarantined(state: Path) -> list[tuple[str, str, str]]:
+    q = state / "quarantine.csv"
+    if not q.exists():
+        return []
+    with q.open(newline="") as f:
+        return sorted((Path(r["path"]).name, r["stage"], r["problem"]) for r in csv.DictReader(f))
+
+
+def assert_once(state: Path, n: int) -> None:
+    got = rows(state)
+    keys = [(r["well"], r["timepoint"]) for r in got]
+    assert len(keys) == len(set(keys)) == n, f"{len(keys)} rows, {len(set(keys))} distinct, want {n}"
+    db = sqlite3.connect(state / "ledger.sqlite")
+    try:
+        assert db.execute("SELECT COUNT(*) FROM frames WHERE status = 'done'").fetchone() == (n,)
+        assert db.execute("SELECT COUNT(*) FROM timepoints").fetchone() == (n,)
+    finally:
+        db.close()
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("channels", [False, True], ids=["one-file-frames", "channel-pairs"])
+def test_cluster_replay_csv_equals_local_replay_row_for_row(cluster, tmp_path, channels):
+    n = 24
+    local, remote = setup(tmp_path / "local", n, channels), setup(tmp_path / "ray", n, channels)
+    assert main(["replay", str(local), "--no-metrics"]) == 0
+    assert main(["replay", str(remote), "--no-metrics", "--engine", "ray", "--workers", "2"]) == 0
+    want, got = rows(tmp_path / "local" / "state"), rows(tmp_path / "ray" / "state")
+    assert len(want) == n and any(int(r["n_dead"]) for r in want) and any(int(r["n_live"]) for r in want)
+    assert got == want  # same rows (counts, fractions, control), same order
+    assert quarantined(tmp_path / "ray" / "state") == quarantined(tmp_path / "local" / "state")
+    assert any(name == "Z9_t1_phase.npy" for name, _, _ in quarantined(tmp_path / "ray" / "state"))
+    if channels:
+        assert any(r["control_area_fraction"] for r in got)  # the pi channel made it to the workers' frames
+        assert any(not r["control_area_fraction"] for r in got)  # and the frames without it were released
+    assert_once(tmp_path / "ray" / "state", n)
+    # a second replay finds everything recorded: nothing shipped, nothing written
+    assert main(["replay", str(remote), "--no-metrics", "--engine", "ray", "--workers", "1"]) == 0
+    assert rows(tmp_path / "ray" / "state") == want
+
+
+@pytest.mark.timeout(150)
+def test_a_worker_killed_mid_run_has_its_frames_redone_exactly_once(cluster, tmp_path):
+    n = 30
+    cfg_path = setup(tmp_path, n, bad=False, segmenter_options="sleep_s = 0.15")
+    cfg = load_config(cfg_path)
+    engine = ClusterReplay(cfg, Registry(cfg.plugins.paths), workers=2, serve_metrics=False)
+    killed: list[int] = []
+
+    def kill_one(stats):
+        if stats.frames == 4 and not killed:  # calls are in flight on both workers now
+            os.kill(stats.actor_pids[0], signal.SIGKILL)
+            killed.append(stats.actor_pids[0])
+
+    engine.on_recorded = kill_one
+    stats = engine.run()
+    assert killed
+    assert stats.resubmitted >= 1  # frames of the dead worker's calls were sent again
+    assert stats.frames == n
+    assert_once(tmp_path / "state", n)
+    assert quarantined(tmp_path / "state") == []  # a kill at a random moment costs no frame
+
+
+@pytest.mark.timeout(150)
+def test_a_driver_killed_mid_run_then_rerun_gives_every_frame_exactly_once(cluster, tmp_path):
+    n = 40
+    cfg = setup(tmp_path, n, bad=False, segmenter_options="sleep_s = 0.1")
+    state = tmp_path / "state"
+    cmd = [str(EXE), "replay", str(cfg), "--engine", "ray", "--address", cluster, "--workers", "2", "--no-metrics"]
+    log = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 90:
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        if (state / "counts.csv").exists() and len(rows(state)) >= 6:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = len(rows(state))
+    assert 6 <= before < n, f"killed after {before} of {n} frames"
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    assert_once(state, n)
+    assert quarantined(state) == []
+
+
+def test_without_ray_the_engine_says_what_to_install(tmp_path, monkeypatch, capsys):
+    cfg = setup(tmp_path, 1, bad=False)
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError, as when it is not installed
+    assert main(["replay", str(cfg), "--engine", "ray", "--no-metrics"]) == 78
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'cellmonitor[cluster]'" in err[0], err
+
+
+def test_more_workers_than_the_cluster_holds_is_a_usage_error(cluster, tmp_path, capsys):
+    cfg = setup(tmp_path, 1, bad=False)
+    assert main(["replay", str(cfg), "--engine", "ray", "--workers", "5", "--no-metrics"]) == 64
+    assert "--workers 5" in capsys.readouterr().err
+
+
