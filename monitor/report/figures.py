@@ -160,8 +160,7 @@ def plate_map(e: Experiment) -> bytes:
             if p is not None:
                 grid[p] = vals[w]
         fig, ax = plt.subplots(figsize=(max(3.2, 0.62 * cols + 1.8), max(2.2, 0.55 * rows + 1.0)))
-        cmap = plt.get_cmap("magma_r").copy()
-        cmap.set_bad("#eeeeee")
+        cmap = plt.get_cmap("magma_r").with_extremes(bad="#eeeeee")
         im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=1)
         for (i, j), v in np.ndenumerate(grid):
             if np.isfinite(v):
