@@ -101,6 +101,8 @@ def count_states(frame: Frame, states: States, control: ControlSignal | None, st
         sources=frame.sources,
         missing_channels=frame.missing_channels,
         stage_seconds=stage_seconds,
+        n_unknown=int(states.unknown.sum()) if n and states.unknown is not None else 0,
+        index_version=states.index_version,
     )
 
 

@@ -138,6 +138,11 @@ class States:
     neighbor_ids: np.ndarray  # (N, K) int64
     neighbor_labels: np.ndarray  # (N, K) int
     neighbor_distances: np.ndarray  # (N, K) float32
+    #: (N,) bool: farther from every reference than the index's calibrated
+    #: neighbour distance (a state the references do not cover); None: not checked
+    unknown: np.ndarray | None = None
+    #: version of the reference index that classified these cells (grows with expert corrections)
+    index_version: int = 0
 
     def __len__(self) -> int:
         return int(self.predicted.shape[0])
@@ -159,6 +164,25 @@ class ControlSignal:
 
 
 @dataclass(frozen=True)
+class MarkerAgreement:
+    """Classifier against the death marker on one frame (see :mod:`monitor.marker`).
+
+    ``n_labelled`` cells got a marker label (the rest were ambiguous: within
+    the margin of a threshold); ``n_agree`` of them were called the same
+    canonical state by the classifier.
+    """
+
+    n_labelled: int
+    n_agree: int
+    n_ambiguous: int
+
+    @property
+    def fraction(self) -> float:
+        """Share of marker-labelled cells the classifier agrees with (nan when none)."""
+        return self.n_agree / self.n_labelled if self.n_labelled else float("nan")
+
+
+@dataclass(frozen=True)
 class Counts:
     """Per-timepoint result: what the sinks record."""
 
@@ -175,6 +199,12 @@ class Counts:
     sources: tuple[Path, ...] = ()
     missing_channels: tuple[str, ...] = ()
     stage_seconds: Mapping[str, float] = field(default_factory=dict)
+    #: cells flagged unknown (each is also counted under its predicted state)
+    n_unknown: int = 0
+    #: version of the reference index the frame was counted with
+    index_version: int = 0
+    #: classifier vs death marker on this frame, when it carries the marker channel
+    marker: MarkerAgreement | None = None
 
     def fraction(self, state: str) -> float:
         """Share of the frame's cells in ``state`` (0 for an empty frame or an unknown state)."""

@@ -70,10 +70,12 @@ def ewc_search(index: ReferenceIndex, queries: np.ndarray, params: EWCParams, bl
 class EWCClassifier:
     """EWC-FAISS over a :class:`ReferenceIndex`; parameters from the index unless overridden."""
 
-    def __init__(self, index: ReferenceIndex, ewc: EWCParams | None = None, certainty_floor: float = 0.5):
+    def __init__(self, index: ReferenceIndex, ewc: EWCParams | None = None, certainty_floor: float = 0.5, flag_unknown: bool = True):
         self.index = index
         self.params = ewc or index.ewc
         self.certainty_floor = certainty_floor
+        #: flag cells farther than the index's calibrated distance from every reference
+        self.flag_unknown = flag_unknown and index.unknown_distance is not None
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -86,15 +88,22 @@ class EWCClassifier:
         entropy exceeds the threshold, then the class-weighted vote
         ``argmax_l sum_j w_{y_j} [y_j = l]`` (unweighted when reweighting is
         off). Rows whose certainty is below ``certainty_floor`` are flagged
-        ``uncertain`` (still labelled). Neighbour arrays are padded beyond
+        ``uncertain`` (still labelled); rows whose nearest reference is farther
+        than the index's calibrated unknown distance are flagged ``unknown``
+        (still labelled; ``unknown`` is None when the index has no
+        calibration or the flag is off). Neighbour arrays are padded beyond
         each row's k.
         """
         vectors = emb.vectors if isinstance(emb, Embeddings) else emb
         p = self.params
         if len(vectors) == 0:
             e = np.zeros((0, 0))
-            return States(self.classes, np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64), np.zeros(0, bool), e.astype(np.int64), e.astype(np.int64), e.astype(np.float32))
+            return States(self.classes, np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64), np.zeros(0, bool), e.astype(np.int64), e.astype(np.int64),
+                          e.astype(np.float32), np.zeros(0, bool) if self.flag_unknown else None, self.index.version)
         res = ewc_search(self.index, np.asarray(vectors, dtype=np.float32), p)
+        unknown = None
+        if self.flag_unknown:
+            unknown = res.neighbor_distances[:, 0] > float(self.index.unknown_distance)  # type: ignore[arg-type]
         return States(
             classes=self.classes,
             predicted=res.predicted,
@@ -104,6 +113,8 @@ class EWCClassifier:
             neighbor_ids=res.neighbor_ids,
             neighbor_labels=res.neighbor_labels,
             neighbor_distances=res.neighbor_distances,
+            unknown=unknown,
+            index_version=self.index.version,
         )
 
 

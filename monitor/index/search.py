@@ -88,7 +88,11 @@ class VectorSearch:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(distances, ids), nearest first, equal distances by reference id; cosine distances are ``1 - cos``."""
-        x = self.prepare(np.ascontiguousarray(queries, dtype=np.float32))
+        return self.search_prepared(self.prepare(np.ascontiguousarray(queries, dtype=np.float32)), k)
+
+    def search_prepared(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`search` for rows already prepared (e.g. the stored references themselves)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
         k = min(k, len(self))
         if self.metric == "canberra":
             from monitor.index.canberra import CanberraSearch
@@ -114,6 +118,16 @@ class VectorSearch:
     def uses_gemm(self) -> bool:
         """True when searches run on the blocked GEMM path (exact L2 or cosine)."""
         return self.structure == "flat" and self.metric in ("l2", "cosine")
+
+    def add_prepared(self, x: np.ndarray) -> None:
+        """Append prepared reference rows (the exact-search caches are rebuilt on next use)."""
+        self.faiss_index.add(np.ascontiguousarray(x, dtype=np.float32))
+        self._exact = None
+        self._canberra = None
+
+    def stored(self, ids: np.ndarray) -> np.ndarray:
+        """The prepared vectors of the given references."""
+        return np.stack([self.faiss_index.reconstruct(int(i)) for i in ids]) if len(ids) else np.zeros((0, self.dim), np.float32)
 
     def _blocks(self, n_queries: int) -> list[tuple[int, int]]:
         # a block's (B, N) float32 distance matrix stays near 64 MiB

@@ -44,6 +44,7 @@ k whenever k exceeds it, so a search never returns fewer than k neighbours.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -60,6 +61,12 @@ from monitor.index.ewc import EWCParams
 from monitor.index.search import HNSWParams, Metric, Structure, VectorSearch, _prepare, build_faiss
 
 FORMAT_VERSION = 2
+#: default quantile of the references' own nearest-neighbour distances beyond which a query is unknown
+UNKNOWN_QUANTILE = 0.99
+#: at most this many references are searched to calibrate the unknown distance
+UNKNOWN_SAMPLE = 5000
+#: expert corrections beside a built index: version, files and their checksums
+CORRECTIONS = "corrections.json"
 #: formats this version reads (1: before conditioning and query options)
 READABLE_FORMATS = (1, 2)
 _DEFAULT_EWC = EWCParams()
@@ -88,6 +95,9 @@ class IndexMeta:
     preprocessing: dict[str, Any] | None = None
     conditioning: dict[str, Any] | None = None
     query: dict[str, Any] | None = None
+    #: ``{"distance", "quantile", "n_sampled"}``: a query whose nearest reference is
+    #: farther than ``distance`` is unknown (calibrated on the references at build time)
+    unknown: dict[str, Any] | None = None
 
     @property
     def dim(self) -> int:
@@ -109,6 +119,10 @@ class ReferenceIndex:
         self.searcher = searcher
         self.ref_names = list(ref_names) if ref_names is not None else None
         self.weights = classify.class_weights(self.labels, len(meta.classes))
+        #: 1 as built; each batch of expert corrections adds one (:meth:`add`)
+        self.version = 1
+        #: raw vectors, labels and names of the corrections added since the build
+        self._corr: tuple[np.ndarray, np.ndarray, list[str]] = (np.zeros((0, meta.dim), np.float32), np.zeros(0, np.int64), [])
 
     # what callers read most, from the meta
     classes = property(lambda self: self.meta.classes)
@@ -141,6 +155,7 @@ class ReferenceIndex:
         preprocessing: dict[str, Any] | None = None,
         conditioning: ConditioningSpec | Conditioner | None = None,
         query: dict[str, Any] | None = None,
+        unknown_quantile: float | None = UNKNOWN_QUANTILE,
     ) -> ReferenceIndex:
         """Build the search structure over (N, D) float32 vectors.
 
@@ -148,7 +163,10 @@ class ReferenceIndex:
         and HNSW above (Canberra is always exact). ``conditioning``: a spec is
         fitted on these reference vectors (and nothing else); a fitted
         :class:`Conditioner` is used as it is. The search structure then holds
-        the conditioned vectors.
+        the conditioned vectors. ``unknown_quantile``: the unknown-cell
+        distance is this quantile of the references' leave-one-out
+        nearest-neighbour distances (:func:`calibrate_unknown`; None: no
+        unknown flag).
 
         Raises
         ------
@@ -179,7 +197,10 @@ class ReferenceIndex:
         if structure == "auto":
             meta = replace(meta, structure="hnsw" if x.shape[0] > hnsw_above and metric != "canberra" else "flat")
         index = build_faiss(_prepare(cond.apply(x) if cond is not None else x, metric, normalize), metric, meta.structure, hnsw)
-        return cls(meta, labels, VectorSearch(index, metric, meta.structure, hnsw, normalize, cond), ref_names)
+        searcher = VectorSearch(index, metric, meta.structure, hnsw, normalize, cond)
+        if unknown_quantile is not None and x.shape[0] >= 2:
+            meta = replace(meta, unknown=calibrate_unknown(searcher, unknown_quantile))
+        return cls(meta, labels, searcher, ref_names)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -235,6 +256,7 @@ class ReferenceIndex:
             "ewc": asdict(m.ewc),
             "conditioning": m.conditioning,
             "query": m.query,
+            "unknown": m.unknown,
             "reference_names": self.ref_names is not None,
             "checksums": {f: file_sha256(folder / f) for f in files},
         }
@@ -342,5 +364,139 @@ class ReferenceIndex:
             preprocessing=meta.get("preprocessing"),
             conditioning=crec,
             query=query,
+            unknown=_unknown_record(meta.get("unknown"), fail),
         )
-        return cls(m, labels, VectorSearch(index, m.metric, m.structure, m.hnsw, m.normalize, cond), names)
+        out = cls(m, labels, VectorSearch(index, m.metric, m.structure, m.hnsw, m.normalize, cond), names)
+        _load_corrections(out, folder, fail)
+        return out
+
+    # ---- unknown cells and expert corrections ---------------------------
+    @property
+    def unknown_distance(self) -> float | None:
+        """Nearest-reference distance beyond which a query is unknown (None: not calibrated)."""
+        return float(self.meta.unknown["distance"]) if self.meta.unknown else None
+
+    @property
+    def n_corrections(self) -> int:
+        """References added by expert corrections since the build."""
+        return int(self._corr[1].shape[0])
+
+    def add(self, vectors: np.ndarray, labels: np.ndarray, names: Sequence[str] | None = None) -> int:
+        """Add labelled references (raw encoder vectors) to the live index: the next search uses them.
+
+        The conditioning and the unknown calibration are kept as built (no
+        refit); class weights are recomputed. The index version grows by one.
+        :meth:`save_corrections` persists them. Returns the new version.
+
+        Raises
+        ------
+        ValueError
+            Vectors of the wrong dimension, a label count that differs, or a
+            label outside the index's classes.
+        """
+        if np.ndim(vectors) != 2 or np.shape(vectors)[1] != self.meta.dim:
+            raise ValueError(f"corrections must be (N, {self.meta.dim}) raw encoder vectors (got shape {np.shape(vectors)})")
+        x = np.ascontiguousarray(vectors, dtype=np.float32)
+        y = np.asarray(labels, dtype=np.int64).reshape(-1)
+        if len(y) != len(x):
+            raise ValueError(f"{len(y)} labels for {len(x)} correction vectors")
+        if len(y) and (y.min() < 0 or y.max() >= len(self.classes)):
+            raise ValueError(f"correction labels must be class indices 0..{len(self.classes) - 1}")
+        names = list(names) if names is not None else [f"correction-v{self.version + 1}-{i}" for i in range(len(y))]
+        self.searcher.add_prepared(self.searcher.prepare(x))
+        self.labels = np.concatenate([self.labels, y])
+        if self.ref_names is not None:
+            self.ref_names += names
+        self.weights = classify.class_weights(self.labels, len(self.classes))
+        cx, cy, cn = self._corr
+        self._corr = (np.concatenate([cx, x]), np.concatenate([cy, y]), cn + names)
+        self.version += 1
+        return self.version
+
+    def save_corrections(self, folder: str | Path) -> Path:
+        """Persist the corrections beside the built index (crash-safe; see :data:`CORRECTIONS`).
+
+        Every correction so far goes into ``corrections/v<version>.*.npy``;
+        ``corrections.json`` (their checksums and the version) replaces the
+        previous one atomically, then older versions' files are removed. A
+        kill at any point leaves the previous or the new version whole.
+        """
+        folder = Path(folder)
+        sub = folder / "corrections"
+        sub.mkdir(exist_ok=True)
+        x, y, names = self._corr
+        stem = f"v{self.version:05d}"
+        files = {f"corrections/{stem}.vectors.npy": x, f"corrections/{stem}.labels.npy": y}
+        for rel, arr in files.items():
+            with open(folder / rel, "wb") as f:
+                np.save(f, arr, allow_pickle=False)
+                f.flush()
+                os.fsync(f.fileno())
+        (folder / f"corrections/{stem}.names.json").write_text(json.dumps(names))
+        rels = [*files, f"corrections/{stem}.names.json"]
+        rec = {"version": self.version, "n": len(y), "files": {r: file_sha256(folder / r) for r in rels},
+               "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        tmp = folder / "corrections.json.tmp"
+        with open(tmp, "w") as f:
+            f.write(json.dumps(rec, indent=2))
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(folder / CORRECTIONS)
+        for old in sub.iterdir():
+            if not old.name.startswith(stem + "."):
+                old.unlink(missing_ok=True)
+        return folder / CORRECTIONS
+
+
+def calibrate_unknown(searcher: VectorSearch, quantile: float = UNKNOWN_QUANTILE, sample: int = UNKNOWN_SAMPLE, seed: int = 0) -> dict[str, Any]:
+    """The references' own typical neighbour distance, as the unknown-cell threshold.
+
+    Each sampled reference is searched against all the others (leave-one-out:
+    its own entry is skipped); the threshold is the ``quantile`` of those
+    nearest distances, in the index's search space (conditioned, same
+    distance as a query's). A query farther than this from every reference
+    is unlike anything the references hold.
+    """
+    n = len(searcher)
+    ids = np.arange(n) if n <= sample else np.sort(np.random.default_rng(seed).choice(n, sample, replace=False))
+    d, i = searcher.search_prepared(searcher.stored(ids), min(3, n))
+    not_self = i != ids[:, None]
+    nearest = np.array([row_d[row_m][0] if row_m.any() else np.inf for row_d, row_m in zip(d, not_self, strict=True)])
+    nearest = nearest[np.isfinite(nearest)]
+    dist = float(np.quantile(nearest, quantile)) if nearest.size else float("inf")
+    return {"distance": dist, "quantile": float(quantile), "n_sampled": int(len(ids))}
+
+
+def _unknown_record(rec: Any, fail: Any) -> dict[str, Any] | None:
+    if rec is None:
+        return None
+    if not isinstance(rec, dict) or not isinstance(rec.get("distance"), (int, float)):
+        raise fail(f"meta.json: unknown must be a table with a numeric distance (got {rec!r})")
+    return dict(rec)
+
+
+def _load_corrections(index: ReferenceIndex, folder: Path, fail: Any) -> None:
+    """Apply the expert corrections saved beside the index (checked like the index's own files)."""
+    path = folder / CORRECTIONS
+    if not path.is_file():
+        return
+    try:
+        rec = json.loads(path.read_text())
+        files = dict(rec["files"])
+        version = int(rec["version"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise fail(f"{CORRECTIONS} is unreadable ({e})") from None
+    for rel, digest in files.items():
+        p = folder / rel
+        if not p.is_file():
+            raise fail(f"{rel} (expert corrections) is missing")
+        if file_sha256(p) != digest:
+            raise fail(f"{rel} does not match its checksum in {CORRECTIONS} (corrupt or edited)")
+    try:
+        x = np.load(folder / next(r for r in files if r.endswith(".vectors.npy")), allow_pickle=False)
+        y = np.load(folder / next(r for r in files if r.endswith(".labels.npy")), allow_pickle=False)
+        names = json.loads((folder / next(r for r in files if r.endswith(".names.json"))).read_text())
+        index.add(x, y, names)
+    except (StopIteration, ValueError, OSError) as e:
+        raise fail(f"expert corrections: {e}") from None
+    index.version = version

@@ -390,7 +390,9 @@ def build_pipeline(cfg: Config, registry: Any, ctx: Any, classifier: Classifier 
         index = ReferenceIndex.load(cfg.classifier.index, [{"id": e.id, "dim": e.dim} for e in encoders])
         c = cfg.classifier
         params = params_from_config(index, c.k_min, c.k_max, c.entropy_threshold, c.reweight)
-        classifier = EWCClassifier(index, params, p.certainty_floor)
+        classifier = EWCClassifier(index, params, p.certainty_floor, flag_unknown=c.unknown)
+        if c.unknown and index.unknown_distance is None:
+            log.info("%s: no unknown-cell calibration (an index built before it); rebuild it to count unknown cells", cfg.classifier.index)
         # the index's query side (TTA encoders, crop framing), as classify and evaluate apply it
         return query_pipeline(Pipeline.from_config(cfg, segmenter, encoders, classifier), index)
     return Pipeline.from_config(cfg, segmenter, encoders, classifier)

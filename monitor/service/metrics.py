@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from monitor.records import Counts
 from monitor.service.ledger import safe_text
-from monitor.service.rows import CANONICAL, by_role, class_roles
+from monitor.service.rows import CANONICAL, NOT_CLASS_COUNTS, by_role, class_roles
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,15 @@ class ServiceMetrics:
         self.uncertain = Gauge(
             "cellmonitor_uncertain_cells", "Cells below the certainty floor in the latest frame", ["instrument", "experiment", "well"], registry=r
         )
+        self.unknown = Gauge(
+            "cellmonitor_unknown_cells", "Cells farther from every reference than the index's calibrated distance, latest frame",
+            ["instrument", "experiment", "well"], registry=r
+        )
+        self.marker_agreement = Gauge(
+            "cellmonitor_marker_agreement", "Share of death-marker-labelled cells the classifier agrees with, latest frame with the marker",
+            ["instrument", "experiment", "well"], registry=r
+        )
+        self.index_version = Gauge("cellmonitor_index_version", "Version of the reference index (grows with expert corrections)", registry=r)
         self.control_area = Gauge(
             "cellmonitor_control_area_square_meters", "Otsu control-signal area in the latest frame (1e-12 = 1 square micrometre)",
             ["instrument", "experiment", "well"], registry=r
@@ -78,11 +87,15 @@ class ServiceMetrics:
         return self.roles if self.roles is not None else class_roles(classes)
 
     def _set_latest(self, lab: tuple[str, str, str], per_state: Mapping[str, int], n_cells: int, n_uncertain: int,
-                    control_area_um2: float | None, control_fraction: float | None, timepoint: int) -> None:
+                    control_area_um2: float | None, control_fraction: float | None, timepoint: int,
+                    n_unknown: int = 0, marker_agreement: float | None = None) -> None:
         for state, n in per_state.items():
             self.state_count.labels(*lab, state).set(n)
             self.state_fraction.labels(*lab, state).set(n / n_cells if n_cells else 0.0)
         self.uncertain.labels(*lab).set(n_uncertain)
+        self.unknown.labels(*lab).set(n_unknown)
+        if marker_agreement is not None:
+            self.marker_agreement.labels(*lab).set(marker_agreement)
         if control_area_um2 is not None and control_fraction is not None:
             self.control_area.labels(*lab).set(control_area_um2 * 1e-12)
             self.control_fraction.labels(*lab).set(control_fraction)
@@ -96,8 +109,12 @@ class ServiceMetrics:
                 self.cells.labels(safe_text(c.key.experiment), state).inc(n)
         ctl = c.control
         lab = (safe_text(c.instrument), safe_text(c.key.experiment), safe_text(c.key.well))  # names may not be UTF-8
+        m = c.marker
         self._set_latest(lab, per_state, c.n_cells, c.n_uncertain,
-                         ctl.area_um2 if ctl else None, ctl.area_fraction if ctl else None, c.key.timepoint)
+                         ctl.area_um2 if ctl else None, ctl.area_fraction if ctl else None, c.key.timepoint,
+                         c.n_unknown, m.fraction if m and m.n_labelled else None)
+        if c.index_version:
+            self.index_version.set(c.index_version)
 
     def restore(self, csv_path: Path) -> int:
         """Set the per-well gauges from the latest row of each well in the record of truth.
@@ -124,12 +141,14 @@ class ServiceMetrics:
                 if any(k.startswith("state_") for k in row):
                     per_state = {s: int(row.get(f"state_{s}") or 0) for s in CANONICAL}
                 else:
-                    classes = {k[2:]: int(v or 0) for k, v in row.items() if k.startswith("n_") and k not in ("n_cells", "n_uncertain")}
+                    classes = {k[2:]: int(v or 0) for k, v in row.items() if k.startswith("n_") and k not in NOT_CLASS_COUNTS}
                     per_state = by_role(classes, self._roles(classes))
                 area = row.get("control_area_um2") or ""
                 frac = row.get("control_area_fraction") or ""
+                agree = row.get("marker_agreement") or ""
                 self._set_latest(lab, per_state, int(row["n_cells"]), int(row.get("n_uncertain") or 0),
-                                 float(area) if area else None, float(frac) if frac else None, int(row["timepoint"]))
+                                 float(area) if area else None, float(frac) if frac else None, int(row["timepoint"]),
+                                 int(row.get("n_unknown") or 0), float(agree) if agree else None)
             except (ValueError, KeyError) as e:
                 log.warning("%s: gauges of well %s not restored (%s)", csv_path, lab[2], e)
         return len(latest)

@@ -30,6 +30,13 @@ COLUMNS_FIXED = [
 CANONICAL = ("live", "apoptotic", "necrotic", "dead", "other")
 
 
+#: ``n_*`` columns that are not reference classes
+NOT_CLASS_COUNTS = ("n_cells", "n_uncertain", "n_unknown")
+#: columns added after the first layout, in the order of their versions: a file begun
+#: without them is continued in its own columns (see the csv sink)
+LATER_COLUMNS = ("state_", "n_unknown", "index_version", "marker_")
+
+
 def class_roles(classes: Iterable[str], configured: Mapping[str, str] | None = None) -> dict[str, str]:
     """Canonical state of every reference class (module docstring).
 
@@ -76,6 +83,7 @@ def counts_row(c: Counts, roles: Mapping[str, str] | None = None) -> dict[str, A
     for role, n in by_role(c.counts, roles if roles is not None else class_roles(c.counts)).items():
         row[f"state_{role}"] = n
     row["n_uncertain"] = c.n_uncertain
+    row["n_unknown"] = c.n_unknown
     row["mean_certainty"] = "" if math.isnan(c.mean_certainty) else f"{c.mean_certainty:.4f}"
     ctl = c.control
     row["control_channel"] = ctl.channel if ctl else ""
@@ -85,6 +93,11 @@ def counts_row(c: Counts, roles: Mapping[str, str] | None = None) -> dict[str, A
     row["missing_channels"] = ";".join(c.missing_channels)
     row["seconds_total"] = f"{sum(c.stage_seconds.values()):.3f}"
     row["sources"] = ";".join(path_text(Path(p).name) for p in c.sources)
+    row["index_version"] = c.index_version
+    m = c.marker
+    row["marker_cells"] = m.n_labelled if m else ""
+    row["marker_agree"] = m.n_agree if m else ""
+    row["marker_agreement"] = f"{m.fraction:.4f}" if m and m.n_labelled else ""
     return row
 
 
@@ -124,7 +137,7 @@ def _export_table(df: Any, out: Path, fmt: str) -> int:
     import pandas as pd
 
     if fmt == "long":
-        states = [c[2:] for c in df.columns if c.startswith("n_") and c not in ("n_cells", "n_uncertain")]
+        states = [c[2:] for c in df.columns if c.startswith("n_") and c not in NOT_CLASS_COUNTS]
         keep = [c for c in ("experiment", "well", "field", "timepoint", "acquired_at", "n_cells", "control_area_um2", "control_area_fraction") if c in df]
         parts = []
         for s in states:

@@ -17,7 +17,8 @@ Policy
   the ledger commit cannot duplicate a row.
 * If the reference classes change, the header no longer fits: a
   configuration error (exit 78) asking for a new csv path. A file begun by
-  an earlier version (without the ``state_<canonical>`` columns) is continued
+  an earlier version (without columns added since: ``state_<canonical>``,
+  ``n_unknown``, ``index_version``, ``marker_*``) is continued
   in its own columns, so an upgrade in the middle of an experiment goes on.
 """
 
@@ -78,8 +79,12 @@ def repair_torn_tail(path: Path) -> int:
 
 
 def _older_layout(old: list[str], new: list[str]) -> bool:
-    """True when ``old`` is ``new`` without the columns later versions added (``state_*``)."""
-    return old == [c for c in new if not c.startswith("state_")]
+    """True when ``old`` is ``new`` without some of the columns later versions added
+    (:data:`~monitor.service.rows.LATER_COLUMNS`: ``state_*``, ``n_unknown``, ...)."""
+    from monitor.service.rows import LATER_COLUMNS
+
+    later = [c for c in new if c.startswith(LATER_COLUMNS)]
+    return set(old) <= set(new) and old == [c for c in new if c in old] and all(c in old or c in later for c in new)
 
 
 class CsvSink:
