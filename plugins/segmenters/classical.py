@@ -60,16 +60,19 @@ log = logging.getLogger(__name__)
 
 
 #: default smallest cell per mode: phase-contrast debris specks reach a few hundred um^2
-#: (tuned on t98g); quantitative-phase remnants of dead cells are a few tens of um^2
-MIN_AREA_UM2 = {"contrast": 350.0, "intensity": 20.0}
+#: (tuned on t98g); quantitative-phase remnants of dead cells are a few tens of um^2;
+#: blobs: a counting-chamber cell of ~14 um is ~150 um^2, debris below ~60 (tuned on livedead training frames)
+MIN_AREA_UM2 = {"contrast": 350.0, "intensity": 20.0, "blobs": 60.0}
 #: ``auto`` picks ``intensity`` when the background median sits this low in the 0.5-99.5 percentile range
 AUTO_INTENSITY_BELOW = 0.2
 
 
 class Options(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    mode: Literal["auto", "contrast", "intensity"] = Field(
-        "auto", description="contrast: phase contrast/brightfield; intensity: quantitative phase / RI (cells bright); auto: per image"
+    mode: Literal["auto", "contrast", "intensity", "blobs"] = Field(
+        "auto",
+        description="contrast: phase contrast/brightfield; intensity: quantitative phase / RI (cells bright); "
+        "blobs: round cells of one size in a counting chamber (never picked by auto); auto: per image",
     )
     work_pixel_size_um: float = Field(0.8, gt=0, description="segment on a grid no finer than this (speed)")
     background_um: float = Field(15.0, gt=0, description="sigma of the background Gaussian")
@@ -92,6 +95,18 @@ class Options(BaseModel):
     )
     max_area_um2: float = Field(20000.0, gt=0)
     exclude_border: bool = False
+    # mode="blobs" only (plugins/segmenters/blobs.py; defaults tuned on livedead training frames at 0.7 um/px)
+    cell_diameter_um: float = Field(14.0, gt=0, description="blobs: the expected cell diameter")
+    blob_snr: float = Field(15.0, ge=0, description="blobs: smallest peak of the smoothed contrast, in units of the field's contrast MAD")
+    seed_distance_um: float = Field(5.0, gt=0, description="blobs: the least distance between two cells' seeds")
+    fg_snr: float = Field(8.0, ge=0, description="blobs: a cell's region is where the contrast exceeds this x MAD ...")
+    fg_fraction: float = Field(0.15, ge=0, le=1, description="blobs: ... and this fraction of the cell's own peak")
+    line_um: float = Field(30.0, ge=0, description="blobs: remove straight structures longer than this (chamber ruling; 0: off)")
+    line_angles: int = Field(12, ge=1, le=90, description="blobs: orientations tried for the line removal")
+    min_dark: float = Field(0.3, ge=0, description="blobs: a cell's darkest flattened value is below -this (of the 0.5-99.5 percentile range)")
+    min_solidity: float = Field(0.8, ge=0, le=1, description="blobs: smallest area / convex-hull area")
+    max_axis_ratio: float = Field(1.8, ge=1, description="blobs: longest / shortest axis of a cell not cut by the frame edge")
+    border_um: float = Field(4.2, ge=0, description="blobs: a cell cut by the frame edge counts when its centroid is this far inside")
     empty_snr: float = Field(
         8.0, ge=0, description="a field with less than a quarter of the smallest cell's area departing from the background by this x noise is empty (0 cells); 0: off"
     )
@@ -233,6 +248,10 @@ def segment_image(image: np.ndarray, pixel_size_um: float, o: Options) -> np.nda
     step = 0.3 / (hi - lo) if np.issubdtype(np.asarray(image).dtype, np.integer) else 0.0
     if is_empty_field(flat, pixel_noise(flat, step), o.empty_snr, min_px):
         return empty
+    if mode == "blobs":
+        from cellmonitor_plugins.segmenters.blobs import blob_labels
+
+        return resize(blob_labels(img, flat, work, o, min_px), shape0, labels=True)
 
     if mode == "contrast" and o.native_contrast and img.shape != shape0:
         # fine texture of spread cytoplasm lives at the native resolution

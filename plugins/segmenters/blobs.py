@@ -1,0 +1,144 @@
+"""Blob mode of the classical segmenter: round, similar-sized cells in a counting chamber.
+
+Brightfield counting-chamber frames (haemocytometer, live/dead counts) hold
+sparse, round cells of one expected size on a flat field crossed by the
+chamber's ruling. The contrast-mode watershed shatters the ruling into
+"cells" and merges or drops the faint ones; here each cell is one detected
+blob. On a grid no finer than ``work_pixel_size_um``:
+
+1. Normalise (0.5/99.5 percentiles) and flatten (Gaussian background,
+   ``background_um``); an empty field is 0 cells (as in the other modes).
+2. Local contrast: the standard deviation over ``contrast_um`` (high on the
+   dark ring and bright core of a living cell and on the grey body of a dead
+   one, whatever the polarity).
+3. The chamber's ruling goes: the grey opening of the contrast by a line of
+   ``line_um`` at ``line_angles`` orientations keeps only structures longer
+   than that line (grid lines; a cell is shorter) and is subtracted.
+4. In units of the field's own contrast spread (median, MAD: the score is
+   per-frame normalised), smoothed at a quarter of ``cell_diameter_um``,
+   every local maximum at least ``seed_distance_um`` from a higher one and
+   above ``blob_snr`` is a candidate cell.
+5. Each candidate's region: a marker watershed of the smoothed score within
+   ``fg_snr`` and within 0.7 x ``cell_diameter_um`` of its seed, cut at
+   ``fg_fraction`` of its own peak, holes filled, largest piece kept.
+6. A region is a cell when it is at least ``min_area_um2``, solid
+   (``min_solidity``), round unless cut by the frame edge
+   (``max_axis_ratio``), has a dark part (its darkest flattened value below
+   ``-min_dark``: in-focus cells, living or dead, have one; out-of-focus ghosts
+   and smudges do not) and, when cut by the frame edge, its centroid lies at
+   least ``border_um`` inside it (a sliver of a cell outside the field is not counted).
+
+The defaults of these options were tuned on training frames of the live/dead
+counting-chamber set at 0.7 um/px (``config/livedead.toml``,
+``bench/results/e2e_livedead.md``).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+
+@lru_cache(maxsize=8)
+def line_kernels(length_px: int, n_angles: int) -> tuple[np.ndarray, ...]:
+    """Flat line structuring elements of ``length_px`` (odd) at ``n_angles`` orientations over 180 degrees."""
+    import cv2
+
+    n = max(3, length_px | 1)
+    c = (n - 1) / 2
+    out = []
+    for a in np.arange(n_angles) * np.pi / n_angles:
+        k = np.zeros((n, n), np.uint8)
+        dx, dy = np.cos(a) * c, np.sin(a) * c
+        cv2.line(k, (int(round(c - dx)), int(round(c - dy))), (int(round(c + dx)), int(round(c + dy))), 1, 1)
+        out.append(k)
+    return tuple(out)
+
+
+def remove_lines(signal: np.ndarray, length_px: int, n_angles: int) -> np.ndarray:
+    """``signal`` minus its largest grey opening by a line of ``length_px`` over ``n_angles`` orientations.
+
+    An opening keeps only what a whole line fits into, so grid lines longer
+    than ``length_px`` are removed and blobs shorter than it are kept whole.
+    """
+    import cv2
+
+    lines = np.zeros_like(signal)
+    for k in line_kernels(length_px, n_angles):
+        opened = cv2.dilate(cv2.erode(signal, k, borderType=cv2.BORDER_REFLECT), k, borderType=cv2.BORDER_REFLECT)
+        np.maximum(lines, opened, out=lines)
+    return signal - lines
+
+
+def _touches_edge(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, ...]) -> bool:
+    return bool(rows.min() == 0 or cols.min() == 0 or rows.max() == shape[0] - 1 or cols.max() == shape[1] - 1)
+
+
+def is_cell(region: np.ndarray, flat: np.ndarray, offset: tuple[int, int], shape: tuple[int, ...], work_um: float, o: Any, min_px: float) -> bool:
+    """The acceptance rule of step 6 for one region (a boolean mask within its bounding slice)."""
+    from skimage.measure import regionprops
+
+    area = int(region.sum())
+    if area < min_px or float(flat[region].min()) > -o.min_dark:
+        return False
+    rp = regionprops(region.astype(np.uint8))[0]
+    if rp.solidity < o.min_solidity:
+        return False
+    rows, cols = np.nonzero(region)
+    rows, cols = rows + offset[0], cols + offset[1]
+    if _touches_edge(rows, cols, shape):
+        cy, cx = rows.mean(), cols.mean()
+        return bool(min(cy, cx, shape[0] - 1 - cy, shape[1] - 1 - cx) * work_um >= o.border_um)
+    return bool(rp.axis_major_length <= o.max_axis_ratio * max(rp.axis_minor_length, 1.0))
+
+
+def blob_labels(img: np.ndarray, flat: np.ndarray, work_um: float, o: Any, min_px: float) -> np.ndarray:
+    """Instance labels (int32) of the blob cells of a normalised image ``img`` and its flattened ``flat``.
+
+    Both on the working grid of ``work_um`` um/px; ``o`` is the classical
+    segmenter's options (the blob fields), ``min_px`` the smallest cell in
+    working pixels. Steps 2-6 of the module docstring.
+    """
+    import cv2
+    from scipy import ndimage as ndi
+    from skimage.feature import peak_local_max
+    from skimage.segmentation import watershed
+
+    del img  # the flattened image carries everything used here
+    s = o.contrast_um / work_um
+    mean = cv2.GaussianBlur(flat, (0, 0), s)
+    contrast = np.sqrt(np.clip(cv2.GaussianBlur(flat * flat, (0, 0), s) - mean * mean, 0, None)).astype(np.float32)
+    if o.line_um > 0:
+        contrast = remove_lines(contrast, int(round(o.line_um / work_um)), o.line_angles)
+    med = float(np.median(contrast))
+    mad = max(1.4826 * float(np.median(np.abs(contrast - med))), 1e-6)
+    score = (contrast - med) / mad
+    smooth = cv2.GaussianBlur(score, (0, 0), o.cell_diameter_um / 4 / work_um)
+    peaks = peak_local_max(
+        smooth, min_distance=max(1, int(o.seed_distance_um / work_um)), threshold_abs=o.blob_snr, exclude_border=False
+    )
+    labels = np.zeros(flat.shape, np.int32)
+    if len(peaks) == 0:
+        return labels
+    markers = np.zeros(flat.shape, np.int32)
+    markers[peaks[:, 0], peaks[:, 1]] = np.arange(1, len(peaks) + 1)
+    near = ndi.distance_transform_edt(markers == 0) <= 0.7 * o.cell_diameter_um / work_um
+    regions = watershed(-smooth, markers, mask=((score > o.fg_snr) & near) | (markers > 0))
+    n = 0
+    for i, sl in enumerate(ndi.find_objects(regions)):
+        if sl is None:
+            continue
+        own = regions[sl] == i + 1
+        sc = score[sl]
+        cut = ndi.binary_fill_holes(own & (sc > max(o.fg_snr, o.fg_fraction * float(sc[own].max()))))
+        pieces, k = ndi.label(cut)
+        if k == 0:
+            continue
+        if k > 1:
+            cut = pieces == int(np.argmax(np.bincount(pieces.ravel())[1:])) + 1
+        if is_cell(cut, flat[sl], (sl[0].start, sl[1].start), flat.shape, work_um, o, min_px):
+            n += 1
+            labels[sl][cut] = n
+    return labels
