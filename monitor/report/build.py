@@ -145,7 +145,10 @@ def render(e: Experiment, src: Path, out: Path, name: str, gallery: Gallery | No
     summary = last[["well", "timepoint", "n_cells", "death_fraction"] + [f"frac_{c}" for c in e.classes]].rename(columns={"timepoint": "last timepoint"})
     legend = "".join(f"<span class='swatch' style='background:rgb{colours[c]}'></span>{esc(c)}" for c in e.classes)
     notes = "".join(f"<p class='note'>{esc(n)}</p>" for n in e.notes)
-    text_cols = "".join(f"<p class='cap'><b>{esc(k)}</b>: {esc(', '.join(v) or '(empty)')}</p>" for k, v in e.extra_text.items())
+    text_cols = "".join(f"<p class='cap'><b>{esc(k)}</b>: {esc(', '.join(v))}</p>" for k, v in e.extra_text.items() if v)
+    empty = [k for k, v in e.extra_text.items() if not v]
+    if empty:
+        text_cols += f"<p class='cap'>Columns empty in this run: {esc(', '.join(empty))}.</p>"
     sections.append(
         "<section id='summary'><h2>Summary</h2>"
         f"<p>{len(e.wells)} well(s), {len(e.rows)} frame(s), timepoints {tps[0]}–{tps[-1]}; classes: {legend}</p>"
