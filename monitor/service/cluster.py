@@ -166,7 +166,10 @@ class FrameWorker:
 
     def info(self) -> dict[str, Any]:
         """Where this worker runs and what it classifies into (or why it could not be built)."""
-        return {"pid": os.getpid(), "host": socket.gethostname(), "classes": self.classes, "failure": self.failure}
+        from monitor import __version__
+
+        return {"pid": os.getpid(), "host": socket.gethostname(), "classes": self.classes, "failure": self.failure,
+                "version": __version__}
 
     def _read(self, path: str) -> Acquisition | FileEvent:
         """One file, as the service's loop reads it: not ready, unreadable, or its acquisition."""
@@ -286,6 +289,7 @@ class ReplayStats:
     frames: int = 0
     resubmitted: int = 0
     actor_pids: list[int] = field(default_factory=list)
+    startup_s: float = 0.0  # connect, workers built (models and index loaded), sinks opened
     seconds: float = 0.0
 
 
@@ -407,6 +411,9 @@ class ClusterReplay:
     workers
         Number of actors; default: as many as the cluster's CPUs (or GPUs,
         with ``gpus_per_worker``) allow.
+    window
+        Most frames sent and not yet recorded (default 4 x workers x
+        ``pipeline.frames_per_call``); results are recorded in order.
     address
         A running Ray cluster (``ray start --head`` prints it); default: the
         one this process is already connected to, or a new local one.
@@ -414,7 +421,7 @@ class ClusterReplay:
 
     def __init__(self, cfg: Config, registry: Any, workers: int | None = None, address: str | None = None,
                  cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0, serve_metrics: bool = True,
-                 on_counts: Callable[[Counts], None] | None = None, window: int = 0):
+                 on_counts: Callable[[Counts], None] | None = None, window: int = 0, worker_class: type = FrameWorker):
         self.cfg = cfg
         self.registry = registry
         self.workers = workers
@@ -424,6 +431,7 @@ class ClusterReplay:
         self.serve_metrics = serve_metrics
         self.on_counts = on_counts
         self.window = window
+        self.worker_class = worker_class  # FrameWorker; the benchmark's no-op workers measure the driver alone
         self.stats = ReplayStats()
         self.recorder: Any = None  # built once the workers told the classes (the sinks' columns)
         self.server: Any = None
@@ -457,11 +465,16 @@ class ClusterReplay:
         n = self.workers or max(1, fit)
         if n > fit:
             raise UsageError(f"--workers {n}: the cluster has {what} (room for {fit})")
-        cls = ray.remote(FrameWorker).options(num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker,
+        cls = ray.remote(self.worker_class).options(num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker,
                                               max_restarts=-1, max_task_retries=0)
         actors = [cls.remote(self.cfg) for _ in range(n)]
         infos = ray.get([a.info.remote() for a in actors])
+        from monitor import __version__
+
         failed = next((i["failure"] for i in infos if i["failure"]), None)
+        other = sorted({str(i.get("version")) for i in infos} - {__version__})
+        if other and not failed:  # the record of truth must not mix two versions' counts
+            failed = f"workers run cellmonitor {', '.join(other)} but this driver runs {__version__}; install the same version on every node"
         if failed:
             for a in actors:
                 ray.kill(a)
@@ -525,6 +538,7 @@ class ClusterReplay:
             started = self._connect(ray)
             actors = self._start_actors(ray)
             self._build_recorder()
+            self.stats.startup_s = time.monotonic() - t0
             pool = _Pool(ray, actors, self.stats)
             solo = self._recover()  # before the scan: a frame quarantined here is finished
             units = self._units(pool, self._files(), solo, stop)
