@@ -79,7 +79,9 @@ def make_noop_worker(template: Any) -> type:
             self.cfg = cfg
 
         def info(self) -> dict[str, Any]:
-            return {"pid": os.getpid(), "host": "noop", "classes": tuple(template.counts), "failure": None}
+            from monitor import __version__
+
+            return {"pid": os.getpid(), "host": "noop", "classes": tuple(template.counts), "failure": None, "version": __version__}
 
         def identify(self, paths: list[str]) -> list[Any]:
             out = []

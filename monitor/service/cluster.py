@@ -130,6 +130,24 @@ def _placeholder(acq: Acquisition) -> Acquisition:
     return replace(acq, channels={n: np.zeros((1, 1), np.uint8) for n in acq.channels})
 
 
+def _unreachable(address: str, timeout_s: float = 5.0) -> str | None:
+    """None when something listens at ``[ray://]HOST:PORT``, else why not.
+
+    Raises
+    ------
+    UsageError
+        ``address`` is not ``HOST:PORT``.
+    """
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--address {address}: expected HOST:PORT (as `ray start --head` prints it)")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return None
+    except OSError as e:
+        return e.strerror or str(e) or type(e).__name__
+
+
 # ---- the worker ----------------------------------------------------------------------------
 
 
@@ -441,7 +459,11 @@ class ClusterReplay:
     # ---- start-up ----------------------------------------------------------------------
     def _connect(self, ray: ModuleType) -> bool:
         """Connect to (or start) a cluster; True when this call started the connection."""
-        if ray.is_initialized():
+        if self.address and self.address != "auto":  # Ray itself retries a dead address for minutes
+            why = _unreachable(self.address)
+            if why:
+                raise Unavailable(f"--address {self.address}: no Ray cluster there ({why}); start one with `ray start --head`")
+        if ray.is_initialized():  # an embedding program (a test, a notebook) already chose its cluster
             return False
         kw: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": True}
         try:

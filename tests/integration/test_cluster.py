@@ -8,6 +8,7 @@ import csv
 import logging
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -40,9 +41,9 @@ def cluster():
         ray.shutdown()
 
 
-def setup(folder: Path, n: int, channels: bool = False, bad: bool = True, segmenter_options: str = "") -> Path:
+def setup(folder: Path, n: int, channels: bool = False, bad: bool = True, segmenter_options: str = "", service: str = "") -> Path:
     """A fake-plugin config and ``n`` frames (one file each, or a phase + pi pair with ``channels``)."""
-    cfg = write_setup(folder, segmenter_options=segmenter_options)
+    cfg = write_setup(folder, segmenter_options=segmenter_options, service=service)
     watch = folder / "in"
     for i in range(n):
         name = f"{'ABCDEF'[i % 6]}{1 + i // 24}_t{1 + (i // 6) % 4}"
@@ -152,6 +153,33 @@ def test_a_driver_killed_mid_run_then_rerun_gives_every_frame_exactly_once(clust
     assert "Traceback" not in done.stderr
     assert_once(state, n)
     assert quarantined(state) == []
+
+
+@pytest.mark.timeout(150)
+def test_a_frame_past_the_time_limit_is_quarantined_its_worker_restarted_and_the_rest_counted(cluster, tmp_path):
+    """The four good frames and the hanging one share the first call: past 5 x the limit the worker
+    is killed, none is blamed, each goes again alone, and only the hanging one is quarantined."""
+    cfg_path = setup(tmp_path, 4, bad=False, segmenter_options="sleep_on_blank_s = 3600", service="frame_timeout_s = 1.5")
+    np.save(tmp_path / "in" / "A9_t1_phase.npy", np.zeros((64, 64), np.float32))  # hangs the (fake) segmenter
+    cfg = load_config(cfg_path)
+    stats = ClusterReplay(cfg, Registry(cfg.plugins.paths), workers=1, serve_metrics=False).run()
+    assert stats.frames == 4
+    assert_once(tmp_path / "state", 4)
+    q = quarantined(tmp_path / "state")
+    assert [(name, stage) for name, stage, _ in q] == [("A9_t1_phase.npy", "process")], q
+    assert "still processing after 1.5s" in q[0][2]
+
+
+def test_an_address_with_no_cluster_is_exit_69_at_once(tmp_path, capsys):
+    cfg = setup(tmp_path, 1, bad=False)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    assert main(["replay", str(cfg), "--engine", "ray", "--address", f"127.0.0.1:{port}", "--no-metrics"]) == 69
+    assert time.monotonic() - t0 < 20
+    err = capsys.readouterr().err
+    assert f"--address 127.0.0.1:{port}: no Ray cluster there" in err
 
 
 def test_without_ray_the_engine_says_what_to_install(tmp_path, monkeypatch, capsys):
