@@ -120,6 +120,27 @@ class ControlConfig(_Model):
     min_snr: float = Field(5.0, ge=0, description="threshold floor: background median + min_snr * sigma (0 = plain Otsu)")
 
 
+State = Literal["live", "apoptotic", "necrotic", "dead"]
+
+
+class MarkerRuleConfig(_Model):
+    """One ``[[marker.rules]]`` entry: ``channel`` above ``threshold`` means ``state`` (see :mod:`monitor.marker`)."""
+
+    channel: str = Field(min_length=1)
+    state: State
+    threshold: float | Literal["otsu"] = Field(description="background-corrected marker signal in background-noise units, or 'otsu' (fitted at index build --from-marker)")
+
+
+class MarkerConfig(_Model):
+    """``[marker]``: a death marker's rules, for ``index build --from-marker`` and live agreement."""
+
+    rules: list[MarkerRuleConfig] = Field(default_factory=list)
+    negative: State = "live"
+    margin: float = Field(0.25, ge=0.0, lt=1.0, description="cells within margin x threshold of a threshold are ambiguous (left out)")
+    ring_um: float = Field(3.0, gt=0, description="background: pixels farther than this from every cell")
+    agreement: bool = Field(True, description="on frames with the marker channel, count how many marker-labelled cells the classifier agrees with")
+
+
 class PluginsConfig(_Model):
     """``[plugins]``: folders searched for site-local ``module:attr`` plugins."""
 
@@ -140,6 +161,7 @@ class Config(_Model):
     encoders: list[PluginRef] = Field(default_factory=lambda: [PluginRef(name="efficientnet-lite0", options={"layers": "multi"})], min_length=1)
     classifier: ClassifierConfig = ClassifierConfig()
     control: ControlConfig = ControlConfig()
+    marker: MarkerConfig = MarkerConfig()
     sinks: list[PluginRef] = Field(default_factory=lambda: [PluginRef(name="csv"), PluginRef(name="prometheus")])
     plugins: PluginsConfig = PluginsConfig()
 

@@ -20,8 +20,9 @@ from monitor.config import Config, ControlConfig, PipelineConfig
 from monitor.control import otsu_control
 from monitor.errors import StageError
 from monitor.imaging import crop_cells, rescale
+from monitor.marker import MarkerCheck
 from monitor.protocols import Classifier, Encoder, Segmenter
-from monitor.records import Cells, ControlSignal, Counts, Embeddings, Frame, States
+from monitor.records import Cells, ControlSignal, Counts, Embeddings, Frame, MarkerAgreement, States
 
 _P, _C = PipelineConfig(), ControlConfig()  # the defaults live in the config models, nowhere else
 
@@ -57,6 +58,7 @@ class Pipeline:
     frames_per_call: int = _P.frames_per_call  # the most queued frames a caller hands process_frames at once
     prefetch: bool = True  # segment the next frames in a thread while this batch is embedded
     oom: OomPolicy = field(default_factory=OomPolicy, repr=False)  # batch sizes learnt from CUDA OOM
+    marker: MarkerCheck | None = None  # classifier vs death marker on frames that carry it (monitor.marker)
 
     @classmethod
     def from_config(cls, cfg: Config, segmenter: Segmenter, encoders: Sequence[Encoder], classifier: Classifier) -> Pipeline:
@@ -83,7 +85,8 @@ def _embed_crops(crops: np.ndarray, encoders: Sequence[Encoder], batch_size: int
     return np.concatenate(parts, axis=1) if parts else np.zeros((len(crops), 0), np.float32)
 
 
-def count_states(frame: Frame, states: States, control: ControlSignal | None, stage_seconds: dict[str, float]) -> Counts:
+def count_states(frame: Frame, states: States, control: ControlSignal | None, stage_seconds: dict[str, float],
+                 marker: MarkerAgreement | None = None) -> Counts:
     """Per-class counts (every reference class present, zeros included)."""
     n = len(states)
     per_class = np.bincount(states.predicted, minlength=len(states.classes)) if n else np.zeros(len(states.classes), int)
@@ -103,6 +106,7 @@ def count_states(frame: Frame, states: States, control: ControlSignal | None, st
         stage_seconds=stage_seconds,
         n_unknown=int(states.unknown.sum()) if n and states.unknown is not None else 0,
         index_version=states.index_version,
+        marker=marker,
     )
 
 
@@ -284,4 +288,8 @@ def _finish(sg: _Segmented, rows: list[np.ndarray], shared_s: float, crop_encs: 
         control = None
         if p.control_enabled and frame.control is not None:
             control = otsu_control(frame.channels[frame.control], frame.pixel_size_um, frame.control, p.control_min_region_px, p.control_min_snr)
-    return count_states(frame, states, control, s)
+    marker = None
+    if p.marker is not None:
+        with _stage("marker", s):
+            marker = p.marker.agreement(frame, sg.cells, states)
+    return count_states(frame, states, control, s, marker)

@@ -67,9 +67,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("index", help="build, evaluate and tune the EWC-FAISS reference index")
     isub = p.add_subparsers(dest="index_command", metavar="SUBCOMMAND")
 
-    b = isub.add_parser("build", help="embed labelled cells (class folders or VOC boxes) and write an index folder")
-    b.add_argument("data", type=Path, metavar="DATA")
+    b = isub.add_parser("build", help="embed labelled cells (class folders or VOC boxes, or frames labelled by a death marker) and write an index folder")
+    b.add_argument("data", type=Path, metavar="DATA", nargs="?", help="class folders or VOC frames; with --from-marker CONFIG: the frames (default: the config's watch_dir)")
     b.add_argument("--out", type=Path, required=True, metavar="INDEX")
+    b.add_argument("--from-marker", type=Path, default=None, metavar="CONFIG_OR_FOLDER",
+                   help="label the references by the death marker: frames with a marker channel, read, segmented and cropped as the service does, "
+                        "labelled by the config's [marker] rules (a folder: the frames, with --config)")
+    b.add_argument("--config", type=Path, default=None, help="--from-marker FOLDER: the config with the readers, segmenter, encoders and [marker] rules")
     _add_features(b)
     b.add_argument("--metric", choices=("l2", "cosine", "canberra"), default="l2")
     b.add_argument("--normalize", action="store_true", help="L2-normalise vectors (off in the paper)")
@@ -204,8 +208,73 @@ def _params(args: argparse.Namespace, index: Any) -> Any:
 
 
 # ---------------------------------------------------------------- handlers
+def _build_from_marker(args: argparse.Namespace) -> int:
+    """``index build --from-marker``: references labelled by the death marker (monitor.index.from_marker)."""
+    import time
+
+    from monitor.config import config_or_default
+    from monitor.errors import ConfigError
+    from monitor.index.condition import ConditioningSpec
+    from monitor.index.ewc import EWCParams
+    from monitor.index.from_marker import build_index, describe, frames_in, label_frames
+    from monitor.index.presets import PRESETS
+    from monitor.protocols import BuildContext
+    from monitor.registry import Registry
+    from monitor.service.loop import pipeline_without_index
+    from monitor.service.reading import build_readers
+
+    t0 = time.perf_counter()
+    src = args.from_marker
+    if src.is_dir():
+        cfg_path, folder = args.config, src
+    elif src.is_file():
+        cfg_path, folder = src, args.data
+    else:
+        raise ConfigError(f"{src}: --from-marker takes a config file or a folder of frames; this is neither")
+    cfg = config_or_default(cfg_path)
+    folder = folder if folder is not None else cfg.service.watch_dir
+    if not Path(folder).is_dir():
+        raise ConfigError(f"{folder}: no such folder of frames")
+    if args.encoders:
+        raise ConfigError("--from-marker embeds with the config's [[encoders]] (the index must fit the service); drop --encoders")
+    registry = Registry(cfg.plugins.paths)
+    ctx = BuildContext(state_dir=cfg.service.state_dir, config_path=cfg_path, extra={"experiment": cfg.service.experiment})
+    pipeline = pipeline_without_index(cfg, registry, ctx)
+    skipped: list[tuple[str, str]] = []
+    frames = frames_in(cfg, build_readers(cfg, registry, ctx), Path(folder), skipped)
+    for path, problem in skipped:
+        print(f"skipped {path}: {' '.join(problem.split())}", file=sys.stderr)
+    print(f"{folder}: {len(frames)} frame(s)", file=sys.stderr)
+    marked = label_frames(cfg, pipeline, frames, progress=not args.no_progress)
+    describe(marked, lambda line: print(line, file=sys.stderr))
+    # a calibration run gives hundreds of cells, not thousands: the preset's k and conditioning
+    # are capped so that no class is outvoted by k alone and the whitening is not fitted on noise
+    preset = PRESETS[args.preset]
+    pe, pc = preset.ewc, preset.conditioning
+    smallest = min(marked.labels.count(s) for s in set(marked.labels))
+    k_max = args.k_max or max(pe.k_min, min(pe.k_max, smallest))
+    ewc = EWCParams(args.k_min or min(pe.k_min, k_max), k_max,
+                    args.threshold if args.threshold is not None else pe.entropy_threshold, pe.reweight if args.reweight is None else args.reweight)
+    dim = args.condition_dim if args.condition_dim is not None else (min(pc.dim, len(marked.labels) // 8) if pc is not None else 0)
+    print(f"  EWC k {ewc.k_min}..{ewc.k_max} (smallest class: {smallest} cells); conditioning {dim or 'off'}", file=sys.stderr)
+    index = build_index(cfg, pipeline, marked, metric=args.metric, ewc=ewc,
+                        conditioning=ConditioningSpec(dim, args.shrinkage if args.shrinkage is not None else 0.1) if dim > 0 else None,
+                        query={"tta": args.tta} if args.tta and args.tta != 1 else None)
+    index.save(args.out)
+    counts = ", ".join(f"{c} {n}" for c, n in index.class_counts.items())
+    print(f"wrote {args.out}: {len(index)} references labelled by the marker ({counts}); {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return 0
+
+
 def _build(args: argparse.Namespace) -> int:
     import time
+
+    if args.from_marker is not None:
+        return _build_from_marker(args)
+    if args.data is None:
+        from monitor.errors import ConfigError
+
+        raise ConfigError("index build: give DATA (class folders or VOC frames), or --from-marker CONFIG")
 
     from monitor.index.cache import embed_dataset
     from monitor.index.condition import ConditioningSpec

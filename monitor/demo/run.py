@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from monitor.records import Counts, Embeddings, States
+from monitor.records import Counts
 
 log = logging.getLogger(__name__)
 
@@ -226,17 +226,8 @@ def _scrape(url: str) -> str:
         return ""
 
 
-class _NoIndex:
-    """Stand-in classifier while the reference index is being built (never classifies)."""
-
-    classes: tuple[str, ...] = ()
-
-    def classify(self, emb: Embeddings) -> States:
-        raise RuntimeError("reference index not built yet")
-
-
 def bootstrap_pipeline(cfg: Any, registry: Any, ctx: Any) -> Any:
     """The service's segmenter and encoders, built from ``cfg``, before any index exists."""
-    from monitor.service.loop import build_pipeline
+    from monitor.service.loop import pipeline_without_index
 
-    return build_pipeline(cfg, registry, ctx, classifier=_NoIndex())
+    return pipeline_without_index(cfg, registry, ctx)

@@ -54,7 +54,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,15 @@ import numpy as np
 
 from monitor.config import Config, ServiceConfig
 from monitor.device import resolve_device
-from monitor.errors import EX_TEMPFAIL, BadInput, NotReady, StageError, StateWriteError, Unavailable
+from monitor.errors import (
+    EX_TEMPFAIL,
+    BadInput,
+    ConfigError,
+    NotReady,
+    StageError,
+    StateWriteError,
+    Unavailable,
+)
 from monitor.pipeline import Pipeline, process_frames
 from monitor.protocols import Classifier
 from monitor.records import Counts, Frame, FrameKey
@@ -393,9 +401,45 @@ def build_pipeline(cfg: Config, registry: Any, ctx: Any, classifier: Classifier 
         classifier = EWCClassifier(index, params, p.certainty_floor, flag_unknown=c.unknown)
         if c.unknown and index.unknown_distance is None:
             log.info("%s: no unknown-cell calibration (an index built before it); rebuild it to count unknown cells", cfg.classifier.index)
+        pipe = Pipeline.from_config(cfg, segmenter, encoders, classifier)
+        if cfg.marker.rules and cfg.marker.agreement:
+            pipe = replace(pipe, marker=marker_check(cfg, index))
         # the index's query side (TTA encoders, crop framing), as classify and evaluate apply it
-        return query_pipeline(Pipeline.from_config(cfg, segmenter, encoders, classifier), index)
+        return query_pipeline(pipe, index)
     return Pipeline.from_config(cfg, segmenter, encoders, classifier)
+
+
+class _NoIndex:
+    """Stand-in classifier while a reference index is being built (never classifies)."""
+
+    classes: tuple[str, ...] = ()
+
+    def classify(self, emb: Any) -> Any:
+        raise RuntimeError("reference index not built yet")
+
+
+def pipeline_without_index(cfg: Config, registry: Any, ctx: Any) -> Pipeline:
+    """The service's segmenter, encoders and crop settings, before any index exists
+    (to embed reference cells through the service's own components)."""
+    return build_pipeline(cfg, registry, ctx, classifier=_NoIndex())
+
+
+def marker_check(cfg: Config, index: Any) -> Any:
+    """Live marker agreement from ``[marker]``; an ``"otsu"`` threshold takes the number fitted
+    when the index was built ``--from-marker`` (recorded in its preprocessing)."""
+    from monitor.marker import MarkerCheck, resolve
+
+    fitted = {(r["channel"], r["state"]): r["threshold"] for r in ((index.preprocessing or {}).get("marker") or {}).get("rules", [])}
+    table = cfg.marker.model_dump()
+    for r in table["rules"]:
+        if r["threshold"] == "otsu":
+            if (r["channel"], r["state"]) not in fitted:
+                raise ConfigError(f"{cfg.source_name}: marker rule {r['channel']} -> {r['state']}: threshold 'otsu' is fitted by "
+                                  f"'index build --from-marker', and index {cfg.classifier.index} was not; give a number")
+            r["threshold"] = fitted[(r["channel"], r["state"])]
+    rules = resolve(table)
+    log.info("marker agreement: %s; else %s", "; ".join(f"{r.channel} > {r.threshold:.3g} -> {r.state}" for r in rules.rules), rules.negative)
+    return MarkerCheck(rules, class_roles(index.classes, cfg.classifier.roles))
 
 
 def warm_up(pipeline: Pipeline) -> float:
@@ -450,7 +494,6 @@ def build_service(cfg: Config, registry: Any, metrics_registry: Any = None, serv
 
 def roles_for(cfg: Config, classes: Sequence[str]) -> dict[str, str]:
     """Canonical state of each reference class; a configured class the index lacks is a config error."""
-    from monitor.errors import ConfigError
 
     known = {c.casefold() for c in classes}
     unknown = [k for k in cfg.classifier.roles if k.casefold() not in known]

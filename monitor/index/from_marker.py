@@ -1,0 +1,146 @@
+"""A reference index labelled by a death marker, not by hand (``index build --from-marker``).
+
+Frames that carry a marker channel (Apo-15, PI) beside the label-free one go
+through the service's own components: its readers and frame assembler, the
+rescale to the pipeline's pixel size, its segmenter on the label-free
+(primary) channel, its crop path. Each cell's marker signal is measured in
+its mask (:func:`monitor.marker.measure`), the config's ``[marker]`` rules
+label it (``"otsu"`` thresholds fitted on all cells of all frames), cells
+within the margin of a threshold are left out as ambiguous, and the index
+is built from the label-free crops of the labelled cells only. The resolved
+rules are recorded in the index (``preprocessing.marker``), so the service
+can check live agreement with the same thresholds.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from monitor.config import Config
+from monitor.errors import BadInput, CellmonitorError, ConfigError
+from monitor.imaging import crop_cells, rescale
+from monitor.marker import AMBIGUOUS, MarkerRules, label_cells, measure, resolve, summarise
+from monitor.pipeline import Pipeline, embed
+from monitor.records import Frame
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MarkerLabels:
+    """What the marker said: crops and labels of the kept cells, and the bookkeeping."""
+
+    crops: np.ndarray
+    labels: list[str]
+    names: list[str]
+    rules: MarkerRules
+    counts: dict[str, int]
+    frames: int
+    frames_without_marker: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def frames_in(cfg: Config, readers: Any, folder: Path, skipped: list[tuple[str, str]]) -> list[Frame]:
+    """Every frame in ``folder``, read and assembled as the service would (incomplete ones released).
+
+    Unreadable files are appended to ``skipped`` as (path, problem) and left out.
+    """
+    from monitor.service.assemble import FrameAssembler
+    from monitor.service.watch import scan
+
+    a = cfg.assembly
+    asm = FrameAssembler(a.channels, a.primary, a.control, a.wait_s)
+    frames = []
+    for path in sorted(scan(folder, cfg.service.patterns, cfg.service.recursive)):
+        try:
+            acq = readers.choose(path).read(path)
+            f = asm.add(acq)
+        except CellmonitorError as e:
+            skipped.append((str(path), str(e)))
+            continue
+        except Exception as e:  # one unreadable file costs that file only
+            skipped.append((str(path), f"{type(e).__name__}: {e}"))
+            continue
+        if f is not None:
+            frames.append(f)
+    frames += asm.due(force=True)
+    skipped += [(";".join(map(str, d.sources)), d.reason) for d in asm.take_dropped()]
+    return frames
+
+
+def label_frames(cfg: Config, pipeline: Pipeline, frames: list[Frame], progress: bool = True) -> MarkerLabels:
+    """Segment, measure the marker and label every cell of ``frames`` by the config's rules.
+
+    Raises
+    ------
+    ConfigError
+        No ``[marker]`` rules in the config.
+    BadInput
+        No frame carries the marker channels, or no cell got a label.
+    """
+    from tqdm import tqdm
+
+    table = cfg.marker.model_dump()
+    if not table["rules"]:
+        raise ConfigError(f"{cfg.source_name}: no [[marker.rules]]: say which marker channel above which threshold means which state (see README, 'Labelling references by a death marker')")
+    channels = list(dict.fromkeys(r["channel"] for r in table["rules"]))
+    per_frame: list[tuple[Frame, Any, dict[str, np.ndarray]]] = []
+    without: list[str] = []
+    for frame in tqdm(frames, desc="marker: segment + measure", unit="frame", file=sys.stderr, disable=None if progress else True):
+        missing = [c for c in channels if c not in frame.channels]
+        if missing:
+            without.append(f"{frame.key.well}/{frame.key.field}/t{frame.key.timepoint} (no {', '.join(missing)})")
+            continue
+        f = rescale(frame, pipeline.pixel_size_um)
+        cells = pipeline.segmenter.segment(f)
+        values = {c: measure(f, cells, c, float(table["ring_um"])) for c in channels}
+        per_frame.append((f, cells, values))
+    if not per_frame:
+        raise BadInput(Path(str(cfg.service.watch_dir)), f"no frame carries the marker channel(s) {', '.join(channels)} ({len(frames)} frame(s) read)")
+    pooled = {c: np.concatenate([v[c] for _, _, v in per_frame]) for c in channels}
+    rules = resolve(table, pooled)
+    crops, labels, names, every = [], [], [], []
+    for f, cells, values in per_frame:
+        lab = label_cells(values, rules)
+        every += list(lab)
+        keep = [i for i, x in enumerate(lab) if x != AMBIGUOUS]
+        labels += [str(lab[i]) for i in keep]
+        names += [f"{f.key.experiment}/{f.key.well}/{f.key.field}/t{f.key.timepoint}/cell{cells.cells[i].id}" for i in keep]
+        if keep:
+            from monitor.records import Cells
+
+            sub = Cells(cells.labels, tuple(cells.cells[i] for i in keep), cells.pixel_size_um)
+            crops.append(crop_cells(f, sub, pipeline.crop_px, pipeline.blank_background, pipeline.crop_framing, pipeline.crop_margin))
+    if not labels:
+        raise BadInput(Path(str(cfg.service.watch_dir)), f"the marker labelled no cell (all {len(every)} ambiguous or none segmented)")
+    return MarkerLabels(np.concatenate(crops), labels, names, rules, summarise(every), len(per_frame), without)
+
+
+def build_index(cfg: Config, pipeline: Pipeline, marked: MarkerLabels, **build_kw: Any) -> Any:
+    """The reference index from the marker-labelled crops (encoders as configured)."""
+    from monitor.index.store import ReferenceIndex
+
+    classes = tuple(s for s in ("live", "apoptotic", "necrotic", "dead") if s in set(marked.labels))
+    y = np.array([classes.index(s) for s in marked.labels])
+    emb = embed(marked.crops, pipeline.encoders, pipeline.batch_size)
+    encs = [{"name": e.name, "id": e.id, "dim": e.dim} for e in pipeline.encoders]
+    prep = {"source": "marker", "pixel_size_um": pipeline.pixel_size_um, "crop_px": pipeline.crop_px,
+            "blank_background": pipeline.blank_background, "marker": marked.rules.record(), "marker_counts": marked.counts}
+    return ReferenceIndex.build(emb.vectors, y, classes, encs, ref_names=marked.names, preprocessing=prep, **build_kw)
+
+
+def describe(marked: MarkerLabels, say: Callable[[str], None]) -> None:
+    """The label counts and the thresholds used, one line each."""
+    for r in marked.rules.rules:
+        say(f"  rule: {r.channel} > {r.threshold:.3g} (SNR) -> {r.state}  (ambiguous within +-{marked.rules.margin * abs(r.threshold):.3g})")
+    say(f"  else: {marked.rules.negative}")
+    say("  cells: " + ", ".join(f"{k} {v}" for k, v in sorted(marked.counts.items())) + f" in {marked.frames} frame(s)")
+    if marked.frames_without_marker:
+        say(f"  {len(marked.frames_without_marker)} frame(s) without the marker left out, e.g. {marked.frames_without_marker[0]}")
