@@ -56,6 +56,8 @@ class ServiceConfig(_Model):
     patterns: list[str] = Field(default_factory=lambda: ["*.tif", "*.tiff", "*.png", "*.jpg", "*.jpeg"])
     frame_timeout_s: float = Field(900.0, gt=0, description="a frame still processing after this long is quarantined and the service exits 75 (restarted)")
     max_frame_attempts: int = Field(3, ge=1, le=100, description="a frame found in flight at this many start-ups (it crashed or hung the worker each time) is quarantined")
+    feedback: bool = Field(True, description="take expert corrections from feedback_dir into the live index (monitor.service.feedback)")
+    feedback_dir: Path | None = Field(None, description="expert corrections folder (default: <state_dir>/feedback)")
     metrics_port: int = Field(9108, ge=0, le=65535, strict=True)
     metrics_addr: str = "127.0.0.1"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -213,6 +215,7 @@ def parse_config(data: dict[str, Any], source: str = "<config>", base_dir: Path 
         update={
             "watch_dir": _resolve(base_dir, cfg.service.watch_dir),
             "state_dir": _resolve(base_dir, cfg.service.state_dir),
+            "feedback_dir": _resolve(base_dir, cfg.service.feedback_dir) if cfg.service.feedback_dir is not None else None,
         }
     )
     classifier = cfg.classifier.model_copy(update={"index": _resolve(base_dir, cfg.classifier.index)})

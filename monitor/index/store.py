@@ -377,6 +377,11 @@ class ReferenceIndex:
         return float(self.meta.unknown["distance"]) if self.meta.unknown else None
 
     @property
+    def correction_names(self) -> list[str]:
+        """Names of the references added by expert corrections, in order."""
+        return list(self._corr[2])
+
+    @property
     def n_corrections(self) -> int:
         """References added by expert corrections since the build."""
         return int(self._corr[1].shape[0])

@@ -110,6 +110,9 @@ class Service:
     #: exit the process (status 75) when a frame runs past frame_timeout_s (``cellmonitor run``)
     exit_on_hang: bool = False
     lock: StateLock | None = None
+    #: expert corrections into the live index (monitor.service.feedback), polled between frames
+    feedback: Any = None
+
     def __post_init__(self) -> None:
         self._current: tuple[list[Frame], float] | None = None
         self._current_lock = threading.Lock()
@@ -240,6 +243,13 @@ class Service:
             ready.append(frame)
         self.handle_all(ready)
         self._drain_dropped()
+        if self.feedback is not None:
+            try:
+                self.feedback.maybe_poll()
+            except StateWriteError:
+                raise
+            except Exception as e:  # corrections must never stop the counting
+                log.warning("feedback %s: %s: %s", self.feedback.folder, type(e).__name__, e)
         self.metrics.queue_depth.labels("files").set(len(self.intake.tracker))
         self.metrics.queue_depth.labels("frames_waiting_for_channels").set(self.assembler.n_pending)
 
@@ -424,6 +434,21 @@ def pipeline_without_index(cfg: Config, registry: Any, ctx: Any) -> Pipeline:
     return build_pipeline(cfg, registry, ctx, classifier=_NoIndex())
 
 
+def feedback_for(cfg: Config, readers: ReaderSet, pipeline: Pipeline, metrics: ServiceMetrics) -> Any:
+    """The feedback folder's poller, or None when off (or the classifier has no index to add to)."""
+    from monitor.service.feedback import Feedback
+
+    s = cfg.service
+    index = getattr(pipeline.classifier, "index", None)
+    if not s.feedback or index is None:
+        return None
+    folder = s.feedback_dir or s.state_dir / "feedback"
+    folder.mkdir(parents=True, exist_ok=True)
+    metrics.index_version.set(index.version)
+    log.info("expert corrections: drop them into %s (index version %d, %d correction(s) so far)", folder, index.version, index.n_corrections)
+    return Feedback(folder, cfg.classifier.index, pipeline, readers, s.watch_dir, metrics, cfg.assembly.primary, s.stable_s, s.poll_interval_s)
+
+
 def marker_check(cfg: Config, index: Any) -> Any:
     """Live marker agreement from ``[marker]``; an ``"otsu"`` threshold takes the number fitted
     when the index was built ``--from-marker`` (recorded in its preprocessing)."""
@@ -483,6 +508,7 @@ def build_service(cfg: Config, registry: Any, metrics_registry: Any = None, serv
             log.info("metrics at http://%s:%d/metrics", s.metrics_addr, s.metrics_port)
         try:
             svc = assemble_service(cfg, readers, pipeline, sinks, metrics, lock=lock)
+            svc.feedback = feedback_for(cfg, readers, pipeline, metrics)
         except BaseException:
             stop_server(server)
             raise
