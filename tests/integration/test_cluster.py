@@ -170,6 +170,15 @@ def test_a_frame_past_the_time_limit_is_quarantined_its_worker_restarted_and_the
     assert "still processing after 1.5s" in q[0][2]
 
 
+def test_a_worker_that_cannot_build_the_pipeline_stops_the_replay_in_one_line(cluster, tmp_path, capsys):
+    cfg = setup(tmp_path, 2, bad=False)
+    (tmp_path / "index" / "meta.json").unlink()  # the index is loaded by the workers, not the driver
+    assert main(["replay", str(cfg), "--engine", "ray", "--workers", "1", "--no-metrics"]) == 78
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "worker:" in err[0] and "no meta.json" in err[0], err
+    assert not (tmp_path / "state" / "counts.csv").exists()
+
+
 def test_an_address_with_no_cluster_is_exit_69_at_once(tmp_path, capsys):
     cfg = setup(tmp_path, 1, bad=False)
     with socket.socket() as s:  # a port nothing listens on
