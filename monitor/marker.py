@@ -111,13 +111,17 @@ def measure(frame: Frame, cells: Cells, channel: str, ring_um: float = 3.0) -> n
 
 
 def otsu_threshold(values: np.ndarray) -> float:
-    """Otsu's threshold over the cells' values (at least two distinct finite values)."""
+    """Otsu's split of the cells' values, placed in the middle of the gap it finds
+    (at least two distinct finite values)."""
     from skimage.filters import threshold_otsu
 
     v = values[np.isfinite(values)]
     if len(np.unique(v)) < 2:
         raise ValueError(f"an 'otsu' marker threshold needs cells with different marker values (got {len(v)} cells)")
-    return float(threshold_otsu(v))
+    t = float(threshold_otsu(v))
+    below, above = v[v <= t], v[v > t]
+    # the middle of the gap Otsu found (Otsu returns the top of the lower class's bin)
+    return float((below.max() + above.min()) / 2) if len(below) and len(above) else t
 
 
 def resolve(table: Mapping[str, object], values: Mapping[str, np.ndarray] | None = None) -> MarkerRules:

@@ -49,6 +49,14 @@ def test_small_demo_csv_matches_metrics_and_trends(tmp_path):
     assert dead[-1] > dead[0] + 0.2
     assert ctl[-1] > ctl[0] + 0.01
     assert all(b >= a - 0.002 for a, b in zip(ctl, ctl[1:], strict=False))  # the control signal rises with death
+    # the Apo-15 channel read as the death marker: agreement on every frame, in the CSV and /metrics
+    for r in rows:
+        assert int(r["marker_cells"]) >= int(r["n_cells"]) - 3 and int(r["marker_agree"]) >= 0.8 * int(r["marker_cells"])
+        assert r["index_version"] == "1"
+    # every demo cell is of a referenced kind: few flagged unknown (the calibration's 0.99 quantile)
+    assert sum(int(r["n_unknown"]) for r in rows) <= 0.05 * sum(int(r["n_cells"]) for r in rows)
+    assert gauge(res.metrics_text, "cellmonitor_marker_agreement", well="A1") == pytest.approx(float(last["marker_agreement"]), abs=1e-4)
+    assert gauge(res.metrics_text, "cellmonitor_unknown_cells", well="A1") == float(last["n_unknown"])
     # the counts follow the generator's truth
     for c in res.counts:
         truth = res.truth[(c.key.well, c.key.timepoint)]
