@@ -490,7 +490,9 @@ class ClusterReplay:
         cls = ray.remote(self.worker_class).options(num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker,
                                               max_restarts=-1, max_task_retries=0)
         actors = [cls.remote(self.cfg) for _ in range(n)]
-        infos = ray.get([a.info.remote() for a in actors])
+        log.info("starting %d worker(s) (%s each); each loads the models and the index", n,
+                 f"{self.gpus_per_worker:g} GPU" if self.gpus_per_worker else f"{self.cpus_per_worker:g} CPU")
+        infos = ray.get([a.info.remote() for a in actors])  # waits while the cluster has no room for them
         from monitor import __version__
 
         failed = next((i["failure"] for i in infos if i["failure"]), None)
@@ -793,7 +795,9 @@ class ClusterReplay:
                 continue
             c = ev.counts
             # the Recorder takes the frame for its key and files; its pixels stayed on the worker
-            frame = Frame(ev.key, {}, "", None, c.pixel_size_um, c.pixel_size_source, c.instrument, c.acquired_at, ev.sources, c.missing_channels)
+            frame = Frame(key=ev.key, channels={}, primary="", control=None, pixel_size_um=c.pixel_size_um,
+                          pixel_size_source=c.pixel_size_source, instrument=c.instrument, acquired_at=c.acquired_at,
+                          sources=ev.sources, missing_channels=c.missing_channels)
             if rec.record(frame, c):
                 self.stats.frames += 1
                 if self.on_counts is not None:
