@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from monitor.records import ControlSignal, Counts, FrameKey
+from monitor.records import ControlSignal, Counts, FrameKey, MarkerAgreement
 from monitor.service import notify as systemd
 from monitor.service.metrics import ServiceMetrics
 
@@ -100,7 +100,8 @@ def test_service_sends_ready_then_watchdog(tmp_path, notify_socket):
 
 def exposition() -> str:
     m = ServiceMetrics(CollectorRegistry(), "test")
-    c = Counts(FrameKey("e", "A1", "1", 1), "lionheart", None, 0.322, "config", 2, {"live": 1, "dead": 1}, 0, 0.9, ControlSignal("pi", 1, 2, 0.1, 1), stage_seconds={"segment": 0.1})
+    c = Counts(FrameKey("e", "A1", "1", 1), "lionheart", None, 0.322, "config", 2, {"live": 1, "dead": 1}, 0, 0.9, ControlSignal("pi", 1, 2, 0.1, 1), stage_seconds={"segment": 0.1},
+               n_unknown=1, index_version=2, marker=MarkerAgreement(2, 1, 0))
     m.observe_counts(c)
     m.observe_frame(c)
     m.errors.labels("segment").inc()
