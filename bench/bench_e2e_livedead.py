@@ -123,8 +123,9 @@ def build_index(train: list[Path], out: Path, preset: str | None, work: Path) ->
     return time.perf_counter() - t
 
 
-def service_pipeline(index: Path, preset: str, segmenter: dict[str, Any], state: Path, pixel_size_um: float) -> Any:
-    """The pipeline the service builds from a config naming this index, the preset's encoders and this segmenter."""
+def service_pipeline(index: Path, preset: str, segmenter: dict[str, Any], state: Path, pixel_size_um: float,
+                     encoders: list[tuple[str, dict[str, Any]]] | None = None) -> Any:
+    """The pipeline the service builds from a config naming this index, the preset's (or these) encoders and this segmenter."""
     from monitor.config import parse_config
     from monitor.index.presets import PRESETS
     from monitor.protocols import BuildContext
@@ -135,7 +136,7 @@ def service_pipeline(index: Path, preset: str, segmenter: dict[str, Any], state:
         {
             "service": {"watch_dir": str(state), "state_dir": str(state)},
             "segmenter": {"name": "classical", "options": segmenter},
-            "encoders": [{"name": n, "options": o} for n, o in PRESETS[preset].encoders],
+            "encoders": [{"name": n, "options": o} for n, o in (encoders or PRESETS[preset].encoders)],
             "classifier": {"index": str(index)},
             "pipeline": {"pixel_size_um": pixel_size_um, "device": "cpu"},
         }

@@ -38,12 +38,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._ewc_common import DATA, need_data  # noqa: E402
-from bench.bench_e2e_livedead import (  # noqa: E402
-    LIVEDEAD_SEGMENTER,
-    PIXEL_SIZE_UM,
-    service_pipeline,
-    split_frames,
-)
+from bench.bench_e2e_livedead import CONFIG as LIVEDEAD_CONFIG  # noqa: E402
+from bench.bench_e2e_livedead import read_lab_config, service_pipeline, split_frames  # noqa: E402
+
+PIXEL_SIZE_UM, LIVEDEAD_SEGMENTER = read_lab_config(LIVEDEAD_CONFIG)
 
 LIONHEART_YX = (904, 1224)
 SPEED_HEAD = ["preset", "encoders", "cells", "s/frame", "cells/s", "segment s", "embed s", "classify s", "load avg"]
@@ -125,7 +123,7 @@ def speed(index: Path, preset: str, frames: list[Path], work: Path, repeats: int
     # every cell framed by its box, as an index built from boxed frames asks
     name, _, variant = preset.partition("/")
     encs = [parse_encoder(e) for e in _px128(name)] if variant == "px128" else None
-    p = replace(service_pipeline(index, name, LIVEDEAD_SEGMENTER, work, encs), crop_framing="box")
+    p = replace(service_pipeline(index, name, LIVEDEAD_SEGMENTER, work, PIXEL_SIZE_UM, encs), crop_framing="box")
     frame = Frame(FrameKey("speed", "A1", "1", 0), {"image": lionheart_frame(frames)}, "image", None, PIXEL_SIZE_UM, "config", "bench")
     best, n, stages = float("inf"), 0, {}
     process_frames([frame], p)  # warm-up
