@@ -97,11 +97,11 @@ class Options(BaseModel):
     exclude_border: bool = False
     # mode="blobs" only (plugins/segmenters/blobs.py; defaults tuned on livedead training frames at 0.7 um/px)
     cell_diameter_um: float = Field(14.0, gt=0, description="blobs: the expected cell diameter")
-    blob_snr: float = Field(15.0, ge=0, description="blobs: smallest peak of the smoothed contrast, in units of the field's contrast MAD")
+    blob_snr: float = Field(25.0, ge=0, description="blobs: smallest peak of the smoothed contrast, in units of the field's contrast MAD")
     seed_distance_um: float = Field(5.0, gt=0, description="blobs: the least distance between two cells' seeds")
     fg_snr: float = Field(8.0, ge=0, description="blobs: a cell's region is where the contrast exceeds this x MAD ...")
     fg_fraction: float = Field(0.15, ge=0, le=1, description="blobs: ... and this fraction of the cell's own peak")
-    line_um: float = Field(30.0, ge=0, description="blobs: remove straight structures longer than this (chamber ruling; 0: off)")
+    line_um: float = Field(40.0, ge=0, description="blobs: remove straight structures longer than this (chamber ruling; 0: off)")
     line_angles: int = Field(12, ge=1, le=90, description="blobs: orientations tried for the line removal")
     min_dark: float = Field(0.3, ge=0, description="blobs: a cell's darkest flattened value is below -this (of the 0.5-99.5 percentile range)")
     min_solidity: float = Field(0.8, ge=0, le=1, description="blobs: smallest area / convex-hull area")
