@@ -22,7 +22,16 @@ from monitor.errors import StageError
 from monitor.imaging import crop_cells, rescale
 from monitor.marker import MarkerCheck
 from monitor.protocols import Classifier, Encoder, Segmenter
-from monitor.records import Cells, ControlSignal, Counts, Embeddings, Frame, MarkerAgreement, States
+from monitor.records import (
+    CellCalls,
+    Cells,
+    ControlSignal,
+    Counts,
+    Embeddings,
+    Frame,
+    MarkerAgreement,
+    States,
+)
 
 _P, _C = PipelineConfig(), ControlConfig()  # the defaults live in the config models, nowhere else
 
@@ -59,6 +68,7 @@ class Pipeline:
     prefetch: bool = True  # segment the next frames in a thread while this batch is embedded
     oom: OomPolicy = field(default_factory=OomPolicy, repr=False)  # batch sizes learnt from CUDA OOM
     marker: MarkerCheck | None = None  # classifier vs death marker on frames that carry it (monitor.marker)
+    keep_calls: bool = False  # hand each cell's call to the sinks (Counts.calls: overlays)
 
     @classmethod
     def from_config(cls, cfg: Config, segmenter: Segmenter, encoders: Sequence[Encoder], classifier: Classifier) -> Pipeline:
@@ -86,7 +96,7 @@ def _embed_crops(crops: np.ndarray, encoders: Sequence[Encoder], batch_size: int
 
 
 def count_states(frame: Frame, states: States, control: ControlSignal | None, stage_seconds: dict[str, float],
-                 marker: MarkerAgreement | None = None) -> Counts:
+                 marker: MarkerAgreement | None = None, calls: CellCalls | None = None) -> Counts:
     """Per-class counts (every reference class present, zeros included)."""
     n = len(states)
     per_class = np.bincount(states.predicted, minlength=len(states.classes)) if n else np.zeros(len(states.classes), int)
@@ -107,6 +117,7 @@ def count_states(frame: Frame, states: States, control: ControlSignal | None, st
         n_unknown=int(states.unknown.sum()) if n and states.unknown is not None else 0,
         index_version=states.index_version,
         marker=marker,
+        calls=calls,
     )
 
 
@@ -292,4 +303,8 @@ def _finish(sg: _Segmented, rows: list[np.ndarray], shared_s: float, crop_encs: 
     if p.marker is not None:
         with _stage("marker", s):
             marker = p.marker.agreement(frame, sg.cells, states)
-    return count_states(frame, states, control, s, marker)
+    calls = None
+    if p.keep_calls:
+        calls = CellCalls(frame.image, sg.cells.labels, np.array([c.id for c in sg.cells.cells], dtype=np.int64), states.predicted,
+                          states.uncertain, states.classes, frame.pixel_size_um)
+    return count_states(frame, states, control, s, marker, calls)

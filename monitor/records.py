@@ -164,6 +164,23 @@ class ControlSignal:
 
 
 @dataclass(frozen=True)
+class CellCalls:
+    """Each cell's call on the grid it was segmented on: what an overlay draws.
+
+    Carried by :class:`Counts` only when a sink asks for it (``wants_calls``;
+    the overlay sink), so the default service keeps no per-cell data.
+    """
+
+    image: np.ndarray  # the segmented (primary) channel, rescaled
+    labels: np.ndarray  # instance labels on the same grid
+    cell_ids: np.ndarray  # (N,) label of each classified cell
+    predicted: np.ndarray  # (N,) class index
+    uncertain: np.ndarray  # (N,) bool
+    classes: tuple[str, ...]
+    pixel_size_um: float
+
+
+@dataclass(frozen=True)
 class MarkerAgreement:
     """Classifier against the death marker on one frame (see :mod:`monitor.marker`).
 
@@ -205,6 +222,8 @@ class Counts:
     index_version: int = 0
     #: classifier vs death marker on this frame, when it carries the marker channel
     marker: MarkerAgreement | None = None
+    #: per-cell calls, kept only when a sink wants them (Pipeline.keep_calls)
+    calls: CellCalls | None = field(default=None, repr=False, compare=False)
 
     def fraction(self, state: str) -> float:
         """Share of the frame's cells in ``state`` (0 for an empty frame or an unknown state)."""

@@ -498,6 +498,7 @@ def _classify(args: argparse.Namespace) -> int:
                 "certainty": float(states.certainty[i]),
                 "k_used": int(states.k_used[i]),
                 "uncertain": bool(states.uncertain[i]),
+                "unknown": bool(states.unknown[i]) if states.unknown is not None else None,
                 "neighbours": nbrs,
             }
         )
@@ -506,6 +507,8 @@ def _classify(args: argparse.Namespace) -> int:
             print(json.dumps(r))
             continue
         flag = "  (uncertain)" if r["uncertain"] else ""
+        if r["unknown"]:
+            flag += "  (unknown: farther from every reference than the index's calibrated distance)"
         if r["cells_found"] > 1 and "cell" not in r:
             flag += f"  (warning: {r['cells_found']} cells in the image)"
         print(f"{r['image']}: {r['label']}  certainty {r['certainty']:.2f}  k {r['k_used']}{flag}")

@@ -502,6 +502,8 @@ def build_service(cfg: Config, registry: Any, metrics_registry: Any = None, serv
         ctx.extra["roles"] = roles
         src = cfg.source_name
         sinks = [registry.build("sinks", ref, ctx, src, f"sinks.{i}") for i, ref in enumerate(cfg.sinks)]
+        if any(getattr(s, "wants_calls", False) for s in sinks):  # e.g. the overlay sink
+            pipeline = replace(pipeline, keep_calls=True)
         server = None
         if serve_metrics and s.metrics_port:
             server = serve(metrics.registry, s.metrics_port, s.metrics_addr)  # fatal when it cannot bind
