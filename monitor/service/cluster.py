@@ -288,6 +288,40 @@ class _Unit:
     not_before: float = 0.0
 
 
+class _Queue:
+    """Units to send: due ones in order (O(1) at both ends), and ones waiting for a retry time."""
+
+    def __init__(self, units: Sequence[_Unit] = ()):
+        self.due: deque[_Unit] = deque(units)
+        self.waiting: list[_Unit] = []
+
+    def __len__(self) -> int:
+        return len(self.due) + len(self.waiting)
+
+    def front(self, u: _Unit) -> None:
+        """Next to go (a unit sent again)."""
+        self.due.appendleft(u)
+
+    def later(self, u: _Unit) -> None:
+        """Not before ``u.not_before``."""
+        self.waiting.append(u)
+
+    def take(self, n: int, now: float) -> list[_Unit]:
+        """The next call: a unit that goes alone, or up to ``n`` units in order."""
+        if self.waiting:
+            back = [u for u in self.waiting if u.not_before <= now]
+            self.waiting = [u for u in self.waiting if u.not_before > now]
+            self.due.extendleft(reversed(back))
+        if not self.due:
+            return []
+        if self.due[0].solo:
+            return [self.due.popleft()]
+        batch: list[_Unit] = []
+        while self.due and len(batch) < n and not self.due[0].solo:
+            batch.append(self.due.popleft())
+        return batch
+
+
 @dataclass
 class _Call:
     actor: int
@@ -329,6 +363,11 @@ class _Pool:
         self.down = [False] * len(actors)
         self.busy_since = [0.0] * len(actors)  # when the actor's oldest call began to run
         self.inflight: dict[Any, _Call] = {}
+
+    @property
+    def working(self) -> bool:
+        """Some call other than a probe is in flight."""
+        return any(not c.probe for c in self.inflight.values())
 
     def free(self) -> int | None:
         """The least loaded live actor with room for a call, or None."""
@@ -615,24 +654,20 @@ class ClusterReplay:
     def _group(self, pool: _Pool, files: list[str], stop: threading.Event) -> list[tuple[str, ...]]:
         """Workers decode identities; the service's assembler groups them here, as it would locally."""
         ident: dict[str, Acquisition | FileEvent] = {}
-        todo = deque(_Unit(i, (f,)) for i, f in enumerate(files))
-        chunk = 16
-        while (todo or pool.inflight) and not stop.is_set():
-            now = time.monotonic()
+        todo = _Queue([_Unit(i, (f,)) for i, f in enumerate(files)])
+        while (todo or pool.working) and not stop.is_set():
             while todo and pool.free() is not None:
-                batch = [todo.popleft() for _ in range(min(chunk, len(todo)))]
-                due = [u for u in batch if u.not_before <= now]
-                todo.extend(u for u in batch if u.not_before > now)
-                if not due:
+                batch = todo.take(16, time.monotonic())
+                if not batch:
                     break
-                pool.submit("identify", due, [u.paths[0] for u in due])
+                pool.submit("identify", batch, [u.paths[0] for u in batch])
             for call, result, err in pool.wait(0.2):
                 for j, u in enumerate(call.units):
                     r = None if err is not None else result[j]
                     if r is None:
                         self._lost(u, err, todo, call)
                     elif isinstance(r, FileEvent) and r.kind == "not_ready" and not self._give_up(u, r):
-                        todo.append(u)
+                        todo.later(u)
                     else:
                         ident[u.paths[0]] = r
         a = self.cfg.assembly
@@ -679,7 +714,7 @@ class ClusterReplay:
         u.not_before = time.monotonic() + min(60.0, 0.5 * 2 ** min(u.tries, 8))
         return False
 
-    def _lost(self, u: _Unit, err: BaseException | None, queue: deque[_Unit], call: _Call | None = None) -> bool:
+    def _lost(self, u: _Unit, err: BaseException | None, queue: _Queue, call: _Call | None = None) -> bool:
         """A unit whose worker died: sent again alone, or quarantined after ``max_frame_attempts``.
 
         A call killed for its time limit: one frame alone is quarantined;
@@ -700,14 +735,14 @@ class ClusterReplay:
         log.warning("%s: worker lost (%s); sending it again, alone (attempt %d of %d)", u.paths[0], why, u.attempts + 1, s.max_frame_attempts)
         u.solo = True
         self.stats.resubmitted += 1
-        queue.appendleft(u)
+        queue.front(u)
         return False
 
     def _process(self, pool: _Pool, units: list[_Unit], stop: threading.Event) -> None:
         """Ship units to the workers; record results in unit order as they come back."""
         fpc = max(1, self.cfg.pipeline.frames_per_call)
         window = self.window or 4 * len(pool.actors) * fpc
-        todo: deque[_Unit] = deque(units)
+        todo = _Queue(units)
         finished: dict[int, list[Event]] = {}
         order = [u.seq for u in units]
         head = 0  # index into order of the next unit to record
@@ -716,10 +751,10 @@ class ClusterReplay:
         def outstanding() -> int:  # sent or back, not yet recorded
             return len(order) - head - len(todo)
 
-        while (todo or pool.inflight) and not (stop.is_set() and not pool.inflight):
+        while (todo or pool.working) and not (stop.is_set() and not pool.working):
             now = time.monotonic()
             while not stop.is_set() and todo and pool.free() is not None and outstanding() < window:
-                batch = self._take(todo, fpc, now)
+                batch = todo.take(fpc, now)
                 if not batch:
                     break
                 pool.submit("process", batch, [u.paths for u in batch])
@@ -733,11 +768,11 @@ class ClusterReplay:
                 for u, events in zip(call.units, result, strict=True):
                     waiting = [e for e in events if isinstance(e, FileEvent) and e.kind == "not_ready"]
                     if waiting and not self._give_up(u, waiting[0]):
-                        todo.append(u)
+                        todo.later(u)
                     elif waiting:  # given up on the unready file(s): the rest of the frame goes on
                         rest = tuple(p for p in u.paths if p not in set(waiting[0].paths))
                         if rest:
-                            todo.appendleft(replace(u, paths=rest, not_before=0.0))
+                            todo.front(replace(u, paths=rest, not_before=0.0))
                         else:
                             finished[u.seq] = []
                     else:
@@ -748,24 +783,6 @@ class ClusterReplay:
         for q in order[head:]:  # stopped: what came back is recorded, the rest waits for the next replay
             if q in finished:
                 self._apply(finished.pop(q))
-
-    @staticmethod
-    def _take(todo: deque[_Unit], fpc: int, now: float) -> list[_Unit]:
-        """The next call: one unit sent again alone, or up to ``frames_per_call`` due units in order."""
-        batch: list[_Unit] = []
-        for u in list(todo):
-            if u.not_before > now:
-                continue
-            if u.solo:
-                if batch:
-                    break
-                todo.remove(u)
-                return [u]
-            todo.remove(u)
-            batch.append(u)
-            if len(batch) == fpc:
-                break
-        return batch
 
     def _apply(self, events: Sequence[Event]) -> None:
         """One unit's outcome into the ledger, the sinks and the quarantine, as the local loop records it."""
