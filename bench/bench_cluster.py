@@ -99,7 +99,7 @@ def make_noop_worker(template: Any) -> type:
                                        0.4, "config", "synthetic", roles={}))
             return out
 
-        def process(self, units: list[list[str]]) -> list[list[Any]]:
+        def process(self, units: list[list[str]], keep_calls: bool = False) -> list[list[Any]]:
             out = []
             for paths in units:
                 _, well, _, t, _ = Path(paths[0]).stem.split("_")

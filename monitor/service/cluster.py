@@ -244,10 +244,17 @@ class FrameWorker:
         events += [FileEvent("dropped", tuple(map(str, d.sources)), d.reason) for d in asm.take_dropped()]
         return events, frames
 
-    def process(self, units: Sequence[Sequence[str]]) -> list[list[Event]]:
-        """Each unit (one frame's files) read, assembled and processed; crops share encoder calls."""
+    def process(self, units: Sequence[Sequence[str]], keep_calls: bool = False) -> list[list[Event]]:
+        """Each unit (one frame's files) read, assembled and processed; crops share encoder calls.
+
+        ``keep_calls``: a sink on the driver draws each cell (the overlay sink), so the counts
+        carry the cells' calls and the segmented image back (the one case where pixels return).
+        """
         from monitor.errors import StageError
         from monitor.pipeline import process_frames
+
+        if getattr(self.pipeline, "keep_calls", keep_calls) != keep_calls:
+            self.pipeline = replace(self.pipeline, keep_calls=keep_calls)
 
         out: list[list[Event]] = []
         frames: list[Frame] = []
@@ -377,13 +384,13 @@ class _Pool:
         i = min(up, key=lambda j: self.load[j])
         return i if self.load[i] < self.depth else None
 
-    def submit(self, method: str, units: list[Any], payload: Any) -> None:
+    def submit(self, method: str, units: list[Any], *args: Any) -> None:
         i = self.free()
         assert i is not None
-        self._send(i, method, units, payload)
+        self._send(i, method, units, *args)
 
-    def _send(self, i: int, method: str, units: list[Any], payload: Any, probe: bool = False) -> None:
-        ref = getattr(self.actors[i], method).remote(*([] if probe else [payload]))
+    def _send(self, i: int, method: str, units: list[Any], *args: Any, probe: bool = False) -> None:
+        ref = getattr(self.actors[i], method).remote(*args)
         now = time.monotonic()
         if self.load[i] == 0:
             self.busy_since[i] = now
@@ -402,7 +409,7 @@ class _Pool:
         for c in self.inflight.values():
             if c.actor == i and c is not blamed:
                 c.innocent = True
-        self._send(i, "info", [], None, probe=True)
+        self._send(i, "info", [], probe=True)
 
     def wait(self, timeout: float) -> list[tuple[_Call, Any, BaseException | None]]:
         """Finished work calls: (call, result, None) or (call, None, the error that lost it)."""
@@ -426,7 +433,7 @@ class _Pool:
                             raise Unavailable(f"every Ray worker is gone ({' '.join(str(e).split())[:200]})") from None
                         continue
                     time.sleep(0.2)
-                    self._send(i, "info", [], None, probe=True)
+                    self._send(i, "info", [], probe=True)
                     continue
                 if not isinstance(e, self.ray.exceptions.RayTaskError):  # the actor died, not the call's code
                     oldest = self._oldest(i)
@@ -565,6 +572,7 @@ class ClusterReplay:
         ctx = BuildContext(state_dir=s.state_dir, config_path=cfg.source, metrics=metrics, device="cpu",
                            extra={"experiment": s.experiment, "roles": roles})
         sinks = [self.registry.build("sinks", ref, ctx, cfg.source_name, f"sinks.{i}") for i, ref in enumerate(cfg.sinks)]
+        self.keep_calls = any(getattr(k, "wants_calls", False) for k in sinks)  # e.g. the overlay sink
         self.recorder = Recorder(sinks, Ledger(s.state_dir / "ledger.sqlite"), metrics, s.state_dir / "quarantine.csv", roles)
         for sink in sinks:  # the dashboard shows every well's last state straight after a restart
             if getattr(sink, "record_of_truth", False) and isinstance(getattr(sink, "path", None), Path):
@@ -757,7 +765,7 @@ class ClusterReplay:
                 batch = todo.take(fpc, now)
                 if not batch:
                     break
-                pool.submit("process", batch, [u.paths for u in batch])
+                pool.submit("process", batch, [u.paths for u in batch], self.keep_calls)
             pool.kill_overdue(limit)
             for call, result, err in pool.wait(0.2):
                 if err is not None:

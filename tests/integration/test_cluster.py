@@ -170,6 +170,15 @@ def test_a_frame_past_the_time_limit_is_quarantined_its_worker_restarted_and_the
     assert "still processing after 1.5s" in q[0][2]
 
 
+@pytest.mark.timeout(120)
+def test_an_overlay_sink_on_the_driver_gets_each_cells_call_from_the_workers(cluster, tmp_path):
+    cfg = setup(tmp_path, 3, bad=False)
+    cfg.write_text(cfg.read_text().replace("[plugins]", '[[sinks]]\nname = "csv"\n\n[[sinks]]\nname = "overlay"\noptions = { max_px = 128 }\n\n[plugins]'))
+    assert main(["replay", str(cfg), "--engine", "ray", "--workers", "1", "--no-metrics"]) == 0
+    assert len(rows(tmp_path / "state")) == 3
+    assert len(list((tmp_path / "state" / "overlays").rglob("*.png"))) == 3
+
+
 def test_a_worker_that_cannot_build_the_pipeline_stops_the_replay_in_one_line(cluster, tmp_path, capsys):
     cfg = setup(tmp_path, 2, bad=False)
     (tmp_path / "index" / "meta.json").unlink()  # the index is loaded by the workers, not the driver
