@@ -160,7 +160,7 @@ class Config(_Model):
     segmenter: PluginRef = PluginRef(name="classical")
     #: the default index preset's encoders (monitor.index.presets.DEFAULT_PRESET; a test keeps them equal),
     #: so an index built with `cellmonitor index build DATA --out index` is taken by a config that names none
-    encoders: list[PluginRef] = Field(default_factory=lambda: [PluginRef(name="efficientnet-lite0", options={"layers": "multi"})], min_length=1)
+    encoders: list[PluginRef] = Field(default_factory=lambda: [PluginRef(name="efficientnet-lite0", options={"layers": "all", "pool": "gem"})], min_length=1)
     classifier: ClassifierConfig = ClassifierConfig()
     control: ControlConfig = ControlConfig()
     marker: MarkerConfig = MarkerConfig()

