@@ -101,9 +101,8 @@ class EWCClassifier:
             return States(self.classes, np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64), np.zeros(0, bool), e.astype(np.int64), e.astype(np.int64),
                           e.astype(np.float32), np.zeros(0, bool) if self.flag_unknown else None, self.index.version)
         res = ewc_search(self.index, np.asarray(vectors, dtype=np.float32), p)
-        unknown = None
-        if self.flag_unknown:
-            unknown = res.neighbor_distances[:, 0] > float(self.index.unknown_distance)  # type: ignore[arg-type]
+        check = self.index.unknown
+        unknown = check.flag(vectors) if self.flag_unknown and check is not None else None
         return States(
             classes=self.classes,
             predicted=res.predicted,

@@ -88,11 +88,7 @@ class VectorSearch:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(distances, ids), nearest first, equal distances by reference id; cosine distances are ``1 - cos``."""
-        return self.search_prepared(self.prepare(np.ascontiguousarray(queries, dtype=np.float32)), k)
-
-    def search_prepared(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`search` for rows already prepared (e.g. the stored references themselves)."""
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        x = self.prepare(np.ascontiguousarray(queries, dtype=np.float32))
         k = min(k, len(self))
         if self.metric == "canberra":
             from monitor.index.canberra import CanberraSearch
@@ -124,10 +120,6 @@ class VectorSearch:
         self.faiss_index.add(np.ascontiguousarray(x, dtype=np.float32))
         self._exact = None
         self._canberra = None
-
-    def stored(self, ids: np.ndarray) -> np.ndarray:
-        """The prepared vectors of the given references."""
-        return np.stack([self.faiss_index.reconstruct(int(i)) for i in ids]) if len(ids) else np.zeros((0, self.dim), np.float32)
 
     def _blocks(self, n_queries: int) -> list[tuple[int, int]]:
         # a block's (B, N) float32 distance matrix stays near 64 MiB

@@ -12,6 +12,10 @@ An index is a folder::
     ids.json       optional source name per reference (file name, box)
     condition_*.npy  optional feature conditioning (mean, scale, projection;
                    :mod:`monitor.index.condition`), fitted on the references
+    unknown_refs.npy raw reference vectors of the unknown-cell check
+                   (:mod:`monitor.index.unknown`), its distance in meta.json
+    corrections.json, corrections/   expert corrections added since the build
+                   (:meth:`ReferenceIndex.add`), with their own checksums
 
 Nothing is unpickled. Loading checks the format version, that every file
 is present and matches its checksum, the label count against the FAISS size
@@ -56,15 +60,13 @@ import numpy as np
 from monitor import classify
 from monitor.errors import IndexError_
 from monitor.hashing import file_sha256
+from monitor.index import unknown as unknown_mod
 from monitor.index.condition import Conditioner, ConditioningSpec
 from monitor.index.ewc import EWCParams
 from monitor.index.search import HNSWParams, Metric, Structure, VectorSearch, _prepare, build_faiss
+from monitor.index.unknown import UnknownCheck
 
 FORMAT_VERSION = 2
-#: default quantile of the references' own nearest-neighbour distances beyond which a query is unknown
-UNKNOWN_QUANTILE = 0.99
-#: at most this many references are searched to calibrate the unknown distance
-UNKNOWN_SAMPLE = 5000
 #: expert corrections beside a built index: version, files and their checksums
 CORRECTIONS = "corrections.json"
 #: formats this version reads (1: before conditioning and query options)
@@ -95,8 +97,7 @@ class IndexMeta:
     preprocessing: dict[str, Any] | None = None
     conditioning: dict[str, Any] | None = None
     query: dict[str, Any] | None = None
-    #: ``{"distance", "quantile", "n_sampled"}``: a query whose nearest reference is
-    #: farther than ``distance`` is unknown (calibrated on the references at build time)
+    #: the unknown-cell calibration's record (:class:`~monitor.index.unknown.UnknownCheck`) or None
     unknown: dict[str, Any] | None = None
 
     @property
@@ -113,12 +114,15 @@ class IndexMeta:
 class ReferenceIndex:
     """Labelled reference embeddings behind a search back-end, described by an :class:`IndexMeta`."""
 
-    def __init__(self, meta: IndexMeta, labels: np.ndarray, searcher: VectorSearch, ref_names: Sequence[str] | None = None):
+    def __init__(self, meta: IndexMeta, labels: np.ndarray, searcher: VectorSearch, ref_names: Sequence[str] | None = None,
+                 unknown: UnknownCheck | None = None):
         self.meta = meta
         self.labels = np.asarray(labels, dtype=np.int64)
         self.searcher = searcher
         self.ref_names = list(ref_names) if ref_names is not None else None
         self.weights = classify.class_weights(self.labels, len(meta.classes))
+        #: unknown-cell check (raw reference vectors and calibrated distance), or None
+        self.unknown = unknown
         #: 1 as built; each batch of expert corrections adds one (:meth:`add`)
         self.version = 1
         #: raw vectors, labels and names of the corrections added since the build
@@ -155,7 +159,7 @@ class ReferenceIndex:
         preprocessing: dict[str, Any] | None = None,
         conditioning: ConditioningSpec | Conditioner | None = None,
         query: dict[str, Any] | None = None,
-        unknown_quantile: float | None = UNKNOWN_QUANTILE,
+        unknown_quantile: float | None = unknown_mod.QUANTILE,
     ) -> ReferenceIndex:
         """Build the search structure over (N, D) float32 vectors.
 
@@ -165,8 +169,8 @@ class ReferenceIndex:
         :class:`Conditioner` is used as it is. The search structure then holds
         the conditioned vectors. ``unknown_quantile``: the unknown-cell
         distance is this quantile of the references' leave-one-out
-        nearest-neighbour distances (:func:`calibrate_unknown`; None: no
-        unknown flag).
+        neighbour distances in the raw space (:mod:`monitor.index.unknown`;
+        None: no unknown flag).
 
         Raises
         ------
@@ -198,9 +202,10 @@ class ReferenceIndex:
             meta = replace(meta, structure="hnsw" if x.shape[0] > hnsw_above and metric != "canberra" else "flat")
         index = build_faiss(_prepare(cond.apply(x) if cond is not None else x, metric, normalize), metric, meta.structure, hnsw)
         searcher = VectorSearch(index, metric, meta.structure, hnsw, normalize, cond)
-        if unknown_quantile is not None and x.shape[0] >= 2:
-            meta = replace(meta, unknown=calibrate_unknown(searcher, unknown_quantile))
-        return cls(meta, labels, searcher, ref_names)
+        unknown = UnknownCheck.calibrate(x, unknown_quantile) if unknown_quantile is not None and x.shape[0] >= 2 else None
+        if unknown is not None:
+            meta = replace(meta, unknown=unknown.record())
+        return cls(meta, labels, searcher, ref_names, unknown)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -237,6 +242,8 @@ class ReferenceIndex:
             files.append("ids.json")
         if self.conditioner is not None:
             files += self.conditioner.save(folder)
+        if self.unknown is not None:
+            files += self.unknown.save(folder)
         m = self.meta
         meta = {
             "format_version": FORMAT_VERSION,
@@ -256,13 +263,20 @@ class ReferenceIndex:
             "ewc": asdict(m.ewc),
             "conditioning": m.conditioning,
             "query": m.query,
-            "unknown": m.unknown,
+            "unknown": self.unknown.record() if self.unknown is not None else None,
+            "version": self.version,
             "reference_names": self.ref_names is not None,
             "checksums": {f: file_sha256(folder / f) for f in files},
         }
         tmp = folder / "meta.json.tmp"
         tmp.write_text(json.dumps(meta, indent=2))
         tmp.replace(folder / "meta.json")
+        # corrections made so far are now in the main files: a later load must not add them again
+        (folder / CORRECTIONS).unlink(missing_ok=True)
+        if (folder / "corrections").is_dir():
+            for old in (folder / "corrections").iterdir():
+                old.unlink(missing_ok=True)
+        self._corr = (self._corr[0][:0], self._corr[1][:0], [])
         return folder
 
     @classmethod
@@ -364,17 +378,25 @@ class ReferenceIndex:
             preprocessing=meta.get("preprocessing"),
             conditioning=crec,
             query=query,
-            unknown=_unknown_record(meta.get("unknown"), fail),
+            unknown=meta.get("unknown"),
         )
-        out = cls(m, labels, VectorSearch(index, m.metric, m.structure, m.hnsw, m.normalize, cond), names)
+        unknown = None
+        urec = meta.get("unknown")
+        if urec is not None:
+            try:
+                unknown = UnknownCheck.load(folder, urec, checks, dim_sum)
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise fail(f"unknown-cell calibration: {e}") from None
+        out = cls(m, labels, VectorSearch(index, m.metric, m.structure, m.hnsw, m.normalize, cond), names, unknown)
+        out.version = int(meta.get("version", 1))
         _load_corrections(out, folder, fail)
         return out
 
     # ---- unknown cells and expert corrections ---------------------------
     @property
     def unknown_distance(self) -> float | None:
-        """Nearest-reference distance beyond which a query is unknown (None: not calibrated)."""
-        return float(self.meta.unknown["distance"]) if self.meta.unknown else None
+        """Distance beyond which a query is unknown (None: not calibrated; :mod:`monitor.index.unknown`)."""
+        return self.unknown.distance if self.unknown is not None else None
 
     @property
     def correction_names(self) -> list[str]:
@@ -409,6 +431,8 @@ class ReferenceIndex:
             raise ValueError(f"correction labels must be class indices 0..{len(self.classes) - 1}")
         names = list(names) if names is not None else [f"correction-v{self.version + 1}-{i}" for i in range(len(y))]
         self.searcher.add_prepared(self.searcher.prepare(x))
+        if self.unknown is not None:
+            self.unknown.add(x)
         self.labels = np.concatenate([self.labels, y])
         if self.ref_names is not None:
             self.ref_names += names
@@ -451,33 +475,6 @@ class ReferenceIndex:
             if not old.name.startswith(stem + "."):
                 old.unlink(missing_ok=True)
         return folder / CORRECTIONS
-
-
-def calibrate_unknown(searcher: VectorSearch, quantile: float = UNKNOWN_QUANTILE, sample: int = UNKNOWN_SAMPLE, seed: int = 0) -> dict[str, Any]:
-    """The references' own typical neighbour distance, as the unknown-cell threshold.
-
-    Each sampled reference is searched against all the others (leave-one-out:
-    its own entry is skipped); the threshold is the ``quantile`` of those
-    nearest distances, in the index's search space (conditioned, same
-    distance as a query's). A query farther than this from every reference
-    is unlike anything the references hold.
-    """
-    n = len(searcher)
-    ids = np.arange(n) if n <= sample else np.sort(np.random.default_rng(seed).choice(n, sample, replace=False))
-    d, i = searcher.search_prepared(searcher.stored(ids), min(3, n))
-    not_self = i != ids[:, None]
-    nearest = np.array([row_d[row_m][0] if row_m.any() else np.inf for row_d, row_m in zip(d, not_self, strict=True)])
-    nearest = nearest[np.isfinite(nearest)]
-    dist = float(np.quantile(nearest, quantile)) if nearest.size else float("inf")
-    return {"distance": dist, "quantile": float(quantile), "n_sampled": int(len(ids))}
-
-
-def _unknown_record(rec: Any, fail: Any) -> dict[str, Any] | None:
-    if rec is None:
-        return None
-    if not isinstance(rec, dict) or not isinstance(rec.get("distance"), (int, float)):
-        raise fail(f"meta.json: unknown must be a table with a numeric distance (got {rec!r})")
-    return dict(rec)
 
 
 def _load_corrections(index: ReferenceIndex, folder: Path, fail: Any) -> None:

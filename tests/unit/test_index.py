@@ -41,7 +41,7 @@ def test_round_trip(tmp_path: Path, metric: str) -> None:
     assert meta["class_weights"] == [1.0, 1.0, 1.0]
     assert meta["ewc"] == {"k_min": 2, "k_max": 16, "entropy_threshold": 0.4, "reweight": False}
     assert meta["encoders"][0]["version"] == "1.0" and meta["preprocessing"]["crop_px"] == 64
-    assert set(meta["checksums"]) == {"vectors.faiss", "labels.npy", "ids.json"}
+    assert set(meta["checksums"]) == {"vectors.faiss", "labels.npy", "ids.json", "unknown_refs.npy"}
     back = ReferenceIndex.load(folder, [{"id": "a@1", "dim": 3}, {"id": "b@2", "dim": 2}])
     assert back.ewc == idx.ewc and back.hnsw == idx.hnsw and back.metric == metric and back.ref_names == idx.ref_names
     q = _data(9, seed=1)[0]

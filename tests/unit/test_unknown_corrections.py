@@ -34,7 +34,7 @@ def world() -> dict:
 @pytest.mark.parametrize("conditioning", [None, ConditioningSpec(dim=8)])
 def test_absent_class_is_unknown_and_held_out_references_are_not(world: dict, conditioning: ConditioningSpec | None) -> None:
     idx = ReferenceIndex.build(world["x_ref"], world["y_ref"], CLASSES, ENC, conditioning=conditioning)
-    assert idx.meta.unknown is not None and idx.meta.unknown["quantile"] == 0.99
+    assert idx.meta.unknown is not None and idx.meta.unknown["quantile"] == 0.97 and idx.meta.unknown["space"] == "raw"
     clf = EWCClassifier(idx, EWCParams(k_min=5, k_max=40))
     held = clf.classify(world["x_held"])
     assert held.unknown is not None
@@ -109,3 +109,14 @@ def test_add_refuses_bad_corrections(world: dict) -> None:
     with pytest.raises(ValueError, match="class indices"):
         idx.add(np.zeros((1, 16), np.float32), np.array([7]))
     assert idx.version == 1 and len(idx) == 450
+
+
+def test_a_full_save_folds_the_corrections_in_once(tmp_path, world: dict) -> None:
+    idx = ReferenceIndex.build(world["x_ref"], world["y_ref"], CLASSES, ENC)
+    idx.save(tmp_path / "i")
+    idx.add(world["x_new"][:4], np.array([2, 2, 2, 2]))
+    idx.save_corrections(tmp_path / "i")
+    idx.save(tmp_path / "i")  # everything into the main files
+    back = ReferenceIndex.load(tmp_path / "i")
+    assert len(back) == 454 and back.version == 2 and back.n_corrections == 0
+    assert back.unknown is not None and len(back.unknown.refs) == 454
