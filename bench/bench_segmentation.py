@@ -6,7 +6,8 @@ unique, so no assignment is needed), mean IoU of the matches, and seconds per
 frame (median, after one warm-up frame). F1 is reported on all frames, on the
 frames the defaults were tuned on, and on the held-out rest, with the ratio to
 the first untuned version. qpi_cellphe: cell counts over its 120 frames (no
-masks; overlays are written to ``docs/images/seg_*.png`` to judge by eye).
+masks; with ``--images DIR`` overlays are written there to judge by eye: outside the
+repository, since they carry the shared data's pixels).
 
 Pixel sizes are not stored in these files: t98g is taken as 0.65 um/px and
 qpi_cellphe as 1.0 um/px (options ``--t98g-um`` / ``--qpi-um``). Segmenters
@@ -298,8 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--t98g-um", type=float, default=0.65)
     ap.add_argument("--qpi-um", type=float, default=1.0)
     ap.add_argument("--limit", type=int, help="only the first N t98g frames (quick look)")
-    ap.add_argument("--images", type=Path, default=REPO / "docs" / "images", help="where overlay PNGs go")
-    ap.add_argument("--no-images", action="store_true")
+    ap.add_argument("--images", type=Path, default=None, help="write overlay PNGs here (outside the repository: they show the shared data)")
     ap.add_argument("--no-qpi", action="store_true")
     ap.add_argument("--sam-checkpoint", type=Path, help="add SAM (vit_h unless --sam-model) with these weights")
     ap.add_argument("--sam-model", default="vit_h")
@@ -311,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import os
 
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
-    images = None if args.no_images else args.images
+    images = args.images
     if images is not None:
         images.mkdir(parents=True, exist_ok=True)
     print(f"loading t98g from {args.data} ...", file=sys.stderr)
