@@ -270,6 +270,27 @@ def process_frames(frames: Sequence[Frame], p: Pipeline) -> list[Counts | StageE
     return [r for r in out if r is not None]
 
 
+def cell_embeddings(frame: Frame, cells: Cells, crop_vectors: np.ndarray, encoders: Sequence[Encoder]) -> Embeddings:
+    """Each cell's vector in the configured encoder order (the order the index was built in).
+
+    ``crop_vectors`` holds the crop encoders' columns, concatenated in their
+    order; a :class:`FrameEncoder` (which embeds cells from the whole frame,
+    e.g. SAM's fast mode) is called here and its columns put in its place.
+    """
+    blocks, o = [], 0
+    for enc in encoders:
+        if isinstance(enc, FrameEncoder):
+            v = np.asarray(enc.encode_cells(frame, cells), dtype=np.float32)
+            if v.shape != (len(cells), enc.dim):
+                raise RuntimeError(f"encoder {enc.name} returned shape {v.shape}, expected ({len(cells)}, {enc.dim})")
+            blocks.append(v)
+        else:
+            blocks.append(crop_vectors[:, o : o + enc.dim])
+            o += enc.dim
+    vectors = np.concatenate(blocks, axis=1) if blocks else np.zeros((len(cells), 0), np.float32)
+    return Embeddings(np.ascontiguousarray(vectors), tuple(e.id for e in encoders), tuple(e.dim for e in encoders))
+
+
 def _finish(sg: _Segmented, rows: list[np.ndarray], shared_s: float, crop_encs: list[Encoder], p: Pipeline) -> Counts:
     """Embedding columns in configured order, EWC, control and counts for one segmented frame."""
     s, frame = dict(sg.seconds), sg.frame
@@ -280,18 +301,7 @@ def _finish(sg: _Segmented, rows: list[np.ndarray], shared_s: float, crop_encs: 
             crop_v = np.concatenate(rows) if rows else np.zeros((len(sg.crops), sum(e.dim for e in crop_encs)), np.float32)
         else:  # the shared call failed: this frame alone
             crop_v = _embed_crops(sg.crops, crop_encs, p.batch_size, p.oom)
-        blocks, o = [], 0
-        for enc in p.encoders:
-            if isinstance(enc, FrameEncoder):
-                v = np.asarray(enc.encode_cells(frame, sg.cells), dtype=np.float32)
-                if v.shape != (len(sg.cells), enc.dim):
-                    raise RuntimeError(f"encoder {enc.name} returned shape {v.shape}, expected ({len(sg.cells)}, {enc.dim})")
-                blocks.append(v)
-            else:
-                blocks.append(crop_v[:, o : o + enc.dim])
-                o += enc.dim
-        vectors = np.concatenate(blocks, axis=1) if blocks else np.zeros((len(sg.crops), 0), np.float32)
-        emb = Embeddings(np.ascontiguousarray(vectors), tuple(e.id for e in p.encoders), tuple(e.dim for e in p.encoders))
+        emb = cell_embeddings(frame, sg.cells, crop_v, p.encoders)
     s["embed"] = shared_s + local["embed"]
     with _stage("classify", s):
         states = p.classifier.classify(emb)

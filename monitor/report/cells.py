@@ -21,7 +21,7 @@ from monitor.records import Cells, Frame, States
 
 
 @dataclass(frozen=True)
-class CellCalls:
+class FrameCalls:
     """A frame (at the pipeline's pixel size), its cells, their crops and their states."""
 
     frame: Frame
@@ -35,29 +35,19 @@ class CellCalls:
         return {c: int(k) for c, k in zip(self.states.classes, n, strict=True)}
 
 
-def call_cells(frame: Frame, pipeline: Any) -> CellCalls:
+def call_cells(frame: Frame, pipeline: Any) -> FrameCalls:
     """Segment, crop, embed and classify ``frame`` exactly as the service does (module docstring)."""
     from monitor.imaging import crop_cells, rescale
-    from monitor.pipeline import FrameEncoder, embed
-    from monitor.records import Embeddings
+    from monitor.pipeline import FrameEncoder, cell_embeddings, embed
 
     p = pipeline
     frame = rescale(frame, p.pixel_size_um)
     cells = p.segmenter.segment(frame)
     crops = crop_cells(frame, cells, p.crop_px, p.blank_background, p.crop_framing, p.crop_margin)
-    blocks = []
     crop_encs = [e for e in p.encoders if not isinstance(e, FrameEncoder)]
     crop_v = embed(crops, crop_encs, p.batch_size, p.oom).vectors if crop_encs else np.zeros((len(crops), 0), np.float32)
-    o = 0
-    for enc in p.encoders:  # configured order, as the index was built
-        if isinstance(enc, FrameEncoder):
-            blocks.append(np.asarray(enc.encode_cells(frame, cells), dtype=np.float32))
-        else:
-            blocks.append(crop_v[:, o : o + enc.dim])
-            o += enc.dim
-    vectors = np.concatenate(blocks, axis=1) if blocks else np.zeros((len(crops), 0), np.float32)
-    emb = Embeddings(np.ascontiguousarray(vectors), tuple(e.id for e in p.encoders), tuple(e.dim for e in p.encoders))
-    return CellCalls(frame, cells, crops, p.classifier.classify(emb))
+    emb = cell_embeddings(frame, cells, crop_v, p.encoders)  # configured order, as the index was built
+    return FrameCalls(frame, cells, crops, p.classifier.classify(emb))
 
 
 def read_frame(paths: Sequence[Path], cfg: Any, readers: Any) -> Frame:
