@@ -21,6 +21,15 @@ vit-mae     CLS token of the last hidden state, mask_ratio = 0    hidden
 
 ViTMAEModel masks 75% of patches at random by default; the loader sets
 ``mask_ratio = 0`` so the embedding is deterministic.
+
+Multi-layer tokens (``tokens = "cls+mean"``, the transformer families dinov2,
+clip and vit-mae): the equivalent of the EfficientNet multi-layer option and
+DINOv2's linear-probe recipe. For each of the last ``layers`` transformer
+blocks (1: the last only), the block's tokens are passed through the model's
+final layer norm, and the CLS token and the mean of the patch tokens are
+concatenated: ``2 x hidden x layers`` dims, last block first. The id says so
+(``...:cls+mean-l4:...``), so an index refuses the encoder configured otherwise.
+The convolutional families have no CLS token and keep their pooler.
 """
 
 from __future__ import annotations
@@ -52,6 +61,8 @@ PAPER_DIMS = {"dinov2": 1536, "convnextv2": 1536, "swinv2": 1536, "clip": 1024, 
 
 #: families whose transformers classes run attention through torch's SDPA kernels
 SDPA_FAMILIES = frozenset({"dinov2", "clip", "vit-mae"})
+#: families with a CLS token and patch tokens (``tokens = "cls+mean"``)
+TOKEN_FAMILIES = frozenset({"dinov2", "clip", "vit-mae"})
 
 
 class Options(BaseModel):
@@ -63,6 +74,10 @@ class Options(BaseModel):
     attention: Literal["sdpa", "eager"] = Field("sdpa", description="torch SDPA kernels where the model has them (dinov2, clip, vit-mae)")
     compile: bool = Field(False, description="torch.compile at start-up (GPU; 20-45 s, cached in <state_dir>/torch-compile)")
     compile_batch: int = Field(128, ge=1, le=4096, description="compiled graphs run at this one batch size (smaller calls are padded)")
+    tokens: Literal["pooler", "cls+mean"] = Field(
+        "pooler", description="pooler: the model's pooled vector; cls+mean: CLS token + mean patch token (dinov2, clip, vit-mae)"
+    )
+    layers: int = Field(1, ge=1, le=64, description="tokens=cls+mean: from each of the last N transformer blocks")
 
 
 def _identity(model_dir: Path | None, name: str) -> str:
@@ -205,6 +220,15 @@ class HFEncoder:
         self.dim = embedding_dim(family, model.config)
         self.attention = str(getattr(model.config, "_attn_implementation", None) or "eager")
         pool = {"dinov2": "cls-pooler", "convnextv2": "avg-pooler", "swinv2": "avg-pooler", "clip": "cls-pooler", "vit-mae": "cls-mask0"}[family]
+        self.tokens = options.tokens
+        if options.tokens == "cls+mean":
+            if family not in TOKEN_FAMILIES:
+                raise PluginError(f"encoder {family}: tokens = \"cls+mean\" needs a CLS token ({', '.join(sorted(TOKEN_FAMILIES))}); use the pooler")
+            n_blocks = int(model.config.num_hidden_layers)
+            if options.layers > n_blocks:
+                raise PluginError(f"encoder {family}: layers = {options.layers} but the model has {n_blocks} transformer blocks")
+            self.dim = 2 * int(model.config.hidden_size) * options.layers
+            pool = f"cls+mean-l{options.layers}" + ("-mask0" if family == "vit-mae" else "")
         precision = options.dtype if options.autocast == "off" else f"{options.dtype}+autocast-{options.autocast}"
         self.id = f"{family}:{Path(ref).name}@{tag}:{pool}:{precision}"
 
@@ -262,8 +286,12 @@ class HFEncoder:
                 m = xb.shape[0]
                 if self.compiled and m < step:  # one compiled shape: pad, never recompile
                     xb = torch.cat([xb, xb.new_zeros((step - m, *xb.shape[1:]))])
-                out = self.runner(pixel_values=xb)
-                v = out.last_hidden_state[:, 0] if self.family == "vit-mae" else out.pooler_output
+                if self.tokens == "cls+mean":
+                    out = self.runner(pixel_values=xb, output_hidden_states=True)
+                    v = cls_mean_tokens(out.hidden_states, self._final_norm(), self.options.layers)
+                else:
+                    out = self.runner(pixel_values=xb)
+                    v = out.last_hidden_state[:, 0] if self.family == "vit-mae" else out.pooler_output
                 parts.append(v.reshape(v.shape[0], -1)[:m])
         v = torch.cat(parts) if parts else x.new_zeros((0, self.dim))
         return v.float().cpu().numpy()
@@ -271,10 +299,31 @@ class HFEncoder:
     def encode(self, crops: Any) -> Any:
         return self.encode_prepared(self.prepare(crops))
 
+    def _final_norm(self) -> Any:
+        """The layer norm the model applies to its last block's tokens (dinov2, vit-mae: ``layernorm``;
+        clip: ``post_layernorm``, which the model applies to the CLS token only)."""
+        m = self.model
+        return getattr(m, "vision_model", m).post_layernorm if self.family == "clip" else m.layernorm
+
     def to_device(self, device: str) -> None:
         """Move the model (the eager one: compiled graphs are device-specific) to ``device``."""
         self.model.to(device)
         self.runner, self.compiled, self.device = self.model, False, device
+
+
+def cls_mean_tokens(hidden_states: Any, norm: Any, layers: int) -> Any:
+    """(N, 2 x hidden x layers): for each of the last ``layers`` blocks' outputs (last first), normed
+    by ``norm``, the CLS token (position 0) then the mean of the other tokens.
+
+    ``hidden_states`` is the model's tuple (embeddings output, then one entry per block).
+    """
+    import torch
+
+    parts = []
+    for h in reversed(hidden_states[-layers:]):
+        t = norm(h)
+        parts += [t[:, 0], t[:, 1:].mean(dim=1)]
+    return torch.cat(parts, dim=1)
 
 
 def load_hf_encoder(family: str, options: Options, device: str = "cpu", compile_cache: Path | None = None) -> HFEncoder:

@@ -119,3 +119,47 @@ def test_a_missing_extra_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(PluginError) as e:
         Registry().build("encoders", PluginRef(name="dinov2"), BuildContext(state_dir=tmp_path))
     assert "\n" not in str(e.value) and "needs the transformers package" in str(e.value) and "pip install 'cellmonitor[hf]'" in str(e.value)
+
+
+@pytest.mark.parametrize("family", ["dinov2", "clip", "vit-mae"])
+def test_cls_plus_mean_patch_tokens_from_the_last_blocks(tmp_path, family):
+    """tokens = "cls+mean": per block (last first), the normed CLS token then the mean normed patch token; in the id."""
+    import torch
+
+    model, proc, _ = tiny(family)
+    folder = tmp_path / f"tiny-{family}"
+    model.save_pretrained(folder)
+    proc.save_pretrained(folder)
+    ctx = BuildContext(state_dir=tmp_path)
+    plain = Registry().build("encoders", PluginRef(name=family, options={"model": str(folder)}), ctx)
+    one = Registry().build("encoders", PluginRef(name=family, options={"model": str(folder), "tokens": "cls+mean"}), ctx)
+    two = Registry().build("encoders", PluginRef(name=family, options={"model": str(folder), "tokens": "cls+mean", "layers": 2}), ctx)
+    assert (one.dim, two.dim) == (64, 128)
+    assert len({plain.id, one.id, two.id}) == 3 and ":cls+mean-l2" in two.id
+    crops = np.random.default_rng(0).integers(0, 255, (3, 48, 48, 3), dtype=np.uint8)
+    v1, v2 = check_encoder(one, n=3, size=48), two.encode(crops)
+    assert v1.shape == (3, 64) and v2.shape == (3, 128)
+    # by hand, from the model's own hidden states and final norm
+    m = two.model
+    with torch.inference_mode():
+        hs = m(pixel_values=two.prepare(crops).float(), output_hidden_states=True).hidden_states
+        norm = getattr(m, "vision_model", m).post_layernorm if family == "clip" else m.layernorm
+        want = torch.cat([norm(hs[-1])[:, 0], norm(hs[-1])[:, 1:].mean(1), norm(hs[-2])[:, 0], norm(hs[-2])[:, 1:].mean(1)], 1).numpy()
+    np.testing.assert_allclose(v2, want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(one.encode(crops), v2[:, :64], rtol=1e-4, atol=1e-5)  # the last block comes first
+    if family == "dinov2":  # its pooler is the normed CLS token: the first part
+        np.testing.assert_allclose(v2[:, :32], plain.encode(crops), rtol=1e-4, atol=1e-5)
+
+
+def test_cls_plus_mean_refused_where_there_is_no_cls_token(tmp_path):
+    model, proc, _ = tiny("convnextv2")
+    folder = tmp_path / "tiny-convnextv2"
+    model.save_pretrained(folder)
+    proc.save_pretrained(folder)
+    with pytest.raises(PluginError, match="needs a CLS token"):
+        Registry().build("encoders", PluginRef(name="convnextv2", options={"model": str(folder), "tokens": "cls+mean"}), BuildContext(state_dir=tmp_path))
+    model, proc, _ = tiny("dinov2")
+    model.save_pretrained(tmp_path / "d")
+    proc.save_pretrained(tmp_path / "d")
+    with pytest.raises(PluginError, match="layers = 5 but the model has 2"):
+        Registry().build("encoders", PluginRef(name="dinov2", options={"model": str(tmp_path / "d"), "tokens": "cls+mean", "layers": 5}), BuildContext(state_dir=tmp_path))
