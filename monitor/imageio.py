@@ -461,3 +461,16 @@ def head_contains(path: Path, needle: bytes, n_bytes: int = 65536) -> bool:
             return needle in f.read(n_bytes)
     except OSError:
         return False
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 RGB (or grey) image (reports, overlays, ``classify --html``)."""
+    import cv2
+
+    img = np.ascontiguousarray(rgb)
+    if img.ndim == 3:
+        img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(".png", img)
+    if not ok:
+        raise ValueError("PNG encoding failed")
+    return buf.tobytes()

@@ -148,15 +148,9 @@ def annotate_crop(crop: np.ndarray, pixel_size_um: float | None, box_yxyx: tuple
 
 def png_data_uri(rgb: np.ndarray) -> str:
     """``data:image/png;base64,...`` of a uint8 RGB (or grey) image."""
-    import cv2
+    from monitor.imageio import png_bytes
 
-    img = np.asarray(rgb)
-    if img.ndim == 3:
-        img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
-    ok, buf = cv2.imencode(".png", img)
-    if not ok:
-        raise ValueError("PNG encoding failed")
-    return "data:image/png;base64," + base64.b64encode(buf.tobytes()).decode("ascii")
+    return "data:image/png;base64," + base64.b64encode(png_bytes(rgb)).decode("ascii")
 
 
 def classify_html(

@@ -24,11 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from monitor.imageio import png_bytes
 from monitor.report import figures
 from monitor.report.data import DEATH_STATES, Experiment, experiments, last_timepoint
 from monitor.report.gallery import Gallery, build_gallery
 from monitor.report.overlay import border, class_colours, draw_scale_bar
-from monitor.report.page import download, esc, figure, html_table, page, png_uri, rgb_png
+from monitor.report.page import download, esc, figure, html_table, page, png_uri
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +246,7 @@ def _gallery_section(e: Experiment, g: Gallery | None, no_gallery: str | None, c
                 if g.crop_pixel_size_um:
                     crop = draw_scale_bar(crop, g.crop_pixel_size_um, corner="bottom-right")
                 q = "?" if gc.uncertain else ""
-                items.append(f"<div class='cell'><img alt='{esc(c)} cell' src='{png_uri(rgb_png(crop))}'>{esc(gc.well)} t{gc.timepoint} #{gc.cell_id}<br>{gc.certainty:.2f}{q}</div>")
+                items.append(f"<div class='cell'><img alt='{esc(c)} cell' src='{png_uri(png_bytes(crop))}'>{esc(gc.well)} t{gc.timepoint} #{gc.cell_id}<br>{gc.certainty:.2f}{q}</div>")
             parts.append("<div class='row'>" + ("".join(items) or "<span class='cap'>none</span>") + "</div>")
     parts.append("</div>")
     import pandas as pd
@@ -272,7 +273,7 @@ def _overlay_section(e: Experiment, g: Gallery, out: Path) -> str:
             rel = f.overlay_path.relative_to(out).as_posix()
             counts = ", ".join(f"{k} {v}" for k, v in f.counts.items())
             flag = "" if f.matches else " <b>(differs from CSV)</b>"
-            parts.append(f"<div class='ov'><a href='{esc(rel)}'><img alt='overlay {esc(w)} t{f.timepoint}' src='{png_uri(rgb_png(f.thumbnail))}'></a>"
+            parts.append(f"<div class='ov'><a href='{esc(rel)}'><img alt='overlay {esc(w)} t{f.timepoint}' src='{png_uri(png_bytes(f.thumbnail))}'></a>"
                          f"field {esc(f.field)}, t{f.timepoint}: {esc(counts)}{flag}</div>")
         parts.append("</div>")
     return "".join(parts) + "</section>"

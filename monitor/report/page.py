@@ -14,8 +14,6 @@ import html
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
 CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0;color:#1d1d1f;background:#fafafa}
 header{background:#123;color:#fff;padding:18px 28px}header h1{margin:0 0 6px;font-size:24px}
@@ -47,17 +45,7 @@ def png_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def rgb_png(rgb: np.ndarray) -> bytes:
-    """PNG bytes of a uint8 RGB (or grey) image."""
-    import cv2
 
-    img = np.ascontiguousarray(rgb)
-    if img.ndim == 3:
-        img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
-    ok, buf = cv2.imencode(".png", img)
-    if not ok:
-        raise ValueError("PNG encoding failed")
-    return buf.tobytes()
 
 
 def csv_uri(csv_text: str) -> str:

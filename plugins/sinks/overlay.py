@@ -69,8 +69,7 @@ class OverlaySink:
 
     def write(self, counts: Counts) -> None:
         """Draw and save the frame's overlay; prune the oldest beyond the budget."""
-        import cv2
-
+        from monitor.imageio import png_bytes
         from monitor.imaging import resize
         from monitor.report.overlay import draw_overlay
 
@@ -87,10 +86,7 @@ class OverlaySink:
         path = self.path_for(counts)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".png.tmp")
-        ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb.astype("uint8"), cv2.COLOR_RGB2BGR))
-        if not ok:
-            raise RuntimeError("PNG encoding failed")
-        tmp.write_bytes(buf.tobytes())
+        tmp.write_bytes(png_bytes(rgb.astype("uint8")))
         tmp.replace(path)
         st = path.stat()
         self._sizes[path] = (st.st_mtime, st.st_size)

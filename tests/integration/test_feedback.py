@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 from cellmonitor_plugins.sinks.csv import CsvSink
+from fixtures.service import blobs, drop, make_service, run_until
 
 from monitor.index.ewc import EWCClassifier
 from monitor.index.store import ReferenceIndex
 from monitor.service.feedback import Feedback
-from tests.fixtures.service import blobs, drop, make_service, run_until
 
 
 def _frame(bright: float, seed: int = 0) -> np.ndarray:

@@ -10,41 +10,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from fixtures.tinyenc import tiny_encoder_source
 
 from monitor.cli.main import main
 
-TINY = '''
-import numpy as np
-from pydantic import BaseModel, ConfigDict
-
-CALLS = {"crops": 0}
-
-
-class Options(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Enc:
-    name = "tiny"
-    dim = 6
-    id = "tiny@v1:meanstd"
-
-    def encode(self, crops):
-        CALLS["crops"] += len(crops)
-        c = np.asarray(crops, dtype=np.float32) / 255.0
-        return np.concatenate([c.mean(axis=(1, 2)), c.std(axis=(1, 2))], axis=1)
-
-
-class Spec:
-    Options = Options
-    description = "test encoder"
-
-    def build(self, options, ctx):
-        return Enc()
-
-
-TINY = Spec()
-'''
+TINY = tiny_encoder_source()
 
 COLOURS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
 

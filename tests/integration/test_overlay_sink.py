@@ -10,9 +10,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 from cellmonitor_plugins.sinks.overlay import OverlaySink
+from fixtures.service import blobs, drop, make_service, run_until
 
 from monitor.report.overlay import class_colours
-from tests.fixtures.service import blobs, drop, make_service, run_until
 
 
 def _frame(bright: float) -> np.ndarray:
@@ -42,7 +42,6 @@ def test_overlays_are_written_coloured_and_bounded(tmp_path: Path) -> None:
 
 
 def test_a_configured_overlay_sink_is_fed_by_the_service(tmp_path: Path) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from fixtures.fakeplugins import write_setup
 
     cfg = write_setup(tmp_path)
