@@ -14,10 +14,13 @@ one line); :func:`encoders_toml` prints that part of the config, and
   centre at the image's own scale, ``framing="center"``, instead of the whole
   image shrunk to 224 px). Chosen on a validation split of the pbc training
   part (5 folds): EWC 0.825 (multi-layer, whole image) -> 0.900 (centre
-  framing) -> 0.919 (+ GeM, all stages). Figures on the test split:
-  ``bench/results/presets*.md``.
-* ``accurate``: Lite0 + Lite2; the best on the pbc *validation* split (0.903),
-  the same as ``balanced`` on the test split (0.863), 2.2x slower (7 cells/s):
+  framing) -> 0.919 (+ GeM, all stages). Confirmed once on the pbc test
+  split: EWC 0.921, plain 20-NN 0.896; 18 cells/s end to end on a
+  Lionheart-size frame on 2 CPU cores (the encoder costs what the earlier
+  multi-layer mean pool cost) (``bench/results/presets_*centre_gem.md``).
+* ``accurate``: Lite0 + Lite2 (whole-image framing, mean pools): the best on
+  the pbc *validation* split before centre framing (0.903); 0.863 on the test
+  split, 2.2x slower than one Lite0 (7 cells/s):
   for a PC with a GPU or cells where the second encoder earns its time.
 * ``zoo``: Lite0 + Lite1 + Lite2, conditioned to 256-d: the best measured on the
   pbc test split (EWC 0.871, plain 20-NN 0.846), three encoders' time: for a GPU.
