@@ -25,7 +25,9 @@ blob. On a grid no finer than ``work_pixel_size_um``:
    (``min_solidity``), round unless cut by the frame edge
    (``max_axis_ratio``), has a dark part (its darkest flattened value below
    ``-min_dark``: in-focus cells, living or dead, have one; out-of-focus ghosts
-   and smudges do not) and, when cut by the frame edge, its centroid lies at
+   and smudges do not), that dark part is a body and not a speck (a tenth
+   of the region is below ``-min_dark_body``: a ring or a core, not a few
+   dark pixels on a ghost or on debris) and, when cut by the frame edge, its centroid lies at
    least ``border_um`` inside it (a sliver of a cell outside the field is not counted).
 
 The defaults of these options were tuned on training frames of the live/dead
@@ -81,7 +83,8 @@ def is_cell(region: np.ndarray, flat: np.ndarray, offset: tuple[int, int], shape
     from skimage.measure import regionprops
 
     area = int(region.sum())
-    if area < min_px or float(flat[region].min()) > -o.min_dark:
+    values = flat[region]
+    if area < min_px or float(values.min()) > -o.min_dark or float(np.percentile(values, 10)) > -o.min_dark_body:
         return False
     rp = regionprops(region.astype(np.uint8))[0]
     if rp.solidity < o.min_solidity:

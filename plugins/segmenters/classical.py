@@ -104,6 +104,9 @@ class Options(BaseModel):
     line_um: float = Field(40.0, ge=0, description="blobs: remove straight structures longer than this (chamber ruling; 0: off)")
     line_angles: int = Field(12, ge=1, le=90, description="blobs: orientations tried for the line removal")
     min_dark: float = Field(0.25, ge=0, description="blobs: a cell's darkest flattened value is below -this (of the 0.5-99.5 percentile range)")
+    min_dark_body: float = Field(
+        0.2, ge=0, description="blobs: a tenth of a cell's area is darker than -this (a dark speck on a ghost is not a dark part)"
+    )
     min_solidity: float = Field(0.8, ge=0, le=1, description="blobs: smallest area / convex-hull area")
     max_axis_ratio: float = Field(1.8, ge=1, description="blobs: longest / shortest axis of a cell not cut by the frame edge")
     border_um: float = Field(4.2, ge=0, description="blobs: a cell cut by the frame edge counts when its centroid is this far inside")

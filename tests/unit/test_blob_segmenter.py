@@ -86,10 +86,27 @@ def test_an_out_of_focus_ghost_is_not_a_cell():
     d = np.hypot(*(np.mgrid[: SHAPE[0], : SHAPE[1]] - np.array([175.0, 170.0])[:, None, None]))
     img[(d <= 10) & (d > 6.5)] -= 0.1
     img[d <= 4.5] += 0.2
-    assert len(_centroids(segment_image(img, UM, _blobs(min_dark=0.0)))) == 4  # a blob like the others ...
+    assert len(_centroids(segment_image(img, UM, _blobs(min_dark=0.0, min_dark_body=0.0)))) == 4  # a blob like the others ...
     found = _centroids(segment_image(img, UM, _blobs()))
     assert len(found) == 3  # ... but without a dark part it is not counted
     assert all(np.hypot(y - 175.0, x - 170.0) > 20 for y, x in found)
+
+
+def test_a_dark_speck_on_a_ghost_is_not_a_dark_part():
+    img = _field()
+    for cy, cx in CENTRES[:3]:
+        _cell(img, cy, cx)
+    # a defocused cell as above, with a speck of debris (2 x 2 px, as dark as a living cell's ring) on it
+    d = np.hypot(*(np.mgrid[: SHAPE[0], : SHAPE[1]] - np.array([175.0, 170.0])[:, None, None]))
+    img[(d <= 10) & (d > 6.5)] -= 0.1
+    img[d <= 4.5] += 0.2
+    img[168:170, 176:178] -= 0.45
+    assert len(_centroids(segment_image(img, UM, _blobs(min_dark_body=0.0)))) == 4  # the speck passes min_dark ...
+    found = _centroids(segment_image(img, UM, _blobs()))
+    assert len(found) == 3  # ... but a tenth of a cell is darker than that: the ghost is not counted
+    assert all(np.hypot(y - 175.0, x - 170.0) > 20 for y, x in found)
+    for cy, cx in CENTRES[:3]:  # the in-focus cells (a dark ring: a body, not a speck) are all kept
+        assert min(np.hypot(cy - y, cx - x) for y, x in found) < 3.0
 
 
 def test_a_cell_cut_by_the_edge_counts_only_when_its_centre_is_inside():
