@@ -84,6 +84,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--ef-search", type=int, default=64, help="never below k at search time")
     b.add_argument("--classes", type=_csv, default=None, help="keep only these classes")
     _add_ewc(b, True)
+    b.add_argument("--unknown-quantile", type=float, default=None, metavar="Q",
+                   help="unknown cells: beyond this quantile of the references' own neighbour distances (default 0.99; lower flags more, also more known cells; 0: no unknown flag)"),
     _add_prep(b)
     _add_common(b)
     b.set_defaults(func=_build)
@@ -210,6 +212,19 @@ def _params(args: argparse.Namespace, index: Any) -> Any:
 
 
 # ---------------------------------------------------------------- handlers
+def _unknown_q(args: argparse.Namespace) -> float | None:
+    """``--unknown-quantile``: None (no flag) for 0, the index's default when not given."""
+    from monitor.errors import ConfigError
+    from monitor.index.unknown import QUANTILE
+
+    q = args.unknown_quantile
+    if q is None:
+        return QUANTILE
+    if not 0.0 <= q < 1.0:
+        raise ConfigError(f"--unknown-quantile must be in [0, 1) (got {q})")
+    return q or None
+
+
 def _build_from_marker(args: argparse.Namespace) -> int:
     """``index build --from-marker``: references labelled by the death marker (monitor.index.from_marker)."""
     import time
@@ -261,7 +276,7 @@ def _build_from_marker(args: argparse.Namespace) -> int:
     print(f"  EWC k {ewc.k_min}..{ewc.k_max} (smallest class: {smallest} cells); conditioning {dim or 'off'}", file=sys.stderr)
     index = build_index(cfg, pipeline, marked, metric=args.metric, ewc=ewc,
                         conditioning=ConditioningSpec(dim, args.shrinkage if args.shrinkage is not None else 0.1) if dim > 0 else None,
-                        query={"tta": args.tta} if args.tta and args.tta != 1 else None)
+                        query={"tta": args.tta} if args.tta and args.tta != 1 else None, unknown_quantile=_unknown_q(args))
     index.save(args.out)
     counts = ", ".join(f"{c} {n}" for c, n in index.class_counts.items())
     print(f"wrote {args.out}: {len(index)} references labelled by the marker ({counts}); {time.perf_counter() - t0:.1f} s", file=sys.stderr)
@@ -327,6 +342,7 @@ def _build(args: argparse.Namespace) -> int:
         preprocessing={**prep.as_dict(), "layout": ds.layout, "data_root": str(args.data.resolve())},
         conditioning=conditioning,
         query={"tta": tta} if tta != 1 else None,
+        unknown_quantile=_unknown_q(args),
     )
     index.save(args.out)
     counts = ", ".join(f"{c} {n}" for c, n in index.class_counts.items())

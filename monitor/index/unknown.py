@@ -25,8 +25,9 @@ import numpy as np
 
 from monitor.hashing import file_sha256
 
-#: default quantile of the references' own leave-one-out distances
-QUANTILE = 0.97
+#: default quantile of the references' own leave-one-out distances (0.97 flagged 7% of the
+#: demo's known cells with its 80 references; 0.99: 2%)
+QUANTILE = 0.99
 #: neighbours whose mean distance is the score
 K = 5
 #: references kept for the check (a random subset beyond)

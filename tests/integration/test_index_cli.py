@@ -139,3 +139,15 @@ def test_corrupt_index_is_one_line(tmp_path: Path, plugin: Path, capsys: pytest.
     assert main(["index", "evaluate", str(idx), str(data), *common]) == 78
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(idx) in err[0] and "checksum" in err[0]
+
+
+def test_unknown_quantile_is_recorded_or_turned_off(tmp_path: Path, plugin: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = _folders(tmp_path / "data", n=4)
+    common = ["--encoders", "tinyenc_cli:TINY", "--crop-px", "16", "--plugin-path", str(plugin), "--cache", str(tmp_path / "cache"), "--no-progress"]
+    for q, want in (([], 0.99), (["--unknown-quantile", "0.9"], 0.9), (["--unknown-quantile", "0"], None)):
+        idx = tmp_path / f"index{len(q)}{q[-1] if q else ''}"
+        assert main(["index", "build", str(data), "--out", str(idx), *q, *common]) == 0
+        rec = json.loads((idx / "meta.json").read_text())["unknown"]
+        assert (rec["quantile"] if rec else None) == want
+    assert main(["index", "build", str(data), "--out", str(tmp_path / "bad"), "--unknown-quantile", "1.5", *common]) == 78
+    assert "--unknown-quantile must be in [0, 1)" in capsys.readouterr().err
