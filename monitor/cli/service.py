@@ -42,6 +42,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_export)
 
 
+def _stop_on_signals(what: str) -> threading.Event:
+    """An event set by SIGTERM or SIGINT (when called on the main thread), logging ``what``."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("signal %d: %s", signum, what)
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    return stop
+
+
 def _serve(cfg: Any, until_idle: bool, serve_metrics: bool = True, args: argparse.Namespace | None = None) -> int:
     from monitor.registry import Registry
     from monitor.service.loop import build_service, stop_server
@@ -56,15 +70,7 @@ def _serve(cfg: Any, until_idle: bool, serve_metrics: bool = True, args: argpars
         raise ConfigError(problems)
     service, server = build_service(cfg, registry, serve_metrics=serve_metrics)
     service.exit_on_hang = True  # a stuck native call cannot be cancelled: quarantine the frame, exit 75, restart
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        log.info("signal %d: stopping after the current frame", signum)
-        stop.set()
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+    stop = _stop_on_signals("stopping after the current frame")
     try:
         if until_idle:
             from monitor.service.watch import scan
@@ -144,15 +150,7 @@ def _replay_ray(cfg: Any, args: argparse.Namespace) -> int:
     progress = _Progress(total)
     engine = ClusterReplay(cfg, registry, workers=args.workers, address=args.address, cpus_per_worker=args.cpus_per_worker,
                            gpus_per_worker=args.gpus_per_worker, serve_metrics=not args.no_metrics, on_counts=progress.update)
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        log.info("signal %d: stopping after the frames in flight", signum)
-        stop.set()
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+    stop = _stop_on_signals("stopping after the frames in flight")
     try:
         stats = engine.run(stop)
     finally:

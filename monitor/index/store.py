@@ -319,12 +319,7 @@ class ReferenceIndex:
         for f in ("vectors.faiss", "labels.npy", *((crec or {}).get("files") or [])):
             if f not in checks:
                 raise fail(f"meta.json has no checksum for {f}")
-        for f, digest in checks.items():
-            p = folder / f
-            if not p.is_file():
-                raise fail(f"{f} is missing")
-            if file_sha256(p) != digest:
-                raise fail(f"{f} does not match its checksum in meta.json (corrupt or edited)")
+        _verify(folder, checks, "meta.json", fail)
         try:
             labels = np.load(folder / "labels.npy", allow_pickle=False)
             index = faiss.read_index(str(folder / "vectors.faiss"))
@@ -477,6 +472,16 @@ class ReferenceIndex:
         return folder / CORRECTIONS
 
 
+def _verify(folder: Path, checksums: dict[str, str], listed_in: str, fail: Any) -> None:
+    """Every file named in ``checksums`` is present and unchanged, or one line naming it."""
+    for rel, digest in checksums.items():
+        p = folder / rel
+        if not p.is_file():
+            raise fail(f"{rel} (listed in {listed_in}) is missing")
+        if file_sha256(p) != digest:
+            raise fail(f"{rel} does not match its checksum in {listed_in} (corrupt or edited)")
+
+
 def _load_corrections(index: ReferenceIndex, folder: Path, fail: Any) -> None:
     """Apply the expert corrections saved beside the index (checked like the index's own files)."""
     path = folder / CORRECTIONS
@@ -488,12 +493,7 @@ def _load_corrections(index: ReferenceIndex, folder: Path, fail: Any) -> None:
         version = int(rec["version"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise fail(f"{CORRECTIONS} is unreadable ({e})") from None
-    for rel, digest in files.items():
-        p = folder / rel
-        if not p.is_file():
-            raise fail(f"{rel} (expert corrections) is missing")
-        if file_sha256(p) != digest:
-            raise fail(f"{rel} does not match its checksum in {CORRECTIONS} (corrupt or edited)")
+    _verify(folder, files, CORRECTIONS, fail)
     try:
         x = np.load(folder / next(r for r in files if r.endswith(".vectors.npy")), allow_pickle=False)
         y = np.load(folder / next(r for r in files if r.endswith(".labels.npy")), allow_pickle=False)

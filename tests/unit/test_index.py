@@ -112,7 +112,7 @@ def test_refusals(tmp_path: Path) -> None:
     labels.write_bytes(good)
     with_meta()
     (folder / "ids.json").unlink()
-    assert "ids.json is missing" in _refusal(folder)
+    assert "ids.json (listed in meta.json) is missing" in _refusal(folder)
     (folder / "meta.json").write_text("{not json")
     assert "meta.json is unreadable" in _refusal(folder)
 
