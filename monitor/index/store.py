@@ -48,6 +48,7 @@ k whenever k exceeds it, so a search never returns fewer than k neighbours.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -65,6 +66,8 @@ from monitor.index.condition import Conditioner, ConditioningSpec
 from monitor.index.ewc import EWCParams
 from monitor.index.search import HNSWParams, Metric, Structure, VectorSearch, _prepare, build_faiss
 from monitor.index.unknown import UnknownCheck
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
 #: expert corrections beside a built index: version, files and their checksums
@@ -125,6 +128,10 @@ class ReferenceIndex:
         self.unknown = unknown
         #: 1 as built; each batch of expert corrections adds one (:meth:`add`)
         self.version = 1
+        #: the version on disk (built, or the last saved corrections): below ``version`` = unsaved corrections
+        self.saved_version = 1
+        #: SHA-256 of the meta.json this index was loaded from or saved as: corrections name their base
+        self.base_sha: str | None = None
         #: raw vectors, labels and names of the corrections added since the build
         self._corr: tuple[np.ndarray, np.ndarray, list[str]] = (np.zeros((0, meta.dim), np.float32), np.zeros(0, np.int64), [])
 
@@ -277,6 +284,8 @@ class ReferenceIndex:
             for old in (folder / "corrections").iterdir():
                 old.unlink(missing_ok=True)
         self._corr = (self._corr[0][:0], self._corr[1][:0], [])
+        self.saved_version = self.version
+        self.base_sha = file_sha256(folder / "meta.json")
         return folder
 
     @classmethod
@@ -384,7 +393,9 @@ class ReferenceIndex:
                 raise fail(f"unknown-cell calibration: {e}") from None
         out = cls(m, labels, VectorSearch(index, m.metric, m.structure, m.hnsw, m.normalize, cond), names, unknown)
         out.version = int(meta.get("version", 1))
+        out.base_sha = file_sha256(meta_path)
         _load_corrections(out, folder, fail)
+        out.saved_version = out.version
         return out
 
     # ---- unknown cells and expert corrections ---------------------------
@@ -458,7 +469,7 @@ class ReferenceIndex:
                 os.fsync(f.fileno())
         (folder / f"corrections/{stem}.names.json").write_text(json.dumps(names))
         rels = [*files, f"corrections/{stem}.names.json"]
-        rec = {"version": self.version, "n": len(y), "files": {r: file_sha256(folder / r) for r in rels},
+        rec = {"version": self.version, "base": self.base_sha, "n": len(y), "files": {r: file_sha256(folder / r) for r in rels},
                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         tmp = folder / "corrections.json.tmp"
         with open(tmp, "w") as f:
@@ -466,6 +477,7 @@ class ReferenceIndex:
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(folder / CORRECTIONS)
+        self.saved_version = self.version
         for old in sub.iterdir():
             if not old.name.startswith(stem + "."):
                 old.unlink(missing_ok=True)
@@ -493,6 +505,12 @@ def _load_corrections(index: ReferenceIndex, folder: Path, fail: Any) -> None:
         version = int(rec["version"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise fail(f"{CORRECTIONS} is unreadable ({e})") from None
+    if rec.get("base") != index.base_sha:
+        # made for another meta.json: the corrections were folded in by a full save (killed before
+        # it removed them), or the index was rebuilt under a running service; never apply them twice
+        log.warning("%s: %s was made for another build of this index (version %s); not applied, the index as built is used",
+                    folder, CORRECTIONS, rec.get("version"))
+        return
     _verify(folder, files, CORRECTIONS, fail)
     try:
         x = np.load(folder / next(r for r in files if r.endswith(".vectors.npy")), allow_pickle=False)

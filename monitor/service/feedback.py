@@ -77,31 +77,34 @@ class Feedback:
         return self.poll()
 
     def pending(self) -> list[Path]:
-        """Feedback files not yet taken (CSV at the top, images in class folders), stable ones only."""
+        """Every stable file in the folder outside ``applied/`` and ``rejected/`` (what is not a
+        labelled crop or a rows file is rejected by :meth:`poll` with one line)."""
         if not self.folder.is_dir():
             return []
         now = time.time()
-        out = [p for p in self.folder.glob("*.csv")]
-        for sub in self.folder.iterdir():
-            if sub.is_dir() and sub.name not in DONE_DIRS:
-                out += [p for p in sub.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
-        return sorted(p for p in out if p.is_file() and now - p.stat().st_mtime >= self.stable_s)
+        out = [p for p in self.folder.rglob("*") if p.is_file() and p.relative_to(self.folder).parts[0] not in DONE_DIRS]
+        return sorted(p for p in out if now - p.stat().st_mtime >= self.stable_s)
 
     def poll(self) -> int:
         """Take every stable feedback file: embed, add to the index, persist, move; returns references added."""
+        index = self.index
+        if index.saved_version != index.version:  # the last save failed (disk full): nothing moves until it is on disk
+            index.save_corrections(self.index_dir)
         files = self.pending()
         if not files:
             return 0
-        index = self.index
-        known = set(index.correction_names)
+        known = {n.split(":")[1] for n in index.correction_names if n.startswith("feedback:")}
         crops, labels, names, taken = [], [], [], []
         for path in files:
             try:
-                digest = file_sha256(path)[:16]
-                if any(n.startswith(f"feedback:{digest}:") for n in known):
-                    taken.append(path)  # applied before a crash, not yet moved
+                kind = self._kind(path)
+                # an image's label is its folder: the same crop relabelled is a new correction
+                digest = file_sha256(path)[:16] + (f"-{path.parent.name.lower()}" if kind == "image" else "")
+                if digest in known:
+                    taken.append(path)  # applied already (before a crash, or twice in this batch)
                     continue
-                c, y = self._image(path) if path.suffix.lower() != ".csv" else self._rows(path)
+                c, y = self._image(path) if kind == "image" else self._rows(path)
+                known.add(digest)
             except Rejected as e:
                 log.warning("feedback %s: %s (moved to rejected/)", path, e)
                 self._move(path, "rejected")
@@ -115,7 +118,9 @@ class Feedback:
             names += [f"feedback:{digest}:{path.name}:{i}" for i in range(len(y))]
             taken.append(path)
         if crops:
-            emb = embed(np.concatenate(crops), self.pipeline.encoders, self.pipeline.batch_size)
+            # reference-side encoders: a query-side wrapper (TTA) is not applied to references
+            encoders = [getattr(e, "encoder", e) for e in self.pipeline.encoders]
+            emb = embed(np.concatenate(crops), encoders, self.pipeline.batch_size)
             version = index.add(emb.vectors, np.array(labels), names)
             index.save_corrections(self.index_dir)
             if self.metrics is not None:
@@ -128,6 +133,15 @@ class Feedback:
         return len(labels)
 
     # ---- one file -------------------------------------------------------
+    def _kind(self, path: Path) -> str:
+        """``image`` (feedback/<class>/<image>) or ``rows`` (feedback/<name>.csv); anything else is rejected."""
+        depth = len(path.relative_to(self.folder).parts)
+        if depth == 1 and path.suffix.lower() == ".csv":
+            return "rows"
+        if depth == 2 and path.suffix.lower() in IMAGE_SUFFIXES:
+            return "image"
+        raise Rejected(f"not a labelled crop (feedback/<class>/<name>{'|'.join(IMAGE_SUFFIXES)}) nor a frame,cell,state .csv at the top of the folder")
+
     def _class(self, name: str) -> int:
         classes = [c.lower() for c in self.index.classes]
         if name.strip().lower() not in classes:
@@ -163,7 +177,11 @@ class Feedback:
                 cell = int(r["cell"])
             except (TypeError, ValueError):
                 raise Rejected(f"line {line}: cell {r['cell']!r} is not a cell id") from None
-            by_frame.setdefault(r["frame"], []).append((line, cell, self._class(r["state"] or "")))
+            try:
+                y = self._class(r["state"] or "")
+            except Rejected as e:
+                raise Rejected(f"line {line}: {e}") from None
+            by_frame.setdefault(r["frame"], []).append((line, cell, y))
         for name, wanted in by_frame.items():
             src = Path(name) if Path(name).is_absolute() else self.watch_dir / name
             if not src.is_file():

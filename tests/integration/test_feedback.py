@@ -107,3 +107,45 @@ def test_a_file_applied_before_a_crash_is_not_added_twice(tmp_path: Path) -> Non
     fb._move = lambda p, where: None  # the crash: saved, never moved
     assert fb.poll() == 1
     assert fb.poll() == 0 and fb.index.n_corrections == 1 and fb.index.version == 2
+
+
+def _crop_file(path: Path) -> None:
+    import tifffile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(path, (np.clip(_frame(0.5)[10:34, 10:34], 0, 1) * 255).astype(np.uint8))
+
+
+def test_a_failed_save_moves_nothing_and_is_retried(tmp_path: Path) -> None:
+    svc, _sink, _ = _setup(tmp_path)
+    fb = svc.feedback
+    _crop_file(tmp_path / "feedback" / "dead" / "c.tif")
+    real = fb.index.save_corrections
+    fb.index.save_corrections = lambda folder: (_ for _ in ()).throw(OSError(28, "No space left on device"))
+    try:
+        fb.poll()
+    except OSError:
+        pass  # the loop logs it and goes on counting
+    assert (tmp_path / "feedback" / "dead" / "c.tif").is_file()  # not moved: not on disk yet
+    fb.index.save_corrections = real
+    assert fb.poll() == 0  # the retried save persists it; the file is then known and moved
+    assert (tmp_path / "feedback" / "applied" / "dead" / "c.tif").is_file()
+    assert ReferenceIndex.load(tmp_path / "index").n_corrections == 1
+
+
+def test_the_same_crop_relabelled_and_stray_files(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    svc, _sink, _ = _setup(tmp_path)
+    fb = svc.feedback
+    _crop_file(tmp_path / "feedback" / "live" / "c.tif")
+    assert fb.poll() == 1
+    _crop_file(tmp_path / "feedback" / "dead" / "c.tif")  # same bytes, the expert changed their mind
+    _crop_file(tmp_path / "feedback" / "loose.tif")
+    _crop_file(tmp_path / "feedback" / "dead" / "batch1" / "d.tif")
+    (tmp_path / "feedback" / "notes.txt").write_text("hello")
+    with caplog.at_level(logging.WARNING):
+        assert fb.poll() == 1
+    assert list(fb.index.labels[-2:]) == [0, 1]
+    rejected = sorted(p.name for p in (tmp_path / "feedback" / "rejected").rglob("*") if p.is_file())
+    assert rejected == ["d.tif", "loose.tif", "notes.txt"]
+    assert sum("not a labelled crop" in r.getMessage() for r in caplog.records) == 3
+    assert fb.pending() == []
