@@ -127,6 +127,10 @@ def otsu_threshold(values: np.ndarray) -> float:
 def resolve(table: Mapping[str, object], values: Mapping[str, np.ndarray] | None = None) -> MarkerRules:
     """Rules from a config ``[marker]`` table; ``"otsu"`` thresholds are fitted on ``values``.
 
+    Each ``"otsu"`` rule is fitted on the cells no earlier rule decided (labelled
+    or ambiguous), so that dead cells that are also Apo-15 bright do not pull the
+    apoptotic split above the apoptotic cells.
+
     Raises
     ------
     ValueError
@@ -135,6 +139,9 @@ def resolve(table: Mapping[str, object], values: Mapping[str, np.ndarray] | None
         fitted numbers), or a channel with no values.
     """
     rules = []
+    margin = float(table.get("margin", 0.25))  # type: ignore[arg-type]
+    n = len(next(iter(values.values()))) if values else 0
+    decided = np.zeros(n, bool)
     for r in table["rules"]:  # type: ignore[attr-defined]
         thr = r["threshold"]
         if thr == "otsu":
@@ -142,10 +149,12 @@ def resolve(table: Mapping[str, object], values: Mapping[str, np.ndarray] | None
                 raise ValueError(f"marker rule for {r['channel']!r}: threshold 'otsu' is fitted at 'index build --from-marker'; give a number here")
             if r["channel"] not in values:
                 raise ValueError(f"marker rule for {r['channel']!r}: no cell had that channel")
-            thr = otsu_threshold(values[r["channel"]])
+            thr = otsu_threshold(values[r["channel"]][~decided])
+        if values is not None and r["channel"] in values:
+            v = values[r["channel"]]
+            decided |= ~np.isfinite(v) | (v >= float(thr) - margin * abs(float(thr)))
         rules.append(Rule(str(r["channel"]), str(r["state"]), float(thr)))
-    return MarkerRules(tuple(rules), str(table.get("negative", "live")), float(table.get("margin", 0.25)),  # type: ignore[arg-type]
-                       float(table.get("ring_um", 3.0)))  # type: ignore[arg-type]
+    return MarkerRules(tuple(rules), str(table.get("negative", "live")), margin, float(table.get("ring_um", 3.0)))  # type: ignore[arg-type]
 
 
 def label_cells(values: Mapping[str, np.ndarray], rules: MarkerRules) -> np.ndarray:

@@ -233,7 +233,13 @@ def _build_from_marker(args: argparse.Namespace) -> int:
     from monitor.errors import ConfigError
     from monitor.index.condition import ConditioningSpec
     from monitor.index.ewc import EWCParams
-    from monitor.index.from_marker import build_index, describe, frames_in, label_frames
+    from monitor.index.from_marker import (
+        build_index,
+        check_rules,
+        describe,
+        frames_in,
+        label_frames,
+    )
     from monitor.index.presets import PRESETS
     from monitor.protocols import BuildContext
     from monitor.registry import Registry
@@ -254,6 +260,7 @@ def _build_from_marker(args: argparse.Namespace) -> int:
         raise ConfigError(f"{folder}: no such folder of frames")
     if args.encoders:
         raise ConfigError("--from-marker embeds with the config's [[encoders]] (the index must fit the service); drop --encoders")
+    check_rules(cfg)
     registry = Registry(cfg.plugins.paths)
     ctx = BuildContext(state_dir=cfg.service.state_dir, config_path=cfg_path, extra={"experiment": cfg.service.experiment})
     pipeline = pipeline_without_index(cfg, registry, ctx)
@@ -262,7 +269,7 @@ def _build_from_marker(args: argparse.Namespace) -> int:
     for path, problem in skipped:
         print(f"skipped {path}: {' '.join(problem.split())}", file=sys.stderr)
     print(f"{folder}: {len(frames)} frame(s)", file=sys.stderr)
-    marked = label_frames(cfg, pipeline, frames, progress=not args.no_progress)
+    marked = label_frames(cfg, pipeline, frames, Path(folder), progress=not args.no_progress)
     describe(marked, lambda line: print(line, file=sys.stderr))
     # a calibration run gives hundreds of cells, not thousands: the preset's k and conditioning
     # are capped so that no class is outvoted by k alone and the whitening is not fitted on noise

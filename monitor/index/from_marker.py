@@ -75,7 +75,7 @@ def frames_in(cfg: Config, readers: Any, folder: Path, skipped: list[tuple[str, 
     return frames
 
 
-def label_frames(cfg: Config, pipeline: Pipeline, frames: list[Frame], progress: bool = True) -> MarkerLabels:
+def label_frames(cfg: Config, pipeline: Pipeline, frames: list[Frame], folder: Path, progress: bool = True) -> MarkerLabels:
     """Segment, measure the marker and label every cell of ``frames`` by the config's rules.
 
     Raises
@@ -83,13 +83,13 @@ def label_frames(cfg: Config, pipeline: Pipeline, frames: list[Frame], progress:
     ConfigError
         No ``[marker]`` rules in the config.
     BadInput
-        No frame carries the marker channels, or no cell got a label.
+        No frame (of ``folder``) carries the marker channels, or fewer than two
+        states got cells (an index that can only say one thing).
     """
     from tqdm import tqdm
 
+    check_rules(cfg)
     table = cfg.marker.model_dump()
-    if not table["rules"]:
-        raise ConfigError(f"{cfg.source_name}: no [[marker.rules]]: say which marker channel above which threshold means which state (see README, 'Labelling references by a death marker')")
     channels = list(dict.fromkeys(r["channel"] for r in table["rules"]))
     per_frame: list[tuple[Frame, Any, dict[str, np.ndarray]]] = []
     without: list[str] = []
@@ -103,7 +103,7 @@ def label_frames(cfg: Config, pipeline: Pipeline, frames: list[Frame], progress:
         values = {c: measure(f, cells, c, float(table["ring_um"])) for c in channels}
         per_frame.append((f, cells, values))
     if not per_frame:
-        raise BadInput(Path(str(cfg.service.watch_dir)), f"no frame carries the marker channel(s) {', '.join(channels)} ({len(frames)} frame(s) read)")
+        raise BadInput(folder, f"no frame carries the marker channel(s) {', '.join(channels)} ({len(frames)} frame(s) read)")
     pooled = {c: np.concatenate([v[c] for _, _, v in per_frame]) for c in channels}
     rules = resolve(table, pooled)
     crops, labels, names, every = [], [], [], []
@@ -118,9 +118,18 @@ def label_frames(cfg: Config, pipeline: Pipeline, frames: list[Frame], progress:
 
             sub = Cells(cells.labels, tuple(cells.cells[i] for i in keep), cells.pixel_size_um)
             crops.append(crop_cells(f, sub, pipeline.crop_px, pipeline.blank_background, pipeline.crop_framing, pipeline.crop_margin))
-    if not labels:
-        raise BadInput(Path(str(cfg.service.watch_dir)), f"the marker labelled no cell (all {len(every)} ambiguous or none segmented)")
+    if len(set(labels)) < 2:
+        got = ", ".join(f"{k} {v}" for k, v in sorted(summarise(every).items())) or "no cell segmented"
+        raise BadInput(folder, f"the marker gave fewer than two states ({got}); an index needs cells of at least two states: "
+                               "use a calibration run where cells die, or adjust the [marker] thresholds")
     return MarkerLabels(np.concatenate(crops), labels, names, rules, summarise(every), len(per_frame), without)
+
+
+def check_rules(cfg: Config) -> None:
+    """A config without ``[[marker.rules]]`` is one line (before any frame is read)."""
+    if not cfg.marker.rules:
+        raise ConfigError(f"{cfg.source_name}: no [[marker.rules]]: say which marker channel above which threshold means which state "
+                          "(see README, 'Labelling references by a death marker'); with --from-marker FOLDER, name the config with --config")
 
 
 def build_index(cfg: Config, pipeline: Pipeline, marked: MarkerLabels, **build_kw: Any) -> Any:

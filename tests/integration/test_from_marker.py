@@ -69,3 +69,12 @@ def test_without_rules_or_marker_frames_one_line(tmp_path: Path, capsys) -> None
     assert "no [[marker.rules]]" in capsys.readouterr().err
     assert main(["index", "build", "--from-marker", str(tmp_path / "nothing"), "--out", str(tmp_path / "i")]) == 78
     assert "neither" in capsys.readouterr().err
+    # a folder without --config: the rules are missing, said before any frame is read
+    assert main(["index", "build", "--from-marker", str(tmp_path / "f"), "--out", str(tmp_path / "i")]) == 78
+    assert "--config" in capsys.readouterr().err
+    # a calibration run in which no cell dies: one state only is refused
+    good = tmp_path / "demo.toml"
+    good.write_text(DEMO_CONFIG)
+    assert main(["index", "build", "--from-marker", str(good), str(tmp_path / "f"), "--out", str(tmp_path / "i"), "--no-progress"]) == 65
+    err = capsys.readouterr().err
+    assert "fewer than two states" in err and str(tmp_path / "f") in err

@@ -69,3 +69,15 @@ def test_agreement_counts_labelled_cells_the_classifier_calls_the_same() -> None
     # a frame without the marker channel: no verdict
     bare = Frame(frame.key, {"phase": frame.channels["phase"]}, "phase", None, 0.5, "config", "x")
     assert MarkerCheck(rules, {}).agreement(bare, cells, states) is None
+
+
+def test_otsu_is_fitted_on_the_cells_earlier_rules_left() -> None:
+    # dead cells are bright in both channels; apoptotic only in apo; live in neither
+    pi = np.r_[np.full(30, 100.0), np.zeros(20), np.zeros(60)]
+    apo = np.r_[np.full(30, 200.0), np.full(20, 30.0), np.zeros(60)]
+    table = {"rules": [{"channel": "pi", "state": "dead", "threshold": 40.0},
+                       {"channel": "apo", "state": "apoptotic", "threshold": "otsu"}], "negative": "live", "margin": 0.1}
+    rules = resolve(table, {"pi": pi, "apo": apo})
+    assert 0.0 < rules.rules[1].threshold < 30.0  # split between live and apoptotic, not between apoptotic and dead
+    got = list(label_cells({"pi": pi, "apo": apo}, rules))
+    assert got == ["dead"] * 30 + ["apoptotic"] * 20 + ["live"] * 60
