@@ -29,8 +29,8 @@ from bench._ewc_common import DATA, need_data  # noqa: E402
 from bench.bench_presets import cli, link_folders, pbc_split  # noqa: E402
 
 
-def unknown_rates(index_dir: Path, test_dir: Path) -> tuple[dict[str, float], dict[str, int]]:
-    """Share of each class's test cells flagged unknown by the index (embedded through the cache)."""
+def unknown_scores(index_dir: Path, test_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(test cells' unknown scores, their class names, flagged by the index, the references' leave-one-out scores)."""
     import json
 
     from monitor.config import PluginRef
@@ -48,10 +48,14 @@ def unknown_rates(index_dir: Path, test_dir: Path) -> tuple[dict[str, float], di
     index = ReferenceIndex.load(index_dir, [{"id": e.id, "dim": e.dim} for e in encoders])
     ds = scan(test_dir)
     emb = embed_dataset(ds, encoders, Preprocess.from_dict(index.preprocessing or {}), EmbeddingCache(), progress=False)
-    states = EWCClassifier(index).classify(emb.concat([e.id for e in encoders]))
-    assert states.unknown is not None
+    from monitor.index.unknown import _knn_mean
+
+    q = emb.concat([e.id for e in encoders])
+    states = EWCClassifier(index).classify(q)
+    u = index.unknown
+    assert states.unknown is not None and u is not None
     names = np.array([emb.classes[i] for i in emb.labels])
-    return ({c: float(states.unknown[names == c].mean()) for c in emb.classes}, {c: int((names == c).sum()) for c in emb.classes})
+    return u.scores(q), names, states.unknown, _knn_mean(u.refs, u.refs, u.k, exclude_self=True)
 
 
 def main() -> int:
@@ -62,8 +66,8 @@ def main() -> int:
     need_data()
     train, test = pbc_split(0)
     classes = sorted({p.parent.name for p in train})
-    lines = ["| class left out of the references | its test cells flagged unknown | known classes' test cells flagged unknown (false unknown rate) | test cells (left out / known) |",
-             "|---|---|---|---|"]
+    lines = ["| class left out of the references | its test cells flagged unknown (default 0.99) | known classes' test cells flagged (false unknown rate) | at quantile 0.97: left out / false | AUROC left out vs known | test cells (left out / known) |",
+             "|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
         tr = link_folders(train, DATA / "pbc", work / "train")
@@ -72,10 +76,12 @@ def main() -> int:
             keep = [c for c in classes if c != held]
             idx = work / f"index-without-{held}"
             cli("index", "build", str(tr), "--out", str(idx), "--classes", ",".join(keep), "--no-progress")
-            rates, n = unknown_rates(idx, te)
-            known_n = sum(n[c] for c in keep)
-            false_rate = sum(rates[c] * n[c] for c in keep) / known_n
-            lines.append(f"| {held} | {rates[held]:.1%} | {false_rate:.1%} | {n[held]} / {known_n} |")
+            scores, names, flagged, loo = unknown_scores(idx, te)
+            out = names == held
+            t97 = np.quantile(loo, 0.97)
+            auc = float((scores[out][:, None] > scores[~out][None, :]).mean())
+            lines.append(f"| {held} | {flagged[out].mean():.1%} | {flagged[~out].mean():.1%} | {(scores[out] > t97).mean():.1%} / {(scores[~out] > t97).mean():.1%} "
+                         f"| {auc:.2f} | {out.sum()} / {(~out).sum()} |")
             print(lines[-1], flush=True)
     table = "\n".join(lines)
     print(table)

@@ -334,23 +334,28 @@ def _build(args: argparse.Namespace) -> int:
     shrink = args.shrinkage if args.shrinkage is not None else (pc.shrinkage if pc is not None else 0.1)
     conditioning = ConditioningSpec(dim, shrink) if dim > 0 else None
     tta = args.tta if args.tta is not None else preset.tta
-    index = ReferenceIndex.build(
-        emb.concat([e.id for e in encoders]),
-        emb.labels,
-        emb.classes,
-        [_encoder_record(e, n, o) for e, (n, o) in zip(encoders, specs, strict=True)],
-        metric=args.metric,
-        structure=args.structure,
-        ewc=ewc,
-        hnsw=HNSWParams(args.hnsw_m, args.ef_construction, args.ef_search),
-        hnsw_above=args.hnsw_above,
-        normalize=args.normalize,
-        ref_names=emb.names,
-        preprocessing={**prep.as_dict(), "layout": ds.layout, "data_root": str(args.data.resolve())},
-        conditioning=conditioning,
-        query={"tta": tta} if tta != 1 else None,
-        unknown_quantile=_unknown_q(args),
-    )
+    try:
+        index = ReferenceIndex.build(
+            emb.concat([e.id for e in encoders]),
+            emb.labels,
+            emb.classes,
+            [_encoder_record(e, n, o) for e, (n, o) in zip(encoders, specs, strict=True)],
+            metric=args.metric,
+            structure=args.structure,
+            ewc=ewc,
+            hnsw=HNSWParams(args.hnsw_m, args.ef_construction, args.ef_search),
+            hnsw_above=args.hnsw_above,
+            normalize=args.normalize,
+            ref_names=emb.names,
+            preprocessing={**prep.as_dict(), "layout": ds.layout, "data_root": str(args.data.resolve())},
+            conditioning=conditioning,
+            query={"tta": tta} if tta != 1 else None,
+            unknown_quantile=_unknown_q(args),
+        )
+    except ValueError as err:
+        from monitor.errors import BadInput
+
+        raise BadInput(args.data, str(err)) from None
     index.save(args.out)
     counts = ", ".join(f"{c} {n}" for c, n in index.class_counts.items())
     hits = f", cache {cache.hits} hit(s) / {cache.misses} miss(es)" if cache is not None else ""

@@ -3,17 +3,17 @@
 At build time the index keeps its references' raw encoder vectors (up to
 :data:`MAX_REFS`, a random subset beyond) and calibrates a distance: each
 reference's mean Euclidean distance to its ``k`` nearest *other* references
-(leave-one-out), and the ``quantile`` of those. A query whose mean distance
+(leave-one-out; ``k`` at most the references less one), and the ``quantile``
+of those. A query whose mean distance
 to its ``k`` nearest references exceeds it is **unknown**: unlike anything
 the references hold (a cell type or state nobody labelled, debris, a new
 stain). It is still labelled with its EWC state; the flag is counted beside.
 
 Why raw vectors, not the index's conditioned space: the conditioning
 projects onto the references' principal directions, which discards exactly
-the directions in which a new kind of cell differs; measured on PBC with a
-class left out, the left-out class separated from held-out known cells with
-AUROC 0.73-0.82 in the raw space and 0.46-0.66 in the conditioned one
-(``bench/bench_unknown.py``).
+the directions in which a new kind of cell differs (on PBC with a class left
+out, the raw space separated it better; ``bench/bench_unknown.py`` reports the
+raw-space AUROC).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import numpy as np
 
 from monitor.hashing import file_sha256
 
-#: default quantile of the references' own leave-one-out distances (0.97 flagged 7% of the
-#: demo's known cells with its 80 references; 0.99: 2%)
+#: default quantile of the references' own leave-one-out distances (0.97 flagged several
+#: percent of the demo's known cells with its 80 references)
 QUANTILE = 0.99
 #: neighbours whose mean distance is the score
 K = 5
@@ -66,6 +66,7 @@ class UnknownCheck:
         if len(x) < 2:
             raise ValueError("the unknown-cell distance needs at least two references")
         refs = x if len(x) <= max_refs else x[np.sort(np.random.default_rng(seed).choice(len(x), max_refs, replace=False))]
+        k = min(k, len(refs) - 1)  # the same k for the references (leave-one-out) and for queries
         loo = _knn_mean(refs, refs, k, exclude_self=True)
         return cls(refs, float(np.quantile(loo, quantile)), quantile, k)
 

@@ -151,3 +151,12 @@ def test_unknown_quantile_is_recorded_or_turned_off(tmp_path: Path, plugin: Path
         assert (rec["quantile"] if rec else None) == want
     assert main(["index", "build", str(data), "--out", str(tmp_path / "bad"), "--unknown-quantile", "1.5", *common]) == 78
     assert "--unknown-quantile must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_a_class_named_like_a_count_column_is_refused(tmp_path: Path, plugin: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = _folders(tmp_path / "data", n=3)
+    (data / next(iter(sorted(p.name for p in data.iterdir())))).rename(data / "Unknown")
+    common = ["--encoders", "tinyenc_cli:TINY", "--crop-px", "16", "--plugin-path", str(plugin), "--cache", str(tmp_path / "cache"), "--no-progress"]
+    assert main(["index", "build", str(data), "--out", str(tmp_path / "i"), *common]) == 65
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "'Unknown' is reserved" in err[-1] and str(data) in err[-1]
