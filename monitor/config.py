@@ -105,7 +105,7 @@ class ClassifierConfig(_Model):
     #: reference class -> canonical state; classes not named here map to themselves when the
     #: name is a canonical state (any case), else to "other"
     roles: dict[str, Literal["live", "apoptotic", "necrotic", "dead", "other"]] = Field(default_factory=dict)
-    unknown: bool = Field(True, description="count cells farther from every reference than the index's calibrated distance as unknown (beside their predicted state)")
+    unknown: bool = Field(True, description="count cells farther from their nearest references than the references are from each other (the index's calibrated distance) as unknown, beside their predicted state")
 
     @model_validator(mode="after")
     def _k_range(self) -> ClassifierConfig:

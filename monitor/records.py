@@ -138,8 +138,8 @@ class States:
     neighbor_ids: np.ndarray  # (N, K) int64
     neighbor_labels: np.ndarray  # (N, K) int
     neighbor_distances: np.ndarray  # (N, K) float32
-    #: (N,) bool: farther from every reference than the index's calibrated
-    #: neighbour distance (a state the references do not cover); None: not checked
+    #: (N,) bool: farther from its nearest references than the references are from
+    #: each other (monitor.index.unknown; a kind the references do not cover); None: not checked
     unknown: np.ndarray | None = None
     #: version of the reference index that classified these cells (grows with expert corrections)
     index_version: int = 0

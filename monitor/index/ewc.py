@@ -88,7 +88,8 @@ class EWCClassifier:
         entropy exceeds the threshold, then the class-weighted vote
         ``argmax_l sum_j w_{y_j} [y_j = l]`` (unweighted when reweighting is
         off). Rows whose certainty is below ``certainty_floor`` are flagged
-        ``uncertain`` (still labelled); rows whose nearest reference is farther
+        ``uncertain`` (still labelled); rows whose mean distance to their nearest
+        references (raw space, :mod:`monitor.index.unknown`) is farther
         than the index's calibrated unknown distance are flagged ``unknown``
         (still labelled; ``unknown`` is None when the index has no
         calibration or the flag is off). Neighbour arrays are padded beyond

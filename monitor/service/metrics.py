@@ -60,7 +60,7 @@ class ServiceMetrics:
             "cellmonitor_uncertain_cells", "Cells below the certainty floor in the latest frame", ["instrument", "experiment", "well"], registry=r
         )
         self.unknown = Gauge(
-            "cellmonitor_unknown_cells", "Cells farther from every reference than the index's calibrated distance, latest frame",
+            "cellmonitor_unknown_cells", "Cells farther from their nearest references than the index's calibrated distance, latest frame",
             ["instrument", "experiment", "well"], registry=r
         )
         self.marker_agreement = Gauge(
