@@ -669,6 +669,7 @@ class ClusterReplay:
                 if not batch:
                     break
                 pool.submit("identify", batch, [u.paths[0] for u in batch])
+            pool.kill_overdue(self.cfg.service.frame_timeout_s)  # a read that hangs costs its worker, not the run
             for call, result, err in pool.wait(0.2):
                 for j, u in enumerate(call.units):
                     r = None if err is not None else result[j]
