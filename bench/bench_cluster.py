@@ -20,7 +20,6 @@ import argparse
 import logging
 import os
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import replace
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 class Clock:
@@ -121,27 +122,13 @@ def main() -> int:
 
     import ray
 
-    from monitor.config import load_config
-    from monitor.demo.run import (
-        DEMO_CONFIG,
-        FIELD_PX,
-        FRAME_UM,
-        bootstrap_pipeline,
-        build_reference,
-        write_frame,
-    )
+    from bench.bench_service import demo_workspace
+    from monitor.demo.run import FIELD_PX, FRAME_UM, write_frame
     from monitor.demo.synthetic import make_cells, render_field
-    from monitor.protocols import BuildContext
-    from monitor.registry import Registry
     from monitor.service.cluster import ClusterReplay
 
-    work = Path(tempfile.mkdtemp(prefix="cellmonitor-bench-cluster-"))
-    (work / "demo.toml").write_text(DEMO_CONFIG.replace("metrics_port = 9108", "metrics_port = 0"))
-    cfg = load_config(work / "demo.toml")
-    reg = Registry()
     print("building the demo's reference index ...", file=sys.stderr)
-    boot = bootstrap_pipeline(cfg, reg, BuildContext(state_dir=cfg.service.state_dir))
-    build_reference(boot, 30, 7, lambda m: None).save(cfg.classifier.index)
+    work, cfg, reg = demo_workspace("cellmonitor-bench-cluster-", say=lambda m: None)
     watch = cfg.service.watch_dir
     watch.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(3)

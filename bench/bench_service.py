@@ -32,33 +32,35 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
+def demo_workspace(prefix: str, say=lambda m: print(m, file=sys.stderr)):  # type: ignore[no-untyped-def]
+    """A temporary folder with the demo's config (no metrics port), its reference index built and an empty watch folder:
+    (folder, config, registry), as the benches that replay demo frames need."""
+    from monitor.config import load_config
+    from monitor.demo.run import DEMO_CONFIG, bootstrap_pipeline, build_reference
+    from monitor.protocols import BuildContext
+    from monitor.registry import Registry
+
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    (work / "demo.toml").write_text(DEMO_CONFIG.replace("metrics_port = 9108", "metrics_port = 0"))
+    cfg = load_config(work / "demo.toml")
+    reg = Registry()
+    boot = bootstrap_pipeline(cfg, reg, BuildContext(state_dir=cfg.service.state_dir))
+    build_reference(boot, 30, 7, say).save(cfg.classifier.index)
+    cfg.service.watch_dir.mkdir(parents=True, exist_ok=True)  # the 'microscope export folder', empty
+    return work, cfg, reg
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--frames", type=int, default=120)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
-    from monitor.config import load_config
-    from monitor.demo.run import (
-        DEMO_CONFIG,
-        FIELD_PX,
-        FRAME_UM,
-        bootstrap_pipeline,
-        build_reference,
-        write_frame,
-    )
+    from monitor.demo.run import FIELD_PX, FRAME_UM, write_frame
     from monitor.demo.synthetic import make_cells, render_field
-    from monitor.protocols import BuildContext
-    from monitor.registry import Registry
     from monitor.service.loop import build_service
 
-    work = Path(tempfile.mkdtemp(prefix="cellmonitor-bench-"))
-    (work / "demo.toml").write_text(DEMO_CONFIG.replace("metrics_port = 9108", "metrics_port = 0"))
-    cfg = load_config(work / "demo.toml")
-    reg = Registry()
-    boot = bootstrap_pipeline(cfg, reg, BuildContext(state_dir=cfg.service.state_dir))
-    index = build_reference(boot, 30, 7, lambda m: print(m, file=sys.stderr))
-    index.save(cfg.classifier.index)
+    work, cfg, reg = demo_workspace("cellmonitor-bench-")
 
     rng = np.random.default_rng(3)
     cells = make_cells(16, FIELD_PX * FRAME_UM, rng, onset_scale=6.0, n_timepoints=args.frames)
