@@ -331,7 +331,10 @@ class ReferenceIndex:
         crec = meta.get("conditioning")
         if crec is not None and not isinstance(crec, dict):
             raise fail("meta.json: conditioning is not a table")
-        for f in ("vectors.faiss", "labels.npy", *((crec or {}).get("files") or [])):
+        urec = meta.get("unknown")
+        if urec is not None and not isinstance(urec, dict):
+            raise fail("meta.json: unknown is not a table")
+        for f in ("vectors.faiss", "labels.npy", *((crec or {}).get("files") or []), *([str(urec.get("file", unknown_mod.FILE))] if urec else [])):
             if f not in checks:
                 raise fail(f"meta.json has no checksum for {f}")
         _verify(folder, checks, "meta.json", fail)
@@ -391,10 +394,9 @@ class ReferenceIndex:
             unknown=meta.get("unknown"),
         )
         unknown = None
-        urec = meta.get("unknown")
         if urec is not None:
             try:
-                unknown = UnknownCheck.load(folder, urec, checks, dim_sum)
+                unknown = UnknownCheck.load(folder, urec, dim_sum)
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 raise fail(f"unknown-cell calibration: {e}") from None
         out = cls(m, labels, VectorSearch(index, m.metric, m.structure, m.hnsw, m.normalize, cond), names, unknown)

@@ -23,8 +23,6 @@ from typing import Any
 
 import numpy as np
 
-from monitor.hashing import file_sha256
-
 #: default quantile of the references' own leave-one-out distances (0.97 flagged several
 #: percent of the demo's known cells with its 80 references)
 QUANTILE = 0.99
@@ -91,11 +89,9 @@ class UnknownCheck:
         return [FILE]
 
     @classmethod
-    def load(cls, folder: Path, rec: dict[str, Any], checksums: dict[str, str], dim: int) -> UnknownCheck:
-        """From the index folder; ValueError on a missing or edited file or a wrong dimension."""
+    def load(cls, folder: Path, rec: dict[str, Any], dim: int) -> UnknownCheck:
+        """From the index folder, whose checksums the index has verified; ValueError on a wrong dimension."""
         path = folder / str(rec.get("file", FILE))
-        if path.name not in checksums or file_sha256(path) != checksums[path.name]:
-            raise ValueError(f"{path.name} is missing or does not match its checksum")
         refs = np.load(path, allow_pickle=False)
         if refs.ndim != 2 or refs.shape[1] != dim:
             raise ValueError(f"{path.name} holds {refs.shape} vectors, expected (N, {dim})")
