@@ -199,6 +199,11 @@ class MarkerAgreement:
         return self.n_agree / self.n_labelled if self.n_labelled else float("nan")
 
 
+#: the frame's own tallies, written as ``n_<name>`` beside each class's ``n_<class>``
+#: (:attr:`Counts.n_cells`, ``n_uncertain``, ``n_unknown``): no reference class may take these names
+COUNT_TALLIES = ("cells", "uncertain", "unknown")
+
+
 @dataclass(frozen=True)
 class Counts:
     """Per-timepoint result: what the sinks record."""

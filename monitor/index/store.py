@@ -66,12 +66,11 @@ from monitor.index.condition import Conditioner, ConditioningSpec
 from monitor.index.ewc import EWCParams
 from monitor.index.search import HNSWParams, Metric, Structure, VectorSearch, _prepare, build_faiss
 from monitor.index.unknown import UnknownCheck
+from monitor.records import COUNT_TALLIES
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
-#: class names whose n_<name> CSV column already means something else (monitor.service.rows)
-RESERVED_CLASSES = ("cells", "uncertain", "unknown")
 #: expert corrections beside a built index: version, files and their checksums
 CORRECTIONS = "corrections.json"
 #: formats this version reads (1: before conditioning and query options)
@@ -193,10 +192,10 @@ class ReferenceIndex:
             raise ValueError(f"need a non-empty (N, D) matrix of reference vectors (got shape {x.shape})")
         if len(labels) != x.shape[0]:
             raise ValueError(f"{len(labels)} labels for {x.shape[0]} vectors")
-        reserved = [c for c in classes if str(c).lower() in RESERVED_CLASSES]
+        reserved = [c for c in classes if str(c).lower() in COUNT_TALLIES]
         if reserved:
             raise ValueError(f"class name {reserved[0]!r} is reserved: the counts CSV's n_{str(reserved[0]).lower()} column holds "
-                             f"another count ({', '.join(RESERVED_CLASSES)}); rename that class")
+                             f"another count ({', '.join(COUNT_TALLIES)}); rename that class")
         if query is not None and int(query.get("tta", 1)) not in (1, 8):
             raise ValueError(f"query tta must be 1 or 8 (got {query.get('tta')})")
         cond = Conditioner.fit(x, conditioning) if isinstance(conditioning, ConditioningSpec) else conditioning

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from monitor.records import Counts
+from monitor.records import COUNT_TALLIES, Counts
 from monitor.service.ledger import path_text, safe_text
 
 COLUMNS_FIXED = [
@@ -31,7 +31,7 @@ CANONICAL = ("live", "apoptotic", "necrotic", "dead", "other")
 
 
 #: ``n_*`` columns that are not reference classes
-NOT_CLASS_COUNTS = ("n_cells", "n_uncertain", "n_unknown")
+NOT_CLASS_COUNTS = tuple(f"n_{t}" for t in COUNT_TALLIES)
 #: columns added after the first layout, in the order of their versions: a file begun
 #: without them is continued in its own columns (see the csv sink)
 LATER_COLUMNS = ("state_", "n_unknown", "index_version", "marker_")
