@@ -125,21 +125,27 @@ def control(e: Experiment) -> tuple[bytes, float, float, int]:
     return _png(fig), r, rho, n
 
 
-def cells_per_frame(e: Experiment) -> bytes:
-    """Segmented cells per frame (mean over a well's fields) against time, one line per well."""
+def _well_lines(e: Experiment, column: str, height: float, ylabel: str, legend_cols: int = 1) -> tuple[Any, Any]:
+    """(figure, axes): ``column`` of the experiment's table against time, one line per well."""
     plt = _plt()
     wc = _well_colours(e.wells)
-    fig, ax = plt.subplots(figsize=(7.5, 3.4))
+    fig, ax = plt.subplots(figsize=(7.5, height))
     x = np.asarray(time_of(e), float)
     for w in e.wells:
         m = (e.table["well"] == w).to_numpy()
-        ax.plot(x[m], np.asarray(e.table.loc[m, "cells_per_frame"], float), marker="o", ms=3, color=wc[w], label=w)
+        ax.plot(x[m], np.asarray(e.table.loc[m, column], float), marker="o", ms=3, color=wc[w], label=w)
     _time_axis(ax, e)
-    ax.set_ylabel("cells per frame")
-    ax.set_ylim(bottom=0)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     if len(e.wells) <= 24:
-        ax.legend(fontsize=8, ncol=max(1, math.ceil(len(e.wells) / 12)), frameon=False, bbox_to_anchor=(1.01, 1), loc="upper left")
+        ax.legend(fontsize=8, ncol=legend_cols, frameon=False, bbox_to_anchor=(1.01, 1), loc="upper left")
+    return fig, ax
+
+
+def cells_per_frame(e: Experiment) -> bytes:
+    """Segmented cells per frame (mean over a well's fields) against time, one line per well."""
+    fig, ax = _well_lines(e, "cells_per_frame", 3.4, "cells per frame", max(1, math.ceil(len(e.wells) / 12)))
+    ax.set_ylim(bottom=0)
     fig.tight_layout()
     return _png(fig)
 
@@ -192,17 +198,6 @@ def _row_name(r: int) -> str:
 
 def extra_column(e: Experiment, column: str) -> bytes:
     """A column the report does not know, pooled by its mean per well, against time."""
-    plt = _plt()
-    wc = _well_colours(e.wells)
-    fig, ax = plt.subplots(figsize=(7.5, 3.0))
-    x = np.asarray(time_of(e), float)
-    for w in e.wells:
-        m = (e.table["well"] == w).to_numpy()
-        ax.plot(x[m], np.asarray(e.table.loc[m, column], float), marker="o", ms=3, color=wc[w], label=w)
-    _time_axis(ax, e)
-    ax.set_ylabel(column)
-    ax.grid(alpha=0.3)
-    if len(e.wells) <= 24:
-        ax.legend(fontsize=8, frameon=False, bbox_to_anchor=(1.01, 1), loc="upper left")
+    fig, _ax = _well_lines(e, column, 3.0, column)
     fig.tight_layout()
     return _png(fig)
