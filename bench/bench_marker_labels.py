@@ -55,34 +55,26 @@ def time_lapse(folder: Path | None, wells: tuple[str, ...], n_t: int, cells: int
 
 def evaluate(pipeline, indexes: dict[str, object], frames) -> dict[str, dict[str, float]]:  # type: ignore[no-untyped-def]
     """Per-cell accuracy of each index against the truth (segments matched to true cells by centre)."""
-    from monitor.imaging import crop_cells, rescale
+    import tomllib
+
+    from monitor.config import parse_config
+    from monitor.demo.run import on_true_cells
+    from monitor.imaging import crop_cells
     from monitor.index.ewc import EWCClassifier
     from monitor.marker import MarkerCheck, resolve
     from monitor.pipeline import embed
-    from monitor.records import Acquisition, Cells, FrameKey
-    from monitor.service.assemble import merge
+    from monitor.records import FrameKey
     from monitor.service.rows import class_roles
 
-    cfg = load_config_text()
-    rules = resolve(cfg.marker.model_dump())
+    rules = resolve(parse_config(tomllib.loads(DEMO_CONFIG)).marker.model_dump())
     truth_all: list[str] = []
     pred: dict[str, list[str]] = {k: [] for k in indexes}
     agree: dict[str, list[float]] = {k: [] for k in indexes}
     for w, t, phase, fluo, cells, st in frames:
-        acq = Acquisition(Path(f"{w}_{t}.tif"), FrameKey("eval", w, "1", t), {"phase": phase, "apo15": fluo}, FRAME_UM, "config", "synthetic")
-        frame = rescale(merge([acq], "phase", "apo15"), pipeline.pixel_size_um)
-        seg = pipeline.segmenter.segment(frame)
-        centres = np.array([(c.y_um, c.x_um) for c in cells]) / frame.pixel_size_um
-        keep, truth = [], []
-        for i, c in enumerate(seg.cells):
-            d = np.hypot(*(centres - np.array(c.centroid_yx_px)).T)
-            j = int(np.argmin(d))
-            if d[j] < cells[j].radius_um / frame.pixel_size_um:
-                keep.append(i)
-                truth.append(st[j])
-        if not keep:
+        frame, sub, true = on_true_cells(pipeline, phase, fluo, cells, FrameKey("eval", w, "1", t))
+        if not len(sub):
             continue
-        sub = Cells(seg.labels, tuple(seg.cells[i] for i in keep), seg.pixel_size_um)
+        truth = [st[j] for j in true]
         emb = embed(crop_cells(frame, sub, pipeline.crop_px, pipeline.blank_background), pipeline.encoders, pipeline.batch_size)
         truth_all += truth
         for name, index in indexes.items():
@@ -106,13 +98,6 @@ def evaluate(pipeline, indexes: dict[str, object], frames) -> dict[str, dict[str
             "agreement": float(np.mean(agree[name])) if agree[name] else float("nan"),
         }
     return out
-
-
-def load_config_text():  # type: ignore[no-untyped-def]
-    with tempfile.TemporaryDirectory() as d:
-        p = Path(d) / "demo.toml"
-        p.write_text(DEMO_CONFIG)
-        return load_config(p)
 
 
 def run(n_t: int = 8, cells: int = 16, per_state: int = 30, say=print, build_args: tuple[str, ...] = ()) -> tuple[dict[str, dict[str, float]], str]:  # type: ignore[no-untyped-def]

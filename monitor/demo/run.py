@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from monitor.records import Counts
+from monitor.records import Cells, Counts, Frame, FrameKey
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +65,34 @@ def write_frame(folder: Path, well: str, t: int, phase: np.ndarray, fluo: np.nda
     return paths
 
 
+def on_true_cells(pipeline, phase: np.ndarray, fluo: np.ndarray, cells: list[Any], key: FrameKey) -> tuple[Frame, Cells, list[int]]:  # type: ignore[no-untyped-def]
+    """A synthetic field through the service's rescale and segmenter, keeping the segments that
+    sit on a true cell: (frame, those cells, the index in ``cells`` of each one's true cell)."""
+    from monitor.imaging import rescale
+    from monitor.records import Acquisition
+    from monitor.service.assemble import merge
+
+    acq = Acquisition(Path(f"{key.well}_{key.timepoint}.tif"), key, {"phase": phase, "apo15": fluo}, FRAME_UM, "config", "synthetic")
+    frame = rescale(merge([acq], "phase", "apo15"), pipeline.pixel_size_um)
+    seg = pipeline.segmenter.segment(frame)
+    centers = np.array([(c.y_um, c.x_um) for c in cells]) / frame.pixel_size_um
+    keep, true = [], []
+    for i, c in enumerate(seg.cells):
+        d = np.hypot(*(centers - np.array(c.centroid_yx_px)).T)
+        j = int(np.argmin(d))
+        if d[j] < cells[j].radius_um / frame.pixel_size_um:  # the segment sits on a true cell
+            keep.append(i)
+            true.append(j)
+    return frame, Cells(seg.labels, tuple(seg.cells[i] for i in keep), seg.pixel_size_um), true
+
+
 def build_reference(pipeline, per_state: int, seed: int, say: Callable[[str], None]):  # type: ignore[no-untyped-def]
     """Labelled reference cells from single-state fields, through segment -> crop -> embed."""
     from monitor.demo.synthetic import reference_field
-    from monitor.imaging import crop_cells, rescale
+    from monitor.imaging import crop_cells
     from monitor.index.ewc import EWCParams
     from monitor.index.store import ReferenceIndex
     from monitor.pipeline import embed
-    from monitor.records import Acquisition, FrameKey
-    from monitor.service.assemble import merge
 
     field_um = FIELD_PX * FRAME_UM
     crops, labels = [], []
@@ -83,21 +102,9 @@ def build_reference(pipeline, per_state: int, seed: int, say: Callable[[str], No
         while got < per_state and k < 6:
             phase, fluo, cells = reference_field(state, 14, field_um, (FIELD_PX, FIELD_PX), FRAME_UM, seed + 100 * si + k)
             k += 1
-            acq = Acquisition(Path(f"ref_{state}_{k}.tif"), FrameKey("reference", state, "1", k), {"phase": phase, "apo15": fluo}, FRAME_UM, "config", "synthetic")
-            frame = rescale(merge([acq], "phase", "apo15"), pipeline.pixel_size_um)
-            seg = pipeline.segmenter.segment(frame)
-            centers = np.array([(c.y_um, c.x_um) for c in cells]) / frame.pixel_size_um
-            keep = []
-            for i, c in enumerate(seg.cells):
-                d = np.hypot(*(centers - np.array(c.centroid_yx_px)).T)
-                j = int(np.argmin(d))
-                if d[j] < cells[j].radius_um / frame.pixel_size_um:  # the segment sits on a true cell
-                    keep.append(i)
-            if not keep:
+            frame, sub, _ = on_true_cells(pipeline, phase, fluo, cells, FrameKey("reference", state, "1", k))
+            if not len(sub):
                 continue
-            from monitor.records import Cells
-
-            sub = Cells(seg.labels, tuple(seg.cells[i] for i in keep), seg.pixel_size_um)
             c = crop_cells(frame, sub, pipeline.crop_px, pipeline.blank_background)
             crops.append(c[: per_state - got])
             labels += [si] * min(len(c), per_state - got)
