@@ -111,3 +111,11 @@ def dense_canberra_rate(refs: Any, queries: Any) -> tuple[float, float]:
     finally:
         nb.set_num_threads(threads)
     return rate, one
+
+
+def emit(lines: list[str], write: Path | None) -> None:
+    """Print a bench's result table and, with ``--write FILE``, store it."""
+    out = "\n".join(lines)
+    print(out)
+    if write:
+        write.write_text(out + "\n")

@@ -48,7 +48,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._ewc_common import DATA, REPO, need_data  # noqa: E402
+from bench._ewc_common import DATA, REPO, emit, need_data  # noqa: E402
 
 CONFIG = REPO / "config" / "livedead.toml"
 #: the earlier contrast-mode options for these frames (tuned on 120 training frames), kept as a row
@@ -337,10 +337,7 @@ def main() -> int:
         "",
         table(["frame", "boxes", "counted", "missed boxes", "extra cells", "dead fraction (boxes)", "dead fraction (counted)"], per_frame),
     ]
-    out = "\n".join(text)
-    print(out)
-    if args.write:
-        args.write.write_text(out + "\n")
+    emit(text, args.write)
     return 0
 
 

@@ -37,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._ewc_common import DATA, need_data  # noqa: E402
+from bench._ewc_common import DATA, emit, need_data  # noqa: E402
 from bench.bench_e2e_livedead import CONFIG as LIVEDEAD_CONFIG  # noqa: E402
 from bench.bench_e2e_livedead import read_lab_config, service_pipeline, split_frames  # noqa: E402
 
@@ -222,10 +222,7 @@ def main() -> int:
             "The machine is shared: the load average (1 min) at the end of each measurement is in the last column; "
             "with a load above 2 on 2 cores the times are inflated by other jobs.",
         ]
-    out = "\n".join(text)
-    print(out)
-    if args.write:
-        args.write.write_text(out + "\n")
+    emit(text, args.write)
     return 0
 
 
