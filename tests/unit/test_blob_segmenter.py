@@ -78,14 +78,19 @@ def test_remove_lines_keeps_a_blob_and_drops_a_long_line():
     assert float(out[20:30, 20:30].min()) == pytest.approx(1.0)
 
 
+def _ghost(img: np.ndarray) -> None:
+    """A defocused cell at (175, 170): a faint ring round a bright core, no dark part."""
+    d = np.hypot(*(np.mgrid[: SHAPE[0], : SHAPE[1]] - np.array([175.0, 170.0])[:, None, None]))
+    img[(d <= 10) & (d > 6.5)] -= 0.1
+    img[d <= 4.5] += 0.2
+
+
 def test_an_out_of_focus_ghost_is_not_a_cell():
     img = _field()
     for cy, cx in CENTRES[:3]:
         _cell(img, cy, cx)
     # a defocused cell: a faint ring round a bright core, no dark part (the in-focus ones are black-ringed)
-    d = np.hypot(*(np.mgrid[: SHAPE[0], : SHAPE[1]] - np.array([175.0, 170.0])[:, None, None]))
-    img[(d <= 10) & (d > 6.5)] -= 0.1
-    img[d <= 4.5] += 0.2
+    _ghost(img)
     assert len(_centroids(segment_image(img, UM, _blobs(min_dark=0.0, min_dark_body=0.0)))) == 4  # a blob like the others ...
     found = _centroids(segment_image(img, UM, _blobs()))
     assert len(found) == 3  # ... but without a dark part it is not counted
@@ -97,9 +102,7 @@ def test_a_dark_speck_on_a_ghost_is_not_a_dark_part():
     for cy, cx in CENTRES[:3]:
         _cell(img, cy, cx)
     # a defocused cell as above, with a speck of debris (2 x 2 px, as dark as a living cell's ring) on it
-    d = np.hypot(*(np.mgrid[: SHAPE[0], : SHAPE[1]] - np.array([175.0, 170.0])[:, None, None]))
-    img[(d <= 10) & (d > 6.5)] -= 0.1
-    img[d <= 4.5] += 0.2
+    _ghost(img)
     img[168:170, 176:178] -= 0.45
     assert len(_centroids(segment_image(img, UM, _blobs(min_dark_body=0.0)))) == 4  # the speck passes min_dark ...
     found = _centroids(segment_image(img, UM, _blobs()))
