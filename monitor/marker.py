@@ -89,15 +89,24 @@ def measure(frame: Frame, cells: Cells, channel: str, ring_um: float = 3.0) -> n
     no pixels. The background is every pixel farther than ``ring_um`` from
     any cell; a frame with no such pixels uses the whole channel.
     """
+    return measure_channels(frame, cells, (channel,), ring_um)[channel]
+
+
+def measure_channels(frame: Frame, cells: Cells, channels: Sequence[str], ring_um: float = 3.0) -> dict[str, np.ndarray]:
+    """:func:`measure` for several marker channels of one frame (the background found once)."""
+    grow = max(1, int(round(ring_um / cells.pixel_size_um)))
+    background = ~ndi.binary_dilation(cells.labels > 0, iterations=grow)
+    return {ch: _measure(frame, cells, ch, background) for ch in channels}
+
+
+def _measure(frame: Frame, cells: Cells, channel: str, background: np.ndarray) -> np.ndarray:
     img = np.asarray(frame.channels[channel], dtype=np.float64)
     if img.ndim == 3:
         img = img.mean(axis=2)
     labels = cells.labels
     if img.shape != labels.shape:
         raise ValueError(f"marker channel {channel!r} is {img.shape[1]}x{img.shape[0]} px but the segmentation is {labels.shape[1]}x{labels.shape[0]} px")
-    grow = max(1, int(round(ring_um / cells.pixel_size_um)))
-    fg = ndi.binary_dilation(labels > 0, iterations=grow)
-    bg_px = img[~fg] if (~fg).sum() >= 16 else img.ravel()
+    bg_px = img[background] if background.sum() >= 16 else img.ravel()
     bg = float(np.median(bg_px))
     sigma = 1.4826 * float(np.median(np.abs(bg_px - bg)))
     if sigma <= 0:
@@ -189,7 +198,7 @@ class MarkerCheck:
         """Classifier vs marker on one frame; None when the frame lacks a marker channel."""
         if any(ch not in frame.channels for ch in self.rules.channels):
             return None
-        values = {ch: measure(frame, cells, ch, self.rules.ring_um) for ch in self.rules.channels}
+        values = measure_channels(frame, cells, self.rules.channels, self.rules.ring_um)
         marker = label_cells(values, self.rules)
         called = np.array([self.roles.get(states.classes[int(i)], "other") for i in states.predicted], dtype=object)
         labelled = marker != AMBIGUOUS

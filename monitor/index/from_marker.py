@@ -26,7 +26,7 @@ import numpy as np
 from monitor.config import Config
 from monitor.errors import BadInput, CellmonitorError, ConfigError
 from monitor.imaging import crop_cells, rescale
-from monitor.marker import AMBIGUOUS, MarkerRules, label_cells, measure, resolve, summarise
+from monitor.marker import AMBIGUOUS, MarkerRules, label_cells, measure_channels, resolve, summarise
 from monitor.pipeline import Pipeline, embed
 from monitor.records import Frame
 
@@ -100,7 +100,7 @@ def label_frames(cfg: Config, pipeline: Pipeline, frames: list[Frame], folder: P
             continue
         f = rescale(frame, pipeline.pixel_size_um)
         cells = pipeline.segmenter.segment(f)
-        values = {c: measure(f, cells, c, float(table["ring_um"])) for c in channels}
+        values = measure_channels(f, cells, channels, float(table["ring_um"]))
         per_frame.append((f, cells, values))
     if not per_frame:
         raise BadInput(folder, f"no frame carries the marker channel(s) {', '.join(channels)} ({len(frames)} frame(s) read)")
