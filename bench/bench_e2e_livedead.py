@@ -12,7 +12,9 @@ VOC boxes ``Living Cell`` / ``Dead Cell``; 25 frames have no box). Protocol:
    play the held-out part and the index is built from the other 576.
 2. The reference index is built from the training frames' boxes by the
    command line itself, with its defaults: ``cellmonitor index build TRAIN
-   --out INDEX --preset PRESET`` (box framing is the default for VOC frames).
+   --out INDEX --preset PRESET`` (box framing is the default for VOC frames);
+   the segmenter's acceptance model from the same frames by ``cellmonitor
+   segment-fit TRAIN --config CONFIG --out MODEL``.
 3. The service's own pipeline is built from a config
    (:func:`monitor.service.loop.build_pipeline`: segmenter, encoders, index,
    the index's query side) and every held-out frame goes through
@@ -28,7 +30,10 @@ Pixel size and segmenter come from the config the lab would run
 (``--config``, default ``config/livedead.toml``: its ``[segmenter]`` and
 ``[pipeline].pixel_size_um``; these frames carry no pixel size, 0.7 um/px is
 the frames' scale there, so nothing is resampled). Rows, same run: that
-segmenter; the classical segmenter's defaults (the baseline); the earlier
+segmenter with an acceptance model learned from the training frames by the
+command line (``cellmonitor segment-fit TRAIN --config CONFIG``: what a lab
+runs beside ``index build``); that segmenter with its hand-set acceptance
+rule; the classical segmenter's defaults (the baseline); the earlier
 contrast-mode options (:data:`CONTRAST_OPTIONS`, the previous measurement);
 the true boxes classified by the same index (segmentation removed from the
 error: what the classifier alone gives).
@@ -49,6 +54,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._ewc_common import DATA, REPO, emit, need_data  # noqa: E402
+from monitor.segmentation import match_boxes  # noqa: E402
 
 CONFIG = REPO / "config" / "livedead.toml"
 #: the earlier contrast-mode options for these frames (tuned on 120 training frames), kept as a row
@@ -123,6 +129,17 @@ def build_index(train: list[Path], out: Path, preset: str | None, work: Path) ->
     return time.perf_counter() - t
 
 
+def fit_acceptance(work: Path, config: Path, out: Path) -> float:
+    """``cellmonitor segment-fit TRAIN --config CONFIG --out MODEL`` on the training frames' folder (made by :func:`build_index`); seconds."""
+    from monitor.cli.main import main
+
+    t = time.perf_counter()
+    rc = main(["segment-fit", str(work / "train"), "--config", str(config), "--out", str(out), "--no-progress"])
+    if rc != 0:
+        raise SystemExit(f"segment-fit failed ({rc})")
+    return time.perf_counter() - t
+
+
 def service_pipeline(index: Path, preset: str, segmenter: dict[str, Any], state: Path, pixel_size_um: float,
                      encoders: list[tuple[str, dict[str, Any]]] | None = None) -> Any:
     """The pipeline the service builds from a config naming this index, the preset's (or these) encoders and this segmenter."""
@@ -163,25 +180,6 @@ def run_frames(pipeline: Any, frames: list[Path], pixel_size_um: float, batch: i
                 raise r
         out += res
     return out, time.perf_counter() - t
-
-
-def match_boxes(centroids_yx: np.ndarray, boxes_xyxy: np.ndarray, grow: float = 0.25) -> list[tuple[int, int]]:
-    """One-to-one (cell, box) pairs: a cell may match a box when its centroid lies inside the box
-    grown by ``grow`` of its size on each side; among those, the assignment minimising the summed
-    squared centre distance (in half-box units) is taken (Hungarian)."""
-    from scipy.optimize import linear_sum_assignment
-
-    if len(centroids_yx) == 0 or len(boxes_xyxy) == 0:
-        return []
-    b = np.asarray(boxes_xyxy, dtype=np.float64)
-    cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
-    hw = np.maximum((b[:, 2] - b[:, 0]) / 2, 0.5) * (1 + 2 * grow)
-    hh = np.maximum((b[:, 3] - b[:, 1]) / 2, 0.5) * (1 + 2 * grow)
-    dx = np.abs(centroids_yx[:, 1][:, None] - cx[None]) / hw[None]
-    dy = np.abs(centroids_yx[:, 0][:, None] - cy[None]) / hh[None]
-    ok = (dx <= 1) & (dy <= 1)
-    rows, cols = linear_sum_assignment(np.where(ok, dx * dx + dy * dy, 1e6))
-    return [(int(i), int(j)) for i, j in zip(rows, cols, strict=True) if ok[i, j]]
 
 
 def misses_extras(segmenter: Any, frames: list[Path], pixel_size_um: float) -> list[tuple[int, int]]:
@@ -281,8 +279,10 @@ def main() -> int:
         test = test[: args.frames]
     dead = "Dead Cell"
     cfg_name = args.config.name
+    lab_options.pop("acceptance", None)  # the bench fits its own on the training frames
     setups = (
-        (f"classical, {cfg_name} (mode {lab_options.get('mode', 'auto')})", lab_options),
+        (f"classical, {cfg_name} + segment-fit acceptance", lab_options),
+        (f"classical, {cfg_name}, hand-set rule (mode {lab_options.get('mode', 'auto')})", lab_options),
         ("classical, defaults (baseline)", {}),
         ("classical, earlier contrast options", CONTRAST_OPTIONS),
     )
@@ -290,11 +290,13 @@ def main() -> int:
         work = Path(tmp)
         idx = work / "index"
         t_build = build_index(train, idx, args.preset, work)
+        model = work / "acceptance.json"
+        t_fit = fit_acceptance(work, args.config, model)
         rows: list[list[object]] = []
         per_frame: list[list[object]] = []
         first: tuple[list[dict[str, int]], list[tuple[int, int]]] | None = None
-        for label, seg in setups:
-            p = service_pipeline(idx, preset, seg, work, um)
+        for i, (label, seg) in enumerate(setups):
+            p = service_pipeline(idx, preset, {**seg, "acceptance": str(model)} if i == 0 else seg, work, um)
             counts, secs = run_frames(p, test, um)
             counted = [dict(c.counts) for c in counts]
             me = misses_extras(p.segmenter, test, um)
@@ -320,7 +322,8 @@ def main() -> int:
         f"# End to end on {which} of livedead (preset {preset})",
         "",
         f"Command: `.venv/bin/python {cmd}`. {len(train)} index frames "
-        f"(index built by `cellmonitor index build TRAIN{' --preset ' + args.preset if args.preset else ''}` in {t_build:.0f} s), {len(test)} {which}, "
+        f"(index built by `cellmonitor index build TRAIN{' --preset ' + args.preset if args.preset else ''}` in {t_build:.0f} s; "
+        f"acceptance model by `cellmonitor segment-fit TRAIN --config {cfg_name}` in {t_fit:.0f} s), {len(test)} {which}, "
         f"split by frame (seed 0{', validation seed 1' if args.validate else ''}), pixel size {um} um/px and segmenter from `{args.config.relative_to(REPO) if args.config.is_relative_to(REPO) else args.config}`, "
         "the service's pipeline (build_pipeline + process_frames), 2 CPU threads.",
         "",

@@ -1,8 +1,11 @@
-"""``cellmonitor segment IMAGE --out LABELS.tif``: the configured segmenter on one image.
+"""``cellmonitor segment IMAGE --out LABELS.tif``: the configured segmenter on one image;
+``cellmonitor segment-fit FOLDER --config C --out MODEL.json``: the blob mode's acceptance rule learned from boxed frames.
 
-Writes the instance label image on the input's own pixel grid (whatever
-rescaling the pipeline does inside), so anyone can score the segmenter
-against their own masks.
+``segment`` writes the instance label image on the input's own pixel grid
+(whatever rescaling the pipeline does inside), so anyone can score the
+segmenter against their own masks. ``segment-fit`` is
+:mod:`cellmonitor_plugins.segmenters.acceptance` on a folder of Pascal VOC
+frames.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add the ``segment`` subcommand."""
+    """Add the ``segment`` and ``segment-fit`` subcommands."""
     p = sub.add_parser(
         "segment",
         help="segment one image with the configured segmenter and write its instance label image",
@@ -33,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, metavar="FILE", help="config (segmenter, pipeline pixel size, readers)")
     p.add_argument("--pixel-size", type=float, metavar="UM", help="pixel size of IMAGE in um (overrides its metadata)")
     p.set_defaults(func=_segment)
+    register_fit(sub)
 
 
 def label_dtype(n_labels: int) -> type[np.unsignedinteger[Any]]:
@@ -122,4 +126,151 @@ def _segment(args: argparse.Namespace) -> int:
     except OSError as e:
         raise BadInput(args.out, f"cannot write ({e.strerror or e})") from None
     print(f"{n} cells -> {args.out}")
+    return 0
+
+
+def register_fit(sub: argparse._SubParsersAction) -> None:
+    """Add the ``segment-fit`` subcommand."""
+    p = sub.add_parser(
+        "segment-fit",
+        help="learn which blobs are cells from boxed frames (blob mode): writes an acceptance model for the segmenter",
+        description=(
+            "For a classical segmenter in mode \"blobs\" (counting-chamber frames): draw candidate blobs at a low seed "
+            "threshold on every annotated frame of FOLDER (Pascal VOC: IMAGE + IMAGE.xml; an .xml with no box is an "
+            "empty frame), label each candidate by matching it to the boxes, fit a quadratic logistic acceptance rule, "
+            "choose its penalty and threshold by cross-validation over frames (the per-frame count error), and write "
+            "it to --out. Prints the hand-set rule's count error beside the learned rule's. Use it with "
+            "acceptance = \"MODEL.json\" in [segmenter.options]."
+        ),
+    )
+    p.add_argument("folder", type=Path, metavar="FOLDER", help="boxed frames (Pascal VOC), e.g. the frames the index is built from")
+    p.add_argument("--config", type=Path, required=True, metavar="FILE", help="the lab config: its [segmenter] (mode blobs) and pipeline pixel size")
+    p.add_argument("--out", type=Path, required=True, metavar="MODEL.json")
+    p.add_argument("--pixel-size", type=float, metavar="UM", help="pixel size of the frames in um (default: the pipeline's, no resampling)")
+    p.add_argument("--candidate-snr", type=float, default=None, metavar="X", help="seed threshold of the candidates (default 20)")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds over frames (default 5)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_segment_fit)
+
+
+def annotated_frames(folder: Path) -> list[tuple[Path, Path]]:
+    """(image, annotation) of every image in ``folder`` with a Pascal VOC .xml beside it, sorted."""
+    from monitor.index.dataset import IMAGE_SUFFIXES
+
+    out = []
+    for x in sorted(folder.glob("*.xml")):
+        img = next((x.with_suffix(s) for s in IMAGE_SUFFIXES if x.with_suffix(s).is_file()), None)
+        if img is not None:
+            out.append((img, x))
+    return out
+
+
+def fit_candidates(folder: Path, options: Any, frame_um: float, pipeline_um: float, snr: float, progress: bool) -> tuple[list[Any], list[str]]:
+    """Per annotated frame: its candidates at ``snr`` labelled against its boxes, and the hand-set rule's count.
+
+    Frames are read with the readers' decoding, rescaled to the pipeline's
+    pixel size as the service does (boxes with them), and segmented by the
+    blob mode's own candidate step. Returns (frames, one problem line per skipped file).
+    """
+    import sys
+    import xml.etree.ElementTree as ET
+
+    from cellmonitor_plugins.segmenters.acceptance import FrameCandidates
+    from cellmonitor_plugins.segmenters.blobs import FEATURES
+    from cellmonitor_plugins.segmenters.classical import blob_candidates_on, segment_image
+    from tqdm import tqdm
+
+    from monitor.errors import BadInput
+    from monitor.imaging import rescale
+    from monitor.index.dataset import _frame, parse_voc, read_image
+    from monitor.segmentation import match_boxes
+
+    frames, problems = [], []
+    pairs = annotated_frames(folder)
+    for img_path, xml in tqdm(pairs, desc="candidates", unit="frame", file=sys.stderr, disable=not progress, leave=False):
+        try:
+            _, boxes = parse_voc(xml)
+            frame = rescale(_frame(read_image(img_path), frame_um), pipeline_um)
+        except (ET.ParseError, OSError, ValueError) as e:
+            problems.append(f"{xml}: unreadable annotation ({e})")
+            continue
+        except BadInput as e:
+            problems.append(str(e))
+            continue
+        f = frame_um / pipeline_um
+        b = np.array(boxes, dtype=np.float64).reshape(-1, 4) * f
+        cands, cent = blob_candidates_on(frame.image, frame.pixel_size_um, options, snr)
+        matched = np.zeros(len(cands), bool)
+        for i, _ in match_boxes(cent, b):
+            matched[i] = True
+        rule = int(segment_image(frame.image, frame.pixel_size_um, options).max())
+        feats = np.array([c.features for c in cands], dtype=np.float64).reshape(len(cands), len(FEATURES))
+        frames.append(FrameCandidates(img_path.name, feats, matched, len(b), rule))
+    return frames, problems
+
+
+def _segment_fit(args: argparse.Namespace) -> int:
+    import sys
+
+    from cellmonitor_plugins.segmenters.acceptance import (
+        CANDIDATE_OPTIONS,
+        CANDIDATE_SNR,
+        fit_acceptance,
+    )
+    from cellmonitor_plugins.segmenters.classical import Options
+    from tqdm import tqdm
+
+    from monitor.config import load_config
+    from monitor.errors import BadInput, ConfigError, UsageError
+    from monitor.registry import Registry
+
+    cfg = load_config(args.config)
+    if cfg.segmenter.name != "classical":
+        raise ConfigError(f"{args.config}: segmenter.name: segment-fit fits the classical segmenter's blob mode (got {cfg.segmenter.name!r})")
+    opts = Registry(cfg.plugins.paths).options("segmenters", cfg.segmenter, cfg.source_name, "segmenter")
+    assert isinstance(opts, Options)
+    if opts.mode != "blobs":
+        raise ConfigError(f"{args.config}: segmenter.options.mode: segment-fit is for mode = \"blobs\" (got {opts.mode!r})")
+    opts = opts.model_copy(update={"acceptance": None})
+    if not args.folder.is_dir():
+        raise BadInput(args.folder, "not a folder")
+    if args.pixel_size is not None and not args.pixel_size > 0:
+        raise UsageError(f"--pixel-size must be positive (got {args.pixel_size})")
+    if args.folds < 2:
+        raise UsageError(f"--folds must be at least 2 (got {args.folds})")
+    snr = CANDIDATE_SNR if args.candidate_snr is None else args.candidate_snr
+    if not snr > 0:
+        raise UsageError(f"--candidate-snr must be positive (got {snr})")
+    pipeline_um = cfg.pipeline.pixel_size_um
+    frame_um = args.pixel_size or pipeline_um
+    progress = not args.no_progress and sys.stderr.isatty()
+    frames, problems = fit_candidates(args.folder, opts, frame_um, pipeline_um, snr, progress)
+    for line in problems:
+        log.warning("skipped %s", line)
+    if not frames:
+        raise BadInput(args.folder, "no annotated frame (IMAGE + Pascal VOC IMAGE.xml)")
+    bar = tqdm(total=1, desc="fitting", file=sys.stderr, disable=not progress, leave=False)
+
+    def step(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        model, rep = fit_acceptance(frames, candidate_snr=snr, options={k: getattr(opts, k) for k in CANDIDATE_OPTIONS}, folds=args.folds, progress=step)
+    except ValueError as e:
+        raise BadInput(args.folder, str(e)) from None
+    finally:
+        bar.close()
+    try:
+        model.save(args.out)
+    except OSError as e:
+        raise BadInput(args.out, f"cannot write ({e.strerror or e})") from None
+    print(f"{rep.frames} frames, {rep.boxes} boxes; {rep.candidates} candidates at seed threshold {snr:g}, "
+          f"{rep.boxes_with_candidate} of them on a box ({rep.boxes_with_candidate / max(rep.boxes, 1):.1%} of the boxes)")
+    print(f"count error per frame ({args.folds}-fold cross-validation over frames): hand-set rule {rep.rule_count_error:.3f}, "
+          f"learned rule {rep.cv_count_error:.3f} (penalty {rep.lam:g}, threshold {rep.threshold:.2f})")
+    print(f"model -> {args.out}; use it with acceptance = \"{args.out.resolve()}\" in [segmenter.options]")
+    if rep.cv_count_error >= rep.rule_count_error:
+        print("note: the learned rule does not count better than the hand-set rule on these frames; keep the hand-set rule")
     return 0

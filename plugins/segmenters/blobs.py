@@ -37,6 +37,7 @@ counting-chamber set at 0.7 um/px (``config/livedead.toml``,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -78,38 +79,90 @@ def _touches_edge(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, ...]) ->
     return bool(rows.min() == 0 or cols.min() == 0 or rows.max() == shape[0] - 1 or cols.max() == shape[1] - 1)
 
 
-def is_cell(region: np.ndarray, flat: np.ndarray, offset: tuple[int, int], shape: tuple[int, ...], work_um: float, o: Any, min_px: float) -> bool:
-    """The acceptance rule of step 6 for one region (a boolean mask within its bounding slice)."""
+FEATURES: tuple[str, ...] = (
+    "log_peak", "log_area_um2", "dark_min", "dark_p10", "median", "bright_p90", "bright_max", "spread",
+    "solidity", "axis_ratio", "edge_um", "touches_edge", "log_score_mean", "ring", "log_seeds",
+)
+"""What is measured on every candidate region (the learned acceptance rule's inputs), in this order:
+the seed's smoothed contrast peak (log), area (log um^2), darkest / 10th percentile / median /
+90th percentile / brightest flattened value, their spread (std), solidity, longest / shortest
+axis, the centroid's distance to the frame edge (um, capped at :data:`EDGE_CAP_UM`), whether
+it touches the edge, its mean contrast score (log), its rim's mean minus its mean (a dark ring
+is negative), the number of seeds in the field (log: crowded or sparse)."""
+
+#: distances to the frame edge beyond this are all "inside" (one cell and a half)
+EDGE_CAP_UM = 20.0
+#: width of the rim whose mean is compared with the whole region's (``ring``)
+RING_UM = 1.4
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One candidate cell on the working grid: its region (a mask within ``box``) and its measurements."""
+
+    box: tuple[slice, slice]
+    mask: np.ndarray
+    features: np.ndarray  # float64, :data:`FEATURES` order
+
+
+def region_features(mask: np.ndarray, flat: np.ndarray, score: np.ndarray, offset: tuple[int, int], shape: tuple[int, ...],
+                    work_um: float, peak: float, n_seeds: int) -> np.ndarray:
+    """The :data:`FEATURES` of one region (a boolean mask within its bounding slice of ``flat`` / ``score``)."""
+    from scipy import ndimage as ndi
     from skimage.measure import regionprops
 
-    area = int(region.sum())
-    values = flat[region]
-    if area < min_px or float(values.min()) > -o.min_dark or float(np.percentile(values, 10)) > -o.min_dark_body:
-        return False
-    rp = regionprops(region.astype(np.uint8))[0]
-    if rp.solidity < o.min_solidity:
-        return False
-    rows, cols = np.nonzero(region)
+    values = flat[mask]
+    rp = regionprops(mask.astype(np.uint8))[0]
+    rows, cols = np.nonzero(mask)
     rows, cols = rows + offset[0], cols + offset[1]
-    if _touches_edge(rows, cols, shape):
-        cy, cx = rows.mean(), cols.mean()
-        return bool(min(cy, cx, shape[0] - 1 - cy, shape[1] - 1 - cx) * work_um >= o.border_um)
-    return bool(rp.axis_major_length <= o.max_axis_ratio * max(rp.axis_minor_length, 1.0))
+    cy, cx = rows.mean(), cols.mean()
+    inner = ndi.binary_erosion(mask, iterations=max(1, round(RING_UM / work_um)))
+    rim = mask & ~inner
+    ring = float(flat[rim].mean() - values.mean()) if inner.any() and rim.any() else 0.0
+    return np.array([
+        np.log(max(peak, 1e-3)),
+        np.log(len(values) * work_um**2),
+        float(values.min()),
+        float(np.percentile(values, 10)),
+        float(np.median(values)),
+        float(np.percentile(values, 90)),
+        float(values.max()),
+        float(values.std()),
+        float(rp.solidity),
+        float(rp.axis_major_length / max(rp.axis_minor_length, 1.0)),
+        min(float(min(cy, cx, shape[0] - 1 - cy, shape[1] - 1 - cx)) * work_um, EDGE_CAP_UM),
+        float(_touches_edge(rows, cols, shape)),
+        np.log(max(float(score[mask].mean()), 1e-3)),
+        ring,
+        np.log(max(n_seeds, 1)),
+    ])
 
 
-def blob_labels(img: np.ndarray, flat: np.ndarray, work_um: float, o: Any, min_px: float) -> np.ndarray:
-    """Instance labels (int32) of the blob cells of a normalised image ``img`` and its flattened ``flat``.
+_F = {name: i for i, name in enumerate(FEATURES)}
 
-    Both on the working grid of ``work_um`` um/px; ``o`` is the classical
-    segmenter's options (the blob fields), ``min_px`` the smallest cell in
-    working pixels. Steps 2-6 of the module docstring.
+
+def is_cell(features: np.ndarray, o: Any, min_area_um2: float) -> bool:
+    """The hand-set acceptance rule of step 6 for one candidate's :data:`FEATURES`."""
+    f = features
+    if (np.exp(f[_F["log_area_um2"]]) < min_area_um2 * (1 - 1e-9)
+            or f[_F["dark_min"]] > -o.min_dark or f[_F["dark_p10"]] > -o.min_dark_body or f[_F["solidity"]] < o.min_solidity):
+        return False
+    if f[_F["touches_edge"]]:
+        return bool(f[_F["edge_um"]] >= o.border_um)
+    return bool(f[_F["axis_ratio"]] <= o.max_axis_ratio)
+
+
+def blob_candidates(flat: np.ndarray, work_um: float, o: Any, snr: float) -> list[Candidate]:
+    """Steps 2-5 of the module docstring: every candidate cell whose seed peaks above ``snr``, measured.
+
+    ``flat`` is the flattened image on the working grid of ``work_um`` um/px;
+    ``o`` the classical segmenter's options (the blob fields).
     """
     import cv2
     from scipy import ndimage as ndi
     from skimage.feature import peak_local_max
     from skimage.segmentation import watershed
 
-    del img  # the flattened image carries everything used here
     s = o.contrast_um / work_um
     mean = cv2.GaussianBlur(flat, (0, 0), s)
     contrast = np.sqrt(np.clip(cv2.GaussianBlur(flat * flat, (0, 0), s) - mean * mean, 0, None)).astype(np.float32)
@@ -119,17 +172,14 @@ def blob_labels(img: np.ndarray, flat: np.ndarray, work_um: float, o: Any, min_p
     mad = max(1.4826 * float(np.median(np.abs(contrast - med))), 1e-6)
     score = (contrast - med) / mad
     smooth = cv2.GaussianBlur(score, (0, 0), o.cell_diameter_um / 4 / work_um)
-    peaks = peak_local_max(
-        smooth, min_distance=max(1, int(o.seed_distance_um / work_um)), threshold_abs=o.blob_snr, exclude_border=False
-    )
-    labels = np.zeros(flat.shape, np.int32)
+    peaks = peak_local_max(smooth, min_distance=max(1, int(o.seed_distance_um / work_um)), threshold_abs=snr, exclude_border=False)
     if len(peaks) == 0:
-        return labels
+        return []
     markers = np.zeros(flat.shape, np.int32)
     markers[peaks[:, 0], peaks[:, 1]] = np.arange(1, len(peaks) + 1)
     near = ndi.distance_transform_edt(markers == 0) <= 0.7 * o.cell_diameter_um / work_um
     regions = watershed(-smooth, markers, mask=((score > o.fg_snr) & near) | (markers > 0))
-    n = 0
+    out = []
     for i, sl in enumerate(ndi.find_objects(regions)):
         if sl is None:
             continue
@@ -141,7 +191,34 @@ def blob_labels(img: np.ndarray, flat: np.ndarray, work_um: float, o: Any, min_p
             continue
         if k > 1:
             cut = pieces == int(np.argmax(np.bincount(pieces.ravel())[1:])) + 1
-        if is_cell(cut, flat[sl], (sl[0].start, sl[1].start), flat.shape, work_um, o, min_px):
+        peak = float(smooth[peaks[i, 0], peaks[i, 1]])
+        feats = region_features(cut, flat[sl], sc, (sl[0].start, sl[1].start), flat.shape, work_um, peak, len(peaks))
+        out.append(Candidate(sl, cut, feats))
+    return out
+
+
+def blob_labels(img: np.ndarray, flat: np.ndarray, work_um: float, o: Any, min_px: float, acceptance: Any = None) -> np.ndarray:
+    """Instance labels (int32) of the blob cells of a normalised image ``img`` and its flattened ``flat``.
+
+    Both on the working grid of ``work_um`` um/px; ``o`` is the classical
+    segmenter's options (the blob fields), ``min_px`` the smallest cell in
+    working pixels. Candidates (steps 2-5) are kept by the hand-set rule of
+    step 6 (:func:`is_cell`), or, given an ``acceptance`` model
+    (:class:`~cellmonitor_plugins.segmenters.acceptance.AcceptanceModel`,
+    fitted on a lab's boxed frames), drawn at its own seed threshold and kept
+    where it says so.
+    """
+    del img  # the flattened image carries everything used here
+    labels = np.zeros(flat.shape, np.int32)
+    if acceptance is None:
+        cands = blob_candidates(flat, work_um, o, o.blob_snr)
+        keep = [is_cell(c.features, o, min_px * work_um**2) for c in cands]
+    else:
+        cands = blob_candidates(flat, work_um, o, acceptance.candidate_snr)
+        keep = acceptance.accept(np.array([c.features for c in cands]).reshape(len(cands), len(FEATURES))).tolist()
+    n = 0
+    for c, k in zip(cands, keep, strict=True):
+        if k:
             n += 1
-            labels[sl][cut] = n
+            labels[c.box][c.mask] = n
     return labels

@@ -47,11 +47,14 @@ see ``bench/results/segmentation.md``.
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from monitor.errors import ConfigError
+from monitor.protocols import BuildContext
 from monitor.records import Cells, Frame
 from monitor.registry import plugin_spec
 from monitor.segmentation import cells_from_labels
@@ -110,6 +113,11 @@ class Options(BaseModel):
     min_solidity: float = Field(0.8, ge=0, le=1, description="blobs: smallest area / convex-hull area")
     max_axis_ratio: float = Field(1.8, ge=1, description="blobs: longest / shortest axis of a cell not cut by the frame edge")
     border_um: float = Field(4.2, ge=0, description="blobs: a cell cut by the frame edge counts when its centroid is this far inside")
+    acceptance: Path | None = Field(
+        None,
+        description="blobs: a learned acceptance model (JSON written by `cellmonitor segment-fit` from boxed frames) "
+        "replacing the hand-set rule above; relative to the config file",
+    )
     empty_snr: float = Field(
         8.0, ge=0, description="a field with less than a quarter of the smallest cell's area departing from the background by this x noise is empty (0 cells); 0: off"
     )
@@ -212,19 +220,9 @@ def merge_weak_boundaries(labels: np.ndarray, edge: np.ndarray, threshold: float
     return roots[lab].astype(labels.dtype, copy=False)
 
 
-def segment_image(image: np.ndarray, pixel_size_um: float, o: Options) -> np.ndarray:
-    """Instance labels (int32, 0 = background) of a 2-D image on its own pixel grid.
-
-    The steps and their policy are described in the module docstring; the
-    image is processed on a grid no finer than ``o.work_pixel_size_um`` and
-    the labels are mapped back by nearest neighbour.
-    """
-    import cv2
-    from scipy import ndimage as ndi
-    from skimage.filters import threshold_otsu
-    from skimage.morphology import h_maxima
-    from skimage.segmentation import watershed
-
+def _prepare(image: np.ndarray, pixel_size_um: float, o: Options) -> tuple[Any, ...] | None:
+    """Step 1: (input image, working image, its flattened form, background, mode, working um/px, smallest cell in working px, lo, hi);
+    None for an image with no range or an empty field (0 cells)."""
     from monitor.imaging import resize, to_float
 
     img0 = np.ascontiguousarray(to_float(image), dtype=np.float32)
@@ -234,13 +232,12 @@ def segment_image(image: np.ndarray, pixel_size_um: float, o: Options) -> np.nda
     img = img0
     if f < 0.999:
         img = resize(img0, (max(1, round(shape0[0] * f)), max(1, round(shape0[1] * f))))
-    empty = np.zeros(shape0, np.int32)
     if not np.isfinite(img).all():
         img = np.nan_to_num(img, nan=0.0, posinf=0.0, neginf=0.0)
         img0 = np.nan_to_num(img0, nan=0.0, posinf=0.0, neginf=0.0)
     lo, med, hi = (float(v) for v in np.percentile(img[::2, ::2], [0.5, 50, 99.5]))
     if not hi > lo:
-        return empty
+        return None
     mode = resolve_mode(o.mode, (med - lo) / (hi - lo))
     img = (img - lo) / (hi - lo)
     bg = _background(img, o.background_um / work)
@@ -250,11 +247,53 @@ def segment_image(image: np.ndarray, pixel_size_um: float, o: Options) -> np.nda
     # (and the foreground into the whole field, whose distance map has no end): 0 cells at once
     step = 0.3 / (hi - lo) if np.issubdtype(np.asarray(image).dtype, np.integer) else 0.0
     if is_empty_field(flat, pixel_noise(flat, step), o.empty_snr, min_px):
-        return empty
+        return None
+    return img0, img, flat, bg, mode, work, min_px, lo, hi
+
+
+def blob_candidates_on(image: np.ndarray, pixel_size_um: float, o: Options, snr: float) -> tuple[list[Any], np.ndarray]:
+    """The blob mode's candidate cells of an image (steps 1-5 of :mod:`.blobs`) at seed threshold ``snr``,
+    and their centroids (y, x) on the image's own grid; what ``segment-fit`` labels against boxes."""
+    from cellmonitor_plugins.segmenters.blobs import blob_candidates
+
+    prep = _prepare(image, pixel_size_um, o)
+    if prep is None:
+        return [], np.zeros((0, 2))
+    img0, _, flat, _, _, work, _, _, _ = prep
+    cands = blob_candidates(flat, work, o, snr)
+    sy, sx = img0.shape[0] / flat.shape[0], img0.shape[1] / flat.shape[1]
+    cent = [((c.box[0].start + ys.mean() + 0.5) * sy - 0.5, (c.box[1].start + xs.mean() + 0.5) * sx - 0.5)
+            for c in cands for ys, xs in [np.nonzero(c.mask)]]
+    return cands, np.array(cent, dtype=np.float64).reshape(-1, 2)
+
+
+def segment_image(image: np.ndarray, pixel_size_um: float, o: Options, acceptance: Any = None) -> np.ndarray:
+    """Instance labels (int32, 0 = background) of a 2-D image on its own pixel grid.
+
+    The steps and their policy are described in the module docstring; the
+    image is processed on a grid no finer than ``o.work_pixel_size_um`` and
+    the labels are mapped back by nearest neighbour. ``acceptance``: a
+    learned blob acceptance model (mode ``blobs`` only).
+    """
+    import cv2
+    from scipy import ndimage as ndi
+    from skimage.filters import threshold_otsu
+    from skimage.morphology import h_maxima
+    from skimage.segmentation import watershed
+
+    from monitor.imaging import resize
+
+    shape0 = np.shape(image)[:2]
+    prep = _prepare(image, pixel_size_um, o)
+    if prep is None:
+        return np.zeros(shape0, np.int32)
+    img0, img, flat, bg, mode, work, min_px, lo, hi = prep
+    shape0 = img0.shape
+    empty = np.zeros(shape0, np.int32)
     if mode == "blobs":
         from cellmonitor_plugins.segmenters.blobs import blob_labels
 
-        return resize(blob_labels(img, flat, work, o, min_px), shape0, labels=True)
+        return resize(blob_labels(img, flat, work, o, min_px, acceptance), shape0, labels=True)
 
     if mode == "contrast" and o.native_contrast and img.shape != shape0:
         # fine texture of spread cytoplasm lives at the native resolution
@@ -327,18 +366,36 @@ def segment_image(image: np.ndarray, pixel_size_um: float, o: Options) -> np.nda
     return resize(labels, shape0, labels=True)
 
 
+def load_acceptance(o: Options, ctx: BuildContext) -> Any:
+    """The configured acceptance model (None when not set), checked against the options; one-line ConfigError otherwise."""
+    if o.acceptance is None:
+        return None
+    from cellmonitor_plugins.segmenters.acceptance import AcceptanceModel
+    from cellmonitor_plugins.segmenters.blobs import FEATURES
+
+    if o.mode != "blobs":
+        raise ConfigError(f"segmenter classical: acceptance is for mode = \"blobs\" (this config has mode = {o.mode!r})")
+    path = Path(o.acceptance).expanduser()
+    if not path.is_absolute() and ctx.config_path is not None:
+        path = Path(ctx.config_path).parent / path
+    model = AcceptanceModel.load(path, FEATURES)
+    model.check_options(o, f"acceptance model {path}")
+    return model
+
+
 class ClassicalSegmenter:
     """The weight-free default segmenter (see the module docstring)."""
 
     name = "classical"
 
-    def __init__(self, options: Options):
+    def __init__(self, options: Options, acceptance: Any = None):
         self.o = options
+        self.acceptance = acceptance
 
     def segment(self, frame: Frame) -> Cells:
         """Segment the primary channel; areas and border filtered on the frame's own grid."""
         o = self.o
-        labels = segment_image(frame.image, frame.pixel_size_um, o)
+        labels = segment_image(frame.image, frame.pixel_size_um, o, self.acceptance)
         # speck removal already happened on the working grid with the mode's limit;
         # this applies the configured one (if any) exactly, on the frame's own grid
         low = o.min_area_um2 if o.min_area_um2 is not None else 0.0
@@ -347,5 +404,5 @@ class ClassicalSegmenter:
 
 PLUGIN = plugin_spec(
     "classical", "weight-free: flattened local contrast, halo-cut distance seeds, marker watershed (um units)", Options,
-    lambda o, ctx: ClassicalSegmenter(o),
+    lambda o, ctx: ClassicalSegmenter(o, load_acceptance(o, ctx)),
 )
