@@ -185,3 +185,32 @@ def test_segment_fit_refuses_what_it_cannot_fit(fitted: dict, tmp_path: Path, ca
     assert main(["segment-fit", str(one), "--config", str(fitted["cfg"]), "--out", str(tmp_path / "m.json")]) == 65
     assert "at least 10 of each are needed" in capsys.readouterr().err
     assert not (tmp_path / "m.json").exists()
+
+
+def test_on_real_counting_chamber_frames_the_learned_rule_counts_better(shared_data: Path, tmp_path: Path) -> None:
+    """160 boxed livedead frames fit, 80 others scored: the learned rule's count error is below the hand-set rule's."""
+    import tomllib
+
+    frames = sorted((shared_data / "livedead").glob("*.png"))
+    order = np.random.default_rng(7).permutation(len(frames))
+    fit, held = [frames[i] for i in order[:160]], [frames[i] for i in order[160:240]]
+    folder = tmp_path / "boxed"
+    folder.mkdir()
+    for f in fit:
+        (folder / f.name).symlink_to(f)
+        (folder / f.with_suffix(".xml").name).symlink_to(f.with_suffix(".xml"))
+    repo_cfg = Path(__file__).resolve().parents[2] / "config" / "livedead.toml"
+    model = tmp_path / "acceptance.json"
+    assert main(["segment-fit", str(folder), "--config", str(repo_cfg), "--out", str(model), "--no-progress"]) == 0
+    from cellmonitor_plugins.segmenters.acceptance import AcceptanceModel
+    from cellmonitor_plugins.segmenters.blobs import FEATURES
+
+    from monitor.index.dataset import parse_voc, read_image
+
+    options = dict(tomllib.loads(repo_cfg.read_text())["segmenter"]["options"])
+    options.pop("acceptance")
+    o = Options(**options)
+    held_frames = [(read_image(f), parse_voc(f.with_suffix(".xml"))[1]) for f in held]
+    rule = count_error(o, held_frames)
+    learned = count_error(o, held_frames, AcceptanceModel.load(model, FEATURES))
+    assert learned < rule - 0.01, (rule, learned)
