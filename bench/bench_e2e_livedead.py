@@ -91,7 +91,12 @@ def validation_split(train: list[Path], n_val: int = 144, seed: int = 1) -> tupl
 
 
 def read_lab_config(path: Path) -> tuple[float, dict[str, Any]]:
-    """(pixel size in um, classical-segmenter options) of a lab config; the options are validated here."""
+    """(pixel size in um, classical-segmenter options) of a lab config; the options are validated here.
+
+    The options leave out ``acceptance`` (a model file the lab fits from its
+    own boxed frames): the benches fit theirs on their training frames or
+    measure the hand-set rule.
+    """
     import tomllib
 
     from cellmonitor_plugins.segmenters.classical import Options
@@ -101,6 +106,7 @@ def read_lab_config(path: Path) -> tuple[float, dict[str, Any]]:
     if seg.get("name", "classical") != "classical":
         raise SystemExit(f"{path}: segmenter.name: this bench runs the classical segmenter (got {seg.get('name')!r})")
     options = dict(seg.get("options", {}))
+    options.pop("acceptance", None)
     Options(**options)
     return float(cfg.get("pipeline", {}).get("pixel_size_um", 0.322)), options
 
@@ -279,7 +285,6 @@ def main() -> int:
         test = test[: args.frames]
     dead = "Dead Cell"
     cfg_name = args.config.name
-    lab_options.pop("acceptance", None)  # the bench fits its own on the training frames
     setups = (
         (f"classical, {cfg_name} + segment-fit acceptance", lab_options),
         (f"classical, {cfg_name}, hand-set rule (mode {lab_options.get('mode', 'auto')})", lab_options),
