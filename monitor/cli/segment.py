@@ -149,6 +149,8 @@ def register_fit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pixel-size", type=float, metavar="UM", help="pixel size of the frames in um (default: the pipeline's, no resampling)")
     p.add_argument("--candidate-snr", type=float, default=None, metavar="X", help="seed threshold of the candidates (default 20)")
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds over frames (default 5)")
+    p.add_argument("--no-class-balance", action="store_true",
+                   help="weigh every boxed cell alike (default: each box class weighs alike, so a rare state's faint cells are not traded away)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_segment_fit)
 
@@ -189,7 +191,7 @@ def fit_candidates(folder: Path, options: Any, frame_um: float, pipeline_um: flo
     pairs = annotated_frames(folder)
     for img_path, xml in tqdm(pairs, desc="candidates", unit="frame", file=sys.stderr, disable=not progress, leave=False):
         try:
-            _, boxes = parse_voc(xml)
+            labels, boxes = parse_voc(xml)
             frame = rescale(_frame(read_image(img_path), frame_um), pipeline_um)
         except (ET.ParseError, OSError, ValueError) as e:
             problems.append(f"{xml}: unreadable annotation ({e})")
@@ -201,11 +203,13 @@ def fit_candidates(folder: Path, options: Any, frame_um: float, pipeline_um: flo
         b = np.array(boxes, dtype=np.float64).reshape(-1, 4) * f
         cands, cent = blob_candidates_on(frame.image, frame.pixel_size_um, options, snr)
         matched = np.zeros(len(cands), bool)
-        for i, _ in match_boxes(cent, b):
+        box_class = [""] * len(cands)
+        for i, j in match_boxes(cent, b):
             matched[i] = True
+            box_class[i] = labels[j]
         rule = int(segment_image(frame.image, frame.pixel_size_um, options).max())
         feats = np.array([c.features for c in cands], dtype=np.float64).reshape(len(cands), len(FEATURES))
-        frames.append(FrameCandidates(img_path.name, feats, matched, len(b), rule))
+        frames.append(FrameCandidates(img_path.name, feats, matched, len(b), rule, tuple(box_class)))
     return frames, problems
 
 
@@ -257,7 +261,7 @@ def _segment_fit(args: argparse.Namespace) -> int:
         bar.refresh()
 
     try:
-        model, rep = fit_acceptance(frames, candidate_snr=snr, options={k: getattr(opts, k) for k in CANDIDATE_OPTIONS}, folds=args.folds, progress=step)
+        model, rep = fit_acceptance(frames, candidate_snr=snr, options={k: getattr(opts, k) for k in CANDIDATE_OPTIONS}, folds=args.folds, balance=not args.no_class_balance, progress=step)
     except ValueError as e:
         raise BadInput(args.folder, str(e)) from None
     finally:

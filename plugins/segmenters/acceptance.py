@@ -13,7 +13,9 @@ each lab's chamber, camera and cells differ. Here the lab's own boxed frames
    (:func:`monitor.segmentation.match_boxes`).
 3. A logistic regression on the standardised features and their pairwise
    products (a quadratic decision surface: small, smooth, no pickle; stored
-   as JSON numbers) is fitted with an L2 penalty. Its penalty and its
+   as JSON numbers) is fitted with an L2 penalty, each box class weighing
+   alike (:func:`class_weights`: the few faint dead cells that decide a
+   frame's dead fraction are not traded for the many living ones). Its penalty and its
    decision threshold are chosen by grouped cross-validation over frames
    (``folds``), minimising what the dashboard shows: the mean per-frame
    count error |counted - boxes| / max(boxes, 1).
@@ -46,7 +48,7 @@ CANDIDATE_OPTIONS = (
 #: default seed threshold of the candidates (the hand-set rule's is 50): ~97% of the boxed cells
 #: of the livedead training frames get a candidate at 20 (85% are kept by the rule)
 CANDIDATE_SNR = 20.0
-LAMBDAS = (0.1, 1.0, 10.0)
+LAMBDAS = (0.1, 1.0, 10.0, 100.0)
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.3, 0.751, 0.05))
 
 
@@ -57,17 +59,18 @@ def expand(z: np.ndarray) -> np.ndarray:
     return np.hstack([np.ones((len(z), 1)), z, (z[:, :, None] * z[:, None, :])[:, iu[0], iu[1]]])
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, lam: float) -> np.ndarray:
-    """L2-penalised logistic regression weights (the intercept unpenalised) by L-BFGS."""
+def fit_logistic(x: np.ndarray, y: np.ndarray, lam: float, weight: np.ndarray | None = None) -> np.ndarray:
+    """L2-penalised logistic regression weights (the intercept unpenalised) by L-BFGS; ``weight``: per sample."""
     from scipy.optimize import minimize
 
     y = np.asarray(y, dtype=np.float64)
+    sw = np.ones(len(y)) if weight is None else np.asarray(weight, dtype=np.float64)
 
     def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
         s = x @ w
         p = 0.5 * (1 + np.tanh(0.5 * s))
         reg = np.r_[0.0, w[1:]]
-        return float(np.sum(np.logaddexp(0, s) - y * s) + lam * reg @ reg), x.T @ (p - y) + 2 * lam * reg
+        return float(sw @ (np.logaddexp(0, s) - y * s) + lam * reg @ reg), x.T @ (sw * (p - y)) + 2 * lam * reg
 
     res = minimize(loss, np.zeros(x.shape[1]), jac=True, method="L-BFGS-B", options={"maxiter": 3000})
     return np.asarray(res.x)
@@ -82,6 +85,7 @@ class FrameCandidates:
     matched: np.ndarray  # (n,) bool
     n_boxes: int
     rule_count: int  # cells the hand-set rule counts on this frame (the baseline)
+    box_class: tuple[str, ...] = ()  # per candidate: the class of the box it matched ("" when none)
 
 
 def count_error(frames: Sequence[FrameCandidates], counted: Sequence[int]) -> float:
@@ -192,6 +196,20 @@ class FitReport:
     grid: list[tuple[float, float, float]]  # (lam, threshold, cv count error)
 
 
+def class_weights(frames: Sequence[FrameCandidates]) -> np.ndarray:
+    """Per candidate: 1 for a candidate on no box; for one on a box, the inverse frequency of its box's class
+    among the matched candidates, scaled so the positives keep their total weight.
+
+    A rare state (a few dead cells among many living ones) then weighs as much
+    as a common one: the rule is not free to drop the faint dead cells that
+    decide the dead fraction to win a little on the living ones.
+    """
+    cls = [c if m else "" for f in frames for c, m in zip(f.box_class or ("cell",) * len(f.matched), f.matched, strict=True)]
+    pos = [c for c in cls if c]
+    freq = {c: pos.count(c) for c in set(pos)}
+    return np.array([len(pos) / (len(freq) * freq[c]) if c else 1.0 for c in cls])
+
+
 def _standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x.mean(0), np.where(x.std(0) > 1e-9, x.std(0), 1.0)
 
@@ -205,6 +223,7 @@ def fit_acceptance(
     lambdas: Sequence[float] = LAMBDAS,
     thresholds: Sequence[float] = THRESHOLDS,
     seed: int = 0,
+    balance: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[AcceptanceModel, FitReport]:
     """Fit the acceptance rule on labelled frames; penalty and threshold by ``folds``-fold CV over frames.
@@ -230,10 +249,11 @@ def fit_acceptance(
         train = [f for f, g in zip(frames, fold, strict=True) if g != k and len(f.matched)]
         x = np.vstack([f.features for f in train])
         y = np.concatenate([f.matched for f in train])
+        sw = class_weights(train) if balance else None
         mu, sd = _standardise(x)
         design = expand((x - mu) / sd)
         for lam in lambdas:
-            w = fit_logistic(design, y, lam)
+            w = fit_logistic(design, y, lam, sw)
             for i, (f, g) in enumerate(zip(frames, fold, strict=True)):
                 if g == k and len(f.matched):
                     probs[lam][i] = 0.5 * (1 + np.tanh(0.5 * expand((f.features - mu) / sd) @ w))
@@ -243,7 +263,7 @@ def fit_acceptance(
     grid = [(lam, thr, count_error(frames, [int((p >= thr).sum()) for p in probs[lam]])) for lam in lambdas for thr in thresholds]
     lam, thr, cv = min(grid, key=lambda t: (round(t[2], 6), abs(t[1] - 0.5), t[0]))
     mu, sd = _standardise(x_all)
-    w = fit_logistic(expand((x_all - mu) / sd), y_all, lam)
+    w = fit_logistic(expand((x_all - mu) / sd), y_all, lam, class_weights(frames) if balance else None)
     if progress:
         progress(steps, steps)
     report = FitReport(
@@ -260,7 +280,7 @@ def fit_acceptance(
     fitted = {
         "frames": report.frames, "boxes": report.boxes, "candidates": report.candidates,
         "boxes_with_candidate": report.boxes_with_candidate, "folds": folds, "lambda": lam,
-        "cv_count_error": round(cv, 4), "rule_count_error": round(report.rule_count_error, 4),
+        "cv_count_error": round(cv, 4), "rule_count_error": round(report.rule_count_error, 4), "class_balance": balance,
     }
     model = AcceptanceModel(tuple(FEATURES), mu, sd, w, float(thr), float(candidate_snr), dict(options), fitted)
     return model, report

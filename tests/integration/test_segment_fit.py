@@ -188,29 +188,54 @@ def test_segment_fit_refuses_what_it_cannot_fit(fitted: dict, tmp_path: Path, ca
 
 
 def test_on_real_counting_chamber_frames_the_learned_rule_counts_better(shared_data: Path, tmp_path: Path) -> None:
-    """160 boxed livedead frames fit, 80 others scored: the learned rule's count error is below the hand-set rule's."""
-    import tomllib
+    """320 boxed livedead frames: cross-validated over frames, the learned rule counts better than the hand-set rule.
+
+    Paired on the same frames (what segment-fit prints and records); a
+    held-out set of this size would be too noisy to tell 0.01 apart.
+    """
+    from cellmonitor_plugins.segmenters.acceptance import AcceptanceModel
+    from cellmonitor_plugins.segmenters.blobs import FEATURES
 
     frames = sorted((shared_data / "livedead").glob("*.png"))
-    order = np.random.default_rng(7).permutation(len(frames))
-    fit, held = [frames[i] for i in order[:160]], [frames[i] for i in order[160:240]]
+    order = np.random.default_rng(8).permutation(len(frames))
     folder = tmp_path / "boxed"
     folder.mkdir()
-    for f in fit:
+    for f in (frames[i] for i in order[:320]):
         (folder / f.name).symlink_to(f)
         (folder / f.with_suffix(".xml").name).symlink_to(f.with_suffix(".xml"))
     repo_cfg = Path(__file__).resolve().parents[2] / "config" / "livedead.toml"
     model = tmp_path / "acceptance.json"
     assert main(["segment-fit", str(folder), "--config", str(repo_cfg), "--out", str(model), "--no-progress"]) == 0
-    from cellmonitor_plugins.segmenters.acceptance import AcceptanceModel
+    fitted = AcceptanceModel.load(model, FEATURES).fitted
+    assert fitted["boxes_with_candidate"] >= 0.95 * fitted["boxes"]  # nearly every boxed cell has a candidate
+    assert fitted["cv_count_error"] < fitted["rule_count_error"] - 0.005, fitted
+
+
+def test_class_balance_keeps_the_rare_state() -> None:
+    """Few, faint 'dead' positives among many clear 'live' ones: weighing each class alike accepts more of the rare one."""
+    from cellmonitor_plugins.segmenters.acceptance import (
+        FrameCandidates,
+        class_weights,
+        fit_acceptance,
+    )
     from cellmonitor_plugins.segmenters.blobs import FEATURES
 
-    from monitor.index.dataset import parse_voc, read_image
-
-    options = dict(tomllib.loads(repo_cfg.read_text())["segmenter"]["options"])
-    options.pop("acceptance")
-    o = Options(**options)
-    held_frames = [(read_image(f), parse_voc(f.with_suffix(".xml"))[1]) for f in held]
-    rule = count_error(o, held_frames)
-    learned = count_error(o, held_frames, AcceptanceModel.load(model, FEATURES))
-    assert learned < rule - 0.01, (rule, learned)
+    rng = np.random.default_rng(3)
+    nf = len(FEATURES)
+    frames = []
+    for i in range(60):
+        kinds = ["live"] * 6 + ["dead"] * (i % 2) + ["none"] * 6
+        x = rng.normal(0, 1, (len(kinds), nf))
+        x[:, 0] += [2.5 if k == "live" else 1.0 if k == "dead" else 0.0 for k in kinds]
+        matched = np.array([k != "none" for k in kinds])
+        frames.append(FrameCandidates(f"f{i}", x, matched, int(matched.sum()), 0, tuple("" if k == "none" else k for k in kinds)))
+    w = class_weights(frames)
+    pos = np.concatenate([np.array(f.box_class) for f in frames])
+    assert w[pos == ""].tolist() == [1.0] * int((pos == "").sum())
+    assert w[pos == "dead"].sum() == pytest.approx(w[pos == "live"].sum())  # each class weighs alike ...
+    assert w[pos != ""].sum() == pytest.approx(int((pos != "").sum()))  # ... and the positives keep their total
+    opts = {"contrast_um": 1.5}
+    dead_x = np.vstack([f.features[np.array(f.box_class) == "dead"] for f in frames])
+    balanced, _ = fit_acceptance(frames, candidate_snr=20.0, options=opts, thresholds=(0.5,))
+    plain, _ = fit_acceptance(frames, candidate_snr=20.0, options=opts, thresholds=(0.5,), balance=False)
+    assert balanced.accept(dead_x).mean() > plain.accept(dead_x).mean() + 0.1
