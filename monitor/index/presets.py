@@ -54,18 +54,19 @@ class Preset:
     framing: Framing = "whole"
 
 
-_MULTI = {"layers": "multi"}
+_ALL_GEM = {"layers": "all", "pool": "gem"}
 
 PRESETS: dict[str, Preset] = {
     "accurate": Preset(
-        encoders=(("efficientnet-lite0", _MULTI), ("efficientnet-lite2", _MULTI)),
+        encoders=(("efficientnet-lite0", _ALL_GEM), ("efficientnet-lite2", _ALL_GEM)),
         conditioning=ConditioningSpec(dim=192, shrinkage=0.1),
         tta=1,
         ewc=EWCParams(k_min=10, k_max=100, entropy_threshold=0.5, reweight=True),
-        description="EfficientNet-Lite0 + Lite2, multi-layer, conditioned to 192-d",
+        description="EfficientNet-Lite0 + Lite2, GeM-pooled stages 1-7 + head, centre framing, conditioned to 192-d",
+        framing="center",
     ),
     "balanced": Preset(
-        encoders=(("efficientnet-lite0", {"layers": "all", "pool": "gem"}),),
+        encoders=(("efficientnet-lite0", _ALL_GEM),),
         conditioning=ConditioningSpec(dim=128, shrinkage=0.1),
         tta=1,
         ewc=EWCParams(k_min=10, k_max=100, entropy_threshold=0.5, reweight=True),
@@ -73,18 +74,20 @@ PRESETS: dict[str, Preset] = {
         framing="center",
     ),
     "fast": Preset(
-        encoders=(("efficientnet-lite0", {**_MULTI, "input_px": 128}),),
+        encoders=(("efficientnet-lite0", {**_ALL_GEM, "input_px": 128}),),
         conditioning=ConditioningSpec(dim=128, shrinkage=0.1),
         tta=1,
         ewc=EWCParams(k_min=10, k_max=100, entropy_threshold=0.5, reweight=True),
-        description="EfficientNet-Lite0 at a 128 px input, multi-layer, conditioned to 128-d",
+        description="EfficientNet-Lite0 at a 128 px input, GeM-pooled stages 1-7 + head, centre framing, conditioned to 128-d",
+        framing="center",
     ),
     "zoo": Preset(
-        encoders=(("efficientnet-lite0", _MULTI), ("efficientnet-lite1", _MULTI), ("efficientnet-lite2", _MULTI)),
+        encoders=(("efficientnet-lite0", _ALL_GEM), ("efficientnet-lite1", _ALL_GEM), ("efficientnet-lite2", _ALL_GEM)),
         conditioning=ConditioningSpec(dim=256, shrinkage=0.1),
         tta=1,
         ewc=EWCParams(k_min=10, k_max=100, entropy_threshold=0.5, reweight=True),
-        description="EfficientNet-Lite0 + Lite1 + Lite2, multi-layer, conditioned to 256-d",
+        description="EfficientNet-Lite0 + Lite1 + Lite2, GeM-pooled stages 1-7 + head, centre framing, conditioned to 256-d",
+        framing="center",
     ),
     "raw": Preset(
         encoders=(("efficientnet-lite0", {}),),
