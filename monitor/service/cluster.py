@@ -643,15 +643,7 @@ class ClusterReplay:
 
     def _recover(self) -> set[str]:
         """Frames a local run left in flight: quarantined at ``max_frame_attempts``, else done alone."""
-        solo: set[str] = set()
-        for st in self.recorder.ledger.stale_frames():
-            if st.status == "hung" or st.attempts >= self.cfg.service.max_frame_attempts:
-                why = ("ran past service.frame_timeout_s in a previous run" if st.status == "hung"
-                       else f"hung or crashed the worker in a previous run ({st.attempts} attempts)")
-                self.recorder.quarantine(list(st.paths), "process", why, st.key)
-            else:
-                solo.update(st.paths)
-        return solo
+        return {p for st in self.recorder.stale_to_retry(self.cfg.service.max_frame_attempts) for p in st.paths}
 
     def _units(self, pool: _Pool, files: list[str], solo: set[str], stop: threading.Event) -> list[_Unit]:
         """Files grouped into frames (one file each without ``[assembly] channels``), in local order;
@@ -682,7 +674,6 @@ class ClusterReplay:
         a = self.cfg.assembly
         asm = FrameAssembler(a.channels, a.primary, a.control, a.wait_s)
         groups: list[tuple[str, ...]] = []
-        ledger = self.recorder.ledger
         for f in files:
             r = ident.get(f)
             if r is None:
@@ -690,13 +681,9 @@ class ClusterReplay:
             if isinstance(r, FileEvent):
                 self._apply([r])
                 continue
-            self.metrics.files.labels("read").inc()
             p = Path(f)
-            if ledger.frame_done(r.key):
-                log.info("%s: frame %s already recorded; ignoring this file", path_text(p), r.key)
-                ledger.mark_files([p], "done", r.key)
+            if not self.recorder.note_read(p, r.key):
                 continue
-            ledger.mark_files([p], "read", r.key)
             ignored = asm.stats["ignored_files"]
             frame = asm.add(r)
             if asm.stats["ignored_files"] > ignored:

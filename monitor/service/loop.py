@@ -181,20 +181,14 @@ class Service:
 
         Returns the number quarantined.
         """
-        n = 0
-        for st in self.recorder.ledger.stale_frames():
-            if st.status == "hung" or st.attempts >= self.settings.max_frame_attempts:
-                why = ("ran past service.frame_timeout_s in a previous run" if st.status == "hung"
-                       else f"hung or crashed the worker in a previous run ({st.attempts} attempts)")
-                self.recorder.quarantine(list(st.paths), "process", why, st.key)
-                n += 1
-                continue
+        before = self.recorder.failed
+        for st in self.recorder.stale_to_retry(self.settings.max_frame_attempts):
             log.warning("%s: was being processed when the previous run stopped; processing it again, alone (attempt %d of %d)",
                         st.key, st.attempts + 1, self.settings.max_frame_attempts)
             self._solo.add(st.key)
             for p in st.paths:
                 self.intake.see(Path(p))
-        return n
+        return self.recorder.failed - before
 
     def _guard(self, stop: threading.Event) -> None:
         """Watch the call in progress; act once when it runs past ``frame_timeout_s`` per frame.
@@ -277,7 +271,7 @@ class Service:
 
     def _read(self, p: Path) -> Frame | None:
         """Read one stable file; the frame it completes, if any (not yet processed)."""
-        tracker, ledger = self.intake.tracker, self.recorder.ledger
+        tracker = self.intake.tracker
         try:
             reader = self.readers.choose(p)
             acq = reader.read(p)
@@ -300,12 +294,8 @@ class Service:
             self.recorder.quarantine([p], "read", f"{type(e).__name__}: {e}")
             return None
         tracker.done(p)
-        self.metrics.files.labels("read").inc()
-        if ledger.frame_done(acq.key):
-            log.info("%s: frame %s already recorded; ignoring this file", path_text(p), acq.key)
-            ledger.mark_files([p], "done", acq.key)
+        if not self.recorder.note_read(p, acq.key):
             return None
-        ledger.mark_files([p], "read", acq.key)
         ignored = self.assembler.stats["ignored_files"]
         pending = set(self.assembler.pending_paths())
         try:

@@ -36,7 +36,7 @@ from pathlib import Path
 from monitor.errors import CellmonitorError, StateWriteError
 from monitor.protocols import Sink
 from monitor.records import Counts, Frame, FrameKey
-from monitor.service.ledger import Ledger, path_text
+from monitor.service.ledger import Ledger, Stale, path_text
 from monitor.service.metrics import ServiceMetrics
 from monitor.service.rows import class_roles
 
@@ -111,6 +111,30 @@ class Recorder:
         self.metrics.files.labels("skipped").inc()
         self.ledger.mark_files([path], "skipped", key, reason)
         log.info("%s: skipped: %s", path_text(path), reason)
+
+    def stale_to_retry(self, max_attempts: int) -> list[Stale]:
+        """Frames a previous run left in flight: those that hung or used ``max_attempts`` are
+        quarantined here; the others are returned, to be processed again, alone."""
+        retry = []
+        for st in self.ledger.stale_frames():
+            if st.status == "hung" or st.attempts >= max_attempts:
+                why = ("ran past service.frame_timeout_s in a previous run" if st.status == "hung"
+                       else f"hung or crashed the worker in a previous run ({st.attempts} attempts)")
+                self.quarantine(list(st.paths), "process", why, st.key)
+            else:
+                retry.append(st)
+        return retry
+
+    def note_read(self, path: Path, key: FrameKey) -> bool:
+        """A file was read as part of frame ``key``: False (and the file marked done) when that
+        frame is already recorded, else True (the file marked read)."""
+        self.metrics.files.labels("read").inc()
+        if self.ledger.frame_done(key):
+            log.info("%s: frame %s already recorded; ignoring this file", path_text(path), key)
+            self.ledger.mark_files([path], "done", key)
+            return False
+        self.ledger.mark_files([path], "read", key)
+        return True
 
     def quarantine(self, paths: Sequence[Path | str], stage: str, problem: str, key: FrameKey | str | None = None, status: str = "failed") -> None:
         """Record that ``paths`` (of frame ``key``, when known) will never become a count."""
