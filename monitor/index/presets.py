@@ -18,14 +18,15 @@ one line); :func:`encoders_toml` prints that part of the config, and
   split: EWC 0.921, plain 20-NN 0.896; 18 cells/s end to end on a
   Lionheart-size frame on 2 CPU cores (the encoder costs what the earlier
   multi-layer mean pool cost) (``bench/results/presets_*centre_gem.md``).
-* ``accurate``: Lite0 + Lite2 (whole-image framing, mean pools): the best on
-  the pbc *validation* split before centre framing (0.903); 0.863 on the test
-  split, 2.2x slower than one Lite0 (7 cells/s):
-  for a PC with a GPU or cells where the second encoder earns its time.
-* ``zoo``: Lite0 + Lite1 + Lite2, conditioned to 256-d: the best measured on the
-  pbc test split (EWC 0.871, plain 20-NN 0.846), three encoders' time: for a GPU.
-* ``fast``: for a weak CPU (2 cores): Lite0 at a 128 px input, about twice as
-  fast again, at a cost in accuracy.
+* ``accurate``: Lite0 + Lite2, each as in ``balanced``, conditioned to 192-d:
+  better on the pbc validation split (0.921 vs 0.907 for Lite0 alone, ``index
+  search``), the same on the test split (EWC 0.921), 2.6x slower (7 cells/s on
+  2 cores): for a PC with a GPU.
+* ``zoo``: Lite0 + Lite1 + Lite2, each as in ``balanced``, conditioned to 256-d:
+  the best on both pbc splits (validation 0.926, test EWC 0.933), three
+  encoders' time: for a GPU.
+* ``fast``: for a weak CPU (2 cores): Lite0 at a 128 px input, as in
+  ``balanced`` otherwise: pbc test EWC 0.896, livedead 0.886, 46 cells/s.
 * ``raw``: the paper's setting (EfficientNet-Lite0 last layer, raw vectors,
   no conditioning), for comparison.
 """
