@@ -179,7 +179,7 @@ def fit_candidates(folder: Path, options: Any, frame_um: float, pipeline_um: flo
 
     from cellmonitor_plugins.segmenters.acceptance import FrameCandidates
     from cellmonitor_plugins.segmenters.blobs import FEATURES
-    from cellmonitor_plugins.segmenters.classical import blob_candidates_on, segment_image
+    from cellmonitor_plugins.segmenters.classical import ClassicalSegmenter, blob_candidates_on
     from tqdm import tqdm
 
     from monitor.errors import BadInput
@@ -189,25 +189,34 @@ def fit_candidates(folder: Path, options: Any, frame_um: float, pipeline_um: flo
 
     frames, problems = [], []
     pairs = annotated_frames(folder)
+    rule_segmenter = ClassicalSegmenter(options)
+    # the configured size limits stay hard limits under a learned rule (the segmenter applies them to every cell)
+    lo, hi = np.log(options.min_area_um2 or 1e-9), np.log(options.max_area_um2)
     for img_path, xml in tqdm(pairs, desc="candidates", unit="frame", file=sys.stderr, disable=not progress, leave=False):
         try:
             labels, boxes = parse_voc(xml)
-            frame = rescale(_frame(read_image(img_path), frame_um), pipeline_um)
         except (ET.ParseError, OSError, ValueError) as e:
             problems.append(f"{xml}: unreadable annotation ({e})")
             continue
+        try:
+            frame = rescale(_frame(read_image(img_path), frame_um), pipeline_um)
         except BadInput as e:
             problems.append(str(e))
+            continue
+        except OSError as e:
+            problems.append(f"{img_path}: cannot read ({e.strerror or e})")
             continue
         f = frame_um / pipeline_um
         b = np.array(boxes, dtype=np.float64).reshape(-1, 4) * f
         cands, cent = blob_candidates_on(frame.image, frame.pixel_size_um, options, snr)
+        size = [i for i, c in enumerate(cands) if lo <= c.features[FEATURES.index("log_area_um2")] <= hi]
+        cands, cent = [cands[i] for i in size], cent[size]
         matched = np.zeros(len(cands), bool)
         box_class = [""] * len(cands)
         for i, j in match_boxes(cent, b):
             matched[i] = True
             box_class[i] = labels[j]
-        rule = int(segment_image(frame.image, frame.pixel_size_um, options).max())
+        rule = len(rule_segmenter.segment(frame).cells)
         feats = np.array([c.features for c in cands], dtype=np.float64).reshape(len(cands), len(FEATURES))
         frames.append(FrameCandidates(img_path.name, feats, matched, len(b), rule, tuple(box_class)))
     return frames, problems

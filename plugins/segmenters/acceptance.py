@@ -8,7 +8,9 @@ each lab's chamber, camera and cells differ. Here the lab's own boxed frames
 
 1. Candidates are drawn at a low seed threshold (``candidate_snr``), so
    nearly every boxed cell has one, and each is measured
-   (:data:`~cellmonitor_plugins.segmenters.blobs.FEATURES`).
+   (:data:`~cellmonitor_plugins.segmenters.blobs.FEATURES`). The configured
+   ``min_area_um2`` / ``max_area_um2`` stay hard limits (the segmenter
+   applies them to every cell), so candidates outside them are left out.
 2. A candidate is a positive when it matches a box one-to-one
    (:func:`monitor.segmentation.match_boxes`).
 3. A logistic regression on the standardised features and their pairwise

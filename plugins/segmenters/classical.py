@@ -116,7 +116,8 @@ class Options(BaseModel):
     acceptance: Path | None = Field(
         None,
         description="blobs: a learned acceptance model (JSON written by `cellmonitor segment-fit` from boxed frames) "
-        "replacing the hand-set rule above; relative to the config file",
+        "replacing the hand-set rule above (min_dark ... border_um; min_area_um2 and max_area_um2 still apply); "
+        "relative to the config file",
     )
     empty_snr: float = Field(
         8.0, ge=0, description="a field with less than a quarter of the smallest cell's area departing from the background by this x noise is empty (0 cells); 0: off"

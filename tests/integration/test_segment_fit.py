@@ -188,7 +188,7 @@ def test_segment_fit_refuses_what_it_cannot_fit(fitted: dict, tmp_path: Path, ca
 
 
 def test_on_real_counting_chamber_frames_the_learned_rule_counts_better(shared_data: Path, tmp_path: Path) -> None:
-    """320 boxed livedead frames: cross-validated over frames, the learned rule counts better than the hand-set rule.
+    """560 boxed livedead frames: cross-validated over frames, the learned rule counts better than the hand-set rule.
 
     Paired on the same frames (what segment-fit prints and records); a
     held-out set of this size would be too noisy to tell 0.01 apart.
@@ -200,15 +200,15 @@ def test_on_real_counting_chamber_frames_the_learned_rule_counts_better(shared_d
     order = np.random.default_rng(8).permutation(len(frames))
     folder = tmp_path / "boxed"
     folder.mkdir()
-    for f in (frames[i] for i in order[:320]):
+    for f in (frames[i] for i in order[:560]):
         (folder / f.name).symlink_to(f)
         (folder / f.with_suffix(".xml").name).symlink_to(f.with_suffix(".xml"))
     repo_cfg = Path(__file__).resolve().parents[2] / "config" / "livedead.toml"
     model = tmp_path / "acceptance.json"
     assert main(["segment-fit", str(folder), "--config", str(repo_cfg), "--out", str(model), "--no-progress"]) == 0
     fitted = AcceptanceModel.load(model, FEATURES).fitted
-    assert fitted["boxes_with_candidate"] >= 0.95 * fitted["boxes"]  # nearly every boxed cell has a candidate
-    assert fitted["cv_count_error"] < fitted["rule_count_error"] - 0.005, fitted
+    assert fitted["boxes_with_candidate"] >= 0.92 * fitted["boxes"]  # nearly every boxed cell has a candidate (the hand-set rule keeps ~85%)
+    assert fitted["cv_count_error"] < fitted["rule_count_error"] - 0.01, fitted
 
 
 def test_class_balance_keeps_the_rare_state() -> None:
