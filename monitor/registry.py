@@ -18,7 +18,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from monitor.config import Config, PluginRef, format_validation_error
-from monitor.errors import PluginError
+from monitor.errors import ConfigError, PluginError
 from monitor.protocols import BuildContext
 
 OptionsT = TypeVar("OptionsT", bound=BaseModel)
@@ -46,6 +46,9 @@ class Spec(Generic[OptionsT]):
     factory: Callable[[OptionsT, BuildContext], Any]
     #: what ``models list`` shows without building (weights present, where, dim, dtype), or None
     describe: Callable[[OptionsT, BuildContext], dict[str, Any]] | None = None
+    #: what ``check-config`` checks beyond the options without building (files the options name), or None:
+    #: raises :class:`~monitor.errors.ConfigError` with the problem
+    check: Callable[[OptionsT, BuildContext], None] | None = None
 
     def build(self, options: OptionsT, ctx: BuildContext) -> Any:
         """The plugin built from validated ``options``."""
@@ -58,13 +61,16 @@ def plugin_spec(
     options: type[OptionsT],
     factory: Callable[[OptionsT, BuildContext], Any],
     describe: Callable[[OptionsT, BuildContext], dict[str, Any]] | None = None,
+    check: Callable[[OptionsT, BuildContext], None] | None = None,
 ) -> Spec[OptionsT]:
     """The one way a built-in plugin declares itself: ``PLUGIN = plugin_spec(...)``.
 
     ``describe(options, ctx)``, for heavy models, tells ``cellmonitor models
-    list`` what it needs without loading the weights.
+    list`` what it needs without loading the weights. ``check(options, ctx)``
+    lets ``check-config`` find what only building would (a file the options
+    name is missing or does not fit them), cheaply; it raises ConfigError.
     """
-    return Spec(name, description, options, factory, describe)
+    return Spec(name, description, options, factory, describe, check)
 
 
 @dataclass(frozen=True)
@@ -173,9 +179,13 @@ class Registry:
             refs.append(("readers", PluginRef(name=name, options=opts), f"readers.{name}"))
         refs += [("encoders", r, f"encoders.{i}") for i, r in enumerate(cfg.encoders)]
         refs += [("sinks", r, f"sinks.{i}") for i, r in enumerate(cfg.sinks)]
+        ctx = BuildContext(state_dir=cfg.service.state_dir, config_path=cfg.source)
         for kind, ref, where in refs:
             try:
-                self.options(kind, ref, src, where)
-            except PluginError as e:
+                validated = self.options(kind, ref, src, where)
+                check = getattr(self.spec(kind, ref.name), "check", None)
+                if check is not None:
+                    check(validated, ctx)
+            except ConfigError as e:
                 problems += [f"{src}: {where}: {line}" if not line.startswith(src) else line for line in e.lines]
         return problems

@@ -384,6 +384,11 @@ def load_acceptance(o: Options, ctx: BuildContext) -> Any:
     return model
 
 
+def check_acceptance(o: Options, ctx: BuildContext) -> None:
+    """What ``check-config`` checks: the configured acceptance model loads and fits the options."""
+    load_acceptance(o, ctx)
+
+
 class ClassicalSegmenter:
     """The weight-free default segmenter (see the module docstring)."""
 
@@ -406,4 +411,5 @@ class ClassicalSegmenter:
 PLUGIN = plugin_spec(
     "classical", "weight-free: flattened local contrast, halo-cut distance seeds, marker watershed (um units)", Options,
     lambda o, ctx: ClassicalSegmenter(o, load_acceptance(o, ctx)),
+    check=check_acceptance,
 )

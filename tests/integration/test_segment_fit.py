@@ -239,3 +239,15 @@ def test_class_balance_keeps_the_rare_state() -> None:
     balanced, _ = fit_acceptance(frames, candidate_snr=20.0, options=opts, thresholds=(0.5,))
     plain, _ = fit_acceptance(frames, candidate_snr=20.0, options=opts, thresholds=(0.5,), balance=False)
     assert balanced.accept(dead_x).mean() > plain.accept(dead_x).mean() + 0.1
+
+
+def test_check_config_names_a_missing_acceptance_model(fitted: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    """check-config finds it without building anything (exit 78, one line naming the file), as run would."""
+    cfg = fitted["root"] / "check.toml"
+    write_config(cfg, acceptance="models/none.json")
+    assert main(["check-config", str(cfg)]) == 78
+    err = capsys.readouterr().err
+    assert f"acceptance model {fitted['root'] / 'models' / 'none.json'}: no such file" in err
+    write_config(cfg, acceptance="models/acceptance.json")
+    main(["check-config", str(cfg)])
+    assert "acceptance" not in capsys.readouterr().err
