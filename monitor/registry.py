@@ -168,8 +168,13 @@ class Registry:
                     out.append(PluginInfo(kind, name, origin, "", f"{type(e).__name__}: {e}"))
         return out
 
-    def validate_config(self, cfg: Config) -> list[str]:
-        """Check every plugin the config names and its options; return problem lines."""
+    def validate_config(self, cfg: Config, files: bool = True) -> list[str]:
+        """Check every plugin the config names and its options; return problem lines.
+
+        ``files``: also run each plugin's cheap ``check`` (files its options
+        name exist and fit them); off for an example config whose files live
+        on the lab's machine.
+        """
         src = cfg.source_name
         problems: list[str] = []
         refs: list[tuple[str, PluginRef, str]] = [("segmenters", cfg.segmenter, "segmenter")]
@@ -184,7 +189,7 @@ class Registry:
             try:
                 validated = self.options(kind, ref, src, where)
                 check = getattr(self.spec(kind, ref.name), "check", None)
-                if check is not None:
+                if files and check is not None:
                     check(validated, ctx)
             except ConfigError as e:
                 problems += [f"{src}: {where}: {line}" if not line.startswith(src) else line for line in e.lines]

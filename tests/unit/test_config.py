@@ -78,7 +78,7 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path):
 @pytest.mark.parametrize("path", sorted((REPO / "config").glob("*.toml")), ids=lambda p: p.name)
 def test_example_configs_load_and_validate(path):
     cfg = load_config(path)
-    assert Registry(cfg.plugins.paths).validate_config(cfg) == []
+    assert Registry(cfg.plugins.paths).validate_config(cfg, files=False) == []  # the files they name live on a lab's machine
 
 
 def test_demo_config_matches_the_shipped_example():
