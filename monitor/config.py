@@ -167,8 +167,10 @@ class Config(_Model):
     sinks: list[PluginRef] = Field(default_factory=lambda: [PluginRef(name="csv"), PluginRef(name="prometheus")])
     plugins: PluginsConfig = PluginsConfig()
 
-    #: where this config was read from; relative paths resolve against its folder
+    #: where this config was read from, as given (error messages); relative paths resolve against its folder
     source: Path | None = Field(None, exclude=True)
+    #: the same file as an absolute path (what plugins resolve their relative paths against, whatever the cwd)
+    path: Path | None = Field(None, exclude=True)
 
     @property
     def source_name(self) -> str:
@@ -221,7 +223,8 @@ def parse_config(data: dict[str, Any], source: str = "<config>", base_dir: Path 
     classifier = cfg.classifier.model_copy(update={"index": _resolve(base_dir, cfg.classifier.index)})
     plugins = cfg.plugins.model_copy(update={"paths": [_resolve(base_dir, p) for p in cfg.plugins.paths]})
     return cfg.model_copy(
-        update={"service": service, "classifier": classifier, "plugins": plugins, "source": Path(source)}
+        update={"service": service, "classifier": classifier, "plugins": plugins, "source": Path(source),
+                "path": Path(base_dir).resolve() / Path(source).name}
     )
 
 

@@ -184,7 +184,7 @@ class Registry:
             refs.append(("readers", PluginRef(name=name, options=opts), f"readers.{name}"))
         refs += [("encoders", r, f"encoders.{i}") for i, r in enumerate(cfg.encoders)]
         refs += [("sinks", r, f"sinks.{i}") for i, r in enumerate(cfg.sinks)]
-        ctx = BuildContext(state_dir=cfg.service.state_dir, config_path=cfg.source)
+        ctx = BuildContext(state_dir=cfg.service.state_dir, config_path=cfg.path)
         for kind, ref, where in refs:
             try:
                 validated = self.options(kind, ref, src, where)
@@ -193,4 +193,6 @@ class Registry:
                     check(validated, ctx)
             except ConfigError as e:
                 problems += [f"{src}: {where}: {line}" if not line.startswith(src) else line for line in e.lines]
+            except Exception as e:  # a plugin's check must not crash check-config, run or replay
+                problems.append(f"{src}: {where}: check failed: {type(e).__name__}: {' '.join(str(e).split())}")
         return problems

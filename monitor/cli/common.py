@@ -20,7 +20,7 @@ def readers_from_config(config: Path | None) -> Any:
 
     cfg = config_or_default(config)
     reg = Registry(cfg.plugins.paths)
-    ctx = BuildContext(state_dir=cfg.service.state_dir, config_path=config, extra={"experiment": cfg.service.experiment})
+    ctx = BuildContext(state_dir=cfg.service.state_dir, config_path=cfg.path, extra={"experiment": cfg.service.experiment})
     return build_readers(cfg, reg, ctx)
 
 

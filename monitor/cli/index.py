@@ -262,7 +262,7 @@ def _build_from_marker(args: argparse.Namespace) -> int:
         raise ConfigError("--from-marker embeds with the config's [[encoders]] (the index must fit the service); drop --encoders")
     check_rules(cfg)
     registry = Registry(cfg.plugins.paths)
-    ctx = BuildContext(state_dir=cfg.service.state_dir, config_path=cfg_path, extra={"experiment": cfg.service.experiment})
+    ctx = BuildContext(state_dir=cfg.service.state_dir, config_path=cfg.path, extra={"experiment": cfg.service.experiment})
     pipeline = pipeline_without_index(cfg, registry, ctx)
     skipped: list[tuple[str, str]] = []
     frames = frames_in(cfg, build_readers(cfg, registry, ctx), Path(folder), skipped)
@@ -568,7 +568,7 @@ def _classify_segmenter(args: argparse.Namespace) -> tuple[Any, Any]:
 
     cfg = config_or_default(args.config)
     reg = Registry(cfg.plugins.paths)
-    ctx = BuildContext(state_dir=cfg.service.state_dir, config_path=cfg.source)
+    ctx = BuildContext(state_dir=cfg.service.state_dir, config_path=cfg.path)
     return reg.build("segmenters", cfg.segmenter, ctx, cfg.source_name, "segmenter"), cfg
 
 

@@ -73,7 +73,7 @@ def _list(args: argparse.Namespace) -> int:
     cfg = config_or_default(args.config)
     reg = Registry(cfg.plugins.paths)
     device, note = device_line(cfg.pipeline.device)
-    ctx = BuildContext(state_dir=cfg.service.state_dir, config_path=args.config, device="cpu")
+    ctx = BuildContext(state_dir=cfg.service.state_dir, config_path=cfg.path, device="cpu")
     src = cfg.source_name
     rows = [("segmenter", cfg.segmenter.name, describe(reg, "segmenters", cfg.segmenter, ctx, src, "segmenter"))]
     rows += [("encoder", r.name, describe(reg, "encoders", r, ctx, src, f"encoders.{i}")) for i, r in enumerate(cfg.encoders)]

@@ -54,7 +54,7 @@ def _built(cfg: Any) -> tuple[Any, Any, dict[str, str]]:
     from monitor.service.reading import build_readers
 
     reg = Registry(cfg.plugins.paths)
-    ctx = BuildContext(state_dir=cfg.service.state_dir, config_path=cfg.source, device=resolve_device(cfg.pipeline.device), extra={"experiment": cfg.service.experiment})
+    ctx = BuildContext(state_dir=cfg.service.state_dir, config_path=cfg.path, device=resolve_device(cfg.pipeline.device), extra={"experiment": cfg.service.experiment})
     readers = build_readers(cfg, reg, ctx)
     pipeline = build_pipeline(cfg, reg, ctx)
     return pipeline, readers, roles_for(cfg, pipeline.classifier.classes)

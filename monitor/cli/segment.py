@@ -74,7 +74,7 @@ def _read_frame(args: argparse.Namespace, cfg: Any) -> Any:
     if not path.is_file():
         raise NoInput(path)  # exit 66, as in every command
     registry = Registry(cfg.plugins.paths)
-    ctx = BuildContext(state_dir=cfg.service.state_dir, config_path=cfg.source, extra={"experiment": cfg.service.experiment})
+    ctx = BuildContext(state_dir=cfg.service.state_dir, config_path=cfg.path, extra={"experiment": cfg.service.experiment})
     if args.pixel_size is not None:
         if not args.pixel_size > 0:
             raise BadInput(path, f"--pixel-size must be positive (got {args.pixel_size})")
@@ -209,8 +209,10 @@ def fit_candidates(folder: Path, options: Any, frame_um: float, pipeline_um: flo
         f = frame_um / pipeline_um
         b = np.array(boxes, dtype=np.float64).reshape(-1, 4) * f
         cands, cent = blob_candidates_on(frame.image, frame.pixel_size_um, options, snr)
-        size = [i for i, c in enumerate(cands) if lo <= c.features[FEATURES.index("log_area_um2")] <= hi]
-        cands, cent = [cands[i] for i in size], cent[size]
+        # what the segmenter drops whatever the rule says is not a candidate: outside the size limits, or on the edge under exclude_border
+        keep = [i for i, c in enumerate(cands) if lo <= c.features[FEATURES.index("log_area_um2")] <= hi
+                and not (options.exclude_border and c.features[FEATURES.index("touches_edge")])]
+        cands, cent = [cands[i] for i in keep], cent[keep]
         matched = np.zeros(len(cands), bool)
         box_class = [""] * len(cands)
         for i, j in match_boxes(cent, b):
@@ -224,6 +226,7 @@ def fit_candidates(folder: Path, options: Any, frame_um: float, pipeline_um: flo
 
 def _segment_fit(args: argparse.Namespace) -> int:
     import sys
+    from dataclasses import replace
 
     from cellmonitor_plugins.segmenters.acceptance import (
         CANDIDATE_OPTIONS,
@@ -275,6 +278,8 @@ def _segment_fit(args: argparse.Namespace) -> int:
         raise BadInput(args.folder, str(e)) from None
     finally:
         bar.close()
+    # the working grid the features were measured on (the segmenter warns when frames come on another)
+    model = replace(model, fitted={**model.fitted, "work_um": max(opts.work_pixel_size_um, pipeline_um)})
     try:
         model.save(args.out)
     except OSError as e:

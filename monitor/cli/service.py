@@ -188,7 +188,7 @@ def _check_config(args: argparse.Namespace) -> int:
         from monitor.protocols import BuildContext
         from monitor.service.loop import build_pipeline, resolve_device
 
-        ctx = BuildContext(state_dir=cfg.service.state_dir, device=resolve_device(cfg.pipeline.device))
+        ctx = BuildContext(state_dir=cfg.service.state_dir, config_path=cfg.path, device=resolve_device(cfg.pipeline.device))
         p = build_pipeline(cfg, registry, ctx)
         print(f"{args.config}: index {cfg.classifier.index} ({len(p.classifier.index)} references) matches the encoders")  # type: ignore[attr-defined]
     print(f"{args.config}: OK")

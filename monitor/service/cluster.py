@@ -172,7 +172,7 @@ class FrameWorker:
             registry = Registry(cfg.plugins.paths)
             s = cfg.service
             self.device = resolve_device(cfg.pipeline.device)
-            ctx = BuildContext(state_dir=s.state_dir, config_path=cfg.source, device=self.device, extra={"experiment": s.experiment})
+            ctx = BuildContext(state_dir=s.state_dir, config_path=cfg.path, device=self.device, extra={"experiment": s.experiment})
             self.readers = build_readers(cfg, registry, ctx)
             self.pipeline = build_pipeline(cfg, registry, ctx)
             warm_up(self.pipeline)
@@ -569,7 +569,7 @@ class ClusterReplay:
         self.metrics = metrics = ServiceMetrics(CollectorRegistry(), __version__)
         roles = roles_for(cfg, self.classes)
         metrics.roles = roles
-        ctx = BuildContext(state_dir=s.state_dir, config_path=cfg.source, metrics=metrics, device="cpu",
+        ctx = BuildContext(state_dir=s.state_dir, config_path=cfg.path, metrics=metrics, device="cpu",
                            extra={"experiment": s.experiment, "roles": roles})
         sinks = [self.registry.build("sinks", ref, ctx, cfg.source_name, f"sinks.{i}") for i, ref in enumerate(cfg.sinks)]
         self.keep_calls = any(getattr(k, "wants_calls", False) for k in sinks)  # e.g. the overlay sink

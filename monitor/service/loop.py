@@ -482,7 +482,7 @@ def build_service(cfg: Config, registry: Any, metrics_registry: Any = None, serv
     try:
         metrics = ServiceMetrics(metrics_registry or CollectorRegistry(), __version__)
         device = resolve_device(cfg.pipeline.device)
-        ctx = BuildContext(state_dir=s.state_dir, config_path=cfg.source, metrics=metrics, device=device, extra={"experiment": s.experiment})
+        ctx = BuildContext(state_dir=s.state_dir, config_path=cfg.path, metrics=metrics, device=device, extra={"experiment": s.experiment})
         readers = build_readers(cfg, registry, ctx)
         t = time.perf_counter()
         pipeline = build_pipeline(cfg, registry, ctx)

@@ -95,6 +95,10 @@ def count_error(frames: Sequence[FrameCandidates], counted: Sequence[int]) -> fl
     return float(np.mean([abs(int(n) - f.n_boxes) / max(f.n_boxes, 1) for f, n in zip(frames, counted, strict=True)]))
 
 
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
 @dataclass(frozen=True)
 class AcceptanceModel:
     """A fitted acceptance rule (see the module docstring); ``accept(features)`` is its use."""
@@ -164,8 +168,13 @@ class AcceptanceModel:
             raise ConfigError(f"{where}: not readable JSON ({e})") from None
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise ConfigError(f"{where}: not a blob acceptance model (format {FORMAT!r} expected)")
-        if list(d.get("features", [])) != list(features):
+        if d.get("features") != list(features):
             raise ConfigError(f"{where}: fitted on other features ({d.get('features')}); refit it with `cellmonitor segment-fit`")
+        opts = d.get("options")
+        if not isinstance(opts, dict) or set(opts) != set(CANDIDATE_OPTIONS) or not all(_number(v) for v in opts.values()):
+            raise ConfigError(f"{where}: malformed (options must give a number for each of {', '.join(CANDIDATE_OPTIONS)})")
+        if not (_number(d.get("candidate_snr")) and d["candidate_snr"] > 0):
+            raise ConfigError(f"{where}: malformed (candidate_snr must be a positive number)")
         try:
             n = len(features)
             mean, scale, weights = (np.asarray(d[k], dtype=np.float64) for k in ("mean", "scale", "weights"))
@@ -177,9 +186,6 @@ class AcceptanceModel:
             raise ConfigError(f"{where}: malformed (array sizes do not match {n} features)")
         if not (np.isfinite(weights).all() and np.isfinite(mean).all() and (scale > 0).all() and 0 < model.threshold < 1):
             raise ConfigError(f"{where}: malformed (non-finite weights, scale <= 0 or threshold outside (0, 1))")
-        unknown = set(model.options) - set(CANDIDATE_OPTIONS)
-        if unknown:
-            raise ConfigError(f"{where}: unknown options {sorted(unknown)}")
         return model
 
 
@@ -243,8 +249,15 @@ def fit_acceptance(
             f"{int(y_all.sum())} candidates matched a box and {int((~y_all).sum())} did not: at least 10 of each are needed "
             "(more boxed frames, or a lower --candidate-snr)"
         )
-    folds = max(2, min(folds, len(frames)))
-    fold = np.random.default_rng(seed).permutation(len(frames)) % folds
+    with_candidates = [i for i, f in enumerate(frames) if len(f.matched)]
+    if len(with_candidates) < 2:
+        raise ValueError(f"candidates on {len(with_candidates)} frame(s): at least 2 frames with candidates are needed for cross-validation")
+    folds = max(2, min(folds, len(with_candidates)))
+    # every fold holds frames with candidates (frames without any count as errors wherever they fall)
+    fold = np.zeros(len(frames), int)
+    fold[with_candidates] = np.random.default_rng(seed).permutation(len(with_candidates)) % folds
+    empty = [i for i, f in enumerate(frames) if not len(f.matched)]
+    fold[empty] = np.arange(len(empty)) % folds
     probs = {lam: [np.zeros(0)] * len(frames) for lam in lambdas}
     steps, done = folds * len(lambdas) + 1, 0
     for k in range(folds):

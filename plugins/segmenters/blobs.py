@@ -103,11 +103,13 @@ class Candidate:
     box: tuple[slice, slice]
     mask: np.ndarray
     features: np.ndarray  # float64, :data:`FEATURES` order
+    edge_um: float  # the centroid's distance to the frame edge (not capped: the hand-set rule's border_um)
 
 
 def region_features(mask: np.ndarray, flat: np.ndarray, score: np.ndarray, offset: tuple[int, int], shape: tuple[int, ...],
-                    work_um: float, peak: float, n_seeds: int) -> np.ndarray:
-    """The :data:`FEATURES` of one region (a boolean mask within its bounding slice of ``flat`` / ``score``)."""
+                    work_um: float, peak: float, n_seeds: int) -> tuple[np.ndarray, float]:
+    """The :data:`FEATURES` of one region (a boolean mask within its bounding slice of ``flat`` / ``score``),
+    and its centroid's distance to the frame edge in um (uncapped)."""
     from scipy import ndimage as ndi
     from skimage.measure import regionprops
 
@@ -119,6 +121,7 @@ def region_features(mask: np.ndarray, flat: np.ndarray, score: np.ndarray, offse
     inner = ndi.binary_erosion(mask, iterations=max(1, round(RING_UM / work_um)))
     rim = mask & ~inner
     ring = float(flat[rim].mean() - values.mean()) if inner.any() and rim.any() else 0.0
+    edge = float(min(cy, cx, shape[0] - 1 - cy, shape[1] - 1 - cx)) * work_um
     return np.array([
         np.log(max(peak, 1e-3)),
         np.log(len(values) * work_um**2),
@@ -130,25 +133,25 @@ def region_features(mask: np.ndarray, flat: np.ndarray, score: np.ndarray, offse
         float(values.std()),
         float(rp.solidity),
         float(rp.axis_major_length / max(rp.axis_minor_length, 1.0)),
-        min(float(min(cy, cx, shape[0] - 1 - cy, shape[1] - 1 - cx)) * work_um, EDGE_CAP_UM),
+        min(edge, EDGE_CAP_UM),
         float(_touches_edge(rows, cols, shape)),
         np.log(max(float(score[mask].mean()), 1e-3)),
         ring,
         np.log(max(n_seeds, 1)),
-    ])
+    ]), edge
 
 
 _F = {name: i for i, name in enumerate(FEATURES)}
 
 
-def is_cell(features: np.ndarray, o: Any, min_area_um2: float) -> bool:
-    """The hand-set acceptance rule of step 6 for one candidate's :data:`FEATURES`."""
-    f = features
+def is_cell(c: Candidate, o: Any, min_area_um2: float) -> bool:
+    """The hand-set acceptance rule of step 6 for one candidate."""
+    f = c.features
     if (np.exp(f[_F["log_area_um2"]]) < min_area_um2 * (1 - 1e-9)
             or f[_F["dark_min"]] > -o.min_dark or f[_F["dark_p10"]] > -o.min_dark_body or f[_F["solidity"]] < o.min_solidity):
         return False
     if f[_F["touches_edge"]]:
-        return bool(f[_F["edge_um"]] >= o.border_um)
+        return bool(c.edge_um >= o.border_um)
     return bool(f[_F["axis_ratio"]] <= o.max_axis_ratio)
 
 
@@ -192,8 +195,8 @@ def blob_candidates(flat: np.ndarray, work_um: float, o: Any, snr: float) -> lis
         if k > 1:
             cut = pieces == int(np.argmax(np.bincount(pieces.ravel())[1:])) + 1
         peak = float(smooth[peaks[i, 0], peaks[i, 1]])
-        feats = region_features(cut, flat[sl], sc, (sl[0].start, sl[1].start), flat.shape, work_um, peak, len(peaks))
-        out.append(Candidate(sl, cut, feats))
+        feats, edge = region_features(cut, flat[sl], sc, (sl[0].start, sl[1].start), flat.shape, work_um, peak, len(peaks))
+        out.append(Candidate(sl, cut, feats, edge))
     return out
 
 
@@ -212,7 +215,7 @@ def blob_labels(img: np.ndarray, flat: np.ndarray, work_um: float, o: Any, min_p
     labels = np.zeros(flat.shape, np.int32)
     if acceptance is None:
         cands = blob_candidates(flat, work_um, o, o.blob_snr)
-        keep = [is_cell(c.features, o, min_px * work_um**2) for c in cands]
+        keep = [is_cell(c, o, min_px * work_um**2) for c in cands]
     else:
         cands = blob_candidates(flat, work_um, o, acceptance.candidate_snr)
         keep = acceptance.accept(np.array([c.features for c in cands]).reshape(len(cands), len(FEATURES))).tolist()

@@ -375,7 +375,7 @@ def load_acceptance(o: Options, ctx: BuildContext) -> Any:
     from cellmonitor_plugins.segmenters.blobs import FEATURES
 
     if o.mode != "blobs":
-        raise ConfigError(f"segmenter classical: acceptance is for mode = \"blobs\" (this config has mode = {o.mode!r})")
+        raise ConfigError(f"segmenter.options.acceptance: a blob acceptance model is for mode = \"blobs\" (this config has mode = {o.mode!r})")
     path = Path(o.acceptance).expanduser()
     if not path.is_absolute() and ctx.config_path is not None:
         path = Path(ctx.config_path).parent / path
@@ -397,13 +397,22 @@ class ClassicalSegmenter:
     def __init__(self, options: Options, acceptance: Any = None):
         self.o = options
         self.acceptance = acceptance
+        self._grid_warned = False
 
     def segment(self, frame: Frame) -> Cells:
         """Segment the primary channel; areas and border filtered on the frame's own grid."""
         o = self.o
+        if self.acceptance is not None and not self._grid_warned:
+            fitted = self.acceptance.fitted.get("work_um")
+            work = max(o.work_pixel_size_um, frame.pixel_size_um)
+            if fitted and abs(work / float(fitted) - 1) > 0.01:
+                self._grid_warned = True
+                log.warning("segmenter classical: the acceptance model was fitted on a %.3g um/px working grid, frames are segmented "
+                            "on %.3g um/px (pipeline.pixel_size_um changed?): its features mean something else; refit it "
+                            "with `cellmonitor segment-fit`", float(fitted), work)
         labels = segment_image(frame.image, frame.pixel_size_um, o, self.acceptance)
-        # speck removal already happened on the working grid with the mode's limit;
-        # this applies the configured one (if any) exactly, on the frame's own grid
+        # the mode's default speck limit applied on the working grid (hand-set rules); this applies
+        # the configured one (if any) exactly, on the frame's own grid, under any rule
         low = o.min_area_um2 if o.min_area_um2 is not None else 0.0
         return cells_from_labels(labels, frame.pixel_size_um, low, o.max_area_um2, o.exclude_border)
 

@@ -139,7 +139,7 @@ def test_the_configured_model_is_what_the_service_segmenter_uses(fitted: dict, t
     [
         ({"acceptance": "models/acceptance.json", "contrast_um": 2.0}, "fitted with contrast_um = 1.5, this config has 2.0"),
         ({"acceptance": "models/missing.json"}, "no such file (write one with `cellmonitor segment-fit`)"),
-        ({"acceptance": "models/acceptance.json", "mode": "contrast"}, "acceptance is for mode = \"blobs\""),
+        ({"acceptance": "models/acceptance.json", "mode": "contrast"}, "a blob acceptance model is for mode = \"blobs\""),
         ({"acceptance": "lab.toml"}, "not readable JSON"),
     ],
 )
@@ -161,7 +161,9 @@ def test_a_damaged_model_file_is_refused(fitted: dict, tmp_path: Path) -> None:
 
     d = json.loads(fitted["model"].read_text())
     for name, change in [("format", {"format": "other"}), ("features", {"features": ["a"]}), ("weights", {"weights": [1.0, 2.0]}),
-                         ("threshold", {"threshold": 1.5}), ("options", {"options": {"nonsense": 1}})]:
+                         ("threshold", {"threshold": 1.5}), ("options", {"options": {"nonsense": 1}}), ("features_type", {"features": 5}),
+                         ("option_text", {"options": {**d["options"], "fg_snr": "x"}}), ("option_null", {"options": {**d["options"], "fg_snr": None}}),
+                         ("snr_nan", {"candidate_snr": float("nan")}), ("snr_negative", {"candidate_snr": -1.0}), ("options_missing", {"options": {}})]:
         p = tmp_path / f"{name}.json"
         p.write_text(json.dumps({**d, **change}))
         with pytest.raises(ConfigError, match=str(p)):
@@ -251,3 +253,17 @@ def test_check_config_names_a_missing_acceptance_model(fitted: dict, capsys: pyt
     write_config(cfg, acceptance="models/acceptance.json")
     main(["check-config", str(cfg)])
     assert "acceptance" not in capsys.readouterr().err
+
+
+def test_a_fit_needs_two_frames_with_candidates() -> None:
+    """One frame holding every candidate: no fold could train; one clear line, not a numpy error."""
+    from cellmonitor_plugins.segmenters.acceptance import FrameCandidates, fit_acceptance
+    from cellmonitor_plugins.segmenters.blobs import FEATURES
+
+    x = np.random.default_rng(0).normal(0, 1, (40, len(FEATURES)))
+    one = FrameCandidates("a", x, np.arange(40) < 20, 20, 0, ())
+    empty = FrameCandidates("b", np.zeros((0, len(FEATURES))), np.zeros(0, bool), 2, 0, ())
+    with pytest.raises(ValueError, match="at least 2 frames with candidates"):
+        fit_acceptance([one, empty], candidate_snr=20.0, options={})
+    model, rep = fit_acceptance([one, FrameCandidates("c", x, np.arange(40) < 20, 20, 0, ()), empty], candidate_snr=20.0, options={})
+    assert rep.frames == 3 and 0 < model.threshold < 1
