@@ -157,14 +157,10 @@ def register_fit(sub: argparse._SubParsersAction) -> None:
 
 def annotated_frames(folder: Path) -> list[tuple[Path, Path]]:
     """(image, annotation) of every image in ``folder`` with a Pascal VOC .xml beside it, sorted."""
-    from monitor.index.dataset import IMAGE_SUFFIXES
+    from monitor.index.dataset import voc_image
 
-    out = []
-    for x in sorted(folder.glob("*.xml")):
-        img = next((x.with_suffix(s) for s in IMAGE_SUFFIXES if x.with_suffix(s).is_file()), None)
-        if img is not None:
-            out.append((img, x))
-    return out
+    pairs = ((voc_image(x), x) for x in sorted(folder.glob("*.xml")))
+    return [(img, x) for img, x in pairs if img is not None]
 
 
 def fit_candidates(folder: Path, options: Any, frame_um: float, pipeline_um: float, snr: float, progress: bool) -> tuple[list[Any], list[str]]:

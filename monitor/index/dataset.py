@@ -176,6 +176,11 @@ def parse_voc(xml_path: Path) -> tuple[list[str], list[tuple[float, float, float
     return labels, boxes
 
 
+def voc_image(xml: Path) -> Path | None:
+    """The image a Pascal VOC annotation describes: the file beside it with its stem and an image suffix, if any."""
+    return next((xml.with_suffix(s) for s in IMAGE_SUFFIXES if xml.with_suffix(s).is_file()), None)
+
+
 def scan(root: str | Path, classes: list[str] | None = None) -> Dataset:
     """Find the cells of a data folder (class sub-folders or VOC-boxed frames).
 
@@ -193,7 +198,7 @@ def scan(root: str | Path, classes: list[str] | None = None) -> Dataset:
     if xmls:
         layout: Literal["folders", "voc"] = "voc"
         for x in xmls:
-            img = next((x.with_suffix(s) for s in IMAGE_SUFFIXES if x.with_suffix(s).is_file()), None)
+            img = voc_image(x)
             if img is None:
                 skipped.append(f"{x}: no image beside the annotation")
                 continue
