@@ -174,7 +174,7 @@ def fit_candidates(folder: Path, options: Any, frame_um: float, pipeline_um: flo
     import xml.etree.ElementTree as ET
 
     from cellmonitor_plugins.segmenters.acceptance import FrameCandidates
-    from cellmonitor_plugins.segmenters.blobs import FEATURES
+    from cellmonitor_plugins.segmenters.blobs import FEATURE_INDEX, feature_matrix
     from cellmonitor_plugins.segmenters.classical import ClassicalSegmenter, blob_candidates_on
     from tqdm import tqdm
 
@@ -206,8 +206,8 @@ def fit_candidates(folder: Path, options: Any, frame_um: float, pipeline_um: flo
         b = np.array(boxes, dtype=np.float64).reshape(-1, 4) * f
         cands, cent = blob_candidates_on(frame.image, frame.pixel_size_um, options, snr)
         # what the segmenter drops whatever the rule says is not a candidate: outside the size limits, or on the edge under exclude_border
-        keep = [i for i, c in enumerate(cands) if lo <= c.features[FEATURES.index("log_area_um2")] <= hi
-                and not (options.exclude_border and c.features[FEATURES.index("touches_edge")])]
+        area, edge = FEATURE_INDEX["log_area_um2"], FEATURE_INDEX["touches_edge"]
+        keep = [i for i, c in enumerate(cands) if lo <= c.features[area] <= hi and not (options.exclude_border and c.features[edge])]
         cands, cent = [cands[i] for i in keep], cent[keep]
         matched = np.zeros(len(cands), bool)
         box_class = [""] * len(cands)
@@ -215,8 +215,7 @@ def fit_candidates(folder: Path, options: Any, frame_um: float, pipeline_um: flo
             matched[i] = True
             box_class[i] = labels[j]
         rule = len(rule_segmenter.segment(frame).cells)
-        feats = np.array([c.features for c in cands], dtype=np.float64).reshape(len(cands), len(FEATURES))
-        frames.append(FrameCandidates(img_path.name, feats, matched, len(b), rule, tuple(box_class)))
+        frames.append(FrameCandidates(img_path.name, feature_matrix(cands), matched, len(b), rule, tuple(box_class)))
     return frames, problems
 
 

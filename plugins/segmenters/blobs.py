@@ -141,18 +141,24 @@ def region_features(mask: np.ndarray, flat: np.ndarray, score: np.ndarray, offse
     ]), edge
 
 
-_F = {name: i for i, name in enumerate(FEATURES)}
+#: column of each feature in :data:`FEATURES` order
+FEATURE_INDEX = {name: i for i, name in enumerate(FEATURES)}
+
+
+def feature_matrix(cands: list[Candidate]) -> np.ndarray:
+    """The candidates' :data:`FEATURES` as one (n, F) float64 array (n may be 0)."""
+    return np.array([c.features for c in cands], dtype=np.float64).reshape(len(cands), len(FEATURES))
 
 
 def is_cell(c: Candidate, o: Any, min_area_um2: float) -> bool:
     """The hand-set acceptance rule of step 6 for one candidate."""
-    f = c.features
-    if (np.exp(f[_F["log_area_um2"]]) < min_area_um2 * (1 - 1e-9)
-            or f[_F["dark_min"]] > -o.min_dark or f[_F["dark_p10"]] > -o.min_dark_body or f[_F["solidity"]] < o.min_solidity):
+    f, ix = c.features, FEATURE_INDEX
+    if (np.exp(f[ix["log_area_um2"]]) < min_area_um2 * (1 - 1e-9)
+            or f[ix["dark_min"]] > -o.min_dark or f[ix["dark_p10"]] > -o.min_dark_body or f[ix["solidity"]] < o.min_solidity):
         return False
-    if f[_F["touches_edge"]]:
+    if f[ix["touches_edge"]]:
         return bool(c.edge_um >= o.border_um)
-    return bool(f[_F["axis_ratio"]] <= o.max_axis_ratio)
+    return bool(f[ix["axis_ratio"]] <= o.max_axis_ratio)
 
 
 def blob_candidates(flat: np.ndarray, work_um: float, o: Any, snr: float) -> list[Candidate]:
@@ -218,7 +224,7 @@ def blob_labels(img: np.ndarray, flat: np.ndarray, work_um: float, o: Any, min_p
         keep = [is_cell(c, o, min_px * work_um**2) for c in cands]
     else:
         cands = blob_candidates(flat, work_um, o, acceptance.candidate_snr)
-        keep = acceptance.accept(np.array([c.features for c in cands]).reshape(len(cands), len(FEATURES))).tolist()
+        keep = acceptance.accept(feature_matrix(cands)).tolist()
     n = 0
     for c, k in zip(cands, keep, strict=True):
         if k:
