@@ -61,6 +61,11 @@ def expand(z: np.ndarray) -> np.ndarray:
     return np.hstack([np.ones((len(z), 1)), z, (z[:, :, None] * z[:, None, :])[:, iu[0], iu[1]]])
 
 
+def sigmoid(s: np.ndarray) -> np.ndarray:
+    """The logistic function, written with tanh (no overflow warning for large |s|)."""
+    return np.asarray(0.5 * (1 + np.tanh(0.5 * s)))
+
+
 def fit_logistic(x: np.ndarray, y: np.ndarray, lam: float, weight: np.ndarray | None = None) -> np.ndarray:
     """L2-penalised logistic regression weights (the intercept unpenalised) by L-BFGS; ``weight``: per sample."""
     from scipy.optimize import minimize
@@ -70,7 +75,7 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, lam: float, weight: np.ndarray | 
 
     def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
         s = x @ w
-        p = 0.5 * (1 + np.tanh(0.5 * s))
+        p = sigmoid(s)
         reg = np.r_[0.0, w[1:]]
         return float(sw @ (np.logaddexp(0, s) - y * s) + lam * reg @ reg), x.T @ (sw * (p - y)) + 2 * lam * reg
 
@@ -118,7 +123,7 @@ class AcceptanceModel:
         if len(f) == 0:
             return np.zeros(0)
         s = expand((f - self.mean) / self.scale) @ self.weights
-        return np.asarray(0.5 * (1 + np.tanh(0.5 * s)))
+        return sigmoid(s)
 
     def accept(self, features: np.ndarray) -> np.ndarray:
         """Boolean: which candidates are cells."""
@@ -271,7 +276,7 @@ def fit_acceptance(
             w = fit_logistic(design, y, lam, sw)
             for i, (f, g) in enumerate(zip(frames, fold, strict=True)):
                 if g == k and len(f.matched):
-                    probs[lam][i] = 0.5 * (1 + np.tanh(0.5 * expand((f.features - mu) / sd) @ w))
+                    probs[lam][i] = sigmoid(expand((f.features - mu) / sd) @ w)
             done += 1
             if progress:
                 progress(done, steps)
