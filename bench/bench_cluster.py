@@ -65,7 +65,7 @@ def with_state(cfg: Any, state: Path, watch: Path | None = None) -> Any:
 
 
 def local_replay(cfg: Any, reg: Any) -> Clock:
-    from monitor.service.loop import build_service
+    from monitor.service.wiring import build_service
 
     clock = Clock()
     svc, _ = build_service(cfg, reg, serve_metrics=False)
@@ -80,8 +80,8 @@ def local_replay(cfg: Any, reg: Any) -> Clock:
 
 def make_noop_worker(template: Any) -> type:
     """A worker that reads nothing and returns ``template`` re-keyed for each frame at once."""
+    from monitor.intake.events import FrameResult
     from monitor.records import Acquisition, FrameKey
-    from monitor.service.cluster import FrameResult
 
     class NoOpWorker:
         def __init__(self, cfg: Any):

@@ -16,7 +16,7 @@ VOC boxes ``Living Cell`` / ``Dead Cell``; 25 frames have no box). Protocol:
    the segmenter's acceptance model from the same frames by ``cellmonitor
    segment-fit TRAIN --config CONFIG --out MODEL``.
 3. The service's own pipeline is built from a config
-   (:func:`monitor.service.loop.build_pipeline`: segmenter, encoders, index,
+   (:func:`monitor.service.wiring.build_pipeline`: segmenter, encoders, index,
    the index's query side) and every held-out frame goes through
    :func:`monitor.pipeline.process_frames`, as the service's loop calls it
    (``replay`` would do the same after reading the files).
@@ -153,7 +153,7 @@ def service_pipeline(index: Path, preset: str, segmenter: dict[str, Any], state:
     from monitor.index.presets import PRESETS
     from monitor.protocols import BuildContext
     from monitor.registry import Registry
-    from monitor.service.loop import build_pipeline
+    from monitor.service.wiring import build_pipeline
 
     cfg = parse_config(
         {

@@ -104,7 +104,7 @@ def run(n_t: int = 8, cells: int = 16, per_state: int = 30, say=print, build_arg
     from monitor.index.store import ReferenceIndex
     from monitor.protocols import BuildContext
     from monitor.registry import Registry
-    from monitor.service.loop import pipeline_without_index
+    from monitor.service.wiring import pipeline_without_index
 
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)

@@ -58,7 +58,7 @@ def main() -> int:
 
     from monitor.demo.run import FIELD_PX, FRAME_UM, write_frame
     from monitor.demo.synthetic import make_cells, render_field
-    from monitor.service.loop import build_service
+    from monitor.service.wiring import build_service
 
     work, cfg, reg = demo_workspace("cellmonitor-bench-")
 
@@ -69,9 +69,9 @@ def main() -> int:
     load0 = os.getloadavg()[0]
     lines = ["# Service benchmark", "", f"Command: `python bench/bench_service.py --frames {args.frames}` ({os.cpu_count()} CPUs)", ""]
     # 1) stage times at two batch sizes, on the same 6 frames
+    from monitor.intake.assemble import merge
     from monitor.pipeline import process_frame
     from monitor.records import Acquisition, FrameKey
-    from monitor.service.assemble import merge
 
     frames = []
     for t in range(6):

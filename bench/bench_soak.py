@@ -59,10 +59,10 @@ def build(tmp: Path):  # type: ignore[no-untyped-def]
     from monitor.imaging import display_range
     from monitor.index.ewc import EWCClassifier, EWCParams
     from monitor.index.store import ReferenceIndex
+    from monitor.intake.readers import ReaderSet
     from monitor.pipeline import Pipeline
-    from monitor.service.loop import assemble_service
     from monitor.service.metrics import ServiceMetrics
-    from monitor.service.reading import ReaderSet
+    from monitor.service.wiring import assemble_service
     from monitor.testing import ArrayReader, DiscSegmenter, MeanColourEncoder
 
     cfg = parse_config({"service": {"watch_dir": "in", "state_dir": "state", "stable_s": 0.05, "ready_deadline_s": 2.0,

@@ -57,8 +57,8 @@ def encode_all(enc: Encoder, crops: np.ndarray, batch_size: int, policy: OomPoli
     n = len(crops)
     if n == 0:
         return np.zeros((0, enc.dim), np.float32)
-    prepare: Callable[[np.ndarray], Any] | None = getattr(enc, "prepare", None)
-    run: Callable[[Any], np.ndarray] = getattr(enc, "encode_prepared", enc.encode) if prepare else enc.encode
+    prepare: Callable[[np.ndarray], Any] | None = enc.prepare if enc.prefetches else None
+    run: Callable[[Any], np.ndarray] = enc.encode_prepared if prepare else enc.encode
     b = policy.batch_for(enc, batch_size)
     out: list[np.ndarray] = []
     start = 0
@@ -103,10 +103,8 @@ def _after_oom(enc: Encoder, b: int, batch_size: int, policy: OomPolicy, e: Base
         policy.limits[id(enc)] = b // 2
         log.info("encoder %s: CUDA out of memory at batch %d; retrying at %d", enc.name, b, b // 2)
         return b // 2
-    to_device = getattr(enc, "to_device", None)
-    if to_device is None or id(enc) in policy.moved_to_cpu:
+    if id(enc) in policy.moved_to_cpu or not enc.to_device("cpu"):
         raise e
-    to_device("cpu")
     policy.moved_to_cpu.add(id(enc))
     policy.limits.pop(id(enc), None)
     log.warning("encoder %s: CUDA out of memory even at batch 1 (%s); running it on the CPU from now on", enc.name, str(e).splitlines()[0][:120])

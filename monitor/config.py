@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from monitor.errors import ConfigError
+from monitor.records import channel_key
 
 
 def _check_regex(v: str) -> str:
@@ -73,11 +74,9 @@ class AssemblyConfig(_Model):
 
     @model_validator(mode="after")
     def _roles_in_channels(self) -> AssemblyConfig:
-        from monitor.service.assemble import _norm  # the assembler's own name matching
-
-        names = {_norm(c) for c in self.channels}
+        names = {channel_key(c) for c in self.channels}
         for role, value in (("primary", self.primary), ("control", self.control)):
-            if names and value not in ("auto", "none") and _norm(value) not in names:
+            if names and value not in ("auto", "none") and channel_key(value) not in names:
                 raise ValueError(f"{role} channel {value!r} is not one of channels {self.channels}")
         return self
 

@@ -22,6 +22,12 @@ PixelSizeSource = str
 ChannelRole = Literal["transmitted", "fluorescence"]
 
 
+def channel_key(name: str) -> str:
+    """How channel names compare everywhere (config, assembler): case and surrounding or
+    repeated spaces do not matter (``"Bright  Field"`` is ``"bright field"``)."""
+    return " ".join(name.split()).casefold()
+
+
 @dataclass(frozen=True)
 class FrameKey:
     """Identity of one timepoint of one field: the unit that is counted."""

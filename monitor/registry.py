@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from monitor.config import Config, PluginRef, format_validation_error
 from monitor.errors import ConfigError, PluginError
-from monitor.protocols import BuildContext
+from monitor.protocols import BuildContext, complete, context_from
 
 OptionsT = TypeVar("OptionsT", bound=BaseModel)
 
@@ -146,7 +146,7 @@ class Registry:
         spec = self.spec(kind, ref.name)
         opts = self.options(kind, ref, source, where or kind)
         try:
-            return spec.build(opts, ctx)
+            return complete(kind, spec.build(opts, ctx))
         except PluginError:
             raise
         except Exception as e:
@@ -184,7 +184,7 @@ class Registry:
             refs.append(("readers", PluginRef(name=name, options=opts), f"readers.{name}"))
         refs += [("encoders", r, f"encoders.{i}") for i, r in enumerate(cfg.encoders)]
         refs += [("sinks", r, f"sinks.{i}") for i, r in enumerate(cfg.sinks)]
-        ctx = BuildContext(state_dir=cfg.service.state_dir, config_path=cfg.path)
+        ctx = context_from(cfg, device="cpu")
         for kind, ref, where in refs:
             try:
                 validated = self.options(kind, ref, src, where)

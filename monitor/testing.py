@@ -15,13 +15,23 @@ from typing import Any
 import numpy as np
 
 from monitor.errors import BadInput, NotReady
-from monitor.protocols import Encoder, FrameReader, Segmenter, Sink
+from monitor.protocols import (
+    Encoder,
+    EncoderBase,
+    FrameReader,
+    ReaderBase,
+    Segmenter,
+    SegmenterBase,
+    Sink,
+    SinkBase,
+    complete,
+)
 from monitor.readkit import guess_role
 from monitor.records import Acquisition, Cells, Counts, Frame, FrameKey
 from monitor.segmentation import cells_from_labels
 
 
-class DiscSegmenter:
+class DiscSegmenter(SegmenterBase):
     """Threshold at mean + 2 sd of the primary channel, label connected blobs."""
 
     name = "disc"
@@ -40,7 +50,7 @@ class DiscSegmenter:
         return cells_from_labels(lab, frame.pixel_size_um, self.min_area_um2)
 
 
-class MeanColourEncoder:
+class MeanColourEncoder(EncoderBase):
     """8-d embedding: mean R, G, B and a 5-bin brightness histogram of the crop."""
 
     name = "mean-colour"
@@ -60,7 +70,7 @@ class MeanColourEncoder:
         return np.concatenate([mean, hist], axis=1).astype(np.float32)
 
 
-class ListSink:
+class ListSink(SinkBase):
     """Keeps every Counts it receives in ``rows``; ``record_of_truth`` is settable."""
 
     name = "list"
@@ -79,7 +89,7 @@ class ListSink:
         self.closed = True
 
 
-class ArrayReader:
+class ArrayReader(ReaderBase):
     """Reads ``.npy`` files named ``<well>_t<N>_<channel>.npy`` at a fixed pixel size.
 
     Like a real reader it tells a file still being written from a broken one:
@@ -124,7 +134,8 @@ class ArrayReader:
 # ---- contract checks ----------------------------------------------------------
 def check_reader(reader: FrameReader, good: Path, bad: Path | None = None) -> Acquisition:
     """A reader accepts and reads ``good`` into a valid Acquisition; ``bad`` raises one-line BadInput."""
-    assert isinstance(reader, FrameReader), "reader lacks name/specificity/accepts/read"
+    reader = complete("readers", reader)  # as the registry builds it: optional members get their defaults
+    assert isinstance(reader, FrameReader), "reader lacks name/accepts/read"
     assert reader.accepts(good) is None, f"{reader.name} declined {good}: {reader.accepts(good)}"
     acq = reader.read(good)
     assert isinstance(acq, Acquisition)
@@ -145,6 +156,7 @@ def check_reader(reader: FrameReader, good: Path, bad: Path | None = None) -> Ac
 
 def check_segmenter(seg: Segmenter, frame: Frame) -> Cells:
     """Labels on the frame's grid, ids matching the Cell list, positive areas; returns the Cells."""
+    seg = complete("segmenters", seg)  # as the registry builds it: optional members get their defaults
     assert isinstance(seg, Segmenter)
     cells = seg.segment(frame)
     assert cells.labels.shape == frame.image.shape[:2], "labels not on the frame's grid"
@@ -157,6 +169,7 @@ def check_segmenter(seg: Segmenter, frame: Frame) -> Cells:
 
 def check_encoder(enc: Encoder, n: int = 3, size: int = 224) -> np.ndarray:
     """(n, dim) finite float32 vectors, deterministic across calls, and a non-empty ``id``."""
+    enc = complete("encoders", enc)  # as the registry builds it: optional members get their defaults
     assert isinstance(enc, Encoder)
     crops = np.random.default_rng(0).integers(0, 255, (n, size, size, 3), dtype=np.uint8)
     v = np.asarray(enc.encode(crops))
@@ -176,7 +189,8 @@ def check_sink(sink: Sink, counts: Counts, read_back: Callable[[], Iterable[Mapp
     sink keeps them, ``timepoint`` and one entry per class. A record-of-truth
     sink must also be idempotent: writing the same frame twice keeps one row.
     """
-    assert isinstance(sink, Sink), "sink lacks name/record_of_truth/write/close"
+    sink = complete("sinks", sink)  # as the registry builds it: optional members get their defaults
+    assert isinstance(sink, Sink), "sink lacks name/write"
     assert isinstance(sink.name, str) and sink.name
     assert isinstance(sink.record_of_truth, bool)
 

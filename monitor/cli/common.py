@@ -14,13 +14,13 @@ __all__ = ["EX_DATAERR", "EX_NOINPUT", "EX_TEMPFAIL", "one_line_error", "readers
 def readers_from_config(config: Path | None) -> Any:
     """The readers exactly as the service builds them, from ``config`` or the defaults."""
     from monitor.config import config_or_default
-    from monitor.protocols import BuildContext
+    from monitor.intake.readers import build_readers
+    from monitor.protocols import context_from
     from monitor.registry import Registry
-    from monitor.service.reading import build_readers
 
     cfg = config_or_default(config)
     reg = Registry(cfg.plugins.paths)
-    ctx = BuildContext(state_dir=cfg.service.state_dir, config_path=cfg.path, extra={"experiment": cfg.service.experiment})
+    ctx = context_from(cfg, device="cpu")
     return build_readers(cfg, reg, ctx)
 
 

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from monitor.protocols import BuildContext, context_from
+
 
 def _csv(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
@@ -137,9 +139,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 # ---------------------------------------------------------------- helpers
 def _encoders(specs: list[tuple[str, dict[str, Any]]], args: argparse.Namespace) -> list[Any]:
     from monitor.config import PluginRef
-    from monitor.protocols import BuildContext
+    from monitor.device import resolve_device
     from monitor.registry import Registry
-    from monitor.service.loop import resolve_device
 
     reg = Registry(args.plugin_path)
     ctx = BuildContext(state_dir=Path.cwd(), device=resolve_device(args.device))
@@ -180,7 +181,7 @@ def _encoder_record(enc: Any, name: str, options: dict[str, Any]) -> dict[str, A
 
     return {
         "name": name, "options": dict(options), "id": enc.id, "dim": int(enc.dim),
-        "version": getattr(enc, "version", None) or f"cellmonitor {__version__}", "module": type(enc).__module__,
+        "version": enc.version or f"cellmonitor {__version__}", "module": type(enc).__module__,
     }
 
 
@@ -241,10 +242,9 @@ def _build_from_marker(args: argparse.Namespace) -> int:
         label_frames,
     )
     from monitor.index.presets import PRESETS
-    from monitor.protocols import BuildContext
+    from monitor.intake.readers import build_readers
     from monitor.registry import Registry
-    from monitor.service.loop import pipeline_without_index
-    from monitor.service.reading import build_readers
+    from monitor.service.wiring import pipeline_without_index
 
     t0 = time.perf_counter()
     src = args.from_marker
@@ -262,7 +262,7 @@ def _build_from_marker(args: argparse.Namespace) -> int:
         raise ConfigError("--from-marker embeds with the config's [[encoders]] (the index must fit the service); drop --encoders")
     check_rules(cfg)
     registry = Registry(cfg.plugins.paths)
-    ctx = BuildContext(state_dir=cfg.service.state_dir, config_path=cfg.path, extra={"experiment": cfg.service.experiment})
+    ctx = context_from(cfg, device="cpu")
     pipeline = pipeline_without_index(cfg, registry, ctx)
     skipped: list[tuple[str, str]] = []
     frames = frames_in(cfg, build_readers(cfg, registry, ctx), Path(folder), skipped)
@@ -563,12 +563,11 @@ def _classify(args: argparse.Namespace) -> int:
 def _classify_segmenter(args: argparse.Namespace) -> tuple[Any, Any]:
     """The configured segmenter (``--config``, else the defaults) that checks query images for several cells."""
     from monitor.config import config_or_default
-    from monitor.protocols import BuildContext
     from monitor.registry import Registry
 
     cfg = config_or_default(args.config)
     reg = Registry(cfg.plugins.paths)
-    ctx = BuildContext(state_dir=cfg.service.state_dir, config_path=cfg.path)
+    ctx = context_from(cfg, device="cpu")
     return reg.build("segmenters", cfg.segmenter, ctx, cfg.source_name, "segmenter"), cfg
 
 

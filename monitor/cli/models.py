@@ -67,13 +67,13 @@ def describe(registry: Any, kind: str, ref: Any, ctx: Any, source: str, where: s
 
 def _list(args: argparse.Namespace) -> int:
     from monitor.config import config_or_default
-    from monitor.protocols import BuildContext
+    from monitor.protocols import context_from
     from monitor.registry import Registry
 
     cfg = config_or_default(args.config)
     reg = Registry(cfg.plugins.paths)
     device, note = device_line(cfg.pipeline.device)
-    ctx = BuildContext(state_dir=cfg.service.state_dir, config_path=cfg.path, device="cpu")
+    ctx = context_from(cfg, device="cpu")
     src = cfg.source_name
     rows = [("segmenter", cfg.segmenter.name, describe(reg, "segmenters", cfg.segmenter, ctx, src, "segmenter"))]
     rows += [("encoder", r.name, describe(reg, "encoders", r, ctx, src, f"encoders.{i}")) for i, r in enumerate(cfg.encoders)]

@@ -48,13 +48,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _built(cfg: Any) -> tuple[Any, Any, dict[str, str]]:
     """(pipeline, readers, roles) as the service builds them from ``cfg`` (index loaded)."""
-    from monitor.protocols import BuildContext
+    from monitor.intake.readers import build_readers
+    from monitor.protocols import context_from
     from monitor.registry import Registry
-    from monitor.service.loop import build_pipeline, resolve_device, roles_for
-    from monitor.service.reading import build_readers
+    from monitor.service.wiring import build_pipeline, roles_for
 
     reg = Registry(cfg.plugins.paths)
-    ctx = BuildContext(state_dir=cfg.service.state_dir, config_path=cfg.path, device=resolve_device(cfg.pipeline.device), extra={"experiment": cfg.service.experiment})
+    ctx = context_from(cfg)
     readers = build_readers(cfg, reg, ctx)
     pipeline = build_pipeline(cfg, reg, ctx)
     return pipeline, readers, roles_for(cfg, pipeline.classifier.classes)

@@ -66,15 +66,15 @@ def _read_frame(args: argparse.Namespace, cfg: Any) -> Any:
     from dataclasses import replace
 
     from monitor.errors import BadInput, NoInput
-    from monitor.protocols import BuildContext
+    from monitor.intake.assemble import merge
+    from monitor.protocols import context_from
     from monitor.registry import Registry
-    from monitor.service.assemble import merge
 
     path: Path = args.image
     if not path.is_file():
         raise NoInput(path)  # exit 66, as in every command
     registry = Registry(cfg.plugins.paths)
-    ctx = BuildContext(state_dir=cfg.service.state_dir, config_path=cfg.path, extra={"experiment": cfg.service.experiment})
+    ctx = context_from(cfg, device="cpu")
     if args.pixel_size is not None:
         if not args.pixel_size > 0:
             raise BadInput(path, f"--pixel-size must be positive (got {args.pixel_size})")
@@ -83,7 +83,7 @@ def _read_frame(args: argparse.Namespace, cfg: Any) -> Any:
         reader = TIFF.build(TIFF.Options(pixel_size_um=args.pixel_size, prefer_config_pixel_size=True), ctx)
         acq = reader.read(path)
     else:
-        from monitor.service.reading import build_readers
+        from monitor.intake.readers import build_readers
 
         acq = build_readers(cfg, registry, ctx).choose(path).read(path)
     if not acq.channels:
@@ -100,9 +100,9 @@ def _segment(args: argparse.Namespace) -> int:
     import tifffile
 
     from monitor.config import config_or_default
+    from monitor.device import resolve_device
     from monitor.errors import BadInput
     from monitor.imaging import rescale
-    from monitor.service.loop import resolve_device
 
     cfg = config_or_default(args.config)
     frame, registry, ctx = _read_frame(args, cfg)

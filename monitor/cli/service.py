@@ -58,7 +58,7 @@ def _stop_on_signals(what: str) -> threading.Event:
 
 def _serve(cfg: Any, until_idle: bool, serve_metrics: bool = True, args: argparse.Namespace | None = None) -> int:
     from monitor.registry import Registry
-    from monitor.service.loop import build_service, stop_server
+    from monitor.service.wiring import build_service, stop_server
 
     if args is None or not (getattr(args, "verbose", False) or getattr(args, "quiet", False)):
         logging.getLogger().setLevel(cfg.service.log_level)  # -v / -q on the command line win
@@ -73,7 +73,7 @@ def _serve(cfg: Any, until_idle: bool, serve_metrics: bool = True, args: argpars
     stop = _stop_on_signals("stopping after the current frame")
     try:
         if until_idle:
-            from monitor.service.watch import scan
+            from monitor.intake.files import scan
 
             total = sum(1 for _ in scan(cfg.service.watch_dir, cfg.service.patterns, cfg.service.recursive))
             progress = _Progress(total)
@@ -132,9 +132,9 @@ def _replay(args: argparse.Namespace) -> int:
 def _replay_ray(cfg: Any, args: argparse.Namespace) -> int:
     """``replay --engine ray``: Ray workers read and process, this process records (monitor.service.cluster)."""
     from monitor.errors import ConfigError, UsageError
+    from monitor.intake.files import scan
     from monitor.registry import Registry
     from monitor.service.cluster import ClusterReplay
-    from monitor.service.watch import scan
 
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers {args.workers}: must be at least 1")
@@ -185,10 +185,10 @@ def _check_config(args: argparse.Namespace) -> int:
     if watch_missing:
         raise Unavailable(f"{cfg.source_name}: service.watch_dir: {cfg.service.watch_dir}: no such folder (is the export share mounted?)")
     if args.index:
-        from monitor.protocols import BuildContext
-        from monitor.service.loop import build_pipeline, resolve_device
+        from monitor.protocols import context_from
+        from monitor.service.wiring import build_pipeline
 
-        ctx = BuildContext(state_dir=cfg.service.state_dir, config_path=cfg.path, device=resolve_device(cfg.pipeline.device))
+        ctx = context_from(cfg)
         p = build_pipeline(cfg, registry, ctx)
         print(f"{args.config}: index {cfg.classifier.index} ({len(p.classifier.index)} references) matches the encoders")  # type: ignore[attr-defined]
     print(f"{args.config}: OK")

@@ -69,8 +69,8 @@ def on_true_cells(pipeline, phase: np.ndarray, fluo: np.ndarray, cells: list[Any
     """A synthetic field through the service's rescale and segmenter, keeping the segments that
     sit on a true cell: (frame, those cells, the index in ``cells`` of each one's true cell)."""
     from monitor.imaging import rescale
+    from monitor.intake.assemble import merge
     from monitor.records import Acquisition
-    from monitor.service.assemble import merge
 
     acq = Acquisition(Path(f"{key.well}_{key.timepoint}.tif"), key, {"phase": phase, "apo15": fluo}, FRAME_UM, "config", "synthetic")
     frame = rescale(merge([acq], "phase", "apo15"), pipeline.pixel_size_um)
@@ -133,9 +133,9 @@ def run_demo(
     """Run the demo in ``folder`` (created; must not hold a previous demo's state)."""
     from monitor.config import load_config
     from monitor.demo.synthetic import make_cells, render_field
-    from monitor.protocols import BuildContext
+    from monitor.protocols import context_from
     from monitor.registry import Registry
-    from monitor.service.loop import build_service, stop_server
+    from monitor.service.wiring import build_service, stop_server
 
     t0 = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
@@ -150,7 +150,7 @@ def run_demo(
     registry = Registry(cfg.plugins.paths)
 
     say("1/3 building the reference index from synthetic labelled cells")
-    ctx = BuildContext(state_dir=cfg.service.state_dir)
+    ctx = context_from(cfg, device="cpu")
     # build the segmenter and encoders through the same code path as the service
     bootstrap = bootstrap_pipeline(cfg, registry, ctx)
     index = build_reference(bootstrap, per_state, seed, say)
@@ -217,7 +217,7 @@ def run_demo(
     for c in counted:
         for k, v in c.stage_seconds.items():
             stages[k] = stages.get(k, 0.0) + v
-    paths = [getattr(s, "path", None) for s in service.recorder.sinks]
+    paths = [s.path for s in service.recorder.sinks]
     csv_path = next((p for p in paths if isinstance(p, Path)), cfg.service.state_dir / "counts.csv")
     return DemoResult(folder, csv_path, counted, truth, url, time.perf_counter() - t0, n_refs, stages, metrics_text)
 
@@ -235,6 +235,6 @@ def _scrape(url: str) -> str:
 
 def bootstrap_pipeline(cfg: Any, registry: Any, ctx: Any) -> Any:
     """The service's segmenter and encoders, built from ``cfg``, before any index exists."""
-    from monitor.service.loop import pipeline_without_index
+    from monitor.service.wiring import pipeline_without_index
 
     return pipeline_without_index(cfg, registry, ctx)

@@ -47,7 +47,7 @@ def cache_id(encoder: Any) -> str:
     """The cache key of an encoder: its ``cache_id`` when it has one (a query-side wrapper
     such as :class:`monitor.index.query.TTAEncoder` keeps the wrapped id for the index
     check but embeds differently), else its ``id``."""
-    return str(getattr(encoder, "cache_id", encoder.id))
+    return str(encoder.cache_id)
 
 
 def default_cache_dir() -> Path:

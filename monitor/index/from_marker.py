@@ -24,8 +24,12 @@ from typing import Any
 import numpy as np
 
 from monitor.config import Config
-from monitor.errors import BadInput, CellmonitorError, ConfigError
+from monitor.errors import BadInput, ConfigError
 from monitor.imaging import crop_cells, rescale
+from monitor.intake.assemble import FrameAssembler
+from monitor.intake.events import FileEvent
+from monitor.intake.files import scan
+from monitor.intake.readers import ReaderSet, read_file
 from monitor.marker import AMBIGUOUS, MarkerRules, label_cells, measure_channels, resolve, summarise
 from monitor.pipeline import Pipeline, embed
 from monitor.records import Frame
@@ -47,32 +51,22 @@ class MarkerLabels:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
-def frames_in(cfg: Config, readers: Any, folder: Path, skipped: list[tuple[str, str]]) -> list[Frame]:
+def frames_in(cfg: Config, readers: ReaderSet, folder: Path, skipped: list[tuple[str, str]]) -> list[Frame]:
     """Every frame in ``folder``, read and assembled as the service would (incomplete ones released).
 
-    Unreadable files are appended to ``skipped`` as (path, problem) and left out.
+    Files that do not become part of a frame (unreadable, still being
+    written, a channel not configured, dropped by the assembler) are appended
+    to ``skipped`` as (path, problem) and left out.
     """
-    from monitor.service.assemble import FrameAssembler
-    from monitor.service.watch import scan
-
     a = cfg.assembly
     asm = FrameAssembler(a.channels, a.primary, a.control, a.wait_s)
-    frames = []
+    outcomes: list[Frame | FileEvent | None] = []
     for path in sorted(scan(folder, cfg.service.patterns, cfg.service.recursive)):
-        try:
-            acq = readers.choose(path).read(path)
-            f = asm.add(acq)
-        except CellmonitorError as e:
-            skipped.append((str(path), str(e)))
-            continue
-        except Exception as e:  # one unreadable file costs that file only
-            skipped.append((str(path), f"{type(e).__name__}: {e}"))
-            continue
-        if f is not None:
-            frames.append(f)
-    frames += asm.due(force=True)
-    skipped += [(";".join(map(str, d.sources)), d.reason) for d in asm.take_dropped()]
-    return frames
+        acq = read_file(readers, path)
+        outcomes.append(acq if isinstance(acq, FileEvent) else asm.add(acq))
+    outcomes += asm.due(force=True)
+    skipped += [(";".join(o.paths), o.problem) for o in outcomes if isinstance(o, FileEvent)]
+    return [o for o in outcomes if isinstance(o, Frame)]
 
 
 def label_frames(cfg: Config, pipeline: Pipeline, frames: list[Frame], folder: Path, progress: bool = True) -> MarkerLabels:

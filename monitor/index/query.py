@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from monitor.imaging import BOX_MARGIN
+from monitor.protocols import EncoderBase
 
 
 def dihedral8(crops: np.ndarray) -> np.ndarray:
@@ -46,7 +47,7 @@ def dihedral8(crops: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(views, axis=0))
 
 
-class TTAEncoder:
+class TTAEncoder(EncoderBase):
     """Any encoder, embedding each crop as the mean of its 8 orientations (query side only).
 
     ``name``, ``id`` and ``dim`` are the wrapped encoder's: the index checks
@@ -58,9 +59,16 @@ class TTAEncoder:
         self.encoder = encoder
         self.name = encoder.name
         self.id = encoder.id
-        self.cache_id = f"{getattr(encoder, 'cache_id', encoder.id)}+tta8"  # the embedding cache tells them apart
         self.dim = encoder.dim
         self.batch_size = batch_size
+
+    @property
+    def cache_id(self) -> str:
+        return f"{self.encoder.cache_id}+tta8"  # the embedding cache tells them apart
+
+    @property
+    def reference_encoder(self) -> Any:
+        return self.encoder  # reference cells are embedded without the augmentation
 
     def encode(self, crops: Any) -> np.ndarray:
         """Mean of the encoder's vectors over the 8 flips/rotations of each crop."""

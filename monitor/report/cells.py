@@ -53,13 +53,13 @@ def call_cells(frame: Frame, pipeline: Any) -> FrameCalls:
 def read_frame(paths: Sequence[Path], cfg: Any, readers: Any) -> Frame:
     """One frame from its channel files, read and merged as the service does.
 
-    ``readers`` is the :class:`~monitor.service.reading.ReaderSet` built from
+    ``readers`` is the :class:`~monitor.intake.readers.ReaderSet` built from
     ``cfg``; the configured primary and control channels are used when the
     files hold them, else the first channel is primary. Raises
     :class:`~monitor.errors.BadInput` naming the file when one cannot be read.
     """
     from monitor.errors import BadInput, NoInput
-    from monitor.service.assemble import merge
+    from monitor.intake.assemble import merge
 
     parts = []
     for path in paths:

@@ -56,7 +56,7 @@ class Feedback:
     folder: Path
     index_dir: Path
     pipeline: Pipeline
-    readers: Any  # monitor.service.reading.ReaderSet
+    readers: Any  # monitor.intake.readers.ReaderSet
     watch_dir: Path
     metrics: Any = None
     primary: str = "auto"
@@ -119,7 +119,7 @@ class Feedback:
             taken.append(path)
         if crops:
             # reference-side encoders: a query-side wrapper (TTA) is not applied to references
-            encoders = [getattr(e, "encoder", e) for e in self.pipeline.encoders]
+            encoders = [e.reference_encoder for e in self.pipeline.encoders]
             emb = embed(np.concatenate(crops), encoders, self.pipeline.batch_size)
             version = index.add(emb.vectors, np.array(labels), names)
             index.save_corrections(self.index_dir)
@@ -160,7 +160,7 @@ class Feedback:
         return crop[None], [y]
 
     def _rows(self, path: Path) -> tuple[np.ndarray, list[int]]:
-        from monitor.service.assemble import merge
+        from monitor.intake.assemble import merge
 
         with path.open(newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)

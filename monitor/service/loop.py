@@ -3,14 +3,13 @@
 A missing watch folder is exit 69 (EX_UNAVAILABLE, restarted by systemd: the
 share may not be mounted yet), never silently created.
 
-Start-up order (:func:`build_service` then :meth:`Service.run`): config,
-watch folder, the state-folder lock (a second instance exits 69 naming the
-holder's pid), plugins, models and index (encoders checked against the
-index), one warm-up inference, metrics server (a port that cannot be bound
-is fatal: READY=1 is never sent), gauges restored from the record of truth,
-frames a previous run left in flight, backlog scan against the ledger,
-watcher, then ``READY=1`` to systemd. Configuration, plugin and index errors
-are fatal at start-up (exit 78).
+Start-up: :func:`monitor.service.wiring.build_service` builds everything in
+start-up order; :meth:`Service.run` then takes the frames a previous run left
+in flight, scans the backlog against the ledger, starts the watcher and
+tells systemd ``READY=1``. Files are admitted, read, retried and grouped into
+frames by :mod:`monitor.intake`, whose typed outcomes the recorder applies
+(:meth:`~monitor.service.recording.Recorder.apply`), exactly as the Ray
+driver does.
 
 Per frame
 ---------
@@ -54,34 +53,26 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from monitor.config import Config, ServiceConfig
-from monitor.device import resolve_device
+from monitor.config import ServiceConfig
 from monitor.errors import (
     EX_TEMPFAIL,
-    BadInput,
-    ConfigError,
-    NotReady,
     StageError,
     StateWriteError,
-    Unavailable,
 )
+from monitor.intake.assemble import FrameAssembler
+from monitor.intake.events import FileEvent, frame_result
+from monitor.intake.files import Intake, check_watch_dir, start_observer
+from monitor.intake.ledger import StateLock, path_text, safe_text
+from monitor.intake.readers import ReaderSet, read_file
 from monitor.pipeline import Pipeline, process_frames
-from monitor.protocols import Classifier
 from monitor.records import Counts, Frame, FrameKey
 from monitor.service import notify as systemd
-from monitor.service.assemble import FrameAssembler
-from monitor.service.ledger import Ledger, StateLock, path_text, safe_text
 from monitor.service.metrics import ServiceMetrics
-from monitor.service.reading import ReaderSet
 from monitor.service.recording import Recorder
-from monitor.service.rows import class_roles
-from monitor.service.watch import FileTracker, Intake, start_observer
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +154,7 @@ class Service:
                     last_scan = time.monotonic()
                 systemd.notify("WATCHDOG=1")
                 if until_idle and self.idle():
-                    self.handle_all(self._due(force=True))
-                    self._drain_dropped()
+                    self.handle_all(self._take(self.assembler.due(force=True)))
                     if self.idle():
                         break
                 stop.wait(self.tick_s)
@@ -231,12 +221,11 @@ class Service:
         (:meth:`handle_all`), so a backlog shares encoder calls; a frame never
         waits for others to arrive.
         """
-        ready = [f for f in map(self._read, self.intake.collect()) if f is not None]
-        for frame in self._due():
-            self.metrics.frames.labels("incomplete").inc()
-            ready.append(frame)
+        ready: list[Frame] = []
+        for p in self.intake.collect():
+            ready += self._take(self._read(p))
+        ready += self._take(self.assembler.due())
         self.handle_all(ready)
-        self._drain_dropped()
         if self.feedback is not None:
             try:
                 self.feedback.maybe_poll()
@@ -247,69 +236,25 @@ class Service:
         self.metrics.queue_depth.labels("files").set(len(self.intake.tracker))
         self.metrics.queue_depth.labels("frames_waiting_for_channels").set(self.assembler.n_pending)
 
-    def _due(self, force: bool = False) -> list[Frame]:
-        """Overdue frames; an error while assembling one never escapes the loop.
+    def _take(self, outcomes: Sequence[Frame | FileEvent | None] | Frame | FileEvent | None) -> list[Frame]:
+        """The frames among intake's outcomes; every event recorded at once (:meth:`Recorder.apply`)."""
+        items = outcomes if isinstance(outcomes, list) else [outcomes]
+        frames = [o for o in items if isinstance(o, Frame)]
+        self.recorder.apply([o for o in items if isinstance(o, FileEvent)])
+        return frames
 
-        The assembler releases overdue frames in one call, so when resampling
-        one of them fails, every file that left the waiting list in that call
-        is quarantined (the frames released beside it cannot be told apart).
-        """
-        before = set(self.assembler.pending_paths())
-        try:
-            return self.assembler.due(force)
-        except Exception as e:
-            lost = sorted(before - set(self.assembler.pending_paths()))
-            self.metrics.errors.labels("assemble").inc()
-            self.recorder.quarantine(lost, "assemble", f"channels could not be assembled: {type(e).__name__}: {e}")
-            return []
-
-    def _drain_dropped(self) -> None:
-        """Frames the assembler gave up on (no primary channel; a channel after its frame)."""
-        for d in self.assembler.take_dropped():
-            self.metrics.frames.labels("dropped").inc()
-            self.recorder.quarantine(list(d.sources), "assemble", d.reason)
-
-    def _read(self, p: Path) -> Frame | None:
-        """Read one stable file; the frame it completes, if any (not yet processed)."""
+    def _read(self, p: Path) -> Frame | FileEvent | None:
+        """Read one stable file: the frame it completes, what became of it, or None (waiting)."""
         tracker = self.intake.tracker
-        try:
-            reader = self.readers.choose(p)
-            acq = reader.read(p)
-        except NotReady as e:
-            first = tracker.attempts(p) == 0
-            if tracker.failed(p):
-                self.recorder.quarantine([p], "read", f"still unreadable after {self.settings.ready_deadline_s:.0f}s: {e.problem}")
-            elif first:
-                log.info("%s: not ready (%s); waiting up to %.0f s for it to be complete",
-                         path_text(p), e.problem, self.settings.ready_deadline_s)
-            else:
-                log.debug("not ready, will retry: %s", path_text(p))
-            return None
-        except BadInput as e:
-            tracker.done(p)
-            self.recorder.quarantine([p], "read", e.problem)
-            return None
-        except Exception as e:  # a reader plugin bug must not stop the service
-            tracker.done(p)
-            self.recorder.quarantine([p], "read", f"{type(e).__name__}: {e}")
-            return None
+        acq = read_file(self.readers, p)
+        if isinstance(acq, FileEvent) and acq.kind == "not_ready":
+            return tracker.not_ready(acq)  # None while retried; the "bad" event once given up
         tracker.done(p)
+        if isinstance(acq, FileEvent):
+            return acq
         if not self.recorder.note_read(p, acq.key):
             return None
-        ignored = self.assembler.stats["ignored_files"]
-        pending = set(self.assembler.pending_paths())
-        try:
-            frame = self.assembler.add(acq)
-        except Exception as e:  # resampling a channel (e.g. a huge declared size) must not stop the loop
-            lost = [x for x in pending if x not in set(self.assembler.pending_paths())]
-            self.metrics.errors.labels("assemble").inc()
-            self.recorder.quarantine([p, *lost], "assemble", f"channels could not be assembled: {type(e).__name__}: {e}", acq.key)
-            return None
-        if self.assembler.stats["ignored_files"] > ignored:
-            names = ", ".join(repr(c) for c in acq.channels)
-            self.recorder.skip(p, f"channel {names} is not in assembly.channels", acq.key)
-            return None
-        return frame
+        return self.assembler.add(acq)
 
     def handle_all(self, frames: Sequence[Frame]) -> None:
         """Process frames that are due now, up to ``pipeline.frames_per_call`` per shared call.
@@ -346,24 +291,16 @@ class Service:
                 self._current = None
 
     def _record(self, frame: Frame, result: Counts | StageError) -> Counts | None:
-        """Record one frame's counts, or quarantine it for its failed stage.
+        """Record one frame's counts, or quarantine it for its failed stage (:meth:`Recorder.apply`).
 
         A failure to write the record of truth (:class:`StateWriteError`)
         propagates and stops the service without using one of the frame's
         attempts.
         """
-        if isinstance(result, StageError):
-            self.metrics.errors.labels(result.stage).inc()
-            self.recorder.quarantine(list(frame.sources), result.stage, f"{type(result.cause).__name__}: {result.cause}", frame.key)
-            return None
-        try:
-            recorded = self.recorder.record(frame, result)
-        except StateWriteError:
-            self.recorder.ledger.release_processing(frame.key)  # not the frame's fault: no attempt used
-            raise
+        recorded = self.recorder.apply([frame_result(frame, result)])
         if recorded and self.on_counts is not None:
-            self.on_counts(result)
-        return result
+            self.on_counts(recorded[0])
+        return recorded[0] if recorded else None
 
     def close(self) -> None:
         """Close sinks and ledger, release the state-folder lock."""
@@ -371,186 +308,3 @@ class Service:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
-
-
-def check_watch_dir(path: Path) -> None:
-    """The watch folder must exist; it is never created (an unmounted share would be
-    silently replaced by an empty local folder): :class:`Unavailable`, exit 69, retried."""
-    if not path.is_dir():
-        raise Unavailable(f"service.watch_dir {path}: no such folder (is the export share mounted?)")
-
-
-def build_pipeline(cfg: Config, registry: Any, ctx: Any, classifier: Classifier | None = None) -> Pipeline:
-    """Segmenter, encoders, index and classifier from the config; all errors fatal.
-
-    With ``classifier`` given, no index is loaded (the demo and benches use
-    this to embed reference cells through the service's own components).
-    """
-    src = cfg.source_name
-    segmenter = registry.build("segmenters", cfg.segmenter, ctx, src, "segmenter")
-    encoders = [registry.build("encoders", ref, ctx, src, f"encoders.{i}") for i, ref in enumerate(cfg.encoders)]
-    p = cfg.pipeline
-    if classifier is None:
-        from monitor.index.ewc import EWCClassifier, params_from_config
-        from monitor.index.query import query_pipeline
-        from monitor.index.store import ReferenceIndex
-
-        index = ReferenceIndex.load(cfg.classifier.index, [{"id": e.id, "dim": e.dim} for e in encoders])
-        c = cfg.classifier
-        params = params_from_config(index, c.k_min, c.k_max, c.entropy_threshold, c.reweight)
-        classifier = EWCClassifier(index, params, p.certainty_floor, flag_unknown=c.unknown)
-        if c.unknown and index.unknown_distance is None:
-            log.info("%s: no unknown-cell calibration (an index built before it); rebuild it to count unknown cells", cfg.classifier.index)
-        pipe = Pipeline.from_config(cfg, segmenter, encoders, classifier)
-        if cfg.marker.rules and cfg.marker.agreement:
-            pipe = replace(pipe, marker=marker_check(cfg, index))
-        # the index's query side (TTA encoders, crop framing), as classify and evaluate apply it
-        return query_pipeline(pipe, index)
-    return Pipeline.from_config(cfg, segmenter, encoders, classifier)
-
-
-class _NoIndex:
-    """Stand-in classifier while a reference index is being built (never classifies)."""
-
-    classes: tuple[str, ...] = ()
-
-    def classify(self, emb: Any) -> Any:
-        raise RuntimeError("reference index not built yet")
-
-
-def pipeline_without_index(cfg: Config, registry: Any, ctx: Any) -> Pipeline:
-    """The service's segmenter, encoders and crop settings, before any index exists
-    (to embed reference cells through the service's own components)."""
-    return build_pipeline(cfg, registry, ctx, classifier=_NoIndex())
-
-
-def feedback_for(cfg: Config, readers: ReaderSet, pipeline: Pipeline, metrics: ServiceMetrics) -> Any:
-    """The feedback folder's poller, or None when off (or the classifier has no index to add to)."""
-    from monitor.service.feedback import Feedback
-
-    s = cfg.service
-    index = getattr(pipeline.classifier, "index", None)
-    if not s.feedback or index is None:
-        return None
-    folder = s.feedback_dir or s.state_dir / "feedback"
-    folder.mkdir(parents=True, exist_ok=True)
-    metrics.index_version.set(index.version)
-    log.info("expert corrections: drop them into %s (index version %d, %d correction(s) so far)", folder, index.version, index.n_corrections)
-    return Feedback(folder, cfg.classifier.index, pipeline, readers, s.watch_dir, metrics, cfg.assembly.primary, s.stable_s, s.poll_interval_s)
-
-
-def marker_check(cfg: Config, index: Any) -> Any:
-    """Live marker agreement from ``[marker]``; an ``"otsu"`` threshold takes the number fitted
-    when the index was built ``--from-marker`` (recorded in its preprocessing)."""
-    from monitor.marker import MarkerCheck, resolve
-
-    fitted = {(r["channel"], r["state"]): r["threshold"] for r in ((index.preprocessing or {}).get("marker") or {}).get("rules", [])}
-    table = cfg.marker.model_dump()
-    for r in table["rules"]:
-        if r["threshold"] == "otsu":
-            if (r["channel"], r["state"]) not in fitted:
-                raise ConfigError(f"{cfg.source_name}: marker rule {r['channel']} -> {r['state']}: threshold 'otsu' is fitted by "
-                                  f"'index build --from-marker', and index {cfg.classifier.index} was not; give a number")
-            r["threshold"] = fitted[(r["channel"], r["state"])]
-    rules = resolve(table)
-    log.info("marker agreement: %s; else %s", "; ".join(f"{r.channel} > {r.threshold:.3g} -> {r.state}" for r in rules.rules), rules.negative)
-    return MarkerCheck(rules, class_roles(index.classes, cfg.classifier.roles))
-
-
-def warm_up(pipeline: Pipeline) -> float:
-    """One inference through every encoder and the classifier, so the first frame is not slow."""
-    from monitor.pipeline import embed
-
-    t = time.perf_counter()
-    crop = np.full((1, pipeline.crop_px, pipeline.crop_px, 3), 128, np.uint8)
-    pipeline.classifier.classify(embed(crop, pipeline.encoders, 1))
-    return time.perf_counter() - t
-
-
-def build_service(cfg: Config, registry: Any, metrics_registry: Any = None, serve_metrics: bool = True) -> tuple[Service, Any]:
-    """Everything the service needs, in start-up order; returns (service, metrics http server or None)."""
-    from prometheus_client import CollectorRegistry
-
-    from monitor import __version__
-    from monitor.protocols import BuildContext
-    from monitor.service.metrics import serve
-    from monitor.service.reading import build_readers
-
-    s = cfg.service
-    check_watch_dir(s.watch_dir)  # before the (slow) model and index loading
-    lock = StateLock(s.state_dir)  # a second instance stops here, before loading anything
-    try:
-        metrics = ServiceMetrics(metrics_registry or CollectorRegistry(), __version__)
-        device = resolve_device(cfg.pipeline.device)
-        ctx = BuildContext(state_dir=s.state_dir, config_path=cfg.path, metrics=metrics, device=device, extra={"experiment": s.experiment})
-        readers = build_readers(cfg, registry, ctx)
-        t = time.perf_counter()
-        pipeline = build_pipeline(cfg, registry, ctx)
-        log.info("models and index loaded in %.1fs (device %s); warm-up %.2fs", time.perf_counter() - t, device, warm_up(pipeline))
-        roles = roles_for(cfg, pipeline.classifier.classes)
-        metrics.roles = roles
-        ctx.extra["roles"] = roles
-        src = cfg.source_name
-        sinks = [registry.build("sinks", ref, ctx, src, f"sinks.{i}") for i, ref in enumerate(cfg.sinks)]
-        if any(getattr(s, "wants_calls", False) for s in sinks):  # e.g. the overlay sink
-            pipeline = replace(pipeline, keep_calls=True)
-        server = None
-        if serve_metrics and s.metrics_port:
-            server = serve(metrics.registry, s.metrics_port, s.metrics_addr)  # fatal when it cannot bind
-            log.info("metrics at http://%s:%d/metrics", s.metrics_addr, s.metrics_port)
-        try:
-            svc = assemble_service(cfg, readers, pipeline, sinks, metrics, lock=lock)
-            svc.feedback = feedback_for(cfg, readers, pipeline, metrics)
-        except BaseException:
-            stop_server(server)
-            raise
-    except BaseException:
-        lock.release()
-        raise
-    return svc, server
-
-
-def roles_for(cfg: Config, classes: Sequence[str]) -> dict[str, str]:
-    """Canonical state of each reference class; a configured class the index lacks is a config error."""
-
-    known = {c.casefold() for c in classes}
-    unknown = [k for k in cfg.classifier.roles if k.casefold() not in known]
-    if unknown:
-        raise ConfigError(f"{cfg.source_name}: classifier.roles: {', '.join(map(repr, unknown))} not a class of the index (classes: {', '.join(classes)})")
-    roles = class_roles(classes, cfg.classifier.roles)
-    log.info("class roles: %s", ", ".join(f"{c} -> {r}" for c, r in roles.items()))
-    return roles
-
-
-def assemble_service(cfg: Config, readers: ReaderSet, pipeline: Pipeline, sinks: Sequence[Any], metrics: ServiceMetrics, **kw: Any) -> Service:
-    """Wire a :class:`Service` from its parts: ledger, intake, assembler and recorder from ``cfg``."""
-    s, a = cfg.service, cfg.assembly
-    lock = kw.pop("lock", None) or StateLock(s.state_dir)
-    try:
-        ledger = Ledger(s.state_dir / "ledger.sqlite")
-        intake = Intake(FileTracker(s.stable_s, s.ready_deadline_s), ledger, s.watch_dir, s.patterns, s.recursive)
-        assembler = FrameAssembler(a.channels, a.primary, a.control, a.wait_s)
-        roles = metrics.roles if metrics.roles is not None else class_roles(pipeline.classifier.classes, cfg.classifier.roles)
-        metrics.roles = roles
-        recorder = Recorder(sinks, ledger, metrics, s.state_dir / "quarantine.csv", roles)
-        for sink in sinks:  # the dashboard shows every well's last state straight after a restart
-            if getattr(sink, "record_of_truth", False) and isinstance(getattr(sink, "path", None), Path):
-                n = metrics.restore(sink.path)
-                if n:
-                    log.info("gauges of %d well(s) restored from %s", n, sink.path)
-    except BaseException:
-        lock.release()
-        raise
-    return Service(s, readers, pipeline, assembler, intake, recorder, metrics, lock=lock, **kw)
-
-
-def stop_server(server: Any) -> None:
-    """Stop the metrics HTTP server (None: nothing to do)."""
-    if server is None:
-        return
-    httpd = server[0] if isinstance(server, tuple) else server
-    try:
-        httpd.shutdown()
-        httpd.server_close()
-    except Exception:  # pragma: no cover
-        pass

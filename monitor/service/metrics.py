@@ -25,8 +25,8 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from monitor.intake.ledger import safe_text
 from monitor.records import Counts
-from monitor.service.ledger import safe_text
 from monitor.service.rows import CANONICAL, NOT_CLASS_COUNTS, by_role, class_roles
 
 log = logging.getLogger(__name__)

@@ -34,9 +34,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from monitor.errors import CellmonitorError, StateWriteError
+from monitor.intake.events import Event, FileEvent
+from monitor.intake.ledger import Ledger, Stale, path_text
 from monitor.protocols import Sink
-from monitor.records import Counts, Frame, FrameKey
-from monitor.service.ledger import Ledger, Stale, path_text
+from monitor.records import Counts, FrameKey
 from monitor.service.metrics import ServiceMetrics
 from monitor.service.rows import class_roles
 
@@ -57,7 +58,66 @@ class Recorder:
         self.failed = 0
         self.skipped = 0
 
-    def record(self, frame: Frame, counts: Counts) -> bool:
+    def apply(self, events: Sequence[Event]) -> list[Counts]:
+        """Record what intake and the pipeline said about one frame's files, in order.
+
+        The one place where an outcome becomes a ledger row, a quarantine line,
+        a counter and sink writes, for the local loop and the Ray driver alike:
+        ``skip`` is skipped; ``bad``, ``assemble`` and ``dropped`` are
+        quarantined under their stage (``assemble`` and ``dropped`` also
+        counted in the errors and frames counters); a frame result is
+        quarantined under its failed stage, ignored when the ledger already has
+        the frame done (its files marked done), else recorded. A ``not_ready``
+        event never gets here: the caller retries it
+        (:func:`monitor.intake.files.retry_or_give_up`).
+
+        Returns the counts recorded (for callbacks).
+
+        Raises
+        ------
+        StateWriteError
+            The record of truth cannot be written: the frame is not marked
+            done (nor counted as an attempt), and the caller must stop.
+        """
+        recorded: list[Counts] = []
+        for ev in events:
+            if isinstance(ev, FileEvent):
+                self.file_event(ev)
+                continue
+            if ev.incomplete:
+                self.metrics.frames.labels("incomplete").inc()
+            if ev.counts is None:
+                self.metrics.errors.labels(ev.stage).inc()
+                self.quarantine(list(ev.sources), ev.stage, ev.problem, ev.key)
+                continue
+            if self.ledger.frame_done(ev.key):
+                log.info("frame %s already recorded; ignoring %s", ev.key, ", ".join(path_text(p) for p in ev.sources))
+                self.ledger.mark_files(list(ev.sources), "done", ev.key)
+                continue
+            try:
+                self.record(ev.counts)
+            except StateWriteError:
+                self.ledger.release_processing(ev.key)  # not the frame's fault: no attempt used
+                raise
+            recorded.append(ev.counts)
+        return recorded
+
+    def file_event(self, ev: FileEvent) -> None:
+        """A file that will not become part of a counted frame: skipped or quarantined (:meth:`apply`)."""
+        if ev.kind == "skip":
+            self.skip(Path(ev.paths[0]), ev.problem, ev.key)
+            return
+        if ev.kind == "not_ready":
+            raise ValueError(f"{ev.paths[0]}: a not-ready file is retried by intake, not recorded")
+        if ev.kind == "assemble":
+            self.metrics.errors.labels("assemble").inc()
+        elif ev.kind == "dropped":
+            self.metrics.frames.labels("dropped").inc()
+        # only an ``assemble`` failure belongs to a frame of its own; a dropped late file's frame
+        # may be recorded already, and must stay so
+        self.quarantine(list(ev.paths), ev.stage, ev.problem, ev.key if ev.kind == "assemble" else None)
+
+    def record(self, counts: Counts) -> bool:
         """Hand ``counts`` to every sink; mark the frame done once the record of truth has it.
 
         Returns
@@ -73,32 +133,32 @@ class Recorder:
         """
         fatal: BaseException | None = None
         # the record of truth first: a frame it cannot hold is shown nowhere
-        for sink in sorted(self.sinks, key=lambda k: not getattr(k, "record_of_truth", False)):
-            truth = getattr(sink, "record_of_truth", False)
+        for sink in sorted(self.sinks, key=lambda k: not k.record_of_truth):
+            truth = sink.record_of_truth
             if fatal is not None and not truth:
                 continue  # the frame is not recorded: no live view of it either
             try:
                 sink.write(counts)
             except Exception as e:
-                name = getattr(sink, "name", type(sink).__name__)
+                name = sink.name
                 self.metrics.errors.labels(f"sink_{name}").inc()
                 if truth:
                     fatal = e
                     continue
-                log.error("%s: sink %s failed: %s: %s", frame.key, name, type(e).__name__, e)
+                log.error("%s: sink %s failed: %s: %s", counts.key, name, type(e).__name__, e)
         if fatal is not None:
             self.metrics.frames.labels("unrecorded").inc()
             if isinstance(fatal, CellmonitorError):
                 raise fatal
             what = f"{fatal.strerror or fatal}" if isinstance(fatal, OSError) else f"{type(fatal).__name__}: {fatal}"
-            raise StateWriteError(f"{frame.key}: cannot write the record of truth ({what}); stopped, the frame is processed again at the next start") from None
+            raise StateWriteError(f"{counts.key}: cannot write the record of truth ({what}); stopped, the frame is processed again at the next start") from None
         roles = self.roles if self.roles is not None else class_roles(counts.counts)
-        self.ledger.mark_counted(counts, frame.sources, roles)
+        self.ledger.mark_counted(counts, counts.sources, roles)
         self.metrics.observe_frame(counts)
         self.counted += 1
         log.info(
             "%s: %d cells %s%s",
-            frame.key,
+            counts.key,
             counts.n_cells,
             " ".join(f"{k}={v}" for k, v in counts.counts.items()),
             f" control={counts.control.area_fraction:.3f}" if counts.control else "",
@@ -172,5 +232,5 @@ class Recorder:
             try:
                 sink.close()
             except Exception as e:
-                log.warning("sink %s did not close cleanly: %s", getattr(sink, "name", sink), e)
+                log.warning("sink %s did not close cleanly: %s", sink.name, e)
         self.ledger.close()

@@ -17,8 +17,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from monitor.intake.ledger import path_text, safe_text
 from monitor.records import COUNT_TALLIES, Counts
-from monitor.service.ledger import path_text, safe_text
 
 COLUMNS_FIXED = [
     "experiment", "well", "field", "timepoint", "acquired_at", "processed_at", "instrument",

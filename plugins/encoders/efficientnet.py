@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from monitor.errors import WeightsMissing
 from monitor.hashing import file_sha256
-from monitor.protocols import BuildContext
+from monitor.protocols import BuildContext, EncoderBase
 from monitor.registry import plugin_spec
 
 _NATIVE = {0: 224, 1: 240, 2: 260}
@@ -87,7 +87,7 @@ def stage_ends(model: Any) -> list[int]:
     return [i for i in range(len(outs)) if i == len(outs) - 1 or outs[i + 1] != outs[i]]
 
 
-class EfficientNetLiteEncoder:
+class EfficientNetLiteEncoder(EncoderBase):
     def __init__(
         self, variant: int, model: Any, weights_tag: str, input_px: int, device: str = "cpu", layers: str = "last", pool: str = "mean"
     ):

@@ -42,7 +42,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from monitor.errors import PluginError, WeightsMissing
-from monitor.protocols import BuildContext
+from monitor.protocols import BuildContext, EncoderBase
 from monitor.registry import plugin_spec
 
 log = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ class TensorPrep:
         return ((x - mean) / std).contiguous()
 
 
-class HFEncoder:
+class HFEncoder(EncoderBase):
     """One frozen HF model: crops -> tensor preprocessing -> forward -> pooled vector.
 
     ``prepare`` (host side, run in the batching prefetch thread) turns crops
@@ -203,6 +203,8 @@ class HFEncoder:
     runs the model under ``inference_mode`` (and ``autocast`` if set).
     ``to_device("cpu")`` is the out-of-memory fallback (see monitor.batching).
     """
+
+    prefetches = True  # prepare() on the host in a thread while the model runs the previous chunk
 
     def __init__(self, family: str, model: Any, processor: Any, ref: str, tag: str, device: str, options: Options):
         import torch
@@ -305,10 +307,11 @@ class HFEncoder:
         m = self.model
         return getattr(m, "vision_model", m).post_layernorm if self.family == "clip" else m.layernorm
 
-    def to_device(self, device: str) -> None:
+    def to_device(self, device: str) -> bool:
         """Move the model (the eager one: compiled graphs are device-specific) to ``device``."""
         self.model.to(device)
         self.runner, self.compiled, self.device = self.model, False, device
+        return True
 
 
 def cls_mean_tokens(hidden_states: Any, norm: Any, layers: int) -> Any:

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from monitor.device import resolve_device
 from monitor.errors import WeightsMissing
-from monitor.protocols import BuildContext
+from monitor.protocols import BuildContext, EncoderBase
 from monitor.registry import plugin_spec
 
 
@@ -56,7 +56,7 @@ def _tag(path: Path) -> str:
     return h.hexdigest()[:12]
 
 
-class SamEncoder:
+class SamEncoder(EncoderBase):
     """Faithful mode: one image-encoder pass per crop, spatial mean."""
 
     name = "sam"
@@ -84,10 +84,11 @@ class SamEncoder:
     def encode(self, crops: Any) -> Any:
         return self._features(crops).mean(dim=(2, 3)).float().cpu().numpy()
 
-    def to_device(self, device: str) -> None:
+    def to_device(self, device: str) -> bool:
         """The out-of-memory fallback (monitor.batching)."""
         self.model.to(device)
         self.device = device
+        return True
 
 
 def pool_under_masks(features: Any, labels: np.ndarray, ids: list[int], input_size: tuple[int, int], img_size: int) -> np.ndarray:
@@ -160,7 +161,7 @@ def build_sam_encoder(options: Options, ctx: BuildContext) -> SamEncoder:
         path = seg.resolve_checkpoint(seg_opts, ctx)
     except WeightsMissing as e:
         raise WeightsMissing(str(e).replace("segmenter sam:", "encoder sam:").replace("[segmenter.options]", "[encoders.options]")) from None
-    shared = ctx.extra.get(seg.SHARED_KEY, {}).get((options.model_type, str(path.resolve())))
+    shared = ctx.models.get((seg.SHARED_KEY, options.model_type, str(path.resolve())))
     if options.mode == "fast" and shared is not None:  # the segmenter's model and frame embeddings
         model = shared.model
         return SamFastEncoder(model, options.model_type, _tag(path), str(next(model.parameters()).device), shared, True)

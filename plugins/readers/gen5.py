@@ -70,6 +70,7 @@ from monitor.imageio import (
     tiff_pixel_size_um,
     trailing_number,
 )
+from monitor.protocols import ReaderBase
 from monitor.readkit import choose_pixel_size, guess_role
 from monitor.records import Acquisition, ChannelRole, FrameKey
 from monitor.registry import plugin_spec
@@ -388,7 +389,7 @@ class Options(BaseModel):
     z_plane: int | None = Field(None, ge=0, description="only this Z plane of Z-stack exports; None reads every plane")
 
 
-class Gen5Reader:
+class Gen5Reader(ReaderBase):
     """Reads one Gen5 export TIFF; see the module docstring for naming and metadata policy."""
 
     name = "gen5"
@@ -539,5 +540,5 @@ class Gen5Reader:
 
 PLUGIN = plugin_spec(
     "gen5", "BioTek Gen5 exports (Lionheart FX, Cytation): naming, plate folders, BTIImageMetaData XML", Options,
-    lambda o, ctx: Gen5Reader(o, ctx.extra.get("experiment", "default")),
+    lambda o, ctx: Gen5Reader(o, ctx.experiment),
 )

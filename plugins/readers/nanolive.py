@@ -50,6 +50,7 @@ from monitor.imageio import (
     read_tiff,
     tiff_pixel_size_um,
 )
+from monitor.protocols import ReaderBase
 from monitor.readkit import choose_pixel_size, key_from_match
 from monitor.records import Acquisition, ChannelRole
 from monitor.registry import plugin_spec
@@ -128,7 +129,7 @@ class Options(BaseModel):
     experiment: str | None = Field(None, min_length=1, description="fixed experiment name instead of the name's group")
 
 
-class NanoliveReader:
+class NanoliveReader(ReaderBase):
     """Reads one Nanolive TIFF export; see the module docstring for the policies."""
 
     name = "nanolive"
@@ -228,5 +229,5 @@ class NanoliveReader:
 
 PLUGIN = plugin_spec(
     "nanolive", "Nanolive 3D Cell Explorer TIFF exports: RI (2-D or projected Z-stack) + fluorescence", Options,
-    lambda o, ctx: NanoliveReader(o, ctx.extra.get("experiment", "default")),
+    lambda o, ctx: NanoliveReader(o, ctx.experiment),
 )

@@ -32,6 +32,7 @@ from monitor.imageio import (
     read_tiff,
     tiff_pixel_size_um,
 )
+from monitor.protocols import ReaderBase
 from monitor.readkit import choose_pixel_size, guess_role, key_from_match
 from monitor.records import Acquisition, FrameKey
 from monitor.registry import plugin_spec
@@ -55,7 +56,7 @@ class Options(BaseModel):
     instrument: str = Field("generic", min_length=1)
 
 
-class TiffReader:
+class TiffReader(ReaderBase):
     """The fallback reader: any TIFF/PNG/JPEG, identity from the file name."""
 
     name = "tiff"
@@ -106,5 +107,5 @@ class TiffReader:
 
 PLUGIN = plugin_spec(
     "tiff", "TIFF/OME-TIFF/ImageJ/PNG/JPEG; pixel size from metadata or config", Options,
-    lambda o, ctx: TiffReader(o, ctx.extra.get("experiment", "default")),
+    lambda o, ctx: TiffReader(o, ctx.experiment),
 )

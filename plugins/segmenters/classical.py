@@ -54,7 +54,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from monitor.errors import ConfigError
-from monitor.protocols import BuildContext
+from monitor.protocols import BuildContext, SegmenterBase
 from monitor.records import Cells, Frame
 from monitor.registry import plugin_spec
 from monitor.segmentation import cells_from_labels
@@ -389,7 +389,7 @@ def check_acceptance(o: Options, ctx: BuildContext) -> None:
     load_acceptance(o, ctx)
 
 
-class ClassicalSegmenter:
+class ClassicalSegmenter(SegmenterBase):
     """The weight-free default segmenter (see the module docstring)."""
 
     name = "classical"

@@ -35,7 +35,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from monitor.device import resolve_device
-from monitor.protocols import BuildContext
+from monitor.protocols import BuildContext, SegmenterBase
 from monitor.records import Cells, Frame
 from monitor.registry import plugin_spec
 from monitor.segmentation import cells_from_labels
@@ -48,7 +48,7 @@ CHECKPOINT_NAMES = {
     "vit_b": "sam_vit_b_01ec64.pth",
 }
 
-#: ``BuildContext.extra`` key: {(model_type, checkpoint): FrameEmbeddings} of SAM segmenters built so far
+#: ``BuildContext.models`` key prefix: (SHARED_KEY, model_type, checkpoint) -> a SAM segmenter's FrameEmbeddings
 SHARED_KEY = "sam.frame_embeddings"
 
 #: rough CPU seconds per frame on a 2-core machine (vit_b measured: 100 s at 16x16 points)
@@ -257,7 +257,7 @@ def _shared_predictor(model: Any, cache: FrameEmbeddings) -> Any:
     return SharedPredictor(model)
 
 
-class SamSegmenter:
+class SamSegmenter(SegmenterBase):
     """SAM automatic mask generation, filtered into one instance label image."""
 
     name = "sam"
@@ -324,7 +324,7 @@ def build_sam_segmenter(options: Options, ctx: BuildContext) -> SamSegmenter:
     model = load_sam(options.model_type, path, device)
     seg = SamSegmenter(options, model, device)
     # SAM's fast encoder, built next with the same context, shares the model and the frame embeddings
-    ctx.extra.setdefault(SHARED_KEY, {})[(options.model_type, str(path.resolve()))] = seg.embeddings
+    ctx.models.put((SHARED_KEY, options.model_type, str(path.resolve())), seg.embeddings)
     return seg
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from monitor.errors import ConfigError
+from monitor.protocols import SinkBase
 from monitor.records import Counts
 from monitor.registry import plugin_spec
 from monitor.service.rows import COLUMNS_FIXED, counts_row
@@ -87,7 +88,7 @@ def _older_layout(old: list[str], new: list[str]) -> bool:
     return set(old) <= set(new) and old == [c for c in new if c in old] and all(c in old or c in later for c in new)
 
 
-class CsvSink:
+class CsvSink(SinkBase):
     name = "csv"
     record_of_truth = True  # the service marks a frame done only after this sink wrote it
 
@@ -148,6 +149,6 @@ class CsvSink:
 
 PLUGIN = plugin_spec(
     "csv", "per-timepoint counts appended to a CSV file (idempotent per frame, whole fsync-ed lines)", Options,
-    lambda o, ctx: CsvSink(o.path or ctx.state_dir / "counts.csv", (ctx.extra or {}).get("roles")),
+    lambda o, ctx: CsvSink(o.path or ctx.state_dir / "counts.csv", ctx.roles),
 )
 __all__ = ["COLUMNS_FIXED", "CsvSink", "PLUGIN", "repair_torn_tail"]

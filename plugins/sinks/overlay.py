@@ -27,6 +27,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from monitor.protocols import SinkBase
 from monitor.records import Counts
 from monitor.registry import plugin_spec
 
@@ -40,7 +41,7 @@ class Options(BaseModel):
     max_px: int = Field(768, ge=64, le=8192, description="longer side of each overlay PNG")
 
 
-class OverlaySink:
+class OverlaySink(SinkBase):
     name = "overlay"
     record_of_truth = False
     #: the pipeline keeps each cell's call for this sink (monitor.pipeline.Pipeline.keep_calls)
@@ -59,7 +60,7 @@ class OverlaySink:
 
     def path_for(self, c: Counts) -> Path:
         """Where a frame's overlay goes (names made safe for any file system)."""
-        from monitor.service.ledger import safe_text
+        from monitor.intake.ledger import safe_text
 
         def part(s: str) -> str:
             return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in safe_text(s)) or "_"
@@ -110,6 +111,6 @@ class OverlaySink:
 
 PLUGIN = plugin_spec(
     "overlay", "a small PNG per counted frame, cells outlined by state (bounded disk use; off unless configured)", Options,
-    lambda o, ctx: OverlaySink(o.folder or ctx.state_dir / "overlays", o.max_mb, o.max_px, (ctx.extra or {}).get("roles")),
+    lambda o, ctx: OverlaySink(o.folder or ctx.state_dir / "overlays", o.max_mb, o.max_px, ctx.roles),
 )
 __all__ = ["OverlaySink", "PLUGIN"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ConfigDict
 
+from monitor.protocols import SinkBase
 from monitor.records import Counts
 from monitor.registry import plugin_spec
 from monitor.service.metrics import ServiceMetrics
@@ -18,7 +19,7 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class PrometheusSink:
+class PrometheusSink(SinkBase):
     name = "prometheus"
     record_of_truth = False  # live view only; the CSV is the record
 

@@ -40,10 +40,10 @@ from monitor.cli.main import main
 from monitor.config import Config
 from monitor.errors import BadInput, NotReady
 from monitor.imaging import rescale
+from monitor.intake.assemble import FrameAssembler
+from monitor.intake.readers import build_readers
 from monitor.protocols import BuildContext, FrameReader
 from monitor.registry import Registry
-from monitor.service.assemble import FrameAssembler
-from monitor.service.reading import build_readers
 from monitor.testing import check_reader
 
 GEN5_NAME = "A1_03_1_1_Bright Field_001.tif"
@@ -75,7 +75,7 @@ def plate(tmp_path_factory) -> Gen5Plate:
 
 @pytest.fixture(scope="module")
 def auto_readers(tmp_path_factory):
-    ctx = BuildContext(state_dir=tmp_path_factory.mktemp("state"), extra={"experiment": "svc-exp"})
+    ctx = BuildContext(state_dir=tmp_path_factory.mktemp("state"), experiment="svc-exp")
     return build_readers(Config(), Registry(), ctx)
 
 

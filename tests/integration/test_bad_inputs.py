@@ -16,10 +16,10 @@ from fixtures.faultkit import csv_rows, fault_service, run_idle
 from fixtures.service import blobs
 
 from monitor.config import parse_config
+from monitor.intake.ledger import path_text
+from monitor.intake.readers import build_readers
 from monitor.protocols import BuildContext
 from monitor.registry import Registry
-from monitor.service.ledger import path_text
-from monitor.service.reading import build_readers
 
 RES = (1 / 0.322, 1 / 0.322)  # pixels per micrometre (resolution unit: none -> the reader's default)
 
@@ -97,7 +97,7 @@ def write_bad(d: Path) -> dict[str, tuple[str, str]]:
 def readers(tmp: Path):
     def build(cfg):
         c = parse_config({"readers": {"tiff": {"pixel_size_um": 0.322}}}, "t.toml", tmp)
-        return build_readers(c, Registry(), BuildContext(state_dir=tmp / "state", extra={"experiment": "test"}))
+        return build_readers(c, Registry(), BuildContext(state_dir=tmp / "state", experiment="test"))
 
     return build
 

@@ -163,7 +163,7 @@ def test_disk_full_on_the_csv_stops_cleanly_and_loses_nothing(tmp_path, monkeypa
 
 
 def test_disk_full_on_the_ledger_stops_cleanly(tmp_path, monkeypatch):
-    from monitor.service.ledger import Ledger
+    from monitor.intake.ledger import Ledger
 
     svc = fault_service(tmp_path)
     for t in range(1, 4):

@@ -52,7 +52,7 @@ def test_index_from_the_marker_alone(tmp_path: Path, capsys) -> None:  # type: i
     from monitor.config import load_config
     from monitor.protocols import BuildContext
     from monitor.registry import Registry
-    from monitor.service.loop import build_pipeline
+    from monitor.service.wiring import build_pipeline
 
     c = load_config(cfg).model_copy()
     c = c.model_copy(update={"classifier": c.classifier.model_copy(update={"index": tmp_path / "idx"})})

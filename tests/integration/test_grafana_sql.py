@@ -19,7 +19,7 @@ import pytest
 from fixtures.faultkit import csv_rows, fault_service, run_idle
 from fixtures.service import blobs, drop
 
-from monitor.service.reading import ReaderSet
+from monitor.intake.readers import ReaderSet
 from monitor.testing import ArrayReader
 
 DASH = Path(__file__).resolve().parents[2] / "config/grafana/dashboards/cellmonitor.json"

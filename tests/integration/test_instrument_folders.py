@@ -13,9 +13,9 @@ from pathlib import Path
 from fixtures.service import make_service
 from fixtures.vendor import write_gen5_plate
 
+from monitor.intake.readers import build_readers
 from monitor.protocols import BuildContext
 from monitor.registry import Registry
-from monitor.service.reading import build_readers
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,7 +29,7 @@ def test_gen5_plate_export_folder_is_counted_per_well_field_timepoint(tmp_path):
         "reader": {"name": "auto"},
         "assembly": shipped["assembly"],
     }
-    svc, sink = make_service(tmp_path, data=data, readers=lambda cfg: build_readers(cfg, Registry(), BuildContext(state_dir=tmp_path, extra={"experiment": "x"})))
+    svc, sink = make_service(tmp_path, data=data, readers=lambda cfg: build_readers(cfg, Registry(), BuildContext(state_dir=tmp_path, experiment="x")))
     svc.run(threading.Event(), until_idle=True, observe=False)
     svc.close()
     n_frames = len(plate.wells) * len(plate.fields) * plate.timepoints

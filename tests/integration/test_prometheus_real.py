@@ -21,8 +21,8 @@ import pytest
 from fixtures.faultkit import csv_rows, fault_service
 from fixtures.service import blobs, drop
 
-from monitor.service.loop import stop_server
 from monitor.service.metrics import serve
+from monitor.service.wiring import stop_server
 
 PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")

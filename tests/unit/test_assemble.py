@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from monitor.errors import ConfigError
+from monitor.intake.assemble import FrameAssembler, merge, resolve_roles
+from monitor.intake.events import FileEvent
 from monitor.readkit import guess_role
 from monitor.records import Acquisition, FrameKey
-from monitor.service.assemble import FrameAssembler, merge, resolve_roles
 
 KEY = FrameKey("exp", "A1", "1", 3)
 
@@ -98,7 +99,7 @@ def test_timeout_releases_incomplete_frame_with_missing_channels(caplog):
     clock.t += 59.9
     assert a.due() == []
     clock.t += 0.2
-    with caplog.at_level(logging.WARNING, logger="monitor.service.assemble"):
+    with caplog.at_level(logging.WARNING, logger="monitor.intake.assemble"):
         (f,) = a.due()
     assert f.missing_channels == ("Texas Red",) and f.control is None and f.primary == "Bright Field"
     assert a.n_pending == 0 and a.stats["incomplete"] == 1
@@ -117,15 +118,15 @@ def test_frame_without_primary_is_dropped_not_released():
     a = FrameAssembler(["Bright Field", "Texas Red"], wait_s=10, clock=clock)
     a.add(acq("Texas Red"))
     clock.t += 11
-    assert a.due() == []
-    (d,) = a.take_dropped()
-    assert d.key == KEY and d.sources == (Path("/in/A1_1_3_Texas Red.tif"),)
-    assert "primary channel 'Bright Field' never arrived" in d.reason
-    assert a.take_dropped() == [] and a.stats["dropped"] == 1
+    (d,) = a.due()  # the typed result: a dropped event, not a frame
+    assert isinstance(d, FileEvent) and d.kind == "dropped"
+    assert d.key == KEY and d.paths == ("/in/A1_1_3_Texas Red.tif",)
+    assert "primary channel 'Bright Field' never arrived" in d.problem
+    assert a.due(force=True) == [] and a.stats["dropped"] == 1
     # the primary arriving after the drop cannot resurrect the frame
-    assert a.add(acq("Bright Field")) is None
-    (late,) = a.take_dropped()
-    assert "arrived after the frame was dropped" in late.reason
+    late = a.add(acq("Bright Field"))
+    assert isinstance(late, FileEvent) and late.kind == "dropped"
+    assert "arrived after the frame was dropped" in late.problem
 
 
 def test_late_channel_after_release_is_dropped():
@@ -134,11 +135,11 @@ def test_late_channel_after_release_is_dropped():
     a.add(acq("Bright Field"))
     clock.t += 6
     assert len(a.due()) == 1
-    assert a.add(acq("Texas Red")) is None and a.n_pending == 0
-    (d,) = a.take_dropped()
-    assert "after the frame was released" in d.reason
+    d = a.add(acq("Texas Red"))
+    assert isinstance(d, FileEvent) and d.kind == "dropped" and a.n_pending == 0
+    assert "after the frame was released" in d.problem
     # a rescan re-reading the same file is not reported twice
-    assert a.add(acq("Texas Red")) is None and a.take_dropped() == []
+    assert a.add(acq("Texas Red")) is None
 
 
 def test_same_file_twice_replaces_it():
@@ -152,8 +153,9 @@ def test_same_file_twice_replaces_it():
 
 def test_channel_names_match_case_insensitively_and_extras_are_left_out(caplog):
     a = FrameAssembler(["Bright Field", "Texas Red"], clock=Clock())
-    with caplog.at_level(logging.WARNING, logger="monitor.service.assemble"):
-        assert a.add(acq("DAPI")) is None
+    with caplog.at_level(logging.WARNING, logger="monitor.intake.assemble"):
+        skip = a.add(acq("DAPI"))
+    assert skip == FileEvent("skip", ("/in/A1_1_3_DAPI.tif",), "channel 'DAPI' is not in assembly.channels", KEY)
     assert a.n_pending == 0 and a.stats["ignored_files"] == 1
     assert any("'DAPI' is not in assembly.channels" in r.getMessage() for r in caplog.records)
     a.add(acq("bright  field"))
@@ -194,6 +196,6 @@ def test_merge_resamples_onto_the_primary_grid():
 
 
 def test_merge_warns_on_same_grid_different_pixel_size(caplog):
-    with caplog.at_level(logging.WARNING, logger="monitor.service.assemble"):
+    with caplog.at_level(logging.WARNING, logger="monitor.intake.assemble"):
         merge([acq("Bright Field", px=0.322), acq("Texas Red", px=0.5)], "Bright Field", "Texas Red")
     assert any("on the same grid" in r.getMessage() for r in caplog.records)

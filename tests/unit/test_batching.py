@@ -141,6 +141,8 @@ def test_embedding_is_deterministic(tmp_path) -> None:
 class Split(MeanColourEncoder):
     """prepare/encode_prepared encoder: records the thread each half runs in."""
 
+    prefetches = True
+
     def __init__(self) -> None:
         super().__init__()
         self.prepared_in: list[str] = []
@@ -172,8 +174,7 @@ class OomAbove(MeanColourEncoder):
     def __init__(self, limit: int, device: str = "cuda", movable: bool = True) -> None:
         super().__init__()
         self.limit, self.device, self.sizes = limit, device, []
-        if not movable:
-            self.to_device = None  # type: ignore[assignment]
+        self.movable = movable
 
     def encode(self, crops):
         self.sizes.append(len(crops))
@@ -181,8 +182,11 @@ class OomAbove(MeanColourEncoder):
             raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {len(crops)} crops")
         return super().encode(crops)
 
-    def to_device(self, device: str) -> None:
+    def to_device(self, device: str) -> bool:
+        if not self.movable:
+            return False
         self.device = device
+        return True
 
 
 CROPS = np.random.default_rng(1).integers(0, 255, (50, 8, 8, 3), dtype=np.uint8)

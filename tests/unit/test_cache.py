@@ -10,9 +10,10 @@ import pytest
 
 from monitor.index.cache import EmbeddingCache, embed_dataset
 from monitor.index.dataset import Preprocess, scan, stratified_split
+from monitor.protocols import EncoderBase
 
 
-class CountingEncoder:
+class CountingEncoder(EncoderBase):
     name = "count"
     dim = 4
 

@@ -11,6 +11,7 @@ import pytest
 from monitor.errors import IndexError_
 from monitor.index.condition import Conditioner, ConditioningSpec
 from monitor.index.store import ReferenceIndex
+from monitor.protocols import EncoderBase
 
 
 def _refs(n: int = 60, d: int = 12, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -130,7 +131,7 @@ def test_queries_conditioned_identically_by_service_classifier_and_evaluate() ->
 # ---------------------------------------------------------------- query-side TTA
 
 
-class _Enc:
+class _Enc(EncoderBase):
     """Position-sensitive fake encoder: the first row and first column of each crop."""
 
     name = "fake"

@@ -13,9 +13,9 @@ import tifffile
 
 from monitor.errors import BadInput
 from monitor.imageio import MAX_PLANE_PIXELS, as_plane, read_raster, read_tiff
+from monitor.intake.readers import ReaderSet
 from monitor.readkit import choose_pixel_size, guess_role, key_from_match
 from monitor.records import FrameKey
-from monitor.service.reading import ReaderSet
 
 
 def test_pixel_size_precedence_and_source():

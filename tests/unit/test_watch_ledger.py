@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 
+from monitor.intake.events import FileEvent
+from monitor.intake.files import FileTracker, matches, scan
+from monitor.intake.ledger import Ledger
 from monitor.records import FrameKey
-from monitor.service.ledger import Ledger
-from monitor.service.watch import FileTracker, matches, scan
 
 
 class Clock:
@@ -39,13 +40,15 @@ def test_backoff_then_give_up_at_deadline(tmp_path):
     p = tmp_path / "a.tif"
     p.write_bytes(b"x")
     tr.see(p)
+    ev = FileEvent("not_ready", (str(p),), "truncated")
     assert tr.ready() == [p]
-    assert tr.failed(p) is False
+    assert tr.not_ready(ev) is None
     assert tr.ready() == []  # backing off
     clock.t = 1.1
     assert tr.ready() == [p]
     clock.t = 11
-    assert tr.failed(p) is True
+    gave_up = tr.not_ready(ev)
+    assert gave_up == FileEvent("bad", (str(p),), "still unreadable after 10s: truncated")
     assert p not in tr
 
 

@@ -20,10 +20,17 @@ Policy
   counted in :attr:`FrameAssembler.stats`. A control channel that is missing
   gives ``control=None``.
 * A frame whose *primary* channel never arrived cannot be segmented: it is
-  dropped instead of released (logged, counted, and listed by
-  :meth:`FrameAssembler.take_dropped` so the service can quarantine its
-  files). A file for a frame that was already released or dropped is dropped
-  the same way (a late channel cannot join a frame that has been counted).
+  dropped instead of released (logged, counted, and returned as a
+  ``dropped`` :class:`~monitor.intake.events.FileEvent` so the caller
+  quarantines its files). A file for a frame that was already released or
+  dropped is dropped the same way (a late channel cannot join a frame that
+  has been counted).
+* Every call says what happened in its result, typed: :meth:`FrameAssembler.add`
+  returns the frame it completed, a :class:`~monitor.intake.events.FileEvent`
+  (``skip``: no configured channel; ``dropped``: late; ``assemble``: the
+  channels could not be merged, naming every file of that frame), or None
+  (waiting for more channels); :meth:`FrameAssembler.due` returns frames and
+  events. No caller compares counters before and after.
 * The same file added twice (a rescan, a retry) replaces its earlier copy.
 * Channels are resampled onto the primary channel's pixel grid (area
   interpolation when shrinking), and the frame takes the primary's pixel
@@ -43,16 +50,13 @@ import numpy as np
 
 from monitor.errors import ConfigError
 from monitor.imaging import resize
-from monitor.records import Acquisition, ChannelRole, Frame, FrameKey
+from monitor.intake.events import FileEvent
+from monitor.records import Acquisition, ChannelRole, Frame, FrameKey, channel_key
 
 log = logging.getLogger(__name__)
 
 #: how many released/dropped frame keys are remembered to recognise late files
 _REMEMBER = 4096
-
-
-def _norm(name: str) -> str:
-    return " ".join(name.split()).casefold()
 
 
 def resolve_roles(
@@ -143,15 +147,6 @@ def _roles(parts: Sequence[Acquisition]) -> dict[str, ChannelRole]:
     return {n: r for a in parts for n, r in a.roles.items() if n in a.channels}
 
 
-@dataclass(frozen=True)
-class Dropped:
-    """A frame (or a late file) that could not be released, and why."""
-
-    key: FrameKey
-    sources: tuple[Path, ...]
-    reason: str
-
-
 @dataclass
 class _Pending:
     parts: list[Acquisition]
@@ -173,19 +168,18 @@ class FrameAssembler:
     clock: Callable[[], float] = time.monotonic
     _pending: dict[FrameKey, _Pending] = field(default_factory=dict)
     stats: Counter[str] = field(default_factory=Counter)
-    _dropped: list[Dropped] = field(default_factory=list)
     _closed: OrderedDict[FrameKey, str] = field(default_factory=OrderedDict)
     _warned: set[str] = field(default_factory=set)
     _dropped_paths: OrderedDict[Path, None] = field(default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
         self.channels = tuple(self.channels)
-        self._canon = {_norm(c): c for c in self.channels}
+        self._canon = {channel_key(c): c for c in self.channels}
         self._primary: str | None = None
         self._control: str | None = None
         if self.channels:
-            primary = self._canon.get(_norm(self.primary), self.primary) if self.primary != "auto" else "auto"
-            control = self._canon.get(_norm(self.control), self.control) if self.control not in ("auto", "none") else self.control
+            primary = self._canon.get(channel_key(self.primary), self.primary) if self.primary != "auto" else "auto"
+            control = self._canon.get(channel_key(self.control), self.control) if self.control not in ("auto", "none") else self.control
             listed = ", ".join(self.channels)
             if primary != "auto" and primary not in self.channels:
                 raise ConfigError(f"assembly.primary: {self.primary!r} is not one of assembly.channels ({listed})")
@@ -200,7 +194,7 @@ class FrameAssembler:
         """The acquisition with channel names in configured spelling, unconfigured ones left out."""
         kept: dict[str, np.ndarray] = {}
         for name, img in acq.channels.items():
-            canon = self._canon.get(_norm(name))
+            canon = self._canon.get(channel_key(name))
             if canon is None:
                 if name not in self._warned:
                     self._warned.add(name)
@@ -214,22 +208,23 @@ class FrameAssembler:
             return None
         if list(kept) == list(acq.channels):
             return acq
-        roles = {self._canon[_norm(n)]: r for n, r in acq.roles.items() if _norm(n) in self._canon}
+        roles = {self._canon[channel_key(n)]: r for n, r in acq.roles.items() if channel_key(n) in self._canon}
         return replace(acq, channels=kept, roles=roles)
 
-    def _drop(self, key: FrameKey, sources: tuple[Path, ...], reason: str) -> None:
+    def _drop(self, key: FrameKey, sources: tuple[Path, ...], reason: str) -> FileEvent | None:
+        """The ``dropped`` event for ``sources`` (None when each was reported before: a rescan)."""
         new = tuple(s for s in sources if s not in self._dropped_paths)
         self._remember(key, "dropped")
         if not new:  # the same file again (a rescan): already reported
             log.debug("%s: %s dropped again (%s)", key, ", ".join(map(str, sources)), reason)
-            return
+            return None
         log.warning("%s: dropped (%s): %s", key, reason, ", ".join(str(s) for s in new))
         self.stats["dropped"] += 1
-        self._dropped.append(Dropped(key, new, reason))
         for s in new:
             self._dropped_paths[s] = None
         while len(self._dropped_paths) > _REMEMBER:
             self._dropped_paths.popitem(last=False)
+        return FileEvent("dropped", tuple(map(str, new)), reason, key)
 
     def _remember(self, key: FrameKey, what: str) -> None:
         self._closed[key] = what
@@ -237,18 +232,30 @@ class FrameAssembler:
         while len(self._closed) > _REMEMBER:
             self._closed.popitem(last=False)
 
-    def add(self, acq: Acquisition) -> Frame | None:
-        """Add one file's channels; return the frame once every configured channel is there."""
+    def add(self, acq: Acquisition) -> Frame | FileEvent | None:
+        """Add one file's channels: the frame it completes, what became of the file, or None (waiting).
+
+        Returns
+        -------
+        Frame
+            Every configured channel is there (or none is configured).
+        FileEvent
+            ``skip``: none of the file's channels is configured; ``dropped``:
+            its frame was already released or dropped; ``assemble``: the
+            frame's channels could not be merged (every file of it is named).
+        None
+            The frame waits for more channels (or a late file already reported).
+        """
         if not self.channels:
             self.stats["complete"] += 1
-            return merge([acq], self.primary, self.control)
+            return self._merge(acq.key, [acq], self.primary, self.control)
         kept = self._configured(acq)
         if kept is None:
             self.stats["ignored_files"] += 1
-            return None
+            names = ", ".join(repr(c) for c in acq.channels)
+            return FileEvent("skip", (str(acq.path),), f"channel {names} is not in assembly.channels", acq.key)
         if acq.key in self._closed and acq.key not in self._pending:
-            self._drop(acq.key, (acq.path,), f"arrived after the frame was {self._closed[acq.key]}")
-            return None
+            return self._drop(acq.key, (acq.path,), f"arrived after the frame was {self._closed[acq.key]}")
         pend = self._pending.setdefault(acq.key, _Pending([], self.clock()))
         pend.parts = [a for a in pend.parts if a.path != acq.path] + [kept]
         have = {n for a in pend.parts for n in a.channels}
@@ -256,17 +263,28 @@ class FrameAssembler:
             del self._pending[acq.key]
             self._remember(acq.key, "released")
             self.stats["complete"] += 1
-            return merge(pend.parts, self._primary or "auto", self._control or "auto", self.channels)
+            return self._merge(acq.key, pend.parts, self._primary or "auto", self._control or "auto", self.channels)
         return None
 
-    def due(self, force: bool = False) -> list[Frame]:
+    def _merge(self, key: FrameKey, parts: Sequence[Acquisition], primary: str, control: str,
+               expected: Sequence[str] = ()) -> Frame | FileEvent:
+        """:func:`merge`, or the ``assemble`` event naming every file of the frame
+        (resampling a channel, e.g. to a huge declared size, must not stop the caller)."""
+        try:
+            return merge(parts, primary, control, expected)
+        except Exception as e:
+            paths = tuple(dict.fromkeys(str(a.path) for a in parts))
+            return FileEvent("assemble", paths, f"channels could not be assembled: {type(e).__name__}: {e}", key)
+
+    def due(self, force: bool = False) -> list[Frame | FileEvent]:
         """Frames whose wait ran out (or all, with ``force``), released incomplete.
 
-        A frame without its primary channel is dropped instead (see
-        :meth:`take_dropped`).
+        A frame without its primary channel is dropped instead, and one whose
+        channels cannot be merged fails on its own: each is a
+        :class:`~monitor.intake.events.FileEvent` in the list, in place.
         """
         now = self.clock()
-        out = []
+        out: list[Frame | FileEvent] = []
         for key, pend in list(self._pending.items()):
             if not (force or now - pend.first_seen >= self.wait_s):
                 continue
@@ -276,22 +294,22 @@ class FrameAssembler:
             sources = tuple(a.path for a in pend.parts)
             primary = self._primary_of(pend.parts)
             if primary not in have:
-                self._drop(key, sources, f"primary channel {primary!r} never arrived (missing: {', '.join(missing)})")
+                ev = self._drop(key, sources, f"primary channel {primary!r} never arrived (missing: {', '.join(missing)})")
+                if ev is not None:
+                    out.append(ev)
                 continue
             control = self._control if self._control in have or self._control in ("auto", "none") else "none"
-            frame = merge(pend.parts, primary, control or "auto", self.channels)
+            frame = self._merge(key, pend.parts, primary, control or "auto", self.channels)
             self._remember(key, "released")
+            if isinstance(frame, FileEvent):
+                out.append(frame)
+                continue
             self.stats["incomplete"] += 1
             log.warning(
                 "%s: released after %.0fs without channel(s) %s",
                 key, now - pend.first_seen, ", ".join(frame.missing_channels),
             )
             out.append(frame)
-        return out
-
-    def take_dropped(self) -> list[Dropped]:
-        """Frames and late files dropped since the last call (the service quarantines their files)."""
-        out, self._dropped = self._dropped, []
         return out
 
     @property

@@ -10,7 +10,7 @@
   and only then quarantined (one INFO line when it is first found not ready).
 * Paths keep whatever bytes the file system gave (``os.fsdecode``'s
   surrogate escapes for names that are not UTF-8); the ledger and every log
-  line show them through :func:`monitor.service.ledger.path_text`.
+  line show them through :func:`monitor.intake.ledger.path_text`.
 * Only regular files are taken: a directory named like a frame, a dangling
   symlink or a symlink loop is never tracked.
 """
@@ -28,7 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from monitor.service.ledger import path_text
+from monitor.errors import Unavailable
+from monitor.intake.events import FileEvent
+from monitor.intake.ledger import path_text
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +103,52 @@ def start_observer(root: Path, q: queue.Queue[Path], patterns: Sequence[str], po
     return obs
 
 
+def backoff_s(tries: int) -> float:
+    """Seconds before the next read of a file found not ready ``tries`` times: 1, 2, 4 ... 60."""
+    return min(60.0, 0.5 * 2 ** min(tries, 8))
+
+
+@dataclass
+class Retry:
+    """A file (or a frame's files) found not ready: when it was first tried, how often, when next."""
+
+    first_seen: float
+    tries: int = 0
+    next_try: float = 0.0
+
+    def fail(self, now: float, deadline_s: float) -> bool:
+        """Count one not-ready read; True when ``deadline_s`` since :attr:`first_seen` has passed
+        (give up), else the next try is :func:`backoff_s` later."""
+        self.tries += 1
+        if now - self.first_seen >= deadline_s:
+            return True
+        self.next_try = now + backoff_s(self.tries)
+        return False
+
+
+def retry_or_give_up(ev: FileEvent, retry: Retry, deadline_s: float, now: float) -> FileEvent | None:
+    """The one policy for a file still being written, in every engine.
+
+    Returns None while the file is retried (one INFO line the first time it
+    is found not ready, DEBUG after), or, once ``deadline_s`` has passed
+    since it was first tried, the ``bad`` event that quarantines it.
+    """
+    first = retry.tries == 0
+    if retry.fail(now, deadline_s):
+        return FileEvent("bad", ev.paths, f"still unreadable after {deadline_s:.0f}s: {ev.problem}", ev.key)
+    if first:
+        log.info("%s: not ready (%s); waiting up to %.0f s for it to be complete", path_text(ev.paths[0]), ev.problem, deadline_s)
+    else:
+        log.debug("not ready, will retry: %s", path_text(ev.paths[0]))
+    return None
+
+
 @dataclass
 class _Tracked:
-    first_seen: float
     size: int
     mtime_ns: int
     stable_since: float
-    attempts: int = 0
-    next_try: float = 0.0
+    retry: Retry
 
 
 class FileTracker:
@@ -137,7 +177,7 @@ class FileTracker:
             return  # a directory named like a frame, a device, ...
         t = self._files.get(path)
         if t is None:
-            self._files[path] = _Tracked(now, st.st_size, st.st_mtime_ns, now)
+            self._files[path] = _Tracked(st.st_size, st.st_mtime_ns, now, Retry(now))
         elif (st.st_size, st.st_mtime_ns) != (t.size, t.mtime_ns):
             t.size, t.mtime_ns, t.stable_since = st.st_size, st.st_mtime_ns, now
 
@@ -155,32 +195,27 @@ class FileTracker:
             if (st.st_size, st.st_mtime_ns) != (t.size, t.mtime_ns):
                 t.size, t.mtime_ns, t.stable_since = st.st_size, st.st_mtime_ns, now
                 continue
-            if now - t.stable_since >= self.stable_s and now >= t.next_try:
+            if now - t.stable_since >= self.stable_s and now >= t.retry.next_try:
                 out.append(p)
-        out.sort(key=lambda p: self._files[p].first_seen)
+        out.sort(key=lambda p: self._files[p].retry.first_seen)
         return out
 
     def done(self, path: Path) -> None:
         """Stop tracking a file (read, or given up)."""
         self._files.pop(path, None)
 
-    def attempts(self, path: Path) -> int:
-        """Not-ready failures recorded for ``path`` so far (0 when not tracked)."""
+    def retry(self, path: Path) -> Retry:
+        """The retry state of a tracked file (an untracked one is given up at once)."""
         t = self._files.get(path)
-        return t.attempts if t is not None else 0
+        return t.retry if t is not None else Retry(float("-inf"))  # untracked: nothing to wait for
 
-    def failed(self, path: Path) -> bool:
-        """Record a not-ready failure; True when the deadline has passed (give up)."""
-        t = self._files.get(path)
-        if t is None:
-            return True
-        now = self.clock()
-        t.attempts += 1
-        if now - t.first_seen >= self.deadline_s:
-            del self._files[path]
-            return True
-        t.next_try = now + min(60.0, 0.5 * 2 ** min(t.attempts, 8))
-        return False
+    def not_ready(self, ev: FileEvent) -> FileEvent | None:
+        """A tracked file read too early: :func:`retry_or_give_up`; given up, it is no longer tracked."""
+        path = Path(ev.paths[0])
+        gave_up = retry_or_give_up(ev, self.retry(path), self.deadline_s, self.clock())
+        if gave_up is not None:
+            self.done(path)
+        return gave_up
 
 
 class Intake:
@@ -249,3 +284,10 @@ class Intake:
     def idle(self) -> bool:
         """No queued event and no tracked file."""
         return self.queue.empty() and len(self.tracker) == 0
+
+
+def check_watch_dir(path: Path) -> None:
+    """The watch folder must exist; it is never created (an unmounted share would be
+    silently replaced by an empty local folder): :class:`Unavailable`, exit 69, retried."""
+    if not path.is_dir():
+        raise Unavailable(f"service.watch_dir {path}: no such folder (is the export share mounted?)")

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from monitor.config import Config, PluginRef
-from monitor.errors import BadInput
+from monitor.errors import BadInput, NotReady
+from monitor.intake.events import FileEvent
 from monitor.protocols import BuildContext, FrameReader
+from monitor.records import Acquisition
 from monitor.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,25 @@ class ReaderSet:
         raise BadInput(path, "no reader accepts this file (" + "; ".join(reasons) + ")")
 
 
+def read_file(readers: ReaderSet, path: Path) -> Acquisition | FileEvent:
+    """Choose a reader and decode ``path``; every failure sorted into one event.
+
+    :class:`~monitor.errors.NotReady` is ``not_ready`` (retried by the
+    caller, :func:`monitor.intake.files.retry_or_give_up`),
+    :class:`~monitor.errors.BadInput` is ``bad`` with the reader's own line,
+    and any other exception (a reader plugin's bug) is ``bad`` naming its
+    type: it costs this file only, never the loop.
+    """
+    try:
+        return readers.choose(path).read(path)
+    except NotReady as e:
+        return FileEvent("not_ready", (str(path),), e.problem)
+    except BadInput as e:
+        return FileEvent("bad", (str(path),), e.problem)
+    except Exception as e:  # a reader plugin bug must not stop the service
+        return FileEvent("bad", (str(path),), f"{type(e).__name__}: {e}")
+
+
 def build_readers(cfg: Config, registry: Registry, ctx: BuildContext) -> ReaderSet:
     """Build the configured reader, or every installed reader (options from ``[readers.<name>]``).
 
@@ -78,5 +99,5 @@ def build_readers(cfg: Config, registry: Registry, ctx: BuildContext) -> ReaderS
             if name in cfg.readers:
                 raise
             log.warning("reader %s skipped in automatic choice: %s", name, e)
-    readers.sort(key=lambda r: -int(getattr(r, "specificity", 0)))
+    readers.sort(key=lambda r: -int(r.specificity))
     return ReaderSet(readers)

@@ -1,0 +1,227 @@
+"""Start-up wiring: everything a run needs, built from the config in start-up order.
+
+The CLI, the run report, the demo, the Ray driver and its workers, and the
+benches build their pipeline, sinks, recorder and metrics server here, so
+that every engine starts the same way. The loop itself
+(:mod:`monitor.service.loop`) builds nothing.
+
+Start-up order (:func:`build_service`): watch folder, the state-folder lock
+(a second instance exits 69 naming the holder's pid), plugins, models and
+index (encoders checked against the index), one warm-up inference, sinks,
+metrics server (a port that cannot be bound is fatal: READY=1 is never
+sent), gauges restored from the record of truth. Configuration, plugin and
+index errors are fatal at start-up (exit 78).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+from prometheus_client import CollectorRegistry
+
+from monitor import __version__
+from monitor.config import Config
+from monitor.errors import ConfigError
+from monitor.index.ewc import EWCClassifier, params_from_config
+from monitor.index.query import query_pipeline
+from monitor.index.store import ReferenceIndex
+from monitor.intake.assemble import FrameAssembler
+from monitor.intake.files import FileTracker, Intake, check_watch_dir
+from monitor.intake.ledger import Ledger, StateLock
+from monitor.intake.readers import ReaderSet, build_readers
+from monitor.marker import MarkerCheck, resolve
+from monitor.pipeline import Pipeline, embed
+from monitor.protocols import BuildContext, Classifier, Sink, context_from
+from monitor.service.feedback import Feedback
+from monitor.service.loop import Service
+from monitor.service.metrics import ServiceMetrics, serve
+from monitor.service.recording import Recorder
+from monitor.service.rows import class_roles
+
+log = logging.getLogger(__name__)
+
+
+def assembler_for(cfg: Config) -> FrameAssembler:
+    """The frame assembler ``[assembly]`` describes (every engine groups files the same way)."""
+    a = cfg.assembly
+    return FrameAssembler(a.channels, a.primary, a.control, a.wait_s)
+
+
+def open_sinks(cfg: Config, registry: Any, ctx: BuildContext) -> list[Sink]:
+    """The configured sinks, built with ``ctx`` (its ``roles`` name the sinks' columns)."""
+    return [registry.build("sinks", ref, ctx, cfg.source_name, f"sinks.{i}") for i, ref in enumerate(cfg.sinks)]
+
+
+def open_recorder(cfg: Config, sinks: Sequence[Sink], metrics: ServiceMetrics, roles: dict[str, str]) -> Recorder:
+    """The recorder over ``sinks``, the ledger and the quarantine file; the gauges restored
+    from the record of truth, so the dashboard shows every well's last state straight after a restart."""
+    s = cfg.service
+    recorder = Recorder(sinks, Ledger(s.state_dir / "ledger.sqlite"), metrics, s.state_dir / "quarantine.csv", roles)
+    for sink in sinks:
+        if sink.record_of_truth and sink.path is not None:
+            n = metrics.restore(sink.path)
+            if n:
+                log.info("gauges of %d well(s) restored from %s", n, sink.path)
+    return recorder
+
+
+def start_metrics(cfg: Config, metrics: ServiceMetrics, serve_metrics: bool = True) -> Any:
+    """The Prometheus endpoint (None when off); a port that cannot be bound is fatal."""
+    s = cfg.service
+    if not (serve_metrics and s.metrics_port):
+        return None
+    server = serve(metrics.registry, s.metrics_port, s.metrics_addr)
+    log.info("metrics at http://%s:%d/metrics", s.metrics_addr, s.metrics_port)
+    return server
+
+
+def build_pipeline(cfg: Config, registry: Any, ctx: Any, classifier: Classifier | None = None) -> Pipeline:
+    """Segmenter, encoders, index and classifier from the config; all errors fatal.
+
+    With ``classifier`` given, no index is loaded (the demo and benches use
+    this to embed reference cells through the service's own components).
+    """
+    src = cfg.source_name
+    segmenter = registry.build("segmenters", cfg.segmenter, ctx, src, "segmenter")
+    encoders = [registry.build("encoders", ref, ctx, src, f"encoders.{i}") for i, ref in enumerate(cfg.encoders)]
+    p = cfg.pipeline
+    if classifier is None:
+        index = ReferenceIndex.load(cfg.classifier.index, [{"id": e.id, "dim": e.dim} for e in encoders])
+        c = cfg.classifier
+        params = params_from_config(index, c.k_min, c.k_max, c.entropy_threshold, c.reweight)
+        classifier = EWCClassifier(index, params, p.certainty_floor, flag_unknown=c.unknown)
+        if c.unknown and index.unknown_distance is None:
+            log.info("%s: no unknown-cell calibration (an index built before it); rebuild it to count unknown cells", cfg.classifier.index)
+        pipe = Pipeline.from_config(cfg, segmenter, encoders, classifier)
+        if cfg.marker.rules and cfg.marker.agreement:
+            pipe = replace(pipe, marker=marker_check(cfg, index))
+        # the index's query side (TTA encoders, crop framing), as classify and evaluate apply it
+        return query_pipeline(pipe, index)
+    return Pipeline.from_config(cfg, segmenter, encoders, classifier)
+
+
+class _NoIndex:
+    """Stand-in classifier while a reference index is being built (never classifies)."""
+
+    classes: tuple[str, ...] = ()
+    index = None
+
+    def classify(self, emb: Any) -> Any:
+        raise RuntimeError("reference index not built yet")
+
+
+def pipeline_without_index(cfg: Config, registry: Any, ctx: Any) -> Pipeline:
+    """The service's segmenter, encoders and crop settings, before any index exists
+    (to embed reference cells through the service's own components)."""
+    return build_pipeline(cfg, registry, ctx, classifier=_NoIndex())
+
+
+def feedback_for(cfg: Config, readers: ReaderSet, pipeline: Pipeline, metrics: ServiceMetrics) -> Any:
+    """The feedback folder's poller, or None when off (or the classifier has no index to add to)."""
+    s = cfg.service
+    index = pipeline.classifier.index
+    if not s.feedback or index is None:
+        return None
+    folder = s.feedback_dir or s.state_dir / "feedback"
+    folder.mkdir(parents=True, exist_ok=True)
+    metrics.index_version.set(index.version)
+    log.info("expert corrections: drop them into %s (index version %d, %d correction(s) so far)", folder, index.version, index.n_corrections)
+    return Feedback(folder, cfg.classifier.index, pipeline, readers, s.watch_dir, metrics, cfg.assembly.primary, s.stable_s, s.poll_interval_s)
+
+
+def marker_check(cfg: Config, index: Any) -> Any:
+    """Live marker agreement from ``[marker]``; an ``"otsu"`` threshold takes the number fitted
+    when the index was built ``--from-marker`` (recorded in its preprocessing)."""
+    fitted = {(r["channel"], r["state"]): r["threshold"] for r in ((index.preprocessing or {}).get("marker") or {}).get("rules", [])}
+    table = cfg.marker.model_dump()
+    for r in table["rules"]:
+        if r["threshold"] == "otsu":
+            if (r["channel"], r["state"]) not in fitted:
+                raise ConfigError(f"{cfg.source_name}: marker rule {r['channel']} -> {r['state']}: threshold 'otsu' is fitted by "
+                                  f"'index build --from-marker', and index {cfg.classifier.index} was not; give a number")
+            r["threshold"] = fitted[(r["channel"], r["state"])]
+    rules = resolve(table)
+    log.info("marker agreement: %s; else %s", "; ".join(f"{r.channel} > {r.threshold:.3g} -> {r.state}" for r in rules.rules), rules.negative)
+    return MarkerCheck(rules, class_roles(index.classes, cfg.classifier.roles))
+
+
+def warm_up(pipeline: Pipeline) -> float:
+    """One inference through every encoder and the classifier, so the first frame is not slow."""
+    t = time.perf_counter()
+    crop = np.full((1, pipeline.crop_px, pipeline.crop_px, 3), 128, np.uint8)
+    pipeline.classifier.classify(embed(crop, pipeline.encoders, 1))
+    return time.perf_counter() - t
+
+
+def build_service(cfg: Config, registry: Any, metrics_registry: Any = None, serve_metrics: bool = True) -> tuple[Service, Any]:
+    """Everything the service needs, in start-up order; returns (service, metrics http server or None)."""
+    s = cfg.service
+    check_watch_dir(s.watch_dir)  # before the (slow) model and index loading
+    lock = StateLock(s.state_dir)  # a second instance stops here, before loading anything
+    try:
+        metrics = ServiceMetrics(metrics_registry or CollectorRegistry(), __version__)
+        ctx = context_from(cfg, metrics=metrics)
+        readers = build_readers(cfg, registry, ctx)
+        t = time.perf_counter()
+        pipeline = build_pipeline(cfg, registry, ctx)
+        log.info("models and index loaded in %.1fs (device %s); warm-up %.2fs", time.perf_counter() - t, ctx.device, warm_up(pipeline))
+        ctx.roles = metrics.roles = roles_for(cfg, pipeline.classifier.classes)
+        sinks = open_sinks(cfg, registry, ctx)
+        if any(k.wants_calls for k in sinks):  # e.g. the overlay sink
+            pipeline = replace(pipeline, keep_calls=True)
+        server = start_metrics(cfg, metrics, serve_metrics)
+        try:
+            svc = assemble_service(cfg, readers, pipeline, sinks, metrics, lock=lock)
+            svc.feedback = feedback_for(cfg, readers, pipeline, metrics)
+        except BaseException:
+            stop_server(server)
+            raise
+    except BaseException:
+        lock.release()
+        raise
+    return svc, server
+
+
+def roles_for(cfg: Config, classes: Sequence[str]) -> dict[str, str]:
+    """Canonical state of each reference class; a configured class the index lacks is a config error."""
+
+    known = {c.casefold() for c in classes}
+    unknown = [k for k in cfg.classifier.roles if k.casefold() not in known]
+    if unknown:
+        raise ConfigError(f"{cfg.source_name}: classifier.roles: {', '.join(map(repr, unknown))} not a class of the index (classes: {', '.join(classes)})")
+    roles = class_roles(classes, cfg.classifier.roles)
+    log.info("class roles: %s", ", ".join(f"{c} -> {r}" for c, r in roles.items()))
+    return roles
+
+
+def assemble_service(cfg: Config, readers: ReaderSet, pipeline: Pipeline, sinks: Sequence[Any], metrics: ServiceMetrics, **kw: Any) -> Service:
+    """Wire a :class:`Service` from its parts: ledger, intake, assembler and recorder from ``cfg``."""
+    s = cfg.service
+    lock = kw.pop("lock", None) or StateLock(s.state_dir)
+    try:
+        roles = metrics.roles if metrics.roles is not None else class_roles(pipeline.classifier.classes, cfg.classifier.roles)
+        metrics.roles = roles
+        recorder = open_recorder(cfg, sinks, metrics, roles)
+        intake = Intake(FileTracker(s.stable_s, s.ready_deadline_s), recorder.ledger, s.watch_dir, s.patterns, s.recursive)
+        assembler = assembler_for(cfg)
+    except BaseException:
+        lock.release()
+        raise
+    return Service(s, readers, pipeline, assembler, intake, recorder, metrics, lock=lock, **kw)
+
+
+def stop_server(server: Any) -> None:
+    """Stop the metrics HTTP server (None: nothing to do)."""
+    if server is None:
+        return
+    httpd = server[0] if isinstance(server, tuple) else server
+    try:
+        httpd.shutdown()
+        httpd.server_close()
+    except Exception:  # pragma: no cover
+        pass
