@@ -272,7 +272,7 @@ def main() -> int:
     need_data()
     import torch
 
-    from monitor.index.report import table
+    from monitor.report.classification import table
 
     torch.set_num_threads(2)
     preset = args.preset or DEFAULT_PRESET

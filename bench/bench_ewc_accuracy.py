@@ -25,9 +25,9 @@ from bench._ewc_common import DATA, LITES, embedded, encoder, need_data  # noqa:
 from monitor.index.dataset import Preprocess, group_split, stratified_split  # noqa: E402
 from monitor.index.evaluate import evaluate  # noqa: E402
 from monitor.index.ewc import EWCParams  # noqa: E402
-from monitor.index.report import table  # noqa: E402
 from monitor.index.store import ReferenceIndex  # noqa: E402
 from monitor.index.tune import SearchRow, best_ewc, combination_search  # noqa: E402
+from monitor.report.classification import table  # noqa: E402
 
 SHARED = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
 WHOLE = Preprocess(framing="whole", crop_px=224)

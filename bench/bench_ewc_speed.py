@@ -33,9 +33,9 @@ from bench._ewc_common import canberra_pruning, dense_canberra_rate  # noqa: E40
 from monitor import classify  # noqa: E402
 from monitor.index.canberra import CanberraSearch  # noqa: E402
 from monitor.index.ewc import EWCClassifier, EWCParams  # noqa: E402
-from monitor.index.report import table  # noqa: E402
 from monitor.index.search import HNSWParams, _topk  # noqa: E402
 from monitor.index.store import ReferenceIndex  # noqa: E402
+from monitor.report.classification import table  # noqa: E402
 
 
 def synthetic(n: int, d: int, n_queries: int, seed: int = 0, noise: float = 0.9, ambiguous: float = 0.0, jitter: float = 0.01) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -147,7 +147,7 @@ def main() -> int:
     import torch
 
     from monitor.index.presets import PRESETS
-    from monitor.index.report import table
+    from monitor.report.classification import table
 
     torch.set_num_threads(2)
     skip = set(args.skip.split(",")) - {""}

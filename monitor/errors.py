@@ -83,14 +83,9 @@ class StateWriteError(CellmonitorError):
     exit_status = EX_IOERR
 
 
-class FrameTimeout(CellmonitorError):
-    """A frame ran past ``service.frame_timeout_s``: quarantined, the service exits 75 to restart."""
-
-    exit_status = EX_TEMPFAIL
-
-
-class BadInput(CellmonitorError):
-    """A file that will never be readable: ``path: problem``."""
+class InputProblem(CellmonitorError):
+    """A file that cannot be read now: ``path: problem``. Catch one of its two kinds, never this:
+    :class:`BadInput` (never readable: quarantined) or :class:`NotReady` (retried)."""
 
     exit_status = EX_DATAERR
 
@@ -98,6 +93,10 @@ class BadInput(CellmonitorError):
         self.path = path
         self.problem = problem
         super().__init__(f"{path}: {problem}")
+
+
+class BadInput(InputProblem):
+    """A file that will never be readable: ``path: problem``."""
 
 
 class NoInput(BadInput):
@@ -109,8 +108,10 @@ class NoInput(BadInput):
         super().__init__(path, problem)
 
 
-class NotReady(BadInput):
-    """A file that may still be being written (truncated TIFF, size changing)."""
+class NotReady(InputProblem):
+    """A file that may still be being written (truncated TIFF, size changing): retried until
+    ``service.ready_deadline_s``, then quarantined. Not a :class:`BadInput`, so no handler of
+    one can swallow it by the order of its ``except`` clauses."""
 
 
 class StageError(Exception):

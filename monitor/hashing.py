@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -23,3 +24,13 @@ def file_sha256(*paths: Path | None, separator: bytes | None = None) -> str:
         if separator is not None:
             h.update(separator)
     return h.hexdigest()
+
+
+def verify_files(folder: Path, checksums: dict[str, str], listed_in: str, fail: Callable[[str], Exception]) -> None:
+    """Every file named in ``checksums`` is present and unchanged, or one line naming it."""
+    for rel, digest in checksums.items():
+        p = folder / rel
+        if not p.is_file():
+            raise fail(f"{rel} (listed in {listed_in}) is missing")
+        if file_sha256(p) != digest:
+            raise fail(f"{rel} does not match its checksum in {listed_in} (corrupt or edited)")

@@ -374,7 +374,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from monitor.index.dataset import scan
     from monitor.index.evaluate import evaluate
     from monitor.index.query import query_encoders
-    from monitor.index.report import confusion_png, evaluation_text
+    from monitor.report.classification import confusion_png, evaluation_text
 
     index, encoders, prep = _load_index(args)
     ds = scan(args.data)
@@ -402,7 +402,6 @@ def _search(args: argparse.Namespace) -> int:
     from monitor.index.cache import embed_dataset
     from monitor.index.dataset import group_split, scan, stratified_split
     from monitor.index.presets import encoder_spec
-    from monitor.index.report import table
     from monitor.index.tune import (
         DEFAULT_CONDITION_DIMS,
         DEFAULT_K_RANGES,
@@ -411,6 +410,7 @@ def _search(args: argparse.Namespace) -> int:
         combination_search,
         winner_toml,
     )
+    from monitor.report.classification import table
 
     specs = _encoder_specs(args.encoders)
     encoders = _encoders(specs, args)
@@ -459,8 +459,8 @@ def _classify(args: argparse.Namespace) -> int:
     from monitor.index.dataset import crops_for, read_image
     from monitor.index.ewc import EWCClassifier
     from monitor.index.query import query_encoders
-    from monitor.index.report import crop_geometry
     from monitor.pipeline import embed
+    from monitor.report.classification import crop_geometry
 
     index, encoders, prep = _load_index(args)
     from monitor.index.query import crop_framing
@@ -545,7 +545,7 @@ def _classify(args: argparse.Namespace) -> int:
         for n in r["neighbours"]:
             print(f"    {n['label']:<16} d={n['distance']:<10.4g} {n['name'] or '#' + str(n['id'])}")
     if args.html:
-        from monitor.index.report import annotate_crop, classify_html
+        from monitor.report.classification import annotate_crop, classify_html
         from monitor.report.overlay import draw_overlay
 
         nimgs = [[_reference_crop(index, n["name"], prep) for n in r["neighbours"]] for r in results]
@@ -591,10 +591,10 @@ def _segment_query(image: Any, prep: Any, segmenter: Any, cfg: Any, framing: tup
 
 def _reference_crop(index: Any, name: str | None, prep: Any) -> Any:
     """The crop a reference was embedded from, if its source file is still at the recorded data root,
-    with its labelled cell marked and a scale bar (:func:`monitor.index.report.annotate_crop`)."""
+    with its labelled cell marked and a scale bar (:func:`monitor.report.classification.annotate_crop`)."""
     from monitor.errors import BadInput
     from monitor.index.dataset import crops_for, parse_voc, read_image
-    from monitor.index.report import annotate_crop, crop_geometry
+    from monitor.report.classification import annotate_crop, crop_geometry
 
     root = (index.preprocessing or {}).get("data_root")
     if not name or not root:

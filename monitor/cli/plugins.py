@@ -54,7 +54,7 @@ def _check(args: argparse.Namespace) -> int:
         print(f"  ({mode})")
         taken = None
         for r, why in readers.explain(f):
-            spec = getattr(r, "specificity", 0)
+            spec = r.specificity
             if why is None and taken is None:
                 taken = r.name
                 print(f"  {r.name:<10} [{spec:>2}] TAKES this file")

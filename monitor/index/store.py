@@ -1,4 +1,4 @@
-"""The reference index on disk and the EWC-FAISS classifier over it.
+"""The reference index on disk: its description, labels and search back-end (EWC over it: :mod:`monitor.index.ewc`).
 
 An index is a folder::
 
@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -60,21 +59,24 @@ import numpy as np
 
 from monitor import classify
 from monitor.errors import IndexError_
-from monitor.hashing import file_sha256
+from monitor.hashing import file_sha256, verify_files
 from monitor.index import unknown as unknown_mod
 from monitor.index.condition import Conditioner, ConditioningSpec
+from monitor.index.corrections import CORRECTIONS, load_corrections, save_corrections
 from monitor.index.ewc import EWCParams
+from monitor.index.metafile import (
+    FORMAT_VERSION,
+    EncoderRecord,
+    MetaFile,
+    read_meta,
+    write_meta,
+)
 from monitor.index.search import HNSWParams, Metric, Structure, VectorSearch, _prepare, build_faiss
 from monitor.index.unknown import UnknownCheck
 from monitor.records import COUNT_TALLIES
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
-#: expert corrections beside a built index: version, files and their checksums
-CORRECTIONS = "corrections.json"
-#: formats this version reads (1: before conditioning and query options)
-READABLE_FORMATS = (1, 2)
 _DEFAULT_EWC = EWCParams()
 _DEFAULT_HNSW = HNSWParams()
 
@@ -257,32 +259,16 @@ class ReferenceIndex:
         if self.unknown is not None:
             files += self.unknown.save(folder)
         m = self.meta
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "cellmonitor_version": __version__,
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "encoders": list(m.encoders),
-            "dim": self.dim,
-            "n_references": len(self),
-            "preprocessing": m.preprocessing,
-            "metric": m.metric,
-            "normalize": m.normalize,
-            "structure": m.structure,
-            "hnsw": asdict(m.hnsw),
-            "classes": list(m.classes),
-            "class_counts": self.class_counts,
-            "class_weights": [float(w) for w in self.weights],
-            "ewc": asdict(m.ewc),
-            "conditioning": m.conditioning,
-            "query": m.query,
-            "unknown": self.unknown.record() if self.unknown is not None else None,
-            "version": self.version,
-            "reference_names": self.ref_names is not None,
-            "checksums": {f: file_sha256(folder / f) for f in files},
-        }
-        tmp = folder / "meta.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=2))
-        tmp.replace(folder / "meta.json")
+        meta = MetaFile(
+            format_version=FORMAT_VERSION, cellmonitor_version=__version__, created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            encoders=[EncoderRecord.model_validate(e) for e in m.encoders], dim=self.dim, n_references=len(self),
+            preprocessing=m.preprocessing, metric=m.metric, normalize=m.normalize, structure=m.structure, hnsw=asdict(m.hnsw),
+            classes=list(m.classes), class_counts=self.class_counts, class_weights=[float(w) for w in self.weights],
+            ewc=asdict(m.ewc), conditioning=m.conditioning, query=m.query,
+            unknown=self.unknown.record() if self.unknown is not None else None, version=self.version,
+            reference_names=self.ref_names is not None, checksums={f: file_sha256(folder / f) for f in files},
+        )
+        write_meta(folder / "meta.json", meta)
         # corrections made so far are now in the main files: a later load must not add them again
         (folder / CORRECTIONS).unlink(missing_ok=True)
         if (folder / "corrections").is_dir():
@@ -317,26 +303,11 @@ class ReferenceIndex:
         if not meta_path.is_file():
             raise fail("not a cellmonitor index (no meta.json); build one with 'cellmonitor index build'")
         try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError) as e:
-            raise fail(f"meta.json is unreadable ({e})") from None
-        if not isinstance(meta, dict) or meta.get("format_version") not in READABLE_FORMATS:
-            got = meta.get("format_version") if isinstance(meta, dict) else None
-            raise fail(f"index format {got!r} is not supported (expected {FORMAT_VERSION}); rebuild it with 'cellmonitor index build'")
-        missing_keys = [k for k in ("encoders", "metric", "structure", "classes", "ewc", "hnsw", "checksums") if k not in meta]
-        if missing_keys:
-            raise fail(f"meta.json lacks {', '.join(missing_keys)}")
-        checks = meta["checksums"]
-        crec = meta.get("conditioning")
-        if crec is not None and not isinstance(crec, dict):
-            raise fail("meta.json: conditioning is not a table")
-        urec = meta.get("unknown")
-        if urec is not None and not isinstance(urec, dict):
-            raise fail("meta.json: unknown is not a table")
-        for f in ("vectors.faiss", "labels.npy", *((crec or {}).get("files") or []), *([str(urec.get("file", unknown_mod.FILE))] if urec else [])):
-            if f not in checks:
-                raise fail(f"meta.json has no checksum for {f}")
-        _verify(folder, checks, "meta.json", fail)
+            meta = read_meta(meta_path)
+        except ValueError as e:
+            raise fail(str(e)) from None
+        checks, crec, urec = meta.checksums, meta.conditioning, meta.unknown
+        verify_files(folder, checks, "meta.json", fail)
         try:
             labels = np.load(folder / "labels.npy", allow_pickle=False)
             index = faiss.read_index(str(folder / "vectors.faiss"))
@@ -344,7 +315,7 @@ class ReferenceIndex:
             raise fail(f"cannot read index files ({e})") from None
         if labels.ndim != 1 or index.ntotal != labels.shape[0]:
             raise fail(f"{labels.shape[0]} labels for {index.ntotal} vectors")
-        dim_sum = sum(int(e["dim"]) for e in meta["encoders"])
+        dim_sum = sum(e.dim for e in meta.encoders)
         cond = None
         if crec is not None:
             try:
@@ -358,14 +329,12 @@ class ReferenceIndex:
                 f"vectors have dim {index.d} but the recorded encoders' dims sum to {dim_sum}"
                 + (f" (conditioned to {cond.dim})" if cond is not None else "")
             )
-        query = meta.get("query")
-        if query is not None and (not isinstance(query, dict) or int(query.get("tta", 1)) not in (1, 8)):
-            raise fail(f"meta.json: unsupported query options {query!r}")
-        classes = meta["classes"]
+        query = meta.query
+        classes = meta.classes
         if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
             raise fail("labels refer to classes not listed in meta.json")
         if encoders is not None:
-            want = [(e["id"], int(e["dim"])) for e in meta["encoders"]]
+            want = [(e.id, e.dim) for e in meta.encoders]
             got = [(e["id"], int(e["dim"])) for e in encoders]
             if want != got:
                 raise fail(
@@ -379,18 +348,22 @@ class ReferenceIndex:
             names = json.loads((folder / "ids.json").read_text())
             if not isinstance(names, list) or len(names) != labels.shape[0]:
                 raise fail(f"ids.json names {len(names) if isinstance(names, list) else '?'} references for {labels.shape[0]} vectors")
+        try:
+            ewc, hnsw = EWCParams(**meta.ewc), HNSWParams(**meta.hnsw)
+        except TypeError as e:
+            raise fail(f"meta.json: ewc or hnsw: {e}") from None
         m = IndexMeta(
-            encoders=tuple(meta["encoders"]),
+            encoders=meta.encoder_dicts(),
             classes=tuple(classes),
-            metric=meta["metric"],
-            structure=meta["structure"],
-            ewc=EWCParams(**meta["ewc"]),
-            hnsw=HNSWParams(**meta["hnsw"]),
-            normalize=bool(meta.get("normalize", False)),
-            preprocessing=meta.get("preprocessing"),
+            metric=meta.metric,  # type: ignore[arg-type]
+            structure=meta.structure,
+            ewc=ewc,
+            hnsw=hnsw,
+            normalize=meta.normalize,
+            preprocessing=meta.preprocessing,
             conditioning=crec,
             query=query,
-            unknown=meta.get("unknown"),
+            unknown=urec,
         )
         unknown = None
         if urec is not None:
@@ -399,9 +372,9 @@ class ReferenceIndex:
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 raise fail(f"unknown-cell calibration: {e}") from None
         out = cls(m, labels, VectorSearch(index, m.metric, m.structure, m.hnsw, m.normalize, cond), names, unknown)
-        out.version = int(meta.get("version", 1))
+        out.version = meta.version
         out.base_sha = file_sha256(meta_path)
-        _load_corrections(out, folder, fail)
+        load_corrections(out, folder, fail)
         out.saved_version = out.version
         return out
 
@@ -456,74 +429,5 @@ class ReferenceIndex:
         return self.version
 
     def save_corrections(self, folder: str | Path) -> Path:
-        """Persist the corrections beside the built index (crash-safe; see :data:`CORRECTIONS`).
-
-        Every correction so far goes into ``corrections/v<version>.*.npy``;
-        ``corrections.json`` (their checksums and the version) replaces the
-        previous one atomically, then older versions' files are removed. A
-        kill at any point leaves the previous or the new version whole.
-        """
-        folder = Path(folder)
-        sub = folder / "corrections"
-        sub.mkdir(exist_ok=True)
-        x, y, names = self._corr
-        stem = f"v{self.version:05d}"
-        files = {f"corrections/{stem}.vectors.npy": x, f"corrections/{stem}.labels.npy": y}
-        for rel, arr in files.items():
-            with open(folder / rel, "wb") as f:
-                np.save(f, arr, allow_pickle=False)
-                f.flush()
-                os.fsync(f.fileno())
-        (folder / f"corrections/{stem}.names.json").write_text(json.dumps(names))
-        rels = [*files, f"corrections/{stem}.names.json"]
-        rec = {"version": self.version, "base": self.base_sha, "n": len(y), "files": {r: file_sha256(folder / r) for r in rels},
-               "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        tmp = folder / "corrections.json.tmp"
-        with open(tmp, "w") as f:
-            f.write(json.dumps(rec, indent=2))
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(folder / CORRECTIONS)
-        self.saved_version = self.version
-        for old in sub.iterdir():
-            if not old.name.startswith(stem + "."):
-                old.unlink(missing_ok=True)
-        return folder / CORRECTIONS
-
-
-def _verify(folder: Path, checksums: dict[str, str], listed_in: str, fail: Any) -> None:
-    """Every file named in ``checksums`` is present and unchanged, or one line naming it."""
-    for rel, digest in checksums.items():
-        p = folder / rel
-        if not p.is_file():
-            raise fail(f"{rel} (listed in {listed_in}) is missing")
-        if file_sha256(p) != digest:
-            raise fail(f"{rel} does not match its checksum in {listed_in} (corrupt or edited)")
-
-
-def _load_corrections(index: ReferenceIndex, folder: Path, fail: Any) -> None:
-    """Apply the expert corrections saved beside the index (checked like the index's own files)."""
-    path = folder / CORRECTIONS
-    if not path.is_file():
-        return
-    try:
-        rec = json.loads(path.read_text())
-        files = dict(rec["files"])
-        version = int(rec["version"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise fail(f"{CORRECTIONS} is unreadable ({e})") from None
-    if rec.get("base") != index.base_sha:
-        # made for another meta.json: the corrections were folded in by a full save (killed before
-        # it removed them), or the index was rebuilt under a running service; never apply them twice
-        log.warning("%s: %s was made for another build of this index (version %s); not applied, the index as built is used",
-                    folder, CORRECTIONS, rec.get("version"))
-        return
-    _verify(folder, files, CORRECTIONS, fail)
-    try:
-        x = np.load(folder / next(r for r in files if r.endswith(".vectors.npy")), allow_pickle=False)
-        y = np.load(folder / next(r for r in files if r.endswith(".labels.npy")), allow_pickle=False)
-        names = json.loads((folder / next(r for r in files if r.endswith(".names.json"))).read_text())
-        index.add(x, y, names)
-    except (StopIteration, ValueError, OSError) as e:
-        raise fail(f"expert corrections: {e}") from None
-    index.version = version
+        """Persist the corrections beside the built index (:func:`monitor.index.corrections.save_corrections`)."""
+        return save_corrections(self, Path(folder))

@@ -100,7 +100,11 @@ def test_contract_nanolive(tmp_path):
     ex = write_nanolive_export(tmp_path, timepoints=1)
     bad = tmp_path / "HeLa_A1_pos1_RI_t0002.tif"
     bad.write_text("not an image at all, but long enough")
-    check_reader(nano_reader(), ex.ri_files[0], bad)
+    acq = check_reader(nano_reader(), ex.ri_files[0], bad)
+    # the identity comes from the name HeLa_drugA_A1_pos1_RI_t0001.tif: experiment, well, field, timepoint
+    assert (acq.key.experiment, acq.key.well, acq.key.field, acq.key.timepoint) == ("HeLa_drugA", "A1", "1", 1)
+    later = nano_reader().read(write_nanolive_export(tmp_path / "b", well="C7", position=3, timepoints=2).ri_files[1])
+    assert (later.key.well, later.key.field, later.key.timepoint) == ("C7", "3", 2)
 
 
 def test_contract_tiff(tmp_path):

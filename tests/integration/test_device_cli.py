@@ -23,10 +23,15 @@ def test_run_with_cuda_and_no_gpu_exits_78_in_one_line(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a usable GPU")
-def test_cuda_or_cpu_is_the_logged_fallback(tmp_path):
-    from monitor.config import parse_config
+def test_cuda_or_cpu_is_the_logged_fallback(tmp_path, caplog):
+    import logging
 
-    cfg = parse_config({"pipeline": {"device": "cuda-or-cpu"}}, "t.toml", tmp_path)
+    from monitor.config import parse_config
     from monitor.device import resolve_device
 
-    assert resolve_device(cfg.pipeline.device) == "cpu"
+    cfg = parse_config({"pipeline": {"device": "cuda-or-cpu"}}, "t.toml", tmp_path)
+    with caplog.at_level(logging.INFO, logger="monitor.device"):
+        assert resolve_device(cfg.pipeline.device) == "cpu"
+    fallback = [r for r in caplog.records if r.name == "monitor.device"]
+    assert len(fallback) == 1 and fallback[0].levelno == logging.WARNING  # one line, seen at the default log level
+    assert "cuda-or-cpu: no usable GPU" in fallback[0].getMessage() and "running on the CPU" in fallback[0].getMessage()

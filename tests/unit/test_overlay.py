@@ -110,7 +110,7 @@ def _scores(n: int) -> object:
 
 @pytest.mark.parametrize("n", [2, 8])
 def test_confusion_png_readable_and_title_whole(tmp_path: Path, n: int) -> None:
-    from monitor.index.report import confusion_png
+    from monitor.report.classification import confusion_png
 
     img = cv2.imread(str(confusion_png(_scores(n), tmp_path / "c.png")))  # type: ignore[arg-type]
     h, w = img.shape[:2]
@@ -126,7 +126,7 @@ def test_confusion_png_readable_and_title_whole(tmp_path: Path, n: int) -> None:
 
 
 def test_confusion_png_grows_with_classes(tmp_path: Path) -> None:
-    from monitor.index.report import confusion_png
+    from monitor.report.classification import confusion_png
 
     small = cv2.imread(str(confusion_png(_scores(2), tmp_path / "a.png")))  # type: ignore[arg-type]
     big = cv2.imread(str(confusion_png(_scores(8), tmp_path / "b.png")))  # type: ignore[arg-type]

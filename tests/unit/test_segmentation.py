@@ -245,5 +245,11 @@ def test_noise_with_empty_check_off_still_finishes(pixel_size_um: float) -> None
     from cellmonitor_plugins.segmenters.classical import ClassicalSegmenter, Options
 
     img = (30000 + np.random.default_rng(0).normal(0, 3, (300, 300))).astype(np.uint16)
-    cells = ClassicalSegmenter(Options(empty_snr=0)).segment(_frame(img, pixel_size_um))
+    # the size limit raised so that the whole-field region is kept: what the segmenter found is visible
+    cells = ClassicalSegmenter(Options(empty_snr=0, max_area_um2=1e6)).segment(_frame(img, pixel_size_um))
     assert cells.labels.shape == (300, 300)
+    assert len(cells.cells) == 1 and (cells.labels > 0).all()  # the whole field is foreground: one region
+    # with the default size limit a field-sized region is not a cell, and only that drops it
+    default = ClassicalSegmenter(Options(empty_snr=0)).segment(_frame(img, pixel_size_um))
+    field_um2 = (300 * pixel_size_um) ** 2
+    assert len(default.cells) == (1 if field_um2 <= Options().max_area_um2 else 0)

@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from monitor.imageio import png_bytes
 from monitor.index.evaluate import Evaluation, Scores
+from monitor.report.overlay import draw_scale_bar, mark_cell
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +140,6 @@ def crop_geometry(
 
 def annotate_crop(crop: np.ndarray, pixel_size_um: float | None, box_yxyx: tuple[float, float, float, float] | None = None, mark: bool = True) -> np.ndarray:
     """A crop for people: the labelled cell marked (box corners, or ticks at the centre) and a scale bar."""
-    from monitor.report.overlay import draw_scale_bar, mark_cell
 
     out = mark_cell(crop, box_yxyx) if mark else np.asarray(crop, np.uint8)
     if pixel_size_um:
@@ -148,7 +149,6 @@ def annotate_crop(crop: np.ndarray, pixel_size_um: float | None, box_yxyx: tuple
 
 def png_data_uri(rgb: np.ndarray) -> str:
     """``data:image/png;base64,...`` of a uint8 RGB (or grey) image."""
-    from monitor.imageio import png_bytes
 
     return "data:image/png;base64," + base64.b64encode(png_bytes(rgb)).decode("ascii")
 
