@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 from pydantic import BaseModel
 
+from monitor.device import resolve_device
 from monitor.records import Acquisition, Cells, Counts, Embeddings, Frame, States
 
 if TYPE_CHECKING:
@@ -359,8 +360,6 @@ def context_from(cfg: Config, *, device: str | None = None, metrics: Any = None,
     """The build context a configuration implies: its state folder, its own path (plugin
     paths are relative to it), its experiment, and ``device`` (default: the configured
     ``pipeline.device``, resolved to one this machine has)."""
-    from monitor.device import resolve_device
-
     s = cfg.service
     return BuildContext(state_dir=s.state_dir, config_path=cfg.path, metrics=metrics,
                         device=device if device is not None else resolve_device(cfg.pipeline.device),

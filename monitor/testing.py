@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from monitor.errors import BadInput, NotReady
+from monitor.imaging import to_float
 from monitor.protocols import (
     Encoder,
     EncoderBase,
@@ -42,8 +43,6 @@ class DiscSegmenter(SegmenterBase):
     def segment(self, frame: Frame) -> Cells:
         """Blobs brighter than mean + 2 sd of the primary channel."""
         from skimage.measure import label
-
-        from monitor.imaging import to_float
 
         g = to_float(frame.image)
         lab = label(g > g.mean() + 2 * g.std())

@@ -301,9 +301,7 @@ def _build(args: argparse.Namespace) -> int:
         raise ConfigError("index build: give DATA (class folders or VOC frames), or --from-marker CONFIG")
 
     from monitor.index.cache import embed_dataset
-    from monitor.index.condition import ConditioningSpec
     from monitor.index.dataset import scan
-    from monitor.index.ewc import EWCParams
     from monitor.index.presets import PRESETS, encoders_toml
     from monitor.index.search import HNSWParams
     from monitor.index.store import ReferenceIndex
@@ -322,18 +320,9 @@ def _build(args: argparse.Namespace) -> int:
         from monitor.errors import BadInput
 
         raise BadInput(args.data, "no readable cells")
-    pe = preset.ewc
-    ewc = EWCParams(
-        args.k_min if args.k_min is not None else pe.k_min,
-        args.k_max if args.k_max is not None else pe.k_max,
-        args.threshold if args.threshold is not None else pe.entropy_threshold,
-        pe.reweight if args.reweight is None else args.reweight,
-    )
-    pc = preset.conditioning
-    dim = args.condition_dim if args.condition_dim is not None else (pc.dim if pc is not None else 0)
-    shrink = args.shrinkage if args.shrinkage is not None else (pc.shrinkage if pc is not None else 0.1)
-    conditioning = ConditioningSpec(dim, shrink) if dim > 0 else None
-    tta = args.tta if args.tta is not None else preset.tta
+    choice = preset.merged(k_min=args.k_min, k_max=args.k_max, entropy_threshold=args.threshold, reweight=args.reweight,
+                           condition_dim=args.condition_dim, shrinkage=args.shrinkage, tta=args.tta)
+    ewc, conditioning, tta = choice.ewc, choice.conditioning, choice.tta
     try:
         index = ReferenceIndex.build(
             emb.concat([e.id for e in encoders]),
@@ -458,12 +447,11 @@ def _classify(args: argparse.Namespace) -> int:
     from monitor.errors import BadInput
     from monitor.index.dataset import crops_for, read_image
     from monitor.index.ewc import EWCClassifier
-    from monitor.index.query import query_encoders
+    from monitor.index.query import crop_framing, query_encoders, segment_query
     from monitor.pipeline import embed
     from monitor.report.classification import crop_geometry
 
     index, encoders, prep = _load_index(args)
-    from monitor.index.query import crop_framing
 
     crops: list[Any] = []
     shown: list[Path] = []
@@ -477,13 +465,13 @@ def _classify(args: argparse.Namespace) -> int:
     for path in args.images:
         try:
             image = read_image(path)
-            cells = _segment_query(image, prep, segmenter, seg_cfg, framing)
+            cells = segment_query(image, prep, segmenter, seg_cfg.pipeline.blank_background, framing)
         except BadInput as e:
             print(f"cellmonitor: error: {e}", file=sys.stderr)
             status = 65
             continue
         n = len(cells[1]) if cells is not None else 1
-        if n > 1 and args.per_cell:
+        if cells is not None and n > 1 and args.per_cell:
             frame, cs, cell_crops = cells
             overlays_src[str(path)] = (frame, cs)
             for k, c in enumerate(cs.cells):
@@ -545,16 +533,16 @@ def _classify(args: argparse.Namespace) -> int:
         for n in r["neighbours"]:
             print(f"    {n['label']:<16} d={n['distance']:<10.4g} {n['name'] or '#' + str(n['id'])}")
     if args.html:
-        from monitor.report.classification import annotate_crop, classify_html
-        from monitor.report.overlay import draw_overlay
+        from monitor.report.classification import (
+            annotate_crop,
+            classify_html,
+            query_overlays,
+            reference_crop,
+        )
 
-        nimgs = [[_reference_crop(index, n["name"], prep) for n in r["neighbours"]] for r in results]
+        nimgs = [[reference_crop(index, n["name"], prep) for n in r["neighbours"]] for r in results]
         qimgs = [annotate_crop(c, um, box) for c, (um, box) in zip(crops, scales, strict=True)]
-        overlays = {}
-        for src, (frame, cs) in overlays_src.items():
-            rows = [i for i, r in enumerate(results) if r.get("source_image") == src]
-            overlays[src] = draw_overlay(frame.image, cs.labels, states.predicted[rows], states.classes, frame.pixel_size_um,
-                                         cell_ids=[results[i]["cell"] for i in rows], uncertain=states.uncertain[rows])
+        overlays = query_overlays(overlays_src, results, states)
         args.html.write_text(classify_html(results, qimgs, nimgs, title=f"cellmonitor classify ({index.classes and len(index)} references)", overlays=overlays))
         print(f"wrote {args.html}", file=sys.stderr)
     return status
@@ -569,44 +557,3 @@ def _classify_segmenter(args: argparse.Namespace) -> tuple[Any, Any]:
     reg = Registry(cfg.plugins.paths)
     ctx = context_from(cfg, device="cpu")
     return reg.build("segmenters", cfg.segmenter, ctx, cfg.source_name, "segmenter"), cfg
-
-
-def _segment_query(image: Any, prep: Any, segmenter: Any, cfg: Any, framing: tuple[str, float]) -> Any:
-    """(frame at the index's pixel size, its cells, their crops) of a query image, or None when it is too small to segment.
-
-    The image is taken at the index's data pixel size, rescaled to the
-    target, segmented, and each cell cropped as the service crops (the
-    index's crop framing, the config's background blanking).
-    """
-    from monitor.imaging import crop_cells, rescale
-    from monitor.records import Frame, FrameKey
-
-    if min(image.shape[:2]) < 16:
-        return None
-    src = prep.source_pixel_size_um or prep.pixel_size_um
-    frame = rescale(Frame(FrameKey("classify", "-", "-", 0), {"image": image}, "image", None, src, "config", "classify"), prep.pixel_size_um)
-    cells = segmenter.segment(frame)
-    return frame, cells, crop_cells(frame, cells, prep.crop_px, cfg.pipeline.blank_background, framing[0], framing[1])
-
-
-def _reference_crop(index: Any, name: str | None, prep: Any) -> Any:
-    """The crop a reference was embedded from, if its source file is still at the recorded data root,
-    with its labelled cell marked and a scale bar (:func:`monitor.report.classification.annotate_crop`)."""
-    from monitor.errors import BadInput
-    from monitor.index.dataset import crops_for, parse_voc, read_image
-    from monitor.report.classification import annotate_crop, crop_geometry
-
-    root = (index.preprocessing or {}).get("data_root")
-    if not name or not root:
-        return None
-    rel, _, box = name.partition("#")
-    path = Path(root) / rel
-    try:
-        img = read_image(path)
-        if box:
-            _, boxes = parse_voc(path.with_suffix(".xml"))
-            b = boxes[int(box)]
-            return annotate_crop(crops_for(img, prep, (b,))[0], *crop_geometry(img.shape, prep, b))
-        return annotate_crop(crops_for(img, prep)[0], *crop_geometry(img.shape, prep))
-    except (BadInput, OSError, ValueError, IndexError):
-        return None

@@ -25,7 +25,17 @@ from typing import Any
 
 import numpy as np
 
-from monitor.records import Cells, Counts, Frame, FrameKey
+from monitor.config import load_config
+from monitor.demo.synthetic import make_cells, reference_field, render_field
+from monitor.imaging import crop_cells, rescale
+from monitor.index.ewc import EWCParams
+from monitor.index.store import ReferenceIndex
+from monitor.intake.assemble import merge
+from monitor.pipeline import embed
+from monitor.protocols import context_from
+from monitor.records import Acquisition, Cells, Counts, Frame, FrameKey
+from monitor.registry import Registry
+from monitor.service.wiring import build_service, pipeline_without_index, stop_server
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +78,6 @@ def write_frame(folder: Path, well: str, t: int, phase: np.ndarray, fluo: np.nda
 def on_true_cells(pipeline, phase: np.ndarray, fluo: np.ndarray, cells: list[Any], key: FrameKey) -> tuple[Frame, Cells, list[int]]:  # type: ignore[no-untyped-def]
     """A synthetic field through the service's rescale and segmenter, keeping the segments that
     sit on a true cell: (frame, those cells, the index in ``cells`` of each one's true cell)."""
-    from monitor.imaging import rescale
-    from monitor.intake.assemble import merge
-    from monitor.records import Acquisition
 
     acq = Acquisition(Path(f"{key.well}_{key.timepoint}.tif"), key, {"phase": phase, "apo15": fluo}, FRAME_UM, "config", "synthetic")
     frame = rescale(merge([acq], "phase", "apo15"), pipeline.pixel_size_um)
@@ -88,11 +95,6 @@ def on_true_cells(pipeline, phase: np.ndarray, fluo: np.ndarray, cells: list[Any
 
 def build_reference(pipeline, per_state: int, seed: int, say: Callable[[str], None]):  # type: ignore[no-untyped-def]
     """Labelled reference cells from single-state fields, through segment -> crop -> embed."""
-    from monitor.demo.synthetic import reference_field
-    from monitor.imaging import crop_cells
-    from monitor.index.ewc import EWCParams
-    from monitor.index.store import ReferenceIndex
-    from monitor.pipeline import embed
 
     field_um = FIELD_PX * FRAME_UM
     crops, labels = [], []
@@ -131,11 +133,6 @@ def run_demo(
     say: Callable[[str], None] = log.info,
 ) -> DemoResult:
     """Run the demo in ``folder`` (created; must not hold a previous demo's state)."""
-    from monitor.config import load_config
-    from monitor.demo.synthetic import make_cells, render_field
-    from monitor.protocols import context_from
-    from monitor.registry import Registry
-    from monitor.service.wiring import build_service, stop_server
 
     t0 = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
@@ -235,6 +232,5 @@ def _scrape(url: str) -> str:
 
 def bootstrap_pipeline(cfg: Any, registry: Any, ctx: Any) -> Any:
     """The service's segmenter and encoders, built from ``cfg``, before any index exists."""
-    from monitor.service.wiring import pipeline_without_index
 
     return pipeline_without_index(cfg, registry, ctx)

@@ -39,6 +39,7 @@ from monitor.index.dataset import (
     file_digest,
     read_image,
 )
+from monitor.pipeline import embed
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,6 @@ def embed_dataset(
     """
     from tqdm import tqdm
 
-    from monitor.pipeline import embed
 
     per_file: list[dict[str, np.ndarray] | None] = [None] * len(ds.files)
     skipped: list[str] = []

@@ -33,8 +33,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from monitor.errors import BadInput
+from monitor import imaging
+from monitor.errors import BadInput, NotReady
 from monitor.hashing import file_sha256
+from monitor.imageio import TIFF_SUFFIXES, as_plane, read_raster, read_tiff
+from monitor.records import Frame, FrameKey
 
 log = logging.getLogger(__name__)
 
@@ -244,8 +247,6 @@ def read_image(path: Path) -> np.ndarray:
     multi-page TIFF). A file that cannot be decoded is :class:`BadInput` (a
     data set is not being written while it is indexed, so no retry).
     """
-    from monitor.errors import NotReady
-    from monitor.imageio import TIFF_SUFFIXES, as_plane, read_raster, read_tiff
 
     try:
         if path.suffix.lower() in TIFF_SUFFIXES:
@@ -256,7 +257,6 @@ def read_image(path: Path) -> np.ndarray:
 
 
 def _frame(image: np.ndarray, pixel_size_um: float) -> Any:
-    from monitor.records import Frame, FrameKey
 
     return Frame(
         key=FrameKey("index", "-", "-", 0),
@@ -320,7 +320,6 @@ def crops_for(image: np.ndarray, prep: Preprocess, boxes: tuple[tuple[float, flo
     Boxes are in the file's own pixel grid; their centres are mapped through
     the same rescale as the image.
     """
-    from monitor import imaging
 
     src_um = prep.source_pixel_size_um or prep.pixel_size_um
     size = prep.crop_px

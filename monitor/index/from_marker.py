@@ -26,13 +26,14 @@ import numpy as np
 from monitor.config import Config
 from monitor.errors import BadInput, ConfigError
 from monitor.imaging import crop_cells, rescale
+from monitor.index.store import ReferenceIndex
 from monitor.intake.assemble import FrameAssembler
 from monitor.intake.events import FileEvent
 from monitor.intake.files import scan
 from monitor.intake.readers import ReaderSet, read_file
 from monitor.marker import AMBIGUOUS, MarkerRules, label_cells, measure_channels, resolve, summarise
 from monitor.pipeline import Pipeline, embed
-from monitor.records import Frame
+from monitor.records import Cells, Frame
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,6 @@ def label_frames(cfg: Config, pipeline: Pipeline, frames: list[Frame], folder: P
         labels += [str(lab[i]) for i in keep]
         names += [f"{f.key.experiment}/{f.key.well}/{f.key.field}/t{f.key.timepoint}/cell{cells.cells[i].id}" for i in keep]
         if keep:
-            from monitor.records import Cells
 
             sub = Cells(cells.labels, tuple(cells.cells[i] for i in keep), cells.pixel_size_um)
             crops.append(crop_cells(f, sub, pipeline.crop_px, pipeline.blank_background, pipeline.crop_framing, pipeline.crop_margin))
@@ -128,7 +128,6 @@ def check_rules(cfg: Config) -> None:
 
 def build_index(cfg: Config, pipeline: Pipeline, marked: MarkerLabels, **build_kw: Any) -> Any:
     """The reference index from the marker-labelled crops (encoders as configured)."""
-    from monitor.index.store import ReferenceIndex
 
     classes = tuple(s for s in ("live", "apoptotic", "necrotic", "dead") if s in set(marked.labels))
     y = np.array([classes.index(s) for s in marked.labels])

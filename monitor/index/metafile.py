@@ -15,6 +15,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from monitor.index import unknown as unknown_mod
+
 #: the format written now
 FORMAT_VERSION = 2
 #: formats this version reads (1: before conditioning and query options)
@@ -72,7 +74,6 @@ class MetaFile(BaseModel):
 
     def needed_files(self) -> list[str]:
         """The files whose checksums this record must list (vectors, labels, conditioning, unknown)."""
-        from monitor.index import unknown as unknown_mod
 
         files = ["vectors.faiss", "labels.npy", *((self.conditioning or {}).get("files") or [])]
         if self.unknown is not None:

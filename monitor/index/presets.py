@@ -54,6 +54,34 @@ class Preset:
     description: str = ""
     framing: Framing = "whole"
 
+    def merged(self, *, k_min: int | None = None, k_max: int | None = None, entropy_threshold: float | None = None,
+               reweight: bool | None = None, condition_dim: int | None = None, shrinkage: float | None = None,
+               tta: int | None = None) -> BuildChoice:
+        """This preset with the values a user gave (None: the preset's own), as the build uses them.
+
+        ``condition_dim = 0`` turns conditioning off; a preset without
+        conditioning has shrinkage 0.1 when a dimension is given.
+        """
+        pe, pc = self.ewc, self.conditioning
+        ewc = EWCParams(
+            k_min if k_min is not None else pe.k_min,
+            k_max if k_max is not None else pe.k_max,
+            entropy_threshold if entropy_threshold is not None else pe.entropy_threshold,
+            pe.reweight if reweight is None else reweight,
+        )
+        dim = condition_dim if condition_dim is not None else (pc.dim if pc is not None else 0)
+        shrink = shrinkage if shrinkage is not None else (pc.shrinkage if pc is not None else 0.1)
+        return BuildChoice(ewc, ConditioningSpec(dim, shrink) if dim > 0 else None, tta if tta is not None else self.tta)
+
+
+@dataclass(frozen=True)
+class BuildChoice:
+    """What an index is built with once a preset and the user's overrides are merged."""
+
+    ewc: EWCParams
+    conditioning: ConditioningSpec | None
+    tta: int
+
 
 _ALL_GEM = {"layers": "all", "pool": "gem"}
 

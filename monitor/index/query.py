@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from monitor.imaging import BOX_MARGIN
+from monitor.imaging import BOX_MARGIN, crop_cells, rescale
 from monitor.protocols import EncoderBase
+from monitor.records import Cells, Frame, FrameKey
 
 
 def dihedral8(crops: np.ndarray) -> np.ndarray:
@@ -109,3 +110,20 @@ def query_pipeline(pipeline: Any, index: Any) -> Any:
     if framing is not None and hasattr(pipeline, "crop_framing"):
         changes["crop_framing"], changes["crop_margin"] = framing
     return replace(pipeline, **changes)
+
+
+def segment_query(image: np.ndarray, prep: Any, segmenter: Any, blank_background: bool,
+                  framing: tuple[str, float]) -> tuple[Frame, Cells, np.ndarray] | None:
+    """(frame at the index's pixel size, its cells, their crops) of a query image, or None when it is too small to segment.
+
+    The image is taken at the index's data pixel size (``prep``: the index's
+    :class:`~monitor.index.dataset.Preprocess`), rescaled to the target,
+    segmented, and each cell cropped as the service crops (the index's crop
+    framing, the config's background blanking).
+    """
+    if min(image.shape[:2]) < 16:
+        return None
+    src = prep.source_pixel_size_um or prep.pixel_size_um
+    frame = rescale(Frame(FrameKey("classify", "-", "-", 0), {"image": image}, "image", None, src, "config", "classify"), prep.pixel_size_um)
+    cells = segmenter.segment(frame)
+    return frame, cells, crop_cells(frame, cells, prep.crop_px, blank_background, framing[0], framing[1])

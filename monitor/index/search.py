@@ -91,7 +91,9 @@ class VectorSearch:
         x = self.prepare(np.ascontiguousarray(queries, dtype=np.float32))
         k = min(k, len(self))
         if self.metric == "canberra":
-            from monitor.index.canberra import CanberraSearch
+            from monitor.index.canberra import (
+                CanberraSearch,  # numba: imported only when Canberra is asked for
+            )
 
             if self._canberra is None:
                 self._canberra = CanberraSearch(self.faiss_index.reconstruct_n(0, len(self)))

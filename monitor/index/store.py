@@ -57,7 +57,7 @@ from typing import Any
 
 import numpy as np
 
-from monitor import classify
+from monitor import __version__, classify
 from monitor.errors import IndexError_
 from monitor.hashing import file_sha256, verify_files
 from monitor.index import unknown as unknown_mod
@@ -244,7 +244,6 @@ class ReferenceIndex:
         """Write the index folder (meta.json last, atomically, so a torn write is refused)."""
         import faiss
 
-        from monitor import __version__
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)

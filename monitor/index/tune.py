@@ -24,6 +24,7 @@ import numpy as np
 from monitor import classify
 from monitor.index.cache import EmbeddedSet
 from monitor.index.condition import ConditioningSpec
+from monitor.index.presets import encoders_toml, parse_encoder
 from monitor.index.search import Metric
 from monitor.index.store import ReferenceIndex
 
@@ -110,7 +111,6 @@ def winner_toml(row: SearchRow, encoder_names: dict[str, str], n_configs: int, m
     ``encoder_names`` maps encoder id to the ``--encoders`` spec
     (``name[:key=value...]``) the command line and the config use.
     """
-    from monitor.index.presets import encoders_toml, parse_encoder
 
     specs = [encoder_names.get(e, e) for e in row.encoders]
     lines = [

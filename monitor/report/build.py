@@ -24,12 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from monitor.errors import BadInput
 from monitor.imageio import png_bytes
 from monitor.report import figures
 from monitor.report.data import DEATH_STATES, Experiment, experiments, last_timepoint
 from monitor.report.gallery import Gallery, build_gallery
 from monitor.report.overlay import border, class_colours, draw_scale_bar
 from monitor.report.page import download, esc, figure, html_table, page, png_uri
+from monitor.service.rows import read_counts
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +80,6 @@ def build_report(
     page gives. Raises :class:`~monitor.errors.BadInput` when the CSV is not
     a counts CSV or holds no rows.
     """
-    from monitor.errors import BadInput
-    from monitor.service.rows import read_counts
 
     df = read_counts(counts_csv)
     if df.empty:

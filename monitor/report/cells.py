@@ -17,6 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from monitor.errors import BadInput, NoInput
+from monitor.imaging import crop_cells, rescale
+from monitor.intake.assemble import merge
+from monitor.pipeline import FrameEncoder, cell_embeddings, embed
 from monitor.records import Cells, Frame, States
 
 
@@ -37,8 +41,6 @@ class FrameCalls:
 
 def call_cells(frame: Frame, pipeline: Any) -> FrameCalls:
     """Segment, crop, embed and classify ``frame`` exactly as the service does (module docstring)."""
-    from monitor.imaging import crop_cells, rescale
-    from monitor.pipeline import FrameEncoder, cell_embeddings, embed
 
     p = pipeline
     frame = rescale(frame, p.pixel_size_um)
@@ -58,8 +60,6 @@ def read_frame(paths: Sequence[Path], cfg: Any, readers: Any) -> Frame:
     files hold them, else the first channel is primary. Raises
     :class:`~monitor.errors.BadInput` naming the file when one cannot be read.
     """
-    from monitor.errors import BadInput, NoInput
-    from monitor.intake.assemble import merge
 
     parts = []
     for path in paths:

@@ -15,9 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from monitor.errors import BadInput
 from monitor.imageio import png_bytes
+from monitor.index.dataset import crops_for, parse_voc, read_image
 from monitor.index.evaluate import Evaluation, Scores
-from monitor.report.overlay import draw_scale_bar, mark_cell
+from monitor.report.overlay import draw_overlay, draw_scale_bar, mark_cell
 
 log = logging.getLogger(__name__)
 
@@ -206,3 +208,33 @@ def classify_html(
         parts.append("</section>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def reference_crop(index: Any, name: str | None, prep: Any) -> np.ndarray | None:
+    """The crop a reference was embedded from, if its source file is still at the recorded data root,
+    with its labelled cell marked and a scale bar (:func:`annotate_crop`); None when it is gone."""
+    root = (index.preprocessing or {}).get("data_root")
+    if not name or not root:
+        return None
+    rel, _, box = name.partition("#")
+    path = Path(root) / rel
+    try:
+        img = read_image(path)
+        if box:
+            _, boxes = parse_voc(path.with_suffix(".xml"))
+            b = boxes[int(box)]
+            return annotate_crop(crops_for(img, prep, (b,))[0], *crop_geometry(img.shape, prep, b))
+        return annotate_crop(crops_for(img, prep)[0], *crop_geometry(img.shape, prep))
+    except (BadInput, OSError, ValueError, IndexError):
+        return None
+
+
+def query_overlays(sources: Mapping[str, Any], results: Sequence[Mapping[str, Any]], states: Any) -> dict[str, np.ndarray]:
+    """One overlay per multi-cell query image (``sources``: image -> (frame, cells)), each cell
+    coloured by its call and numbered as in ``results``."""
+    out = {}
+    for src, (frame, cs) in sources.items():
+        rows = [i for i, r in enumerate(results) if r.get("source_image") == src]
+        out[src] = draw_overlay(frame.image, cs.labels, states.predicted[rows], states.classes, frame.pixel_size_um,
+                                cell_ids=[results[i]["cell"] for i in rows], uncertain=states.uncertain[rows])
+    return out

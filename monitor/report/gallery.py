@@ -29,7 +29,11 @@ from typing import Any
 
 import numpy as np
 
+from monitor.errors import CellmonitorError
+from monitor.imaging import resize
+from monitor.report.cells import call_cells, find_sources, read_frame
 from monitor.report.data import Experiment
+from monitor.report.overlay import draw_overlay
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +120,6 @@ def build_gallery(
     """Re-classify the chosen frames, write their overlays into ``overlay_dir``, sample the gallery (module docstring)."""
     from tqdm import tqdm
 
-    from monitor.errors import CellmonitorError
-    from monitor.imaging import resize
-    from monitor.report.cells import call_cells, find_sources, read_frame
-    from monitor.report.overlay import draw_overlay
 
     g = Gallery()
     rows = e.rows.copy()

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from monitor.imaging import display_range
+
 #: colour of each canonical state (Okabe-Ito)
 STATE_RGB: dict[str, tuple[int, int, int]] = {
     "live": (0, 158, 115),
@@ -55,7 +57,6 @@ def class_colours(classes: Sequence[str], roles: Mapping[str, str] | None = None
 
 def to_rgb(image: np.ndarray) -> np.ndarray:
     """uint8 RGB view of any frame channel (percentile-stretched grey, colour kept)."""
-    from monitor.imaging import display_range
 
     return np.array(display_range(image), dtype=np.uint8, copy=True)
 

@@ -36,6 +36,8 @@ import numpy as np
 
 from monitor.hashing import file_sha256
 from monitor.imaging import crop_cells, display_range, rescale, resize
+from monitor.index.dataset import read_image
+from monitor.intake.assemble import merge
 from monitor.pipeline import Pipeline, embed
 from monitor.records import Cells
 
@@ -149,7 +151,6 @@ class Feedback:
         return classes.index(name.strip().lower())
 
     def _image(self, path: Path) -> tuple[np.ndarray, list[int]]:
-        from monitor.index.dataset import read_image
 
         y = self._class(path.parent.name)
         img = display_range(read_image(path))
@@ -160,7 +161,6 @@ class Feedback:
         return crop[None], [y]
 
     def _rows(self, path: Path) -> tuple[np.ndarray, list[int]]:
-        from monitor.intake.assemble import merge
 
         with path.open(newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)

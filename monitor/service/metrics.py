@@ -25,6 +25,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from monitor.errors import ConfigError, Unavailable
 from monitor.intake.ledger import safe_text
 from monitor.records import Counts
 from monitor.service.rows import CANONICAL, NOT_CLASS_COUNTS, by_role, class_roles
@@ -173,7 +174,6 @@ def serve(registry: CollectorRegistry, port: int, addr: str = "127.0.0.1"):  # t
 
     from prometheus_client import start_http_server
 
-    from monitor.errors import ConfigError, Unavailable
 
     try:
         return start_http_server(port, addr=addr, registry=registry)

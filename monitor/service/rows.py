@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from monitor.errors import BadInput, CellmonitorError
 from monitor.intake.ledger import path_text, safe_text
 from monitor.records import COUNT_TALLIES, Counts
 
@@ -120,7 +121,6 @@ def read_counts(src: Path) -> Any:
     """The counts CSV as a DataFrame; :class:`BadInput` when it is not one."""
     import pandas as pd
 
-    from monitor.errors import BadInput
 
     try:
         df = pd.read_csv(src, dtype={"well": str, "field": str, "experiment": str, "sources": str, "control_channel": str,
@@ -157,7 +157,6 @@ def _export_parquet(df: Any, folder: Path) -> int:
 
     import pandas as pd
 
-    from monitor.errors import CellmonitorError
 
     try:
         import pyarrow  # noqa: F401
