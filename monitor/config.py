@@ -43,6 +43,10 @@ class PluginRef(_Model):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+#: masks other tools write beside a frame (celldetective, Cellpose): read by the masks segmenter, never frames
+MASK_EXCLUDES = ("!*_labelled.tif", "!*_labelled.tiff", "!*_cp_masks.png", "!*_cp_masks.tif")
+
+
 class ServiceConfig(_Model):
     """``[service]``: the watch folder, state folder, intake timing, metrics endpoint and frame limits."""
 
@@ -54,7 +58,8 @@ class ServiceConfig(_Model):
     poll_interval_s: float = Field(2.0, gt=0)
     stable_s: float = Field(1.0, ge=0)
     ready_deadline_s: float = Field(600.0, gt=0)
-    patterns: list[str] = Field(default_factory=lambda: ["*.tif", "*.tiff", "*.png", "*.jpg", "*.jpeg"])
+    #: file names that are frames; "!" excludes (masks written beside frames by segmentation tools)
+    patterns: list[str] = Field(default_factory=lambda: ["*.tif", "*.tiff", "*.png", "*.jpg", "*.jpeg", *MASK_EXCLUDES])
     frame_timeout_s: float = Field(900.0, gt=0, description="a frame still processing after this long is quarantined and the service exits 75 (restarted)")
     max_frame_attempts: int = Field(3, ge=1, le=100, description="a frame found in flight at this many start-ups (it crashed or hung the worker each time) is quarantined")
     feedback: bool = Field(True, description="take expert corrections from feedback_dir into the live index (monitor.service.feedback)")
@@ -130,6 +135,13 @@ class MarkerRuleConfig(_Model):
     channel: str = Field(min_length=1)
     state: State
     threshold: float | Literal["otsu"] = Field(description="background-corrected marker signal in background-noise units, or 'otsu' (fitted at index build --from-marker)")
+    ambiguous_above: float | None = Field(None, description="values above this and below threshold are ambiguous (left out); default: the margin around the threshold")
+
+    @model_validator(mode="after")
+    def _band_below_threshold(self) -> MarkerRuleConfig:
+        if self.ambiguous_above is not None and self.threshold != "otsu" and self.ambiguous_above >= self.threshold:
+            raise ValueError(f"ambiguous_above ({self.ambiguous_above:g}) must be below threshold ({self.threshold:g})")
+        return self
 
 
 class MarkerConfig(_Model):
@@ -138,7 +150,8 @@ class MarkerConfig(_Model):
     rules: list[MarkerRuleConfig] = Field(default_factory=list)
     negative: State = "live"
     margin: float = Field(0.25, ge=0.0, lt=1.0, description="cells within margin x threshold of a threshold are ambiguous (left out)")
-    ring_um: float = Field(3.0, gt=0, description="background: pixels farther than this from every cell")
+    ring_um: float = Field(3.0, ge=0, description="background: pixels farther than this from every cell (0: outside every mask)")
+    noise: Literal["sigma", "mad"] = Field("sigma", description="noise unit of thresholds: 1.4826 x MAD of the background (sigma) or the MAD itself")
     agreement: bool = Field(True, description="on frames with the marker channel, count how many marker-labelled cells the classifier agrees with")
 
 

@@ -125,3 +125,14 @@ class StageError(Exception):
         self.stage = stage
         self.cause = cause
         super().__init__(f"{stage}: {type(cause).__name__}: {cause}")
+
+    @property
+    def retryable(self) -> bool:
+        """The stage waits for a file that is not there yet (:class:`NotReady`: a segmentation
+        mask another tool has still to write): the frame is retried like a half-written file."""
+        return isinstance(self.cause, NotReady)
+
+    @property
+    def problem(self) -> str:
+        """The one line a quarantine or a retry shows."""
+        return str(self.cause) if isinstance(self.cause, InputProblem) else f"{type(self.cause).__name__}: {self.cause}"

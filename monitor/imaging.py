@@ -65,7 +65,7 @@ def rescale(frame: Frame, target_um: float) -> Frame:
     h, w = frame.shape_px
     shape = (max(1, round(h * f)), max(1, round(w * f)))
     channels = {name: resize(img, shape) for name, img in frame.channels.items()}
-    return replace(frame, channels=channels, pixel_size_um=target_um)
+    return replace(frame, channels=channels, pixel_size_um=target_um, source_shape_yx=frame.source_shape_yx or (h, w))
 
 
 def to_float(image: np.ndarray) -> np.ndarray:

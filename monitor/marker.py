@@ -13,8 +13,10 @@ module turns that marker into cell labels, used twice:
 
 Measurement (:func:`measure`): the marker's mean inside each cell's mask,
 minus the background (the median of the pixels outside every cell, the
-masks grown by ``ring_um``), divided by the background noise (1.4826 x the
-median absolute deviation of those pixels): a signal-to-noise ratio, so
+masks grown by ``ring_um``; 0: outside every mask), divided by the
+background noise (``noise = "sigma"``: 1.4826 x the median absolute
+deviation of those pixels, a robust standard deviation; ``"mad"``: the MAD
+itself, as some published scoring rules count): a signal-to-noise ratio, so
 thresholds do not depend on exposure or gain.
 
 Rules (:func:`label_cells`), from the config's ``[marker]`` table, tried in
@@ -34,7 +36,11 @@ order, first match wins::
 
 A cell is labelled by the first rule it is above (by more than the margin);
 a cell inside a rule's margin is ambiguous (no label) unless an earlier rule
-already labelled it; below every rule it is ``negative``.
+already labelled it; below every rule it is ``negative``. A rule may give
+its ambiguous band explicitly instead (``ambiguous_above = 3``: values
+above 3 and below the threshold are ambiguous, values at or above the
+threshold take the rule's state), for a published rule such as "dead at
+>= 25 background MADs, live at <= 3, between not scored".
 """
 
 from __future__ import annotations
@@ -60,6 +66,8 @@ class Rule:
     channel: str
     state: str
     threshold: float
+    #: the lower edge of the ambiguous band (None: the margin around the threshold)
+    ambiguous_above: float | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,7 @@ class MarkerRules:
     negative: str = "live"
     margin: float = 0.25
     ring_um: float = 3.0
+    noise: str = "sigma"
 
     @property
     def channels(self) -> tuple[str, ...]:
@@ -78,28 +87,31 @@ class MarkerRules:
 
     def record(self) -> dict[str, object]:
         """JSON-able form (stored in an index built from the marker)."""
-        return {"rules": [{"channel": r.channel, "state": r.state, "threshold": r.threshold} for r in self.rules],
-                "negative": self.negative, "margin": self.margin, "ring_um": self.ring_um}
+        return {"rules": [{"channel": r.channel, "state": r.state, "threshold": r.threshold, "ambiguous_above": r.ambiguous_above}
+                          for r in self.rules],
+                "negative": self.negative, "margin": self.margin, "ring_um": self.ring_um, "noise": self.noise}
 
 
-def measure(frame: Frame, cells: Cells, channel: str, ring_um: float = 3.0) -> np.ndarray:
+def measure(frame: Frame, cells: Cells, channel: str, ring_um: float = 3.0, noise: str = "sigma") -> np.ndarray:
     """Background-corrected mean marker signal of each cell, in background-noise units.
 
     Returns one float per cell of ``cells`` (in its order); NaN for a cell with
     no pixels. The background is every pixel farther than ``ring_um`` from
     any cell; a frame with no such pixels uses the whole channel.
     """
-    return measure_channels(frame, cells, (channel,), ring_um)[channel]
+    return measure_channels(frame, cells, (channel,), ring_um, noise)[channel]
 
 
-def measure_channels(frame: Frame, cells: Cells, channels: Sequence[str], ring_um: float = 3.0) -> dict[str, np.ndarray]:
+def measure_channels(frame: Frame, cells: Cells, channels: Sequence[str], ring_um: float = 3.0,
+                     noise: str = "sigma") -> dict[str, np.ndarray]:
     """:func:`measure` for several marker channels of one frame (the background found once)."""
-    grow = max(1, int(round(ring_um / cells.pixel_size_um)))
-    background = ~ndi.binary_dilation(cells.labels > 0, iterations=grow)
-    return {ch: _measure(frame, cells, ch, background) for ch in channels}
+    grow = int(round(ring_um / cells.pixel_size_um))
+    fg = cells.labels > 0
+    background = ~(ndi.binary_dilation(fg, iterations=grow) if grow > 0 else fg)
+    return {ch: _measure(frame, cells, ch, background, 1.0 if noise == "mad" else 1.4826) for ch in channels}
 
 
-def _measure(frame: Frame, cells: Cells, channel: str, background: np.ndarray) -> np.ndarray:
+def _measure(frame: Frame, cells: Cells, channel: str, background: np.ndarray, mad_scale: float = 1.4826) -> np.ndarray:
     img = np.asarray(frame.channels[channel], dtype=np.float64)
     if img.ndim == 3:
         img = img.mean(axis=2)
@@ -108,7 +120,7 @@ def _measure(frame: Frame, cells: Cells, channel: str, background: np.ndarray) -
         raise ValueError(f"marker channel {channel!r} is {img.shape[1]}x{img.shape[0]} px but the segmentation is {labels.shape[1]}x{labels.shape[0]} px")
     bg_px = img[background] if background.sum() >= 16 else img.ravel()
     bg = float(np.median(bg_px))
-    sigma = 1.4826 * float(np.median(np.abs(bg_px - bg)))
+    sigma = mad_scale * float(np.median(np.abs(bg_px - bg)))
     if sigma <= 0:
         sigma = float(bg_px.std()) or 1.0
     ids = np.array([c.id for c in cells.cells], dtype=np.int64)
@@ -162,8 +174,10 @@ def resolve(table: Mapping[str, object], values: Mapping[str, np.ndarray] | None
         if values is not None and r["channel"] in values:
             v = values[r["channel"]]
             decided |= ~np.isfinite(v) | (v >= float(thr) - margin * abs(float(thr)))
-        rules.append(Rule(str(r["channel"]), str(r["state"]), float(thr)))
-    return MarkerRules(tuple(rules), str(table.get("negative", "live")), margin, float(table.get("ring_um", 3.0)))  # type: ignore[arg-type]
+        low = r.get("ambiguous_above")
+        rules.append(Rule(str(r["channel"]), str(r["state"]), float(thr), float(low) if low is not None else None))
+    return MarkerRules(tuple(rules), str(table.get("negative", "live")), margin, float(table.get("ring_um", 3.0)),  # type: ignore[arg-type]
+                       str(table.get("noise", "sigma")))
 
 
 def label_cells(values: Mapping[str, np.ndarray], rules: MarkerRules) -> np.ndarray:
@@ -176,10 +190,14 @@ def label_cells(values: Mapping[str, np.ndarray], rules: MarkerRules) -> np.ndar
     out = np.full(n, None, dtype=object)
     for r in rules.rules:
         v = values[r.channel]
-        band = rules.margin * abs(r.threshold)
         undecided = np.array([o is None for o in out], dtype=bool)
-        above = undecided & np.isfinite(v) & (v > r.threshold + band)
-        near = undecided & (~np.isfinite(v) | (np.abs(v - r.threshold) <= band))
+        if r.ambiguous_above is not None:  # an explicit band: (low, threshold) ambiguous, threshold and up the state
+            above = undecided & np.isfinite(v) & (v >= r.threshold)
+            near = undecided & (~np.isfinite(v) | ((v > r.ambiguous_above) & (v < r.threshold)))
+        else:
+            band = rules.margin * abs(r.threshold)
+            above = undecided & np.isfinite(v) & (v > r.threshold + band)
+            near = undecided & (~np.isfinite(v) | (np.abs(v - r.threshold) <= band))
         out[above] = r.state
         out[near] = AMBIGUOUS
     out[np.array([o is None for o in out], dtype=bool)] = rules.negative
@@ -194,12 +212,20 @@ class MarkerCheck:
     #: reference class -> canonical state (the service's class roles)
     roles: Mapping[str, str]
 
-    def agreement(self, frame: Frame, cells: Cells, states: States) -> MarkerAgreement | None:
-        """Classifier vs marker on one frame; None when the frame lacks a marker channel."""
+    def verdicts(self, frame: Frame, cells: Cells) -> tuple[dict[str, np.ndarray], np.ndarray] | None:
+        """Each cell's marker values (per rule channel) and verdict; None when the frame lacks a marker channel."""
         if any(ch not in frame.channels for ch in self.rules.channels):
             return None
-        values = measure_channels(frame, cells, self.rules.channels, self.rules.ring_um)
-        marker = label_cells(values, self.rules)
+        values = measure_channels(frame, cells, self.rules.channels, self.rules.ring_um, self.rules.noise)
+        return values, label_cells(values, self.rules)
+
+    def agreement(self, frame: Frame, cells: Cells, states: States,
+                  verdicts: tuple[dict[str, np.ndarray], np.ndarray] | None = None) -> MarkerAgreement | None:
+        """Classifier vs marker on one frame; None when the frame lacks a marker channel."""
+        got = verdicts if verdicts is not None else self.verdicts(frame, cells)
+        if got is None:
+            return None
+        marker = got[1]
         called = np.array([self.roles.get(states.classes[int(i)], "other") for i in states.predicted], dtype=object)
         labelled = marker != AMBIGUOUS
         return MarkerAgreement(int(labelled.sum()), int((labelled & (marker == called)).sum()), int((~labelled).sum()))

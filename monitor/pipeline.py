@@ -309,12 +309,17 @@ def _finish(sg: _Segmented, rows: list[np.ndarray], shared_s: float, crop_encs: 
         control = None
         if p.control_enabled and frame.control is not None:
             control = otsu_control(frame.channels[frame.control], frame.pixel_size_um, frame.control, p.control_min_region_px, p.control_min_snr)
-    marker = None
+    marker = verdicts = None
     if p.marker is not None:
         with _stage("marker", s):
-            marker = p.marker.agreement(frame, sg.cells, states)
+            verdicts = p.marker.verdicts(frame, sg.cells)
+            marker = p.marker.agreement(frame, sg.cells, states, verdicts)
     calls = None
     if p.keep_calls:
-        calls = CellCalls(frame.image, sg.cells.labels, np.array([c.id for c in sg.cells.cells], dtype=np.int64), states.predicted,
-                          states.uncertain, states.classes, frame.pixel_size_um)
+        cs = sg.cells.cells
+        calls = CellCalls(frame.image, sg.cells.labels, np.array([c.id for c in cs], dtype=np.int64), states.predicted,
+                          states.uncertain, states.classes, frame.pixel_size_um, certainty=states.certainty,
+                          unknown=states.unknown, centroid_yx_px=np.array([c.centroid_yx_px for c in cs], dtype=np.float64).reshape(-1, 2),
+                          area_um2=np.array([c.area_um2 for c in cs], dtype=np.float64),
+                          marker_values=verdicts[0] if verdicts else None, marker_labels=verdicts[1] if verdicts else None)
     return count_states(frame, states, control, s, marker, calls)

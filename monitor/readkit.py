@@ -25,6 +25,8 @@ from monitor.imageio import check_pixel_size, trailing_number
 from monitor.records import ChannelRole, FrameKey
 
 _TRANSMITTED = re.compile(r"bright|phase|\bri\b|refractive|trans|dic|holo|grey|gray|image|bf\b", re.I)
+_MARKER = re.compile(r"apo|\bpi\b|propidium|sytox|annexin|dead|7-?aad|draq7|caspase", re.I)
+_NUCLEAR = re.compile(r"hoechst|dapi|nucle|draq5|\bh2b", re.I)
 _FLUORESCENCE = re.compile(r"apo|\bpi\b|propidium|fluo|\bfl\d|tritc|texas|rfp|gfp|fitc|cy3|cy5|dapi|red|green|sytox|annexin", re.I)
 
 
@@ -80,9 +82,15 @@ def key_from_match(m: re.Match[str] | None, path: Path | str, experiment: str) -
 
 
 def guess_role(name: str) -> ChannelRole | None:
-    """``transmitted`` for bright-field/phase/RI-like names, ``fluorescence`` for dye names, else None."""
+    """The role a channel's name implies: ``transmitted`` (bright field, phase, RI), ``marker`` (a
+    death marker: PI, Apo-15, SYTOX, annexin, "dead ..."), ``nuclear`` (Hoechst, DAPI, "... nuclei"),
+    ``fluorescence`` (another dye), else None. A dead-cell nuclear dye is a marker."""
     if _TRANSMITTED.search(name):
         return "transmitted"
+    if _MARKER.search(name):
+        return "marker"
+    if _NUCLEAR.search(name):
+        return "nuclear"
     if _FLUORESCENCE.search(name):
         return "fluorescence"
     return None

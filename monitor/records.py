@@ -19,7 +19,10 @@ import numpy as np
 #: Where a pixel size came from: ``"metadata:<kind>"`` or ``"config"``.
 PixelSizeSource = str
 #: what a channel holds, as its reader declares it
-ChannelRole = Literal["transmitted", "fluorescence"]
+#: what a channel is: the label-free image cells are segmented and embedded from (``transmitted``:
+#: bright field, phase, refractive index), a death marker (``marker``: PI, Apo-15, SYTOX, annexin),
+#: a nuclear stain (``nuclear``: Hoechst, DAPI), another fluorescence channel, or ``other``
+ChannelRole = Literal["transmitted", "marker", "nuclear", "fluorescence", "other"]
 
 
 def channel_key(name: str) -> str:
@@ -82,6 +85,9 @@ class Frame:
     acquired_at: datetime | None = None
     sources: tuple[Path, ...] = ()
     missing_channels: tuple[str, ...] = ()
+    #: (height, width) on the instrument's own grid, before the rescale to the common pixel size
+    #: (None: not rescaled); masks made by other tools are on that grid
+    source_shape_yx: tuple[int, int] | None = None
 
     @property
     def image(self) -> np.ndarray:
@@ -184,6 +190,14 @@ class CellCalls:
     uncertain: np.ndarray  # (N,) bool
     classes: tuple[str, ...]
     pixel_size_um: float
+    certainty: np.ndarray | None = None  # (N,) 1 - normalised entropy of the neighbours' labels
+    unknown: np.ndarray | None = None  # (N,) bool: farther from every reference than the calibrated distance
+    centroid_yx_px: np.ndarray | None = None  # (N, 2) on this grid
+    area_um2: np.ndarray | None = None  # (N,)
+    #: the death marker's value per rule channel (background MADs) and its verdict per cell
+    #: (a state, or "" when within the margin of a threshold), on frames that carry the marker
+    marker_values: Mapping[str, np.ndarray] | None = None
+    marker_labels: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ def cells_from_labels(
     min_area_um2: float = 0.0,
     max_area_um2: float = float("inf"),
     exclude_border: bool = False,
+    relabel: bool = True,
 ) -> Cells:
     """Filter instances by area in um^2 and border contact, relabel 1..N, measure each cell.
 
@@ -39,6 +40,9 @@ def cells_from_labels(
     exclude_border
         Drop instances with any pixel on the image's edge (their area and
         shape are unknown).
+    relabel
+        False: keep each instance's own id (masks made by another tool, whose
+        ids a per-cell table must name).
 
     Returns
     -------
@@ -66,7 +70,7 @@ def cells_from_labels(
         ):
             dropped += 1
             continue
-        new_id = len(cells) + 1
+        new_id = len(cells) + 1 if relabel else int(rp.label)
         out[rp.slice][rp.image] = new_id
         cy, cx = rp.centroid
         cells.append(Cell(new_id, (float(cy), float(cx)), float(area), (int(y0), int(x0), int(y1), int(x1))))

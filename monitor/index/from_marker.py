@@ -95,7 +95,7 @@ def label_frames(cfg: Config, pipeline: Pipeline, frames: list[Frame], folder: P
             continue
         f = rescale(frame, pipeline.pixel_size_um)
         cells = pipeline.segmenter.segment(f)
-        values = measure_channels(f, cells, channels, float(table["ring_um"]))
+        values = measure_channels(f, cells, channels, float(table["ring_um"]), str(table.get("noise", "sigma")))
         per_frame.append((f, cells, values))
     if not per_frame:
         raise BadInput(folder, f"no frame carries the marker channel(s) {', '.join(channels)} ({len(frames)} frame(s) read)")

@@ -66,8 +66,9 @@ def resolve_roles(
 
     ``auto`` primary: the first channel its reader declared ``transmitted``,
     else the first channel without a declared role, else the first channel.
-    ``auto`` control: the first other channel declared ``fluorescence``, else
-    the first other channel without a declared role, else none.
+    ``auto`` control: the first other channel declared a death ``marker``, else
+    ``fluorescence``, else ``nuclear``, else the first other channel without a
+    declared role, else none.
     ``control = "none"`` disables it; a named control that is absent gives
     none.
 
@@ -91,7 +92,8 @@ def resolve_roles(
     if control == "none":
         ctrl = None
     elif control == "auto":
-        ctrl = next((n for n in others if roles.get(n) == "fluorescence"), None) or next((n for n in others if n not in roles), None)
+        ctrl = next((n for role in ("marker", "fluorescence", "nuclear") for n in others if roles.get(n) == role), None) or next(
+            (n for n in others if n not in roles), None)
     else:
         ctrl = control if control in names and control != primary else None
     return primary, ctrl
@@ -327,7 +329,7 @@ class FrameAssembler:
             return str(self._primary)
         roles = _roles(parts)
         return next((c for c in self.channels if roles.get(c) == "transmitted"), None) or next(
-            (c for c in self.channels if roles.get(c) != "fluorescence"), self.channels[0]
+            (c for c in self.channels if roles.get(c) in (None, "transmitted")), self.channels[0]
         )
 
     @property

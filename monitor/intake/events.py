@@ -65,6 +65,5 @@ def frame_result(frame: Frame, result: Counts | StageError) -> FrameResult:
     """What the pipeline made of ``frame``, pixels left behind (as a worker ships it)."""
     incomplete = bool(frame.missing_channels)
     if isinstance(result, StageError):
-        problem = f"{type(result.cause).__name__}: {result.cause}"
-        return FrameResult(frame.key, frame.sources, None, result.stage, problem, incomplete)
+        return FrameResult(frame.key, frame.sources, None, result.stage, result.problem, incomplete)
     return FrameResult(frame.key, frame.sources, result, incomplete=incomplete)

@@ -36,9 +36,19 @@ log = logging.getLogger(__name__)
 
 
 def matches(path: Path, patterns: Sequence[str]) -> bool:
-    """Whether a file name matches one of the watch patterns (case-insensitive; hidden files never)."""
+    """Whether a file name matches the watch patterns (case-insensitive; hidden files never).
+
+    A pattern starting with ``!`` excludes what it matches, whatever the
+    others say: the defaults leave out segmentation masks that other tools
+    write beside a frame (``!*_labelled.tif``, ``!*_cp_masks.png``), which the
+    ``masks`` segmenter reads and which are never frames themselves.
+    """
     name = path.name.lower()
-    return not name.startswith(".") and any(fnmatch.fnmatch(name, p.lower()) for p in patterns)
+    if name.startswith("."):
+        return False
+    if any(fnmatch.fnmatch(name, p[1:].lower()) for p in patterns if p.startswith("!")):
+        return False
+    return any(fnmatch.fnmatch(name, p.lower()) for p in patterns if not p.startswith("!"))
 
 
 def scan(root: Path, patterns: Sequence[str], recursive: bool = True, regular_only: bool = True) -> Iterator[Path]:

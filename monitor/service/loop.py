@@ -65,7 +65,7 @@ from monitor.errors import (
 )
 from monitor.intake.assemble import FrameAssembler
 from monitor.intake.events import FileEvent, frame_result
-from monitor.intake.files import Intake, check_watch_dir, start_observer
+from monitor.intake.files import Intake, Retry, check_watch_dir, retry_or_give_up, start_observer
 from monitor.intake.ledger import StateLock, path_text, safe_text
 from monitor.intake.readers import ReaderSet, read_file
 from monitor.pipeline import Pipeline, process_frames
@@ -111,6 +111,8 @@ class Service:
         #: frames a previous run left in flight: processed one at a time, never in a shared call,
         #: so that a frame that hangs or crashes the worker is the one blamed
         self._solo: set[str] = set()  # ledger keys (safe_text(str(key)))
+        #: frames a stage found not ready (a mask another tool has still to write), retried like a half-written file
+        self._held: dict[FrameKey, tuple[Frame, Retry]] = {}
 
     @property
     def counted(self) -> int:
@@ -128,7 +130,7 @@ class Service:
 
     def idle(self) -> bool:
         """Nothing queued, tracked or waiting for channels."""
-        return self.intake.idle() and self.assembler.n_pending == 0
+        return self.intake.idle() and self.assembler.n_pending == 0 and not self._held
 
     # ---- the loop --------------------------------------------------------
     def run(self, stop: threading.Event, until_idle: bool = False, observe: bool = True) -> None:
@@ -225,6 +227,7 @@ class Service:
         for p in self.intake.collect():
             ready += self._take(self._read(p))
         ready += self._take(self.assembler.due())
+        ready += self._due_held()
         self.handle_all(ready)
         if self.feedback is not None:
             try:
@@ -242,6 +245,25 @@ class Service:
         frames = [o for o in items if isinstance(o, Frame)]
         self.recorder.apply([o for o in items if isinstance(o, FileEvent)])
         return frames
+
+    def _due_held(self) -> list[Frame]:
+        """Frames waiting for a stage's input whose next try is due."""
+        now = time.monotonic()
+        due = [k for k, (_, r) in self._held.items() if r.next_try <= now]
+        return [self._held[k][0] for k in due]
+
+    def _hold(self, frame: Frame, result: StageError) -> None:
+        """A stage found its input not ready (:attr:`StageError.retryable`): the frame is tried
+        again with back-off, and quarantined at ``ready_deadline_s``, by the one retry policy."""
+        self.recorder.ledger.release_processing(frame.key)  # not the frame's fault: no attempt used
+        _, retry = self._held.get(frame.key, (frame, Retry(time.monotonic())))
+        ev = FileEvent("not_ready", tuple(map(str, frame.sources)), result.problem, frame.key)
+        gave_up = retry_or_give_up(ev, retry, self.settings.ready_deadline_s, time.monotonic())
+        if gave_up is None:
+            self._held[frame.key] = (frame, retry)
+            return
+        self._held.pop(frame.key, None)
+        self.recorder.apply([gave_up])
 
     def _read(self, p: Path) -> Frame | FileEvent | None:
         """Read one stable file: the frame it completes, what became of it, or None (waiting)."""
@@ -297,6 +319,10 @@ class Service:
         propagates and stops the service without using one of the frame's
         attempts.
         """
+        if isinstance(result, StageError) and result.retryable:
+            self._hold(frame, result)
+            return None
+        self._held.pop(frame.key, None)
         recorded = self.recorder.apply([frame_result(frame, result)])
         if recorded and self.on_counts is not None:
             self.on_counts(recorded[0])

@@ -113,9 +113,9 @@ class Recorder:
             self.metrics.errors.labels("assemble").inc()
         elif ev.kind == "dropped":
             self.metrics.frames.labels("dropped").inc()
-        # only an ``assemble`` failure belongs to a frame of its own; a dropped late file's frame
-        # may be recorded already, and must stay so
-        self.quarantine(list(ev.paths), ev.stage, ev.problem, ev.key if ev.kind == "assemble" else None)
+        # an ``assemble`` failure, or a frame given up while a stage waited for its input, belongs to a
+        # frame of its own; a dropped late file's frame may be recorded already, and must stay so
+        self.quarantine(list(ev.paths), ev.stage, ev.problem, ev.key if ev.kind in ("assemble", "bad") else None)
 
     def record(self, counts: Counts) -> bool:
         """Hand ``counts`` to every sink; mark the frame done once the record of truth has it.

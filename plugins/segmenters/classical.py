@@ -53,9 +53,9 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from monitor.errors import ConfigError
+from monitor.errors import BadInput, ConfigError
 from monitor.protocols import BuildContext, SegmenterBase
-from monitor.records import Cells, Frame
+from monitor.records import Cells, Frame, channel_key
 from monitor.registry import plugin_spec
 from monitor.segmentation import cells_from_labels
 
@@ -78,6 +78,8 @@ class Options(BaseModel):
         "blobs: round cells of one size in a counting chamber (never picked by auto); auto: per image",
     )
     work_pixel_size_um: float = Field(0.8, gt=0, description="segment on a grid no finer than this (speed)")
+    channel: str | None = Field(None, description="segment this channel (e.g. a nuclear stain, mode intensity) instead of the "
+                                "frame's primary one; crops are still cut from the primary (label-free) channel")
     background_um: float = Field(15.0, gt=0, description="sigma of the background Gaussian")
     contrast_um: float = Field(0.35, gt=0, description="sigma of the local-contrast window")
     threshold_scale: float = Field(0.5, gt=0, description="multiplies the Otsu threshold of the foreground signal")
@@ -399,8 +401,25 @@ class ClassicalSegmenter(SegmenterBase):
         self.acceptance = acceptance
         self._grid_warned = False
 
+    def channel_of(self, frame: Frame) -> Any:
+        """The plane segmented: ``channel`` when configured (case and spaces aside), else the primary.
+
+        Raises
+        ------
+        BadInput
+            The frame has no such channel (one line naming the frame's file).
+        """
+        if self.o.channel is None:
+            return frame.image
+        want = channel_key(self.o.channel)
+        for name, img in frame.channels.items():
+            if channel_key(name) == want:
+                return img
+        raise BadInput(frame.sources[0] if frame.sources else frame.key,
+                       f"segmenter.options.channel {self.o.channel!r} is not in this frame (channels: {', '.join(frame.channels)})")
+
     def segment(self, frame: Frame) -> Cells:
-        """Segment the primary channel; areas and border filtered on the frame's own grid."""
+        """Segment the primary channel (or ``channel``); areas and border filtered on the frame's own grid."""
         o = self.o
         if self.acceptance is not None and not self._grid_warned:
             fitted = self.acceptance.fitted.get("work_um")
@@ -410,7 +429,7 @@ class ClassicalSegmenter(SegmenterBase):
                 log.warning("segmenter classical: the acceptance model was fitted on a %.3g um/px working grid, frames are segmented "
                             "on %.3g um/px (pipeline.pixel_size_um changed?): its features mean something else; refit it "
                             "with `cellmonitor segment-fit`", float(fitted), work)
-        labels = segment_image(frame.image, frame.pixel_size_um, o, self.acceptance)
+        labels = segment_image(self.channel_of(frame), frame.pixel_size_um, o, self.acceptance)
         # the mode's default speck limit applied on the working grid (hand-set rules); this applies
         # the configured one (if any) exactly, on the frame's own grid, under any rule
         low = o.min_area_um2 if o.min_area_um2 is not None else 0.0

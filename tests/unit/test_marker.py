@@ -81,3 +81,19 @@ def test_otsu_is_fitted_on_the_cells_earlier_rules_left() -> None:
     assert 0.0 < rules.rules[1].threshold < 30.0  # split between live and apoptotic, not between apoptotic and dead
     got = list(label_cells({"pi": pi, "apo": apo}, rules))
     assert got == ["dead"] * 30 + ["apoptotic"] * 20 + ["live"] * 60
+
+
+def test_a_published_rule_with_an_explicit_band_in_mads_outside_every_mask() -> None:
+    """"Dead at >= 25 background MADs above the background median, live at <= 3, between not scored":
+    ``noise = "mad"``, ``ring_um = 0``, ``ambiguous_above = 3``."""
+    frame, cells = _frame_and_cells([0.0, 10.0, 40.0, 60.0], noise=2.0)
+    sigma = measure(frame, cells, "pi")
+    mad = measure(frame, cells, "pi", ring_um=0.0, noise="mad")
+    assert mad == pytest.approx(sigma * 1.4826, rel=0.05, abs=0.1)  # MADs are 1.4826 x more numerous than sigmas
+    rules = resolve({"rules": [{"channel": "pi", "state": "dead", "threshold": 25.0, "ambiguous_above": 3.0}],
+                     "negative": "live", "ring_um": 0.0, "noise": "mad"})
+    assert rules.record()["rules"][0]["ambiguous_above"] == 3.0 and rules.noise == "mad"
+    got = list(label_cells({"pi": np.array([2.9, 3.0, 3.1, 24.9, 25.0, 80.0])}, rules))
+    assert got == ["live", "live", AMBIGUOUS, AMBIGUOUS, "dead", "dead"]
+    labels = list(MarkerCheck(rules, {}).verdicts(frame, cells)[1])
+    assert labels[0] == "live" and labels[-1] == "dead"

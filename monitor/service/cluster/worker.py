@@ -108,5 +108,8 @@ class FrameWorker:
         except Exception as e:  # process_frames isolates frames and stages; a last resort
             results = [StageError("process", e)] * len(frames)
         for i, f, r in zip(owner, frames, results, strict=True):
-            out[i].append(frame_result(f, r))
+            if isinstance(r, StageError) and r.retryable:  # a stage's input not there yet: the driver retries the unit
+                out[i].append(FileEvent("not_ready", tuple(map(str, f.sources)), r.problem, f.key))
+            else:
+                out[i].append(frame_result(f, r))
         return out
