@@ -66,7 +66,7 @@ def describe(acq: Any, reader: str) -> dict[str, Any]:
         "timepoint": acq.key.timepoint,
         "acquired_at": acq.acquired_at.isoformat() if acq.acquired_at else None,
         "channels": {
-            name: {"shape": list(img.shape), "dtype": str(img.dtype)} for name, img in acq.channels.items()
+            name: {"shape": list(img.shape), "dtype": str(img.dtype), "role": acq.roles.get(name)} for name, img in acq.channels.items()
         },
         "pixel_size_um": acq.pixel_size_um,
         "pixel_size_source": acq.pixel_size_source,
@@ -81,7 +81,8 @@ def format_description(info: dict[str, Any]) -> list[str]:
         v = info.get(key)
         lines.append(f"  {label:<18} {v if v is not None else '-'}")
     for name, c in info["channels"].items():
-        lines.append(f"  {'channel':<18} {name}: {'x'.join(map(str, c['shape']))} {c['dtype']}")
+        role = {"transmitted": "label-free", "marker": "death marker", "nuclear": "nuclear stain"}.get(c.get("role") or "", c.get("role") or "role unknown")
+        lines.append(f"  {'channel':<18} {name}: {'x'.join(map(str, c['shape']))} {c['dtype']} ({role})")
     lines.append(f"  {'pixel size':<18} {info['pixel_size_um']:.4f} um/px (from {info['pixel_size_source']})")
     shown = {"plate"}
     for k, v in info["metadata"].items():

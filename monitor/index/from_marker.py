@@ -141,7 +141,10 @@ def build_index(cfg: Config, pipeline: Pipeline, marked: MarkerLabels, **build_k
 def describe(marked: MarkerLabels, say: Callable[[str], None]) -> None:
     """The label counts and the thresholds used, one line each."""
     for r in marked.rules.rules:
-        say(f"  rule: {r.channel} > {r.threshold:.3g} (SNR) -> {r.state}  (ambiguous within +-{marked.rules.margin * abs(r.threshold):.3g})")
+        unit = "MADs" if marked.rules.noise == "mad" else "SNR"
+        band = (f"ambiguous between {r.ambiguous_above:.3g} and {r.threshold:.3g}" if r.ambiguous_above is not None
+                else f"ambiguous within +-{marked.rules.margin * abs(r.threshold):.3g}")
+        say(f"  rule: {r.channel} {'>=' if r.ambiguous_above is not None else '>'} {r.threshold:.3g} ({unit}) -> {r.state}  ({band})")
     say(f"  else: {marked.rules.negative}")
     say("  cells: " + ", ".join(f"{k} {v}" for k, v in sorted(marked.counts.items())) + f" in {marked.frames} frame(s)")
     if marked.frames_without_marker:

@@ -559,7 +559,7 @@ def test_cli_inspect_prints_every_field(plate, capsys):
     for want in (
         "reader             gen5", "instrument         gen5", "experiment         241128_111010_Plate 1",
         "plate              Plate 1", "well               B2", "field              2", "timepoint index    3",
-        "acquired at        2024-11-28T12:10:10", "channel            Texas Red: 192x256 uint16",
+        "acquired at        2024-11-28T12:10:10", "channel            Texas Red: 192x256 uint16 (fluorescence)",
         "pixel size         0.3219 um/px (from metadata:gen5)", "excitation_nm      586", "objective          20x",
     ):
         assert want in out, want
@@ -578,7 +578,7 @@ def test_cli_inspect_json_for_every_reader(plate, nano, tmp_path, capsys):
     g, n, t = rows
     assert (g["plate"], g["well"], g["field"], g["timepoint"], g["pixel_size_source"]) == ("Plate 1", "A1", "1", 1, "metadata:gen5")
     assert g["acquired_at"] == datetime(2024, 11, 28, 11, 10, 10).isoformat()
-    assert g["channels"] == {"Bright Field": {"shape": [192, 256], "dtype": "uint16"}}
+    assert g["channels"] == {"Bright Field": {"shape": [192, 256], "dtype": "uint16", "role": "transmitted"}}
     assert (n["instrument"], n["pixel_size_um"], n["pixel_size_source"]) == ("nanolive", 0.19, "config")
     assert n["channels"]["RI"]["dtype"] == "float32"
     assert (t["pixel_size_um"], t["pixel_size_source"], t["timepoint"]) == (0.5, "config", 2)
