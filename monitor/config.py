@@ -155,6 +155,30 @@ class MarkerConfig(_Model):
     agreement: bool = Field(True, description="on frames with the marker channel, count how many marker-labelled cells the classifier agrees with")
 
 
+class FitConfig(_Model):
+    """``[fit]``: how ``index build --from-marker`` fine-tunes an encoder named with ``fitted = true``.
+
+    The encoder starts from its ImageNet weights and learns the lab's marker-labelled
+    references (class-balanced cross-entropy, a small projection to ``embed_dim``, dihedral,
+    translation and contrast augmentation); its output is then that learned embedding, and
+    EWC-FAISS classifies over it. The weights go into the index folder (``fit/<encoder>.npz``,
+    checksummed, no pickle) and the encoder's id carries their digest.
+    """
+
+    epochs: int = Field(8, ge=1, le=200)
+    lr: float = Field(1e-3, gt=0, le=1.0, description="peak learning rate (one-cycle schedule, AdamW)")
+    batch_size: int = Field(32, ge=2, le=1024)
+    embed_dim: int = Field(64, ge=2, le=1280, description="size of the projection the class head is trained on")
+    embedding: Literal["features", "projection"] = Field(
+        "features", description="what the fitted encoder gives EWC: its pooled 1280-d features (the index conditions them) or the projection")
+    input_px: int = Field(64, ge=32, le=512, description="the encoder's input size while fitting and after (crops are resized to it)")
+    jitter_px: int = Field(4, ge=0, le=64, description="random translation of each crop while fitting")
+    weight_decay: float = Field(1e-2, ge=0)
+    label_smoothing: float = Field(0.05, ge=0, lt=1)
+    seed: int = 0
+    threads: int = Field(0, ge=0, description="torch CPU threads while fitting (0: torch's default)")
+
+
 class PluginsConfig(_Model):
     """``[plugins]``: folders searched for site-local ``module:attr`` plugins."""
 
@@ -176,6 +200,7 @@ class Config(_Model):
     classifier: ClassifierConfig = ClassifierConfig()
     control: ControlConfig = ControlConfig()
     marker: MarkerConfig = MarkerConfig()
+    fit: FitConfig = FitConfig()
     sinks: list[PluginRef] = Field(default_factory=lambda: [PluginRef(name="csv"), PluginRef(name="prometheus")])
     plugins: PluginsConfig = PluginsConfig()
 

@@ -21,7 +21,7 @@ anywhere else.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -97,6 +97,12 @@ class Encoder(Protocol):
     # optional, defaults in EncoderBase
     prefetches: bool
     version: str | None
+    needs_fit: bool
+
+    def fit(self, crops: np.ndarray, labels: np.ndarray, classes: Sequence[str], settings: Any, folder: Path,
+            progress: bool = True) -> dict[str, Any]:
+        """Learn from labelled crops (``index build --from-marker``; optional: not fittable)."""
+        ...
 
     def encode(self, crops: np.ndarray) -> np.ndarray:
         """float32 (N, dim) vectors of uint8 (N, S, S, 3) crops; deterministic, row-independent."""
@@ -206,6 +212,14 @@ class EncoderBase:
 
     prefetches: bool = False
     version: str | None = None
+    #: the encoder learns from the lab's references at ``index build --from-marker`` (:meth:`fit`)
+    #: and is not ready to embed before
+    needs_fit: bool = False
+
+    def fit(self, crops: np.ndarray, labels: np.ndarray, classes: Sequence[str], settings: Any, folder: Path,
+            progress: bool = True) -> dict[str, Any]:
+        """Learn from labelled crops, keep the weights under ``folder``; returns what was done."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be fitted")
 
     @property
     def cache_id(self) -> str:
@@ -353,17 +367,22 @@ class BuildContext:
     experiment: str = "default"
     roles: Mapping[str, str] | None = None
     models: ModelCache = field(default_factory=ModelCache)
+    #: the reference index folder (an encoder fitted by ``index build`` keeps its weights there)
+    index_dir: Path | None = None
+    #: True while ``index build --from-marker`` builds the plugins: an encoder to be fitted is
+    #: built from its base weights (its fitted weights do not exist yet) and fitted there
+    fitting: bool = False
 
 
 def context_from(cfg: Config, *, device: str | None = None, metrics: Any = None,
-                 roles: Mapping[str, str] | None = None) -> BuildContext:
+                 roles: Mapping[str, str] | None = None, index_dir: Path | None = None, fitting: bool = False) -> BuildContext:
     """The build context a configuration implies: its state folder, its own path (plugin
     paths are relative to it), its experiment, and ``device`` (default: the configured
     ``pipeline.device``, resolved to one this machine has)."""
     s = cfg.service
     return BuildContext(state_dir=s.state_dir, config_path=cfg.path, metrics=metrics,
                         device=device if device is not None else resolve_device(cfg.pipeline.device),
-                        experiment=s.experiment, roles=roles)
+                        experiment=s.experiment, roles=roles, index_dir=index_dir or cfg.classifier.index, fitting=fitting)
 
 
 class PluginSpec(Protocol):

@@ -238,6 +238,7 @@ def _build_from_marker(args: argparse.Namespace) -> int:
         build_index,
         check_rules,
         describe,
+        fit_encoders,
         frames_in,
         label_frames,
     )
@@ -262,7 +263,7 @@ def _build_from_marker(args: argparse.Namespace) -> int:
         raise ConfigError("--from-marker embeds with the config's [[encoders]] (the index must fit the service); drop --encoders")
     check_rules(cfg)
     registry = Registry(cfg.plugins.paths)
-    ctx = context_from(cfg, device="cpu")
+    ctx = context_from(cfg, index_dir=args.out, fitting=True)  # an encoder named fitted = true is fitted below
     pipeline = pipeline_without_index(cfg, registry, ctx)
     skipped: list[tuple[str, str]] = []
     frames = frames_in(cfg, build_readers(cfg, registry, ctx), Path(folder), skipped)
@@ -271,6 +272,10 @@ def _build_from_marker(args: argparse.Namespace) -> int:
     print(f"{folder}: {len(frames)} frame(s)", file=sys.stderr)
     marked = label_frames(cfg, pipeline, frames, Path(folder), progress=not args.no_progress)
     describe(marked, lambda line: print(line, file=sys.stderr))
+    fitted = fit_encoders(cfg, pipeline, marked, args.out, progress=not args.no_progress)
+    for rec in fitted:
+        print(f"  fitted {rec['encoder']} on {sum(rec['references'].values())} references in {rec['seconds']:.0f} s "
+              f"({rec['epochs']} epochs, loss {rec['loss_per_epoch'][0]:.3f} -> {rec['loss_per_epoch'][-1]:.3f}): {rec['id']}", file=sys.stderr)
     # a calibration run gives hundreds of cells, not thousands: the preset's k and conditioning
     # are capped so that no class is outvoted by k alone and the whitening is not fitted on noise
     preset = PRESETS[args.preset]

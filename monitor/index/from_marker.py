@@ -129,13 +129,27 @@ def check_rules(cfg: Config) -> None:
 def build_index(cfg: Config, pipeline: Pipeline, marked: MarkerLabels, **build_kw: Any) -> Any:
     """The reference index from the marker-labelled crops (encoders as configured)."""
 
-    classes = tuple(s for s in ("live", "apoptotic", "necrotic", "dead") if s in set(marked.labels))
-    y = np.array([classes.index(s) for s in marked.labels])
+    classes, y = marker_classes(marked)
     emb = embed(marked.crops, pipeline.encoders, pipeline.batch_size)
     encs = [{"name": e.name, "id": e.id, "dim": e.dim} for e in pipeline.encoders]
     prep = {"source": "marker", "pixel_size_um": pipeline.pixel_size_um, "crop_px": pipeline.crop_px,
             "blank_background": pipeline.blank_background, "marker": marked.rules.record(), "marker_counts": marked.counts}
-    return ReferenceIndex.build(emb.vectors, y, classes, encs, ref_names=marked.names, preprocessing=prep, **build_kw)
+    index = ReferenceIndex.build(emb.vectors, y, classes, encs, ref_names=marked.names, preprocessing=prep, **build_kw)
+    index.extra_files = [f"fit/{e.name}{suffix}" for e in pipeline.encoders if "fit-" in e.id for suffix in (".npz", ".json")]
+    return index
+
+
+def marker_classes(marked: MarkerLabels) -> tuple[tuple[str, ...], np.ndarray]:
+    """The index's classes (canonical order) and each kept cell's class number."""
+    classes = tuple(s for s in ("live", "apoptotic", "necrotic", "dead") if s in set(marked.labels))
+    return classes, np.array([classes.index(s) for s in marked.labels], dtype=np.int64)
+
+
+def fit_encoders(cfg: Config, pipeline: Pipeline, marked: MarkerLabels, folder: Path, progress: bool = True) -> list[dict[str, Any]]:
+    """Fit every encoder configured ``fitted = true`` on the marker-labelled crops (settings: ``[fit]``);
+    their weights go into the index folder. Returns one record per fitted encoder."""
+    classes, y = marker_classes(marked)
+    return [enc.fit(marked.crops, y, classes, cfg.fit, Path(folder), progress) for enc in pipeline.encoders if enc.needs_fit]
 
 
 def describe(marked: MarkerLabels, say: Callable[[str], None]) -> None:

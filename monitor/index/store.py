@@ -131,6 +131,8 @@ class ReferenceIndex:
         self.unknown = unknown
         #: 1 as built; each batch of expert corrections adds one (:meth:`add`)
         self.version = 1
+        #: files beside the index that it depends on (weights fitted for its encoders), checksummed in meta.json
+        self.extra_files: list[str] = []
         #: the version on disk (built, or the last saved corrections): below ``version`` = unsaved corrections
         self.saved_version = 1
         #: SHA-256 of the meta.json this index was loaded from or saved as: corrections name their base
@@ -249,7 +251,7 @@ class ReferenceIndex:
         folder.mkdir(parents=True, exist_ok=True)
         faiss.write_index(self.faiss_index, str(folder / "vectors.faiss"))
         np.save(folder / "labels.npy", self.labels, allow_pickle=False)
-        files = ["vectors.faiss", "labels.npy"]
+        files = ["vectors.faiss", "labels.npy", *(f for f in self.extra_files if (folder / f).is_file())]
         if self.ref_names is not None:
             (folder / "ids.json").write_text(json.dumps(self.ref_names))
             files.append("ids.json")
@@ -372,6 +374,7 @@ class ReferenceIndex:
                 raise fail(f"unknown-cell calibration: {e}") from None
         out = cls(m, labels, VectorSearch(index, m.metric, m.structure, m.hnsw, m.normalize, cond), names, unknown)
         out.version = meta.version
+        out.extra_files = [f for f in checks if f.startswith("fit/")]  # weights fitted for the index's encoders
         out.base_sha = file_sha256(meta_path)
         load_corrections(out, folder, fail)
         out.saved_version = out.version

@@ -31,6 +31,22 @@ Pooling (``pool``), applied to every pooled map:
 Every option that changes the vector (weights digest, input size, layers, pool) is
 part of :attr:`EfficientNetLiteEncoder.id`, so an index refuses an encoder
 configured differently from the one it was built with.
+
+Fitted (``fitted = true``): the encoder learns the lab's own marker-labelled
+references at ``index build --from-marker`` (:class:`FittedLiteEncoder`,
+settings in the config's ``[fit]``): from its ImageNet weights, with a linear
+projection to ``[fit] embed_dim`` and a class head on top, class-balanced
+cross-entropy, dihedral, translation and contrast augmentation, a one-cycle
+AdamW schedule. Its output is the fine-tuned network's pooled 1280-d features
+(``[fit] embedding = "features"``, the default; the index's conditioning
+whitens them) or the learned projection (``"projection"``), of the mean of the
+8 flips/rotations of each crop, which EWC-FAISS classifies over.
+The weights are written to ``<index>/fit/efficientnet-lite<N>.npz`` (plain
+arrays, no pickle) with a JSON record beside them, both checksummed in the
+index's ``meta.json``, and the encoder's id carries the weights' digest
+(``...:fit-<sha12>``), so an index and its fitted encoder cannot be mixed up.
+The service loads them from the configured ``[classifier] index`` folder; a
+missing file is one line saying which command writes it.
 """
 
 from __future__ import annotations
@@ -66,6 +82,8 @@ class Options(BaseModel):
     pool: Literal["mean", "gem", "meanmax"] = Field(
         "mean", description="mean: average pool; gem: generalised mean (p=3); meanmax: average pools then max pools (2x dims)"
     )
+    fitted: bool = Field(False, description="fine-tuned on the lab's marker-labelled references by `index build --from-marker` "
+                         "([fit] settings); the weights live in the index folder")
 
 
 def _default_weights(variant: int) -> Path:
@@ -109,14 +127,9 @@ class EfficientNetLiteEncoder(EncoderBase):
         self.id = f"{self.name}@{weights_tag}:{input_px}px:pm1:{POOL_IDS[pool]}{suffix}"
 
     def encode(self, crops: Any) -> Any:
-        import numpy as np
         import torch
-        import torch.nn.functional as F
 
-        x = torch.from_numpy(np.ascontiguousarray(crops)).to(self.device)
-        x = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-        if x.shape[-1] != self.input_px or x.shape[-2] != self.input_px:
-            x = F.interpolate(x, size=(self.input_px, self.input_px), mode="bilinear", align_corners=False, antialias=True)
+        x = to_input(crops, self.input_px, self.device)
         with torch.inference_mode():
             if not self._taps:
                 maps = [self.model.extract_features(x)]
@@ -174,12 +187,244 @@ def load_efficientnet_lite(
     return EfficientNetLiteEncoder(variant, model, tag, input_px or _NATIVE[variant], device, layers, pool)
 
 
-def _build(variant: int, options: Options, ctx: BuildContext) -> EfficientNetLiteEncoder:
+def to_input(crops: Any, input_px: int, device: str = "cpu") -> Any:
+    """uint8 RGB crops (N, S, S, 3) -> the model's (N, 3, input_px, input_px) input in [-1, 1] (TF-Lite convention)."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.ascontiguousarray(crops)).to(device)
+    x = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    if x.shape[-1] != input_px or x.shape[-2] != input_px:
+        x = F.interpolate(x, size=(input_px, input_px), mode="bilinear", align_corners=False, antialias=True)
+    return x
+
+
+def fit_path(folder: Path, variant: int) -> Path:
+    """Where the weights fitted for EfficientNet-Lite``variant`` live in an index folder."""
+    return Path(folder) / "fit" / f"efficientnet-lite{variant}.npz"
+
+
+class FittedLiteEncoder(EncoderBase):
+    """EfficientNet-Lite fine-tuned on the lab's references; embeds into the learned projection (module docstring).
+
+    Built before its weights exist while ``index build --from-marker`` runs
+    (``needs_fit``; :meth:`fit` makes it ready), from them otherwise.
+    """
+
+    def __init__(self, variant: int, base_tag: str, model: Any, input_px: int, embed_dim: int, device: str = "cpu",
+                 embedding: str = "features"):
+        import torch
+
+        self.variant = variant
+        self.name = f"efficientnet-lite{variant}"
+        self.base_tag = base_tag
+        self.model = model.to(device).eval()
+        self.input_px = input_px
+        self.device = device
+        self.proj = torch.nn.Linear(1280, embed_dim).to(device).eval()
+        self.embedding = embedding
+        self.dim = 1280 if embedding == "features" else embed_dim
+        self.needs_fit = True
+        self.id = f"{self.name}@{base_tag}:{input_px}px:pm1:fit-pending"
+
+    # ---- weights ------------------------------------------------------------------------
+    def load(self, path: Path) -> None:
+        """Take the fitted weights from ``path`` (``.npz``, no pickle); the id gets their digest.
+
+        Raises
+        ------
+        WeightsMissing
+            Not fitted weights of this model (a missing tensor or one of another shape).
+        """
+        import numpy as np
+        import torch
+
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        proj = {k[len("proj."):]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("proj.")}
+        body = {k[len("model."):]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("model.")}
+        try:
+            if proj["weight"].shape[0] != self.proj.out_features:
+                self.proj = torch.nn.Linear(1280, int(proj["weight"].shape[0])).to(self.device)
+            self.proj.load_state_dict(proj)
+            self.dim = 1280 if self.embedding == "features" else self.proj.out_features
+            missing, unexpected = self.model.load_state_dict(body, strict=False)
+        except (KeyError, RuntimeError) as e:
+            raise WeightsMissing(f"{path}: not weights fitted for {self.name} ({' '.join(str(e).split())[:160]})") from None
+        bad = [k for k in missing if not k.startswith("_fc")]
+        if bad or unexpected:
+            raise WeightsMissing(f"{path}: not weights fitted for {self.name} ({len(bad)} missing, {len(unexpected)} unexpected tensors)")
+        self.model.eval()
+        self.proj.eval()
+        self.needs_fit = False
+        kind = "" if self.embedding == "features" else "+proj"
+        self.id = f"{self.name}@{self.base_tag}:{self.input_px}px:pm1:fit-{file_sha256(path)[:12]}{kind}"
+
+    def _features(self, x: Any) -> Any:
+        m = self.model
+        h = m._swish(m._bn0(m._conv_stem(x)))
+        for block in m._blocks:
+            h = block(h)
+        return m._swish(m._bn1(m._conv_head(h))).mean(dim=(2, 3))
+
+    def encode(self, crops: Any) -> Any:
+        """The mean pooled features of the 8 flips/rotations of each crop (or their projection)."""
+        import torch
+
+        if self.needs_fit:
+            raise RuntimeError(f"{self.name}: fitted = true but not fitted yet (index build --from-marker fits it)")
+        x = to_input(crops, self.input_px, self.device)
+        with torch.inference_mode():
+            f = sum(self._features(torch.rot90(v, k, (2, 3))) for v in (x, x.flip(3)) for k in range(4)) / 8
+            return (f if self.embedding == "features" else self.proj(f)).float().cpu().numpy()
+
+    # ---- fitting --------------------------------------------------------------------------
+    def fit(self, crops: Any, labels: Any, classes: Any, settings: Any, folder: Path, progress: bool = True) -> dict[str, Any]:
+        """Fine-tune on labelled crops (``settings``: the config's ``[fit]``); write and load the weights.
+
+        Returns the record written beside the weights (``fit/<name>.json``).
+        """
+        import json
+        import sys
+        import time
+
+        import numpy as np
+        import torch
+        import torch.nn.functional as F
+        from tqdm import tqdm
+
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        torch.manual_seed(settings.seed)
+        self.input_px = int(settings.input_px)
+        self.embedding = str(settings.embedding)
+        if int(settings.embed_dim) != self.proj.out_features:
+            self.proj = torch.nn.Linear(1280, int(settings.embed_dim)).to(self.device)
+        rng = np.random.default_rng(settings.seed)
+        y = np.asarray(labels, dtype=np.int64)
+        n_cls = len(classes)
+        counts = np.bincount(y, minlength=n_cls)
+        if (counts == 0).any():
+            raise ValueError(f"fit: class {classes[int(np.argmin(counts))]!r} has no references")
+        weight = torch.tensor(len(y) / (n_cls * counts), dtype=torch.float32)
+        model, proj = self.model.to(self.device), self.proj.to(self.device)
+        head = torch.nn.Linear(proj.out_features, n_cls).to(self.device)
+        drop = torch.nn.Dropout(0.3)
+        params = [*model.parameters(), *proj.parameters(), *head.parameters()]
+        opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        bs = settings.batch_size
+        steps = settings.epochs * max(1, int(np.ceil(len(y) / bs)))
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings.lr, total_steps=steps, pct_start=0.15)
+        lossf = torch.nn.CrossEntropyLoss(weight=weight.to(self.device), label_smoothing=settings.label_smoothing)
+        x_all = np.asarray(crops)
+        t0 = time.perf_counter()
+        curve = []
+        bar = tqdm(total=steps, desc=f"fit {self.name}", unit="step", file=sys.stderr, disable=None if progress else True)
+        for _ in range(settings.epochs):
+            model.train()
+            proj.train()
+            order = rng.permutation(len(y))
+            total = 0.0
+            for s in range(0, len(order), bs):
+                b = order[s : s + bs]
+                if len(b) < 2:
+                    continue
+                x = to_input(augment(x_all[b], rng, settings.jitter_px), self.input_px, self.device)
+                logits = head(F.gelu(proj(drop(self._features(x)))))
+                loss = lossf(logits, torch.from_numpy(y[b]).to(self.device))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += float(loss.item()) * len(b)
+                bar.update(1)
+            curve.append(round(total / len(y), 4))
+        bar.close()
+        model.eval()
+        proj.eval()
+        path = fit_path(folder, self.variant)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {f"model.{k}": v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+        arrays |= {f"proj.{k}": v.detach().cpu().numpy() for k, v in proj.state_dict().items()}
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, **arrays)
+        tmp.replace(path)
+        self.load(path)
+        record = {"encoder": self.name, "id": self.id, "base_weights": self.base_tag, "classes": list(classes),
+                  "references": {c: int(k) for c, k in zip(classes, counts, strict=True)}, "epochs": settings.epochs,
+                  "lr": settings.lr, "batch_size": bs, "embed_dim": self.proj.out_features, "embedding": self.embedding,
+                  "input_px": self.input_px,
+                  "jitter_px": settings.jitter_px, "seed": settings.seed, "loss_per_epoch": curve,
+                  "seconds": round(time.perf_counter() - t0, 1)}
+        path.with_suffix(".json").write_text(json.dumps(record, indent=2))
+        return record
+
+
+def augment(crops: Any, rng: Any, jitter_px: int) -> Any:
+    """A random flip/rotation, translation (edge-padded) and contrast change of each uint8 crop."""
+    import numpy as np
+
+    out = np.empty_like(crops)
+    for i, c in enumerate(crops):
+        if jitter_px:
+            dy, dx = rng.integers(-jitter_px, jitter_px + 1, 2)
+            c = np.pad(c, ((jitter_px, jitter_px), (jitter_px, jitter_px), (0, 0)), mode="edge")
+            c = c[jitter_px + dy : jitter_px + dy + crops.shape[1], jitter_px + dx : jitter_px + dx + crops.shape[2]]
+        c = np.rot90(c, int(rng.integers(4)))
+        if rng.random() < 0.5:
+            c = c[:, ::-1]
+        mid = 127.5
+        c = np.clip((c.astype(np.float32) - mid) * rng.uniform(0.8, 1.25) + mid + rng.normal(0, 6), 0, 255)
+        out[i] = c.astype(np.uint8)
+    return out
+
+
+def _build(variant: int, options: Options, ctx: BuildContext) -> Any:
     if options.threads:
         import torch
 
         torch.set_num_threads(options.threads)
-    return load_efficientnet_lite(variant, options.weights, options.input_px, ctx.device, layers=options.layers, pool=options.pool)
+    if not options.fitted:
+        return load_efficientnet_lite(variant, options.weights, options.input_px, ctx.device, layers=options.layers, pool=options.pool)
+    return load_fitted(variant, options, ctx)
+
+
+def load_fitted(variant: int, options: Options, ctx: BuildContext) -> FittedLiteEncoder:
+    """The encoder fitted into the index folder; while ``index build`` fits it (``ctx.fitting``), its base weights.
+
+    Raises
+    ------
+    WeightsMissing
+        Not fitted yet outside ``index build`` (one line naming the file and the command that writes it).
+    """
+    from monitor.config import FitConfig
+
+    base = load_efficientnet_lite(variant, options.weights, None, ctx.device)
+    if options.layers != "last" or options.pool != "mean" or options.input_px is not None:
+        raise WeightsMissing(f"efficientnet-lite{variant}: fitted = true takes its input size from [fit] input_px and embeds "
+                             "into the learned projection; drop layers, pool and input_px")
+    enc = FittedLiteEncoder(variant, base.id.split("@", 1)[1].split(":", 1)[0], base.model, FitConfig().input_px, FitConfig().embed_dim, ctx.device)
+    path = fit_path(ctx.index_dir, variant) if ctx.index_dir is not None else None
+    if path is not None and path.is_file() and not ctx.fitting:
+        enc.input_px, enc.embedding = _fitted_shape(path, enc.input_px)
+        enc.load(path)
+        return enc
+    if ctx.fitting:
+        return enc
+    raise WeightsMissing(f"{path}: efficientnet-lite{variant} is configured fitted = true but its fitted weights are not there; "
+                         "they are written by `cellmonitor index build FRAMES --from-marker CONFIG --out INDEX` (INDEX/fit/)")
+
+
+def _fitted_shape(path: Path, default_px: int) -> tuple[int, str]:
+    """The input size and the embedding recorded when the weights were fitted (``fit/<name>.json``)."""
+    import json
+
+    try:
+        rec = json.loads(path.with_suffix(".json").read_text())
+        return int(rec.get("input_px", default_px)), str(rec.get("embedding", "features"))
+    except (OSError, ValueError, TypeError) as e:
+        raise WeightsMissing(f"{path.with_suffix('.json')}: the record of the fitted weights is missing or unreadable ({e})") from None
 
 
 def _spec(variant: int) -> Any:

@@ -17,44 +17,13 @@ import numpy as np
 import pytest
 import tifffile
 from fixtures.fakeplugins import write_setup
+from fixtures.fields import NUCLEI, PX, write_field
 
 from monitor.cli.main import main
 from monitor.config import load_config
 from monitor.errors import BadInput, NotReady
 from monitor.records import Frame, FrameKey
 from monitor.registry import Registry
-
-PX = 0.322
-#: (mask id, centre y, centre x, dead): ids are not 1..N, so a kept id is told from a renumbered one
-NUCLEI = ((5, 20, 20, False), (9, 20, 60, True), (12, 60, 20, False), (30, 60, 60, True), (31, 100, 100, False))
-
-
-def write_field(folder: Path, name: str, nuclei=NUCLEI, *, mask: bool = True, sidecar: bool = True, extra_plane: bool = False,
-                mask_shape: tuple[int, int] | None = None, size: int = 128) -> Path:
-    """``<name>.tif`` (brightfield, PI, Hoechst planes as separate samples), ``<name>.json``, ``<name>_labelled.tif``."""
-    rng = np.random.default_rng(abs(hash(name)) % 2**32)
-    yy, xx = np.mgrid[0:size, 0:size]
-    bf = rng.normal(0.1, 0.01, (size, size))
-    pi = rng.normal(100, 5, (size, size))
-    ho = rng.normal(100, 5, (size, size))
-    labels = np.zeros((size, size), np.uint16)
-    for lab, cy, cx, dead in nuclei:
-        disc = (yy - cy) ** 2 + (xx - cx) ** 2 < 64
-        labels[disc] = lab
-        bf[disc] = 0.9 if dead else 0.3
-        pi[disc] = 100 + (400 if dead else 0)
-        ho[disc] = 600
-    planes = [bf * 60000, pi, ho] + ([rng.normal(50, 5, (size, size))] if extra_plane else [])
-    stack = np.stack([np.clip(p, 0, 65535).astype(np.uint16) for p in planes])
-    path = folder / f"{name}.tif"
-    tifffile.imwrite(path, stack, photometric="rgb" if len(planes) == 3 else "minisblack", planarconfig="separate")
-    if sidecar:
-        (folder / f"{name}.json").write_text(json.dumps({"channels": ["brightfield_channel", "dead_nuclei_channel", "live_nuclei_channel"],
-                                                         "spatial_calibration": PX}))
-    if mask:
-        m = labels if mask_shape is None else np.zeros(mask_shape, np.uint16)
-        tifffile.imwrite(folder / f"{name}_labelled.tif", m)
-    return path
 
 
 def marker_setup(root: Path, *, deadline_s: float = 30, sinks: str = 'name = "cells"') -> Path:
