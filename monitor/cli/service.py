@@ -32,13 +32,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("check-config", help="validate a config, every plugin's options, the watch folder and the index (exit 78 / 69 on problems)")
     p.add_argument("config", type=Path, metavar="CONFIG")
-    p.add_argument("--index", action="store_true", help="also load the models and check the index against them")
+    p.add_argument("--index", action="store_true", help="also load the whole pipeline (segmenter, encoders, index) as run does")
+    p.add_argument("--no-index", action="store_true", help="skip building the encoders to check the index's encoder ids")
     p.set_defaults(func=_check_config)
 
     p = sub.add_parser("export", help="post-run export of the counts CSV, sorted: wide or long (tidy) CSV, or Parquet")
     p.add_argument("counts", type=Path, metavar="COUNTS_CSV_OR_CONFIG")
     p.add_argument("--out", type=Path, required=True, help="a CSV file; with --format parquet a folder (one <experiment>.parquet each)")
     p.add_argument("--format", choices=("wide", "long", "parquet"), default="wide")
+    p.add_argument("--cells", type=Path, metavar="OUT", help="also gather the per-cell table (the cells sink's files under "
+                   "state_dir/cells; CONFIG given) into one file: .parquet or .csv by its suffix")
     p.set_defaults(func=_export)
 
 
@@ -177,6 +180,9 @@ def _check_config(args: argparse.Namespace) -> int:
     index = cfg.classifier.index
     if not (index / "meta.json").is_file():
         problems.append(f"{cfg.source_name}: classifier.index: {index}: not an index folder (no meta.json; build one with `cellmonitor index build`)")
+    if not problems and not args.no_index:
+        problems += _index_problems(cfg, registry)
+    problems += _port_problems(cfg)
     watch_missing = not cfg.service.watch_dir.is_dir()
     if problems:
         if watch_missing:
@@ -190,9 +196,42 @@ def _check_config(args: argparse.Namespace) -> int:
 
         ctx = context_from(cfg)
         p = build_pipeline(cfg, registry, ctx)
-        print(f"{args.config}: index {cfg.classifier.index} ({len(p.classifier.index)} references) matches the encoders")  # type: ignore[attr-defined]
+        print(f"{args.config}: index {cfg.classifier.index} ({len(p.classifier.index)} references) matches the pipeline")  # type: ignore[attr-defined]
     print(f"{args.config}: OK")
     return 0
+
+
+def _index_problems(cfg: Any, registry: Any) -> list[str]:
+    """The index against the config's encoders, as ``run`` checks it (encoders built, no segmenter):
+    one line naming the fix when they differ."""
+    from monitor.errors import CellmonitorError
+    from monitor.index.store import ReferenceIndex
+    from monitor.protocols import context_from
+
+    ctx = context_from(cfg, device="cpu")
+    try:
+        encoders = [registry.build("encoders", ref, ctx, cfg.source_name, f"encoders.{i}") for i, ref in enumerate(cfg.encoders)]
+        ReferenceIndex.load(cfg.classifier.index, [{"id": e.id, "dim": e.dim} for e in encoders])
+    except CellmonitorError as e:
+        return [f"{cfg.source_name}: classifier.index: {line}" for line in e.lines] if hasattr(e, "lines") else [f"{cfg.source_name}: classifier.index: {e}"]
+    return []
+
+
+def _port_problems(cfg: Any) -> list[str]:
+    """The metrics port can be bound (``run`` refuses to start when it cannot)."""
+    import socket
+
+    s = cfg.service
+    if not s.metrics_port:
+        return []
+    family = socket.AF_INET6 if ":" in s.metrics_addr else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind((s.metrics_addr, s.metrics_port))
+    except OSError as e:
+        return [f"{cfg.source_name}: service.metrics_port: {s.metrics_addr}:{s.metrics_port} cannot be bound ({e.strerror or e}); "
+                "another cellmonitor or exporter holds it? set another port, or 0 for none"]
+    return []
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -200,13 +239,32 @@ def _export(args: argparse.Namespace) -> int:
     from monitor.service.rows import export_csv
 
     src = args.counts
+    cells_dir = None
     if src.suffix == ".toml":
         from monitor.config import load_config
 
-        src = load_config(src).service.state_dir / "counts.csv"
+        cfg = load_config(src)
+        src = cfg.service.state_dir / "counts.csv"
+        cells_dir = next((Path(r.options["folder"]) for r in cfg.sinks if r.name == "cells" and r.options.get("folder")),
+                         cfg.service.state_dir / "cells")
     if not src.is_file():
         raise NoInput(src, "counts CSV not found")
     n = export_csv(src, args.out, args.format)
     what = f"{n} rows to {args.out}" + (" (one .parquet per experiment)" if args.format == "parquet" else "")
     print(f"wrote {what}")
+    if args.cells is not None:
+        from cellmonitor_plugins.sinks.cells import read_cells
+
+        from monitor.errors import UsageError
+
+        if cells_dir is None:
+            raise UsageError("--cells needs the config (COUNTS_CSV_OR_CONFIG as a .toml): it says where the cells sink writes")
+        if not cells_dir.is_dir():
+            raise NoInput(cells_dir, "no per-cell table here (is the cells sink in the config's [[sinks]]?)")
+        df = read_cells(cells_dir)
+        if args.cells.suffix.lower() == ".csv":
+            df.to_csv(args.cells, index=False)
+        else:
+            df.to_parquet(args.cells, index=False)
+        print(f"wrote {len(df)} cells to {args.cells}")
     return 0

@@ -131,7 +131,8 @@ def build_index(cfg: Config, pipeline: Pipeline, marked: MarkerLabels, **build_k
 
     classes, y = marker_classes(marked)
     emb = embed(marked.crops, pipeline.encoders, pipeline.batch_size)
-    encs = [{"name": e.name, "id": e.id, "dim": e.dim} for e in pipeline.encoders]
+    encs = [{"name": ref.name, "options": dict(ref.options), "id": e.id, "dim": e.dim}
+            for ref, e in zip(cfg.encoders, pipeline.encoders, strict=True)]
     prep = {"source": "marker", "pixel_size_um": pipeline.pixel_size_um, "crop_px": pipeline.crop_px,
             "blank_background": pipeline.blank_background, "marker": marked.rules.record(), "marker_counts": marked.counts}
     index = ReferenceIndex.build(emb.vectors, y, classes, encs, ref_names=marked.names, preprocessing=prep, **build_kw)

@@ -81,6 +81,25 @@ class MetaFile(BaseModel):
         return files
 
 
+def toml_value(v: Any) -> str:
+    """A TOML literal of a JSON-able value (strings quoted, booleans lower-case)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    return json.dumps(str(v))
+
+
+def encoders_hint(encoders: list[EncoderRecord]) -> str:
+    """The config's ``[[encoders]]`` an index was built with, on one line (what to paste)."""
+    parts = []
+    for e in encoders:
+        opts = (e.model_extra or {}).get("options") or {}
+        inline = ", ".join(f"{k} = {toml_value(v)}" for k, v in opts.items())
+        parts.append(f'[[encoders]] name = "{e.name or e.id.split("@")[0]}"' + (f" options = {{ {inline} }}" if inline else ""))
+    return "; ".join(parts)
+
+
 def read_meta(path: Path) -> MetaFile:
     """``meta.json`` validated; :class:`ValueError` with one line (``field: problem``) when it is not.
 

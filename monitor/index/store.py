@@ -68,6 +68,7 @@ from monitor.index.metafile import (
     FORMAT_VERSION,
     EncoderRecord,
     MetaFile,
+    encoders_hint,
     read_meta,
     write_meta,
 )
@@ -343,6 +344,8 @@ class ReferenceIndex:
                     + ", ".join(f"{i} (dim {d})" for i, d in want)
                     + " but the configuration gives "
                     + ", ".join(f"{i} (dim {d})" for i, d in got)
+                    + f"; fix: name the index's encoders in the config ({encoders_hint(meta.encoders)}), "
+                    "or rebuild the index with the config's: cellmonitor index build DATA --out INDEX (--from-marker CONFIG for marker-labelled frames)"
                 )
         names = None
         if (folder / "ids.json").is_file():

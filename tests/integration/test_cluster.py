@@ -264,3 +264,25 @@ def test_more_workers_than_the_cluster_holds_is_a_usage_error(cluster, tmp_path,
     assert "--workers 5" in capsys.readouterr().err
 
 
+
+
+@pytest.mark.timeout(200)
+def test_a_mask_that_never_comes_is_retried_then_quarantined_alike_on_ray(cluster, tmp_path):
+    """The masks segmenter's "not there yet" is retried by the one retry policy on the workers too:
+    the same quarantine line and counts as the local loop, the frame with its mask counted."""
+    from fixtures.fields import write_field
+    from test_marker_fields import marker_setup
+
+    got = {}
+    for engine in ("local", "ray"):
+        root = tmp_path / engine
+        cfg = marker_setup(root, deadline_s=2.0, sinks='name = "prometheus"')
+        write_field(root / "in", "exp1_snap_0_1_1", mask=False)  # its mask never comes
+        write_field(root / "in", "exp1_snap_0_1_2")
+        args = ["replay", str(cfg), "--no-metrics"] + (["--engine", "ray", "--workers", "2"] if engine == "ray" else [])
+        assert main(args) == 0
+        q = quarantined(root / "state")
+        assert [(name, stage) for name, stage, _ in q] == [("exp1_snap_0_1_1.tif", "read")], engine
+        assert "no segmentation mask yet" in q[0][2] and "still unreadable after 2s" in q[0][2], engine
+        got[engine] = repr((rows(root / "state"), q, ledger_state(root / "state"))).replace(str(root), "ROOT")
+    assert got["ray"] == got["local"] and "exp1_snap_0_1_2" in got["local"]

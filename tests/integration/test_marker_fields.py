@@ -215,6 +215,11 @@ def test_replay_counts_each_nucleus_and_writes_one_row_per_cell(tmp_path):
     # a second replay finds both frames done: the table is unchanged, no row twice
     assert main(["replay", str(cfg), "--no-metrics"]) == 0
     assert len(read_cells(state / "cells")) == 8
+    # the post-run export gathers the table into one file
+    assert main(["export", str(cfg), "--out", str(tmp_path / "counts.csv"), "--cells", str(tmp_path / "cells.parquet")]) == 0
+    import pandas as pd
+
+    assert len(pd.read_parquet(tmp_path / "cells.parquet")) == 8
 
 
 def test_a_frame_processed_again_rewrites_its_table_once(tmp_path):

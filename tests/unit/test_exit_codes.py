@@ -69,7 +69,7 @@ def test_metrics_listen_on_localhost_by_default():
 
 
 def test_check_config_reports_a_missing_watch_folder_and_a_missing_index(capsys, tmp_path):
-    code, out, err = run(capsys, "check-config", write_config(tmp_path, watch=False))
+    code, out, err = run(capsys, "check-config", write_config(tmp_path, watch=False), "--no-index")
     assert code == 69 and "OK" not in out
     assert "service.watch_dir" in one_line(err) and "no such folder" in err
     (tmp_path / "in").mkdir()
@@ -81,8 +81,52 @@ def test_check_config_reports_a_missing_watch_folder_and_a_missing_index(capsys,
     assert "classifier.index" in one_line(err) and "not an index folder" in err
     (tmp_path / "idx").mkdir()
     (tmp_path / "idx" / "meta.json").write_text("{}")
-    code, out, _ = run(capsys, "check-config", str(tmp_path / "c.toml"))
+    code, out, err = run(capsys, "check-config", str(tmp_path / "c.toml"))
+    assert code == 78 and "OK" not in out and "classifier.index" in one_line(err)  # what run would refuse
+    code, out, _ = run(capsys, "check-config", str(tmp_path / "c.toml"), "--no-index")
     assert code == 0 and out.strip().endswith(": OK")
+
+
+def _index_for(folder, encoder_id: str, dim: int, name: str = "efficientnet-lite0", options=None) -> None:
+    import numpy as np
+
+    from monitor.index.store import ReferenceIndex
+
+    rng = np.random.default_rng(0)
+    idx = ReferenceIndex.build(rng.normal(size=(12, dim)).astype(np.float32), np.array([0, 1] * 6), ("live", "dead"),
+                               [{"name": name, "options": options or {}, "id": encoder_id, "dim": dim}])
+    idx.save(folder)
+
+
+def test_check_config_checks_the_index_against_the_encoders_and_names_the_fix(capsys, tmp_path):
+    """run refuses an index built with other encoders; check-config must say so first, with the fix."""
+    from monitor.config import load_config
+    from monitor.protocols import context_from
+    from monitor.registry import Registry
+
+    cfg_path = write_config(tmp_path, index=False)
+    cfg = load_config(cfg_path)
+    enc = Registry().build("encoders", cfg.encoders[0], context_from(cfg, device="cpu"))
+    _index_for(tmp_path / "idx", enc.id, enc.dim)
+    code, out, _ = run(capsys, "check-config", cfg_path)
+    assert code == 0 and out.strip().endswith(": OK")
+    _index_for(tmp_path / "idx", "efficientnet-lite0@abc:224px:pm1:avgpool", 1280, options={"layers": "last"})
+    code, out, err = run(capsys, "check-config", cfg_path)
+    line = one_line(err)
+    assert code == 78 and "OK" not in out
+    assert "built with encoders efficientnet-lite0@abc:224px:pm1:avgpool (dim 1280)" in line
+    assert 'fix: name the index\'s encoders in the config ([[encoders]] name = "efficientnet-lite0" options = { layers = "last" })' in line
+    assert "cellmonitor index build DATA --out INDEX" in line
+
+
+def test_check_config_finds_a_metrics_port_in_use(capsys, tmp_path):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        code, out, err = run(capsys, "check-config", write_config(tmp_path, f"metrics_port = {port}"), "--no-index")
+    assert code == 78 and "OK" not in out
+    assert f"service.metrics_port: 127.0.0.1:{port} cannot be bound" in one_line(err)
 
 
 def test_run_with_a_bad_config_exits_78_before_loading_anything(capsys, tmp_path):
