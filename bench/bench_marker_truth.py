@@ -147,7 +147,7 @@ def direct_calls(cfg_path: Path, folder: Path) -> dict[tuple[str, int], dict[str
         cells = pipe.segmenter.segment(f)
         if not cells.cells:
             continue
-        crops = crop_cells(f, cells, pipe.crop_px, pipe.blank_background, pipe.crop_framing, pipe.crop_margin)
+        crops = crop_cells(f, cells, pipe.crop_px, pipe.blank_background, pipe.crop_framing, pipe.crop_margin, pipe.crop_contrast)
         emb = embed(crops, pipe.encoders, pipe.batch_size)
         states = pipe.classifier.classify(emb)
         _, nbr = index.search(emb.vectors, 20)

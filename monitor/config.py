@@ -92,6 +92,8 @@ class PipelineConfig(_Model):
     pixel_size_um: float = Field(0.322, ge=0.05, le=5.0)
     crop_px: int = Field(224, ge=16, le=2048)
     blank_background: bool = False
+    crop_contrast: Literal["percentile", "background"] = Field(
+        "percentile", description="crops' grey levels: the field's 0.5-99.5 percentiles, or its background level +- 15 MADs (faint label-free texture)")
     batch_size: int = Field(64, ge=1, le=4096)
     frames_per_call: int = Field(8, ge=1, le=256, description="queued frames whose crops share encoder calls (only frames already due; never waits)")
     certainty_floor: float = Field(0.5, ge=0.0, le=1.0)
@@ -177,6 +179,7 @@ class FitConfig(_Model):
     label_smoothing: float = Field(0.05, ge=0, lt=1)
     seed: int = 0
     threads: int = Field(0, ge=0, description="torch CPU threads while fitting (0: torch's default)")
+    condition_dim: int = Field(64, ge=0, description="the index whitens the fitted features to this many dimensions (0: raw)")
 
 
 class PluginsConfig(_Model):

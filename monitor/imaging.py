@@ -94,6 +94,30 @@ def display_range(image: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.
     return np.repeat(u8[..., None], 3, axis=2)
 
 
+def background_range(image: np.ndarray, mads: float = 15.0) -> np.ndarray:
+    """uint8 RGB (Y, X, 3) view of a grey frame channel around its background level.
+
+    The field's median (the background, where cells are a minority) maps to
+    mid-grey and +-``mads`` median absolute deviations to black and white:
+    the faint texture of a label-free cell keeps its contrast whatever bright
+    debris or dark edges the field also holds (a percentile stretch spends
+    its range on those). Colour (uint8 RGB) passes through unchanged.
+    """
+    img = np.asarray(image)
+    if img.ndim == 3 and img.dtype == np.uint8:
+        return np.ascontiguousarray(img[..., :3])
+    g = to_float(img)
+    med = float(np.median(g))
+    mad = float(np.median(np.abs(g - med))) or float(g.std()) or 1.0
+    u8 = (np.clip((g - med) / (2 * mads * mad) + 0.5, 0, 1) * 255).astype(np.uint8)
+    return np.repeat(u8[..., None], 3, axis=2)
+
+
+def frame_view(image: np.ndarray, contrast: str = "percentile") -> np.ndarray:
+    """The uint8 RGB view crops are cut from: :func:`display_range` (``percentile``) or :func:`background_range`."""
+    return background_range(image) if contrast == "background" else display_range(image)
+
+
 def crop_at(
     rgb: np.ndarray, centers_yx: np.ndarray, size: int, pad_value: int | np.ndarray | None = None
 ) -> np.ndarray:
@@ -164,7 +188,8 @@ def crop_boxes(
 
 
 def crop_cells(
-    frame: Frame, cells: Cells, size: int = 224, blank_background: bool = False, framing: str = "window", margin: float = BOX_MARGIN
+    frame: Frame, cells: Cells, size: int = 224, blank_background: bool = False, framing: str = "window", margin: float = BOX_MARGIN,
+    contrast: str = "percentile",
 ) -> np.ndarray:
     """(N, size, size, 3) uint8 crops of the primary channel, one per cell, in ``cells`` order.
 
@@ -177,13 +202,17 @@ def crop_cells(
     an encoder sees one cell on a neutral field. A cell larger than the crop
     is cut, not shrunk: the crop keeps the common pixel size.
 
+    ``contrast``: the view crops are cut from (:func:`frame_view`):
+    ``percentile`` (default) or ``background`` (the field's background
+    level +- 15 MADs, for faint label-free texture).
+
     ``framing="box"`` frames each cell by its bounding box instead
     (:func:`crop_boxes`: the box's longer side plus ``margin`` of it on each
     side, resized to ``size``), the way ``index build`` frames the labelled
     boxes of VOC frames, so reference and query crops match; ``blank_background``
     does not apply there.
     """
-    rgb = display_range(frame.image)
+    rgb = frame_view(frame.image, contrast)
     # grey frames repeat one channel three times: take the median once (3x less work per frame)
     grey = rgb.ndim == 3 and rgb.shape[2] == 3 and frame.image.ndim == 2
     fill = np.repeat(np.median(rgb[..., 0]), 3).astype(np.uint8) if grey else np.median(rgb.reshape(-1, 3), axis=0).astype(np.uint8)

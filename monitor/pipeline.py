@@ -69,13 +69,14 @@ class Pipeline:
     oom: OomPolicy = field(default_factory=OomPolicy, repr=False)  # batch sizes learnt from CUDA OOM
     marker: MarkerCheck | None = None  # classifier vs death marker on frames that carry it (monitor.marker)
     keep_calls: bool = False  # hand each cell's call to the sinks (Counts.calls: overlays)
+    crop_contrast: str = _P.crop_contrast  # the grey levels crops are cut with (monitor.imaging.frame_view)
 
     @classmethod
     def from_config(cls, cfg: Config, segmenter: Segmenter, encoders: Sequence[Encoder], classifier: Classifier) -> Pipeline:
         """The pipeline a config describes, around already-built plugins."""
         p, c = cfg.pipeline, cfg.control
         return cls(segmenter, encoders, classifier, p.pixel_size_um, p.crop_px, p.blank_background, p.batch_size,
-                   c.enabled, c.min_region_px, c.min_snr, frames_per_call=p.frames_per_call)
+                   c.enabled, c.min_region_px, c.min_snr, frames_per_call=p.frames_per_call, crop_contrast=p.crop_contrast)
 
 
 def embed(crops: np.ndarray, encoders: Sequence[Encoder], batch_size: int = 64, policy: OomPolicy | None = None) -> Embeddings:
@@ -164,7 +165,7 @@ def _segment(frame: Frame, p: Pipeline) -> _Segmented:
     with _stage("segment", s):
         cells = p.segmenter.segment(frame)
     with _stage("crop", s):
-        crops = crop_cells(frame, cells, p.crop_px, p.blank_background, p.crop_framing, p.crop_margin)
+        crops = crop_cells(frame, cells, p.crop_px, p.blank_background, p.crop_framing, p.crop_margin, p.crop_contrast)
     return _Segmented(frame, cells, crops, s)
 
 

@@ -284,7 +284,8 @@ def _build_from_marker(args: argparse.Namespace) -> int:
     k_max = args.k_max or max(pe.k_min, min(pe.k_max, smallest))
     ewc = EWCParams(args.k_min or min(pe.k_min, k_max), k_max,
                     args.threshold if args.threshold is not None else pe.entropy_threshold, pe.reweight if args.reweight is None else args.reweight)
-    dim = args.condition_dim if args.condition_dim is not None else (min(pc.dim, len(marked.labels) // 8) if pc is not None else 0)
+    auto_dim = cfg.fit.condition_dim if fitted else (pc.dim if pc is not None else 0)  # a fitted encoder: [fit] condition_dim
+    dim = args.condition_dim if args.condition_dim is not None else min(auto_dim, len(marked.labels) // 8)
     print(f"  EWC k {ewc.k_min}..{ewc.k_max} (smallest class: {smallest} cells); conditioning {dim or 'off'}", file=sys.stderr)
     index = build_index(cfg, pipeline, marked, metric=args.metric, ewc=ewc,
                         conditioning=ConditioningSpec(dim, args.shrinkage if args.shrinkage is not None else 0.1) if dim > 0 else None,

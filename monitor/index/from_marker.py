@@ -111,7 +111,8 @@ def label_frames(cfg: Config, pipeline: Pipeline, frames: list[Frame], folder: P
         if keep:
 
             sub = Cells(cells.labels, tuple(cells.cells[i] for i in keep), cells.pixel_size_um)
-            crops.append(crop_cells(f, sub, pipeline.crop_px, pipeline.blank_background, pipeline.crop_framing, pipeline.crop_margin))
+            crops.append(crop_cells(f, sub, pipeline.crop_px, pipeline.blank_background, pipeline.crop_framing, pipeline.crop_margin,
+                                    pipeline.crop_contrast))
     if len(set(labels)) < 2:
         got = ", ".join(f"{k} {v}" for k, v in sorted(summarise(every).items())) or "no cell segmented"
         raise BadInput(folder, f"the marker gave fewer than two states ({got}); an index needs cells of at least two states: "
@@ -134,7 +135,7 @@ def build_index(cfg: Config, pipeline: Pipeline, marked: MarkerLabels, **build_k
     encs = [{"name": ref.name, "options": dict(ref.options), "id": e.id, "dim": e.dim}
             for ref, e in zip(cfg.encoders, pipeline.encoders, strict=True)]
     prep = {"source": "marker", "pixel_size_um": pipeline.pixel_size_um, "crop_px": pipeline.crop_px,
-            "blank_background": pipeline.blank_background, "marker": marked.rules.record(), "marker_counts": marked.counts}
+            "blank_background": pipeline.blank_background, "crop_contrast": pipeline.crop_contrast, "marker": marked.rules.record(), "marker_counts": marked.counts}
     index = ReferenceIndex.build(emb.vectors, y, classes, encs, ref_names=marked.names, preprocessing=prep, **build_kw)
     index.extra_files = [f"fit/{e.name}{suffix}" for e in pipeline.encoders if "fit-" in e.id for suffix in (".npz", ".json")]
     return index

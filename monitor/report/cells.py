@@ -45,7 +45,7 @@ def call_cells(frame: Frame, pipeline: Any) -> FrameCalls:
     p = pipeline
     frame = rescale(frame, p.pixel_size_um)
     cells = p.segmenter.segment(frame)
-    crops = crop_cells(frame, cells, p.crop_px, p.blank_background, p.crop_framing, p.crop_margin)
+    crops = crop_cells(frame, cells, p.crop_px, p.blank_background, p.crop_framing, p.crop_margin, p.crop_contrast)
     crop_encs = [e for e in p.encoders if not isinstance(e, FrameEncoder)]
     crop_v = embed(crops, crop_encs, p.batch_size, p.oom).vectors if crop_encs else np.zeros((len(crops), 0), np.float32)
     emb = cell_embeddings(frame, cells, crop_v, p.encoders)  # configured order, as the index was built

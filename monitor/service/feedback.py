@@ -195,7 +195,7 @@ class Feedback:
                 raise Rejected(f"{name}: no such cell in its segmentation ({'; '.join(missing)}; ids 1..{max(ids, default=0)})")
             sub = Cells(seg.labels, tuple(ids[c] for _, c, _ in wanted), seg.pixel_size_um)
             p = self.pipeline
-            crops.append(crop_cells(frame, sub, p.crop_px, p.blank_background, p.crop_framing, p.crop_margin))
+            crops.append(crop_cells(frame, sub, p.crop_px, p.blank_background, p.crop_framing, p.crop_margin, p.crop_contrast))
             labels += [y for _, _, y in wanted]
         return np.concatenate(crops), labels
 
