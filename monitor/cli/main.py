@@ -63,7 +63,25 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # feature area not installed in this build
             raise
         mod.register(sub)
+    _everywhere(sub)
     return ap
+
+
+def _everywhere(sub: argparse._SubParsersAction) -> None:
+    """``-v``/``-q`` after any subcommand too (``cellmonitor run CONFIG -v``), as before it.
+
+    SUPPRESS as the default leaves the top-level value alone when the
+    subcommand's own flag is not given.
+    """
+    for parser in dict.fromkeys(sub.choices.values()):
+        opts = {o for a in parser._actions for o in a.option_strings}
+        if "-v" not in opts and "--verbose" not in opts:
+            parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+        if "-q" not in opts and "--quiet" not in opts:
+            parser.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="warnings and errors only")
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                _everywhere(a)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -88,7 +88,8 @@ def _serve(cfg: Any, until_idle: bool, serve_metrics: bool = True, args: argpars
     finally:
         service.close()
         stop_server(server)
-    log.info("stopped: %d frame(s) counted, %d problem(s) (see %s)", service.counted, service.failed, service.recorder.quarantine_csv)
+    log.info("stopped: %d frame(s) counted, %d problem(s)%s", service.counted, service.failed,
+             f" (see {service.recorder.quarantine_csv})" if service.recorder.quarantine_csv.exists() else "")
     return 0
 
 
@@ -159,8 +160,9 @@ def _replay_ray(cfg: Any, args: argparse.Namespace) -> int:
     finally:
         progress.close()
     rec = engine.recorder
-    log.info("stopped: %d frame(s) counted on %d Ray worker(s) in %.1fs, %d problem(s) (see %s)",
-             stats.frames, stats.workers, stats.seconds, rec.failed if rec else 0, cfg.service.state_dir / "quarantine.csv")
+    q = cfg.service.state_dir / "quarantine.csv"
+    log.info("stopped: %d frame(s) counted on %d Ray worker(s) in %.1fs, %d problem(s)%s",
+             stats.frames, stats.workers, stats.seconds, rec.failed if rec else 0, f" (see {q})" if q.exists() else "")
     return 0
 
 

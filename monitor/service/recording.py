@@ -44,6 +44,21 @@ from monitor.service.rows import class_roles
 log = logging.getLogger(__name__)
 
 
+#: a frame with at least this share of unknown (or uncertain) cells is reported as unreliable
+UNRELIABLE_SHARE = 0.5
+
+
+def unreliable(counts: Counts) -> str | None:
+    """Why a frame's counts should not be trusted (half or more of its cells unknown or uncertain,
+    at least 5 cells), or None."""
+    n = counts.n_cells
+    if n < 5:
+        return None
+    parts = [f"{k} of {n} cells {what} ({k / n:.0%})" for k, what in ((counts.n_unknown, "unknown"), (counts.n_uncertain, "uncertain"))
+             if k / n >= UNRELIABLE_SHARE]
+    return "; ".join(parts) or None
+
+
 class Recorder:
     """Where every outcome of a frame or file goes; one instance per service."""
 
@@ -156,11 +171,15 @@ class Recorder:
         self.ledger.mark_counted(counts, counts.sources, roles)
         self.metrics.observe_frame(counts)
         self.counted += 1
+        unsure = unreliable(counts)
+        if unsure:
+            log.warning("%s: %s: these counts are unreliable (does the reference index fit these cells?)", counts.key, unsure)
         log.info(
-            "%s: %d cells %s%s",
+            "%s: %d cells %s%s%s",
             counts.key,
             counts.n_cells,
             " ".join(f"{k}={v}" for k, v in counts.counts.items()),
+            f" (unknown={counts.n_unknown} uncertain={counts.n_uncertain})" if counts.n_unknown or counts.n_uncertain else "",
             f" control={counts.control.area_fraction:.3f}" if counts.control else "",
         )
         return True
@@ -190,7 +209,11 @@ class Recorder:
         frame is already recorded, else True (the file marked read)."""
         self.metrics.files.labels("read").inc()
         if self.ledger.frame_done(key):
-            log.info("%s: frame %s already recorded; ignoring this file", path_text(path), key)
+            # a channel after its frame was counted: that timepoint's row keeps missing_channels, and
+            # what this file held (a control, a marker) is never measured unless the frame is replayed
+            self.metrics.files.labels("late").inc()
+            log.warning("%s: arrived after frame %s was counted; not measured (its row keeps missing_channels; "
+                        "`cellmonitor replay` into a fresh state folder re-measures the whole run)", path_text(path), key)
             self.ledger.mark_files([path], "done", key)
             return False
         self.ledger.mark_files([path], "read", key)

@@ -318,3 +318,33 @@ def test_masks_written_while_the_service_watches_are_never_frames(tmp_path):
     assert quarantined(tmp_path / "state") == [] and len(counts(tmp_path / "state")) == 1
     assert svc.recorder.ledger.is_known(tmp_path / "in" / "exp1_snap_0_1_1.tif")
     assert not svc.recorder.ledger.is_known(tmp_path / "in" / "exp1_snap_0_1_1_labelled.tif")
+
+
+def test_unreliable_frames_and_late_channels_are_warnings(tmp_path, caplog):
+    """Half the cells unknown or uncertain, or a channel after its frame was counted: WARNING, not INFO."""
+    import logging
+
+    from monitor.records import Counts
+    from monitor.service.recording import unreliable
+
+    c = Counts(FrameKey("e", "A1", "1", 1), "t", None, PX, "config", 35, {"dead": 35}, 0, 0.9, None, n_unknown=35)
+    assert unreliable(c) == "35 of 35 cells unknown (100%)"
+    assert unreliable(Counts(FrameKey("e", "A1", "1", 1), "t", None, PX, "config", 10, {"live": 10}, 2, 0.9, None, n_unknown=1)) is None
+    cfg = marker_setup(tmp_path)
+    svc = _service(cfg)
+    try:
+        write_field(tmp_path / "in", "exp1_snap_0_1_1")
+        svc.backlog()
+        _step_until(svc, lambda: counts(tmp_path / "state"))
+        (tmp_path / "in" / "again").mkdir()  # another file of the same (counted) frame, in a subfolder
+        late = tmp_path / "in" / "again" / "exp1_snap_0_1_1.tif"
+        late.write_bytes((tmp_path / "in" / "exp1_snap_0_1_1.tif").read_bytes())
+        late.with_suffix(".json").write_text((tmp_path / "in" / "exp1_snap_0_1_1.json").read_text())
+        with caplog.at_level(logging.INFO, logger="monitor.service.recording"):
+            svc.backlog()
+            _step_until(svc, lambda: svc.recorder.ledger.is_known(late))
+        warned = [r for r in caplog.records if "arrived after frame" in r.getMessage()]
+        assert len(warned) == 1 and warned[0].levelno == logging.WARNING and "replay" in warned[0].getMessage()
+        assert svc.metrics.files.labels("late")._value.get() == 1
+    finally:
+        svc.close()
