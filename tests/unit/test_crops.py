@@ -83,3 +83,21 @@ def test_label_resize_is_nearest_and_keeps_dtype() -> None:
     assert up.dtype == np.uint32 and set(np.unique(up)) == {0, 3, 4, 70000}
     assert (up[:2, :3] == 0).all() and (up[:2, 3:] == 70000).all()
     assert (resize(up, (2, 2), labels=True) == lab).all()
+
+
+def test_background_contrast_keeps_faint_texture_that_a_percentile_stretch_loses():
+    """A field with one very bright speck: the percentile view squeezes the faint cell texture into
+    a few grey levels; the background view (median +- 15 MADs) keeps it."""
+    from monitor.imaging import background_range, display_range, frame_view
+
+    rng = np.random.default_rng(0)
+    g = 1000 + rng.normal(0, 10, (200, 200))
+    g[50:70, 50:70] += 40  # a faint cell: +4 noise sigmas
+    g[150:155, 150:155] = 60000  # bright debris (over 0.5% of the field)
+    g[0:20, :] = 60000
+    faint = lambda v: float(v[50:70, 50:70, 0].mean()) - float(v[100:120, 100:120, 0].mean())  # noqa: E731
+    assert faint(background_range(g)) > 10 * max(faint(display_range(g)), 0.5)
+    assert 120 <= background_range(g)[100:120, 100:120, 0].mean() <= 135  # the background sits at mid-grey
+    assert np.array_equal(frame_view(g, "percentile"), display_range(g)) and np.array_equal(frame_view(g, "background"), background_range(g))
+    rgb = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+    assert np.array_equal(background_range(rgb), rgb)  # colour passes through
