@@ -212,7 +212,7 @@ class Recorder:
             # a channel after its frame was counted: that timepoint's row keeps missing_channels, and
             # what this file held (a control, a marker) is never measured unless the frame is replayed
             self.metrics.files.labels("late").inc()
-            log.warning("%s: arrived after frame %s was counted; not measured (its row keeps missing_channels; "
+            log.warning("%s: arrived after frame %s was already recorded; not measured (its row keeps missing_channels; "
                         "`cellmonitor replay` into a fresh state folder re-measures the whole run)", path_text(path), key)
             self.ledger.mark_files([path], "done", key)
             return False

@@ -55,7 +55,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -387,6 +387,9 @@ class Options(BaseModel):
     instrument: str = Field("gen5", min_length=1, description="instrument label (e.g. lionheart, cytation)")
     experiment: str | None = Field(None, min_length=1, description="fixed experiment name instead of the plate folder")
     z_plane: int | None = Field(None, ge=0, description="only this Z plane of Z-stack exports; None reads every plane")
+    unrecognised_names: Literal["quarantine", "accept"] = Field(
+        "quarantine", description="a file whose name is not Gen5's naming (a copy such as 'name (1).tif'): quarantined, "
+        "or accepted with the well from its XML and the name's last number as the timepoint")
 
 
 class Gen5Reader(ReaderBase):
@@ -479,6 +482,10 @@ class Gen5Reader(ReaderBase):
                 log.warning("%s: well %s in the name but %s in the Gen5 XML; using the name", path, well, first.well)
                 meta["well_mismatch"] = f"name {well}, xml {first.well}"
         else:
+            if self.o.unrecognised_names == "quarantine":
+                raise BadInput(path, "the name is not Gen5's export naming (<well>_<step>_<n>_<field>_<channel>_<t>.tif; a copy "
+                                     "such as 'name (1).tif'?): its timepoint would be guessed; rename it, or set "
+                                     "readers.gen5.unrecognised_names = \"accept\"")
             well = first.well if first is not None and first.well else "-"
             field_id = "1"
             tp = trailing_number(path.stem) or 0

@@ -181,8 +181,19 @@ def test_gen5_ome_tiff_with_xml_annotation(tmp_path):
 def test_gen5_file_without_gen5_name_is_recognised_by_its_xml(tmp_path, auto_readers):
     p = write_gen5_file(tmp_path / "exported image.tif", synthetic_cells((32, 40)), channel=TEXAS_RED, well="C07")
     assert auto_readers.choose(p).name == "gen5"
-    a = gen5_reader().read(p)
+    with pytest.raises(BadInput) as e:  # by default a name Gen5 does not write is not given a guessed identity
+        gen5_reader().read(p)
+    assert "not Gen5's export naming" in one_line_naming(e.value, p) and 'unrecognised_names = "accept"' in str(e.value)
+    a = gen5_reader(unrecognised_names="accept").read(p)
     assert (a.key.well, list(a.channels), a.metadata["name_variant"]) == ("C7", ["Texas Red"], "unrecognised")
+
+
+def test_a_file_managers_copy_of_a_gen5_file_is_quarantined_not_given_a_wrong_timepoint(tmp_path):
+    """'B3_02_1_1_Bright Field_005 (1).tif' would read as timepoint 1 from its trailing number."""
+    p = write_gen5_file(tmp_path / "B3_02_1_1_Bright Field_005 (1).tif", synthetic_cells((32, 40)), well="B3")
+    with pytest.raises(BadInput) as e:
+        gen5_reader().read(p)
+    assert "a copy such as 'name (1).tif'" in one_line_naming(e.value, p)
 
 
 def test_gen5_name_without_xml_falls_back_to_config_or_one_line(tmp_path):
