@@ -11,7 +11,6 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -21,7 +20,7 @@ from monitor.control import otsu_control
 from monitor.errors import StageError
 from monitor.imaging import crop_cells, rescale
 from monitor.marker import MarkerCheck
-from monitor.protocols import Classifier, Encoder, Segmenter
+from monitor.protocols import Classifier, Encoder, FrameEncoder, Segmenter
 from monitor.records import (
     CellCalls,
     Cells,
@@ -34,18 +33,6 @@ from monitor.records import (
 )
 
 _P, _C = PipelineConfig(), ControlConfig()  # the defaults live in the config models, nowhere else
-
-
-@runtime_checkable
-class FrameEncoder(Encoder, Protocol):
-    """An encoder that embeds cells in their frame's context (SAM's fast mode).
-
-    ``encode_cells(frame, cells)`` returns (len(cells), dim) float32 in
-    ``cells`` order; ``encode(crops)`` still works for crops without a frame
-    (reference sets of single-cell images).
-    """
-
-    def encode_cells(self, frame: Frame, cells: Cells) -> np.ndarray: ...
 
 
 @dataclass

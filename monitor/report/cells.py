@@ -20,7 +20,8 @@ import numpy as np
 from monitor.errors import BadInput, NoInput
 from monitor.imaging import crop_cells, rescale
 from monitor.intake.assemble import merge
-from monitor.pipeline import FrameEncoder, cell_embeddings, embed
+from monitor.pipeline import cell_embeddings, embed
+from monitor.protocols import FrameEncoder
 from monitor.records import Cells, Frame, States
 
 

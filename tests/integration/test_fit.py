@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fixtures.fakeplugins import write_setup
-from fixtures.fields import write_field
+from fixtures.fields import PI_RULE_TOML, write_field
 
 from monitor.cli.main import main
 from monitor.config import load_config
@@ -39,15 +39,7 @@ embed_dim = 8
 batch_size = 8
 threads = 1
 
-[marker]
-ring_um = 0.0
-noise = "mad"
-[[marker.rules]]
-channel = "dead_nuclei_channel"
-state = "dead"
-threshold = 25.0
-ambiguous_above = 3.0
-"""
+""" + PI_RULE_TOML
     cfg.write_text(text)
     (root / "train").mkdir()
     for i in range(frames):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tifffile
 from fixtures.fakeplugins import write_setup
-from fixtures.fields import NUCLEI, PX, write_field
+from fixtures.fields import NUCLEI, PI_RULE_TOML, PX, write_field
 
 from monitor.cli.main import main
 from monitor.config import load_config
@@ -34,16 +34,7 @@ def marker_setup(root: Path, *, deadline_s: float = 30, sinks: str = 'name = "ce
     text = text.replace('[reader]\nname = "fakeplugins:READER"\noptions = {  }',
                         "[reader]\nname = \"tiff\"\n[readers.tiff]\npattern = '^(?P<experiment>.+?)_snap_(?P<field>.+?)\\.tif$'")
     text = text.replace('[segmenter]\nname = "fakeplugins:SEGMENTER"\noptions = {  }', '[segmenter]\nname = "masks"')
-    text += f"""
-[marker]
-ring_um = 0.0
-noise = "mad"
-[[marker.rules]]
-channel = "dead_nuclei_channel"
-state = "dead"
-threshold = 25.0
-ambiguous_above = 3.0
-
+    text += PI_RULE_TOML + f"""
 [[sinks]]
 name = "csv"
 
