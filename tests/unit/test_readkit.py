@@ -39,7 +39,9 @@ def test_key_from_match_fills_what_the_name_lacks():
 
 
 @pytest.mark.parametrize("name, role", [("Bright Field", "transmitted"), ("Phase Contrast", "transmitted"), ("RI", "transmitted"),
-                                        ("Texas Red", "fluorescence"), ("Apo-15", "fluorescence"), ("FL1", "fluorescence"), ("chan0", None)])
+                                        ("Texas Red", "fluorescence"), ("Apo-15", "marker"), ("PI", "marker"), ("dead_nuclei_channel", "marker"),
+                                        ("SYTOX Green", "marker"), ("Hoechst 33342", "nuclear"), ("DAPI", "nuclear"),
+                                        ("live_nuclei_channel", "nuclear"), ("FL1", "fluorescence"), ("chan0", None)])
 def test_guess_role(name, role):
     assert guess_role(name) == role
 
