@@ -139,7 +139,9 @@ def main() -> int:
     lines.append("")
     lines.append("RSS samples (frame: MB): " + ", ".join(f"{n}: {m:.0f}" for n, m in samples))
     lines.append("")
-    lines.append(f"1-minute load average at start {load0:.1f}, at end {os.getloadavg()[0]:.1f} (above the CPU count, other jobs shared the machine)")
+    load1 = os.getloadavg()[0]
+    busy = " (above the CPU count: other jobs shared the machine)" if max(load0, load1) > (os.cpu_count() or 1) else " (a quiet machine)"
+    lines.append(f"1-minute load average at start {load0:.1f}, at end {load1:.1f}{busy}")
     text = "\n".join(lines)
     print(text)
     if args.out:
