@@ -39,7 +39,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--plugin-path", type=Path, action="append", default=[], help="folder with site-local 'module:attr' encoder plugins")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA when available, else CPU")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "cuda-or-cpu"), help="auto: CUDA when available, else CPU; cuda-or-cpu: CUDA, or the CPU with a warning")
 
 
 def _add_ewc(p: argparse.ArgumentParser, defaults: bool) -> None:
@@ -75,7 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--from-marker", type=Path, default=None, metavar="CONFIG_OR_FOLDER",
                    help="label the references by the death marker: frames with a marker channel, read, segmented and cropped as the service does, "
                         "labelled by the config's [marker] rules (a folder: the frames, with --config)")
-    b.add_argument("--config", type=Path, default=None, help="--from-marker FOLDER: the config with the readers, segmenter, encoders and [marker] rules")
+    b.add_argument("--config", type=Path, default=None, metavar="CONFIG", help="--from-marker FOLDER: the config with the readers, segmenter, encoders and [marker] rules")
     _add_features(b)
     b.add_argument("--metric", choices=("l2", "cosine", "canberra"), default="l2")
     b.add_argument("--normalize", action="store_true", help="L2-normalise vectors (off in the paper)")
@@ -128,7 +128,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--html", type=Path, default=None, metavar="OUT", help="self-contained page with the query and its neighbours")
     c.add_argument("--neighbours", type=int, default=5, help="nearest references shown (default 5)")
     c.add_argument("--certainty-floor", type=float, default=0.5)
-    c.add_argument("--config", type=Path, default=None, metavar="FILE", help="config whose segmenter checks each image for several cells (default: the built-in classical segmenter)")
+    c.add_argument("--config", type=Path, default=None, metavar="CONFIG", help="config whose segmenter checks each image for several cells (default: the built-in classical segmenter)")
     c.add_argument("--per-cell", action="store_true", help="an image with several cells: classify each segmented cell (IMAGE#cellN) instead of the image as one cell")
     _add_ewc(c, False)
     _add_common(c)

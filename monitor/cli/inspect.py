@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="print what a reader parsed from a file (instrument, plate, well, channel, pixel size, ...)",
     )
     p.add_argument("files", nargs="+", type=Path, metavar="FILE")
-    p.add_argument("--config", type=Path, help="config with reader options (pixel sizes, patterns)")
+    p.add_argument("--config", type=Path, metavar="CONFIG", help="config with reader options (pixel sizes, patterns)")
     p.add_argument("--json", action="store_true", help="one JSON object per file on stdout")
     p.set_defaults(func=_inspect)
 

@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="configured segmenter and encoders: weights present (where), dim, dtype, device")
     psub = p.add_subparsers(dest="models_command", metavar="ACTION")
     lp = psub.add_parser("list", help="each configured model, whether its weights are on this machine, dim, dtype, device")
-    lp.add_argument("--config", type=Path, metavar="FILE", help="the service config (default: the built-in defaults)")
+    lp.add_argument("--config", type=Path, metavar="CONFIG", help="the service config (default: the built-in defaults)")
     lp.set_defaults(func=_list)
     p.set_defaults(func=_list, config=None)
 

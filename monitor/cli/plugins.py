@@ -12,7 +12,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plugins", help="list installed plugins, check which reader takes a file")
     psub = p.add_subparsers(dest="plugins_command", metavar="ACTION")
     lp = psub.add_parser("list", help="every reader, segmenter, encoder and sink with its origin")
-    lp.add_argument("--config", help="also search this config's plugin folders")
+    lp.add_argument("--config", metavar="CONFIG", help="also search this config's plugin folders")
     lp.set_defaults(func=_list)
     p.set_defaults(func=_list, config=None)
     _register_check(psub)
@@ -37,7 +37,7 @@ def _list(args: argparse.Namespace) -> int:
 def _register_check(psub: argparse._SubParsersAction) -> None:
     p = psub.add_parser("check", help="which reader takes a file, and why the others declined")
     p.add_argument("files", nargs="+", type=Path, metavar="FILE")
-    p.add_argument("--config", type=Path, help="config with reader options and the reader choice")
+    p.add_argument("--config", type=Path, metavar="CONFIG", help="config with reader options and the reader choice")
     p.set_defaults(func=_check)
 
 

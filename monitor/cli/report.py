@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("source", type=Path, metavar="CONFIG|COUNTS.csv")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for <experiment>.html, data/ and overlays/")
-    p.add_argument("--config", type=Path, default=None, metavar="FILE", help="with a COUNTS.csv: the config whose pipeline and watch folder make the gallery")
+    p.add_argument("--config", type=Path, default=None, metavar="CONFIG", help="with a COUNTS.csv: the config whose pipeline and watch folder make the gallery")
     p.add_argument("--frames-per-well", type=int, default=3, help="frames per well re-classified for overlays and the gallery (default 3)")
     p.add_argument("--per-state", type=int, default=8, help="gallery crops per state and timepoint range (default 8)")
     p.add_argument("--death-states", type=_csv, default=None, help="canonical states counted as death (default apoptotic,dead)")
@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Read FRAME with the configured reader, segment, crop, embed and classify it as the service does, and draw the result.",
     )
     o.add_argument("frames", type=Path, nargs="+", metavar="FRAME")
-    o.add_argument("--config", type=Path, default=None, metavar="FILE", help="config (readers, segmenter, encoders, index)")
+    o.add_argument("--config", type=Path, default=None, metavar="CONFIG", help="config (readers, segmenter, encoders, index)")
     o.add_argument("--out", type=Path, required=True, metavar="PNG|DIR", help="the PNG (one FRAME) or a folder (several: <name>.overlay.png)")
     o.set_defaults(func=_overlay)
 

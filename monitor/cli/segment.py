@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("image", type=Path, metavar="IMAGE")
     p.add_argument("--out", type=Path, required=True, metavar="LABELS.tif")
-    p.add_argument("--config", type=Path, metavar="FILE", help="config (segmenter, pipeline pixel size, readers)")
+    p.add_argument("--config", type=Path, metavar="CONFIG", help="config (segmenter, pipeline pixel size, readers)")
     p.add_argument("--pixel-size", type=float, metavar="UM", help="pixel size of IMAGE in um (overrides its metadata)")
     p.set_defaults(func=_segment)
     register_fit(sub)
@@ -144,7 +144,7 @@ def register_fit(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("folder", type=Path, metavar="FOLDER", help="boxed frames (Pascal VOC), e.g. the frames the index is built from")
-    p.add_argument("--config", type=Path, required=True, metavar="FILE", help="the lab config: its [segmenter] (mode blobs) and pipeline pixel size")
+    p.add_argument("--config", type=Path, required=True, metavar="CONFIG", help="the lab config: its [segmenter] (mode blobs) and pipeline pixel size")
     p.add_argument("--out", type=Path, required=True, metavar="MODEL.json")
     p.add_argument("--pixel-size", type=float, metavar="UM", help="pixel size of the frames in um (default: the pipeline's, no resampling)")
     p.add_argument("--candidate-snr", type=float, default=None, metavar="X", help="seed threshold of the candidates (default 20)")

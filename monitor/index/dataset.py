@@ -34,7 +34,7 @@ from typing import Any, Literal
 import numpy as np
 
 from monitor import imaging
-from monitor.errors import BadInput, NotReady
+from monitor.errors import BadInput, NoInput, NotReady
 from monitor.hashing import file_sha256
 from monitor.imageio import TIFF_SUFFIXES, as_plane, read_raster, read_tiff
 from monitor.records import Frame, FrameKey
@@ -192,6 +192,8 @@ def scan(root: str | Path, classes: list[str] | None = None) -> Dataset:
     Raises :class:`BadInput` when the folder holds no labelled cell.
     """
     root = Path(root)
+    if not root.exists():
+        raise NoInput(root, "no such folder")  # exit 66, as a missing file in every command
     if not root.is_dir():
         raise BadInput(root, "not a folder")
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))

@@ -138,7 +138,9 @@ def _export_table(df: Any, out: Path, fmt: str) -> int:
 
     if fmt == "long":
         states = [c[2:] for c in df.columns if c.startswith("n_") and c not in NOT_CLASS_COUNTS]
-        keep = [c for c in ("experiment", "well", "field", "timepoint", "acquired_at", "n_cells", "control_area_um2", "control_area_fraction") if c in df]
+        # each state's row keeps what says how far the frame's counts can be trusted
+        keep = [c for c in ("experiment", "well", "field", "timepoint", "acquired_at", "n_cells", "n_unknown", "n_uncertain",
+                            "missing_channels", "control_area_um2", "control_area_fraction") if c in df]
         parts = []
         for s in states:
             p = df[keep].copy()

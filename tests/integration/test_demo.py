@@ -85,6 +85,8 @@ def test_replay_reproduces_live_counts_and_export(tmp_path):
     assert main(["-q", "export", str(tmp_path / "demo" / "replay.toml"), "--out", str(out), "--format", "long"]) == 0
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 2 * 4 and {r["state"] for r in rows} == {"live", "apoptotic", "necrotic", "dead"}
+    # what says how far a frame's counts can be trusted stays with each state's row
+    assert {"n_unknown", "n_uncertain", "missing_channels"} <= set(rows[0])
 
 
 def test_run_without_index_is_one_line_exit_78(tmp_path, capsys):

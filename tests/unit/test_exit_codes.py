@@ -179,3 +179,9 @@ def test_exit_status_table_is_complete_and_unique():
     codes = [c for c, _ in EXIT_STATUSES]
     assert len(codes) == len(set(codes))
     assert {0, 64, 65, 66, 69, 70, 74, 75, 78} <= set(codes)
+
+
+def test_a_missing_data_folder_is_exit_66(capsys, tmp_path):
+    missing = tmp_path / "no-such-data"
+    code, _, err = run(capsys, "index", "build", str(missing), "--out", str(tmp_path / "idx"))
+    assert code == 66 and f"{missing}: no such folder" in one_line(err)
