@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 import threading
 from pathlib import Path
 
@@ -11,6 +14,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# the embedding cache (index build/evaluate) of every test and of the commands they start goes to a
+# temporary folder, never to ~/.cache/cellmonitor
+_CACHE = tempfile.mkdtemp(prefix="cellmonitor-test-cache-")
+os.environ["CELLMONITOR_CACHE"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+_HOME_CACHE = Path.home() / ".cache" / "cellmonitor"
 
 pytest_plugins = ["fixtures.tiny_sam"]  # the tiny_checkpoint fixture (a tiny random SAM)
 
@@ -33,3 +42,19 @@ def no_thread_leak():
     yield
     leaked = [t for t in threading.enumerate() if t.ident not in before and t.is_alive() and not t.daemon]
     assert not leaked, f"threads left running: {[t.name for t in leaked]}"
+
+
+def _tree_state(p: Path) -> tuple[int, float]:
+    """(file count, newest mtime) of a folder; (0, 0) when absent."""
+    if not p.exists():
+        return 0, 0.0
+    files = [f for f in p.rglob("*") if f.is_file()]
+    return len(files), max((f.stat().st_mtime for f in files), default=0.0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_written_to_the_home_cache():
+    """Tests write only under temporary folders: the suite fails if ~/.cache/cellmonitor changes."""
+    before = _tree_state(_HOME_CACHE)
+    yield
+    assert _tree_state(_HOME_CACHE) == before, f"a test wrote into {_HOME_CACHE}"
