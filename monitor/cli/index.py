@@ -21,6 +21,29 @@ def _csv(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
+def resolve_classes(given: list[str] | None, known: list[str], option: str = "--classes") -> list[str] | None:
+    """``--classes`` against the data's classes: comma-separated, or space-separated where a part
+    is not itself a class ("a b" as well as "a,b"; "Living Cell" stays one class).
+
+    Raises
+    ------
+    UsageError
+        A name that is no class of the data (the line names it and lists the classes).
+    """
+    from monitor.errors import UsageError
+
+    if not given:
+        return None
+    out: list[str] = []
+    for part in given:
+        names = [part] if part in known else part.split()
+        missing = [n for n in names if n not in known]
+        if missing:
+            raise UsageError(f"{option}: {', '.join(map(repr, missing))} not a class of the data (classes: {', '.join(known)})")
+        out += [n for n in names if n not in out]
+    return out
+
+
 def _add_prep(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("crops (recorded in the index; part of the cache key)")
     g.add_argument("--framing", choices=("whole", "center", "cell"), default=None, help="class-folder images: whole image, centre crop at the image's scale (the service's crop), or segmented cell (scale-normalised); default: the preset's")
@@ -98,6 +121,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--json", action="store_true", help="one JSON document on stdout")
     e.add_argument("--png", type=Path, default=None, help="confusion matrix PNG (default INDEX/confusion.png)")
     e.add_argument("--baseline-k", type=int, default=20, help="k of the plain k-NN baseline")
+    e.add_argument("--classes", type=_csv, default=None,
+                   help="score only these classes (commas or spaces); default: the data's classes that the index has")
     _add_ewc(e, False)
     _add_common(e)
     e.set_defaults(func=_evaluate)
@@ -316,7 +341,7 @@ def _build(args: argparse.Namespace) -> int:
     preset = PRESETS[args.preset]
     specs = _encoder_specs(args.encoders) if args.encoders else [(n, dict(o)) for n, o in preset.encoders]
     encoders = _encoders(specs, args)
-    ds = scan(args.data, args.classes)
+    ds = scan(args.data, resolve_classes(args.classes, list(scan(args.data).classes)) if args.classes else None)
     prep = _prep(args)
     print(f"{args.data}: {ds.n_cells} cells in {len(ds.files)} files, classes {', '.join(ds.classes)} ({ds.layout})", file=sys.stderr)
     cache = _cache(args)
@@ -372,7 +397,18 @@ def _evaluate(args: argparse.Namespace) -> int:
     from monitor.report.classification import confusion_png, evaluation_text
 
     index, encoders, prep = _load_index(args)
-    ds = scan(args.data)
+    found = scan(args.data).classes
+    keep = resolve_classes(args.classes, list(found)) or [c for c in found if c in index.classes]
+    if not keep:
+        from monitor.errors import BadInput
+
+        raise BadInput(args.data, f"none of its classes ({', '.join(found)}) is a class of the index ({', '.join(index.classes)}); "
+                                  "name the ones to score with --classes")
+    left_out = [c for c in found if c not in keep]
+    if left_out:
+        print(f"scored on the classes {', '.join(keep)}; left out: {', '.join(left_out)}"
+              + (" (not in the index; --classes to choose)" if not args.classes else ""), file=sys.stderr)
+    ds = scan(args.data, keep)
     emb = embed_dataset(ds, query_encoders(encoders, index.meta), prep, _cache(args), args.batch_size, progress=not args.no_progress)
     _report_skips(emb.skipped)
     y = [emb.classes[i] for i in emb.labels]
@@ -381,7 +417,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     confusion_png(ev.ewc, png)
     unknown = sorted(set(y) - set(index.classes))
     if args.json:
-        print(json.dumps({**ev.to_dict(), "confusion_png": str(png), "classes_not_in_index": unknown}, indent=2))
+        print(json.dumps({**ev.to_dict(), "confusion_png": str(png), "classes_not_in_index": unknown, "classes_left_out": left_out}, indent=2))
         return 0
     c = index.conditioner
     features = f"conditioned {index.meta.dim} -> {c.dim} (shrinkage {c.shrinkage:g})" if c is not None else f"raw {index.dim}-d"
@@ -409,7 +445,7 @@ def _search(args: argparse.Namespace) -> int:
 
     specs = _encoder_specs(args.encoders)
     encoders = _encoders(specs, args)
-    ds = scan(args.data, args.classes)
+    ds = scan(args.data, resolve_classes(args.classes, list(scan(args.data).classes)) if args.classes else None)
     emb = embed_dataset(ds, encoders, _prep(args), _cache(args), args.batch_size, progress=not args.no_progress)
     _report_skips(emb.skipped)
     # boxed frames: split by frame, so cells of one frame never sit on both sides

@@ -160,3 +160,28 @@ def test_a_class_named_like_a_count_column_is_refused(tmp_path: Path, plugin: Pa
     assert main(["index", "build", str(data), "--out", str(tmp_path / "i"), *common]) == 65
     err = capsys.readouterr().err.strip().splitlines()
     assert "'Unknown' is reserved" in err[-1] and str(data) in err[-1]
+
+
+def test_evaluate_scores_the_index_classes_and_classes_take_spaces_or_commas(tmp_path, capsys):
+    """A test folder with classes the index lacks is scored on the index's classes by default (the rest
+    listed); --classes takes "a b" and "a,b" and names a class the data does not have."""
+    rng = np.random.default_rng(0)
+    for root, classes in ((tmp_path / "train", ("red", "blue")), (tmp_path / "test", ("red", "blue", "green"))):
+        for c, colour in zip(classes, ((0, 0, 200), (200, 0, 0), (0, 200, 0)), strict=False):
+            (root / c).mkdir(parents=True)
+            for i in range(6):
+                img = np.clip(np.array(colour, np.float32) + rng.normal(0, 20, (40, 40, 3)), 0, 255).astype(np.uint8)
+                cv2.imwrite(str(root / c / f"{i}.png"), img)
+    assert main(["index", "build", str(tmp_path / "train"), "--out", str(tmp_path / "idx"), "--preset", "raw", "--no-cache",
+                 "--no-progress", "--pixel-size", "0.5", "--source-pixel-size", "0.5"]) == 0
+    capsys.readouterr()
+    assert main(["index", "evaluate", str(tmp_path / "idx"), str(tmp_path / "test"), "--json", "--no-cache", "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    doc = json.loads(out)
+    assert doc["classes_left_out"] == ["green"] and "left out: green" in err
+    assert set(doc["ewc"]["per_class"]) == {"red", "blue"}
+    for spec in ("red blue", "red,blue", "red, blue"):
+        assert main(["index", "evaluate", str(tmp_path / "idx"), str(tmp_path / "test"), "--json", "--no-cache", "--no-progress", "--classes", spec]) == 0
+        assert set(json.loads(capsys.readouterr().out)["ewc"]["per_class"]) == {"red", "blue"}
+    assert main(["index", "evaluate", str(tmp_path / "idx"), str(tmp_path / "test"), "--classes", "red purple", "--no-cache"]) == 64
+    assert "--classes: 'purple' not a class of the data (classes: blue, green, red)" in capsys.readouterr().err
