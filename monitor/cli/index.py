@@ -115,6 +115,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_common(b)
     b.set_defaults(func=_build)
 
+    sp = isub.add_parser("split", help="split labelled data into train/test folders of links, stratified by class, by group on request")
+    sp.add_argument("data", type=Path, metavar="DATA")
+    sp.add_argument("--test", type=float, default=0.1, help="fraction of the files (or groups) held out (default 0.1)")
+    sp.add_argument("--by-group", default=None, metavar="REGEX", help="keep each group on one side: a regular expression on the file's "
+                    "path in DATA, its first group naming the group (an experiment, a plate, a day)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--out", type=Path, default=None, help="default: DATA-split beside DATA")
+    sp.set_defaults(func=_split)
+
     e = isub.add_parser("evaluate", help="macro accuracy, per-class accuracy, confusion matrix, EWC vs plain k-NN")
     e.add_argument("index", type=Path, metavar="INDEX")
     e.add_argument("data", type=Path, metavar="DATA")
@@ -386,6 +395,20 @@ def _build(args: argparse.Namespace) -> int:
         f"EWC k {e.k_min}..{e.k_max} thr {e.entropy_threshold:g}{'' if e.reweight else ' no reweight'}; query TTA {tta}; {time.perf_counter() - t0:.1f} s"
     )
     print(f"the service config names these encoders (the index refuses others):\n\n{encoders_toml(specs)}", file=sys.stderr)
+    return 0
+
+
+def _split(args: argparse.Namespace) -> int:
+    from monitor.index.dataset import scan
+    from monitor.index.split import split_dataset
+
+    out = args.out or args.data.parent / f"{args.data.name}-split"
+    rec = split_dataset(scan(args.data), out, args.test, args.seed, args.by_group)
+    for side in ("train", "test"):
+        counts = ", ".join(f"{c} {n}" for c, n in sorted(rec["counts"][side].items()))
+        groups = f"; {len(rec['groups'][side])} group(s)" if "groups" in rec else ""
+        print(f"{out / side}: {sum(rec['counts'][side].values())} file(s), {rec['cells'][side]} cell(s) ({counts}){groups}")
+    print(f"recorded in {out / 'split.json'}")
     return 0
 
 

@@ -185,3 +185,26 @@ def test_evaluate_scores_the_index_classes_and_classes_take_spaces_or_commas(tmp
         assert set(json.loads(capsys.readouterr().out)["ewc"]["per_class"]) == {"red", "blue"}
     assert main(["index", "evaluate", str(tmp_path / "idx"), str(tmp_path / "test"), "--classes", "red purple", "--no-cache"]) == 64
     assert "--classes: 'purple' not a class of the data (classes: blue, green, red)" in capsys.readouterr().err
+
+
+def test_index_split_by_group_writes_links_and_records_the_split(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    data = tmp_path / "data"
+    for c in ("live", "dead"):
+        (data / c).mkdir(parents=True)
+        for exp in range(6):
+            for i in range(3):
+                cv2.imwrite(str(data / c / f"exp{exp}_{i}.png"), rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    out = tmp_path / "split"
+    assert main(["index", "split", str(data), "--test", "0.34", "--by-group", r"^[a-z]+/(exp\d+)_", "--out", str(out)]) == 0
+    rec = json.loads((out / "split.json").read_text())
+    assert set(rec["groups"]["train"]).isdisjoint(rec["groups"]["test"]) and len(rec["groups"]["test"]) == 2
+    test_files = sorted(p.relative_to(out / "test").as_posix() for p in (out / "test").rglob("*.png"))
+    assert test_files and all(p.is_symlink() and p.resolve().is_relative_to(data) for p in (out / "test").rglob("*.png"))
+    assert {f.split("/")[1].split("_")[0] for f in test_files} == set(rec["groups"]["test"])  # whole experiments held out
+    assert len(test_files) + len(list((out / "train").rglob("*.png"))) == 36
+    # the same seed gives the same split; a non-empty folder is never written over
+    assert main(["index", "split", str(data), "--test", "0.34", "--by-group", r"^[a-z]+/(exp\d+)_", "--out", str(tmp_path / "again")]) == 0
+    assert json.loads((tmp_path / "again" / "split.json").read_text())["files"] == rec["files"]
+    capsys.readouterr()
+    assert main(["index", "split", str(data), "--out", str(out)]) == 64 and "not empty" in capsys.readouterr().err
