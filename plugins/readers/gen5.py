@@ -72,7 +72,7 @@ from monitor.imageio import (
 )
 from monitor.protocols import ReaderBase
 from monitor.readkit import choose_pixel_size, guess_role
-from monitor.records import Acquisition, ChannelRole, FrameKey
+from monitor.records import Acquisition, ChannelRole, FrameKey, channel_key
 from monitor.registry import plugin_spec
 
 log = logging.getLogger(__name__)
@@ -481,6 +481,11 @@ class Gen5Reader(ReaderBase):
             if first is not None and first.well and first.well != well:
                 log.warning("%s: well %s in the name but %s in the Gen5 XML; using the name", path, well, first.well)
                 meta["well_mismatch"] = f"name {well}, xml {first.well}"
+            xml_channel = first.channel_name if first is not None else None
+            if len(planes) == 1 and xml_channel and channel_key(xml_channel) != channel_key(parsed.channel):
+                log.warning("%s: channel %r in the name but %r in the Gen5 XML; using the name (the assembly matches channels by it)",
+                            path, parsed.channel, xml_channel)
+                meta["channel_mismatch"] = f"name {parsed.channel}, xml {xml_channel}"
         else:
             if self.o.unrecognised_names == "quarantine":
                 raise BadInput(path, "the name is not Gen5's export naming (<well>_<step>_<n>_<field>_<channel>_<t>.tif; a copy "

@@ -282,6 +282,19 @@ def test_gen5_well_mismatch_is_noted_and_name_wins(tmp_path):
     assert a.key.well == "A1" and a.metadata["well_mismatch"] == "name A1, xml H12"
 
 
+def test_gen5_channel_mismatch_is_a_warning_and_noted(tmp_path, caplog):
+    import logging
+
+    p = write_gen5_file(tmp_path / GEN5_NAME, synthetic_cells((16, 16)), channel=TEXAS_RED)  # named Bright Field, XML says Texas Red
+    with caplog.at_level(logging.WARNING, logger="cellmonitor_plugins.readers.gen5"):
+        a = gen5_reader().read(p)
+    assert list(a.channels) == ["Bright Field"] and a.metadata["channel_mismatch"] == "name Bright Field, xml Texas Red"
+    assert any("channel 'Bright Field' in the name but 'Texas Red' in the Gen5 XML" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    gen5_reader().read(write_gen5_file(tmp_path / "A1_03_1_1_bright  field_002.tif", synthetic_cells((16, 16))))
+    assert not caplog.records  # the same name up to case and spaces is no mismatch
+
+
 # -- decoding: truncated, not-TIFF, bit depths, multi-page, RGB -------------------------------
 
 
