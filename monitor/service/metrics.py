@@ -64,6 +64,11 @@ class ServiceMetrics:
             "cellmonitor_unknown_cells", "Cells farther from their nearest references than the index's calibrated distance, latest frame",
             ["instrument", "experiment", "well"], registry=r
         )
+        self.unreliable = Gauge(
+            "cellmonitor_unreliable_share",
+            "Share of the latest frame's cells that are unknown or uncertain, whichever is larger (>= 0.5: the counts are unreliable)",
+            ["instrument", "experiment", "well"], registry=r
+        )
         self.marker_agreement = Gauge(
             "cellmonitor_marker_agreement", "Share of death-marker-labelled cells the classifier agrees with, latest frame with the marker",
             ["instrument", "experiment", "well"], registry=r
@@ -95,6 +100,7 @@ class ServiceMetrics:
             self.state_fraction.labels(*lab, state).set(n / n_cells if n_cells else 0.0)
         self.uncertain.labels(*lab).set(n_uncertain)
         self.unknown.labels(*lab).set(n_unknown)
+        self.unreliable.labels(*lab).set(max(n_unknown, n_uncertain) / n_cells if n_cells else 0.0)
         if marker_agreement is not None:
             self.marker_agreement.labels(*lab).set(marker_agreement)
         if control_area_um2 is not None and control_fraction is not None:

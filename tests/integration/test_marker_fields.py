@@ -321,6 +321,14 @@ def test_unreliable_frames_and_late_channels_are_warnings(tmp_path, caplog):
     c = Counts(FrameKey("e", "A1", "1", 1), "t", None, PX, "config", 35, {"dead": 35}, 0, 0.9, None, n_unknown=35)
     assert unreliable(c) == "35 of 35 cells unknown (100%)"
     assert unreliable(Counts(FrameKey("e", "A1", "1", 1), "t", None, PX, "config", 10, {"live": 10}, 2, 0.9, None, n_unknown=1)) is None
+    # the dashboard sees it too: the well's unreliable share (and a Grafana panel counting such wells)
+    from prometheus_client import CollectorRegistry
+
+    from monitor.service.metrics import ServiceMetrics
+
+    m = ServiceMetrics(CollectorRegistry())
+    m.observe_counts(c)
+    assert m.registry.get_sample_value("cellmonitor_unreliable_share", {"instrument": "t", "experiment": "e", "well": "A1"}) == 1.0
     cfg = marker_setup(tmp_path)
     svc = _service(cfg)
     try:
