@@ -123,6 +123,26 @@ def _has_control(e: Experiment) -> bool:
     return "control_area_fraction" in e.table and bool(e.table["control_area_fraction"].notna().any())
 
 
+#: at least this share of a frame's cells unknown or uncertain: its counts are unreliable
+UNRELIABLE_SHARE = 0.5
+
+
+def unreliable_banner(e: Experiment) -> str:
+    """A banner naming the frames (well, timepoint) where half or more of the cells are unknown or uncertain; "" when none."""
+    t = e.table
+    cols = [c for c in ("share_unknown", "share_uncertain") if c in t]
+    if not cols:
+        return ""
+    bad = t[(t[cols].max(axis=1) >= UNRELIABLE_SHARE) & (t["n_cells"] >= 5)]
+    if bad.empty:
+        return ""
+    where = ", ".join(f"{w} t{int(tp)}" for w, tp in list(zip(bad["well"], bad["timepoint"], strict=True))[:12])
+    more = f" and {len(bad) - 12} more" if len(bad) > 12 else ""
+    return (f"<p class='banner' style='background:#fde2e1;border:2px solid #c0392b;padding:.6em;font-weight:bold'>"
+            f"Counts unreliable in {len(bad)} frame(s): half or more of their cells are unknown or uncertain ({esc(where)}{more}). "
+            "Does the reference index fit these cells?</p>")
+
+
 def render(e: Experiment, src: Path, out: Path, name: str, gallery: Gallery | None, no_gallery: str | None, roles: dict[str, str] | None = None) -> str:
     """The HTML page of one experiment (and its data CSVs under ``out/data/<name>/``)."""
     colours = class_colours(e.classes, roles)
@@ -143,7 +163,10 @@ def render(e: Experiment, src: Path, out: Path, name: str, gallery: Gallery | No
     # ---- summary
     last = last_timepoint(e)
     tps = sorted(e.table["timepoint"].unique())
-    summary = last[["well", "timepoint", "n_cells", "death_fraction"] + [f"frac_{c}" for c in e.classes]].rename(columns={"timepoint": "last timepoint"})
+    unsure = [f"share_{k}" for k in ("unknown", "uncertain") if f"share_{k}" in last]
+    summary = last[["well", "timepoint", "n_cells", "death_fraction"] + [f"frac_{c}" for c in e.classes] + unsure].rename(
+        columns={"timepoint": "last timepoint", "share_unknown": "unknown share", "share_uncertain": "uncertain share"})
+    banner = unreliable_banner(e)
     legend = "".join(f"<span class='swatch' style='background:rgb{colours[c]}'></span>{esc(c)}" for c in e.classes)
     notes = "".join(f"<p class='note'>{esc(n)}</p>" for n in e.notes)
     text_cols = "".join(f"<p class='cap'><b>{esc(k)}</b>: {esc(', '.join(v))}</p>" for k, v in e.extra_text.items() if v)
@@ -153,7 +176,8 @@ def render(e: Experiment, src: Path, out: Path, name: str, gallery: Gallery | No
     sections.append(
         "<section id='summary'><h2>Summary</h2>"
         f"<p>{len(e.wells)} well(s), {len(e.rows)} frame(s), timepoints {tps[0]}–{tps[-1]}; classes: {legend}</p>"
-        f"<p class='cap'>death fraction = share of cells called {esc(' + '.join(e.death_states))}.</p>{notes}{text_cols}"
+        f"{banner}<p class='cap'>death fraction = share of cells called {esc(' + '.join(e.death_states))}; unknown and uncertain "
+        f"cells are counted in the state they were called (their shares are beside them, so an unreliable well shows).</p>{notes}{text_cols}"
         + html_table(summary, 200).replace("<details>", "<details open>") + download(f"{name}_counts.csv", rows_csv, "all counts rows of this experiment (counts.csv)")
         + "</section>"
     )

@@ -144,3 +144,20 @@ def test_overlay_command_one_and_several_frames(demo: Path, tmp_path: Path, caps
     shutil.rmtree(folder, ignore_errors=True)
     assert main(["overlay", *map(str, frames[:2]), "--config", str(demo / "demo.toml"), "--out", str(folder)]) == 0
     assert sorted(p.name for p in folder.iterdir()) == sorted(f"{f.stem}.overlay.png" for f in frames[:2])
+
+
+def test_report_shows_unreliable_counts_in_a_banner_and_the_summary(demo: Path, tmp_path: Path) -> None:
+    """Every cell of a frame unknown: the page says so where people look, not only in a CSV column."""
+    df = pd.read_csv(demo / "state" / "counts.csv", dtype=str, keep_default_na=False)
+    df["n_unknown"] = ["0"] * len(df)
+    df.loc[0, "n_unknown"] = df.loc[0, "n_cells"]  # one frame: all its cells unknown
+    src = tmp_path / "counts.csv"
+    df.to_csv(src, index=False)
+    assert main(["report", str(src), "--out", str(tmp_path / "r")]) == 0
+    page = (tmp_path / "r" / "demo.html").read_text()
+    assert "Counts unreliable in 1 frame(s)" in page and f"{df.loc[0, 'well']} t{df.loc[0, 'timepoint']}" in page
+    assert "unknown share" in page and "uncertain share" in page
+    df["n_unknown"] = "0"
+    df.to_csv(src, index=False)
+    assert main(["report", str(src), "--out", str(tmp_path / "r2")]) == 0
+    assert "Counts unreliable" not in (tmp_path / "r2" / "demo.html").read_text()
