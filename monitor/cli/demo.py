@@ -53,5 +53,17 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"config used:     {folder / 'demo.toml'}  (run it yourself: cellmonitor run {folder / 'demo.toml'})")
     if res.metrics_url:
         print(f"metrics were served at {res.metrics_url} while the demo ran")
+    print(f"torch:           {torch_build()}")
     print(f"done in {res.seconds:.0f} s")
     return 0
+
+
+def torch_build() -> str:
+    """Which torch build ran: its version, CPU-only or CUDA, and whether a GPU was used."""
+    import torch
+
+    from monitor.device import cuda_status
+
+    usable, detail = cuda_status()
+    kind = "a CPU-only build" if torch.version.cuda is None else f"a CUDA {torch.version.cuda} build"
+    return f"{torch.__version__}, {kind}; " + (f"ran on the GPU ({detail})" if usable else "ran on the CPU")

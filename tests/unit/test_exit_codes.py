@@ -185,3 +185,14 @@ def test_a_missing_data_folder_is_exit_66(capsys, tmp_path):
     missing = tmp_path / "no-such-data"
     code, _, err = run(capsys, "index", "build", str(missing), "--out", str(tmp_path / "idx"))
     assert code == 66 and f"{missing}: no such folder" in one_line(err)
+
+
+def test_the_demo_says_which_torch_build_ran():
+    import torch
+
+    from monitor.cli.demo import torch_build
+
+    line = torch_build()
+    assert line.startswith(torch.__version__)
+    assert ("a CPU-only build" in line) == (torch.version.cuda is None)
+    assert line.endswith("ran on the CPU") or "ran on the GPU (" in line
