@@ -57,8 +57,15 @@ def test_run_counts_a_dropped_frame_serves_metrics_and_stops_on_sigterm(tmp_path
             time.sleep(0.2)
         rows = list(csv.DictReader(out.open()))
         assert [(r["well"], r["timepoint"], r["n_cells"]) for r in rows] == [("B3", "5", "8")]
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        assert 'cellmonitor_frames_total{result="counted"} 1.0' in text
+        # the counter is updated after the CSV row is written: wait on the counter itself, never race it
+        want = 'cellmonitor_frames_total{result="counted"} 1.0'
+        t1 = time.monotonic()
+        text = ""
+        while want not in text and time.monotonic() - t1 < 30:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            if want not in text:
+                time.sleep(0.2)
+        assert want in text
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         err = proc.stderr.read()
