@@ -523,6 +523,7 @@ def _classify(args: argparse.Namespace) -> int:
     scales: list[tuple[float | None, Any]] = []
     status = 0
     segmenter, seg_cfg = _classify_segmenter(args)
+    single_cell = (index.preprocessing or {}).get("layout") == "folders"
     framing = crop_framing(index.meta) or ("window", 0.2)
     per_cell: dict[int, Any] = {}  # query row -> (source image index, cell id); the cells of a multi-cell image
     found: list[int] = []
@@ -547,7 +548,11 @@ def _classify(args: argparse.Namespace) -> int:
                 found.append(n)
             continue
         if n > 1:
-            print(f"cellmonitor: warning: {path}: the segmenter found {n} cells; classified as one cell (--per-cell classifies each)", file=sys.stderr)
+            # an index built from class folders holds single-cell crops: an image like them is one cell (the
+            # segmenter's "cells" there are fragments or debris), so --per-cell is not suggested
+            hint = ("; the index's references are single-cell images, so this one is too" if single_cell
+                    else " (--per-cell classifies each)")
+            print(f"cellmonitor: warning: {path}: the segmenter found {n} cells; classified as one cell{hint}", file=sys.stderr)
         crops.append(crops_for(image, prep)[0])
         scales.append(crop_geometry(image.shape, prep))
         shown.append(path)
@@ -608,7 +613,8 @@ def _classify(args: argparse.Namespace) -> int:
         nimgs = [[reference_crop(index, n["name"], prep) for n in r["neighbours"]] for r in results]
         qimgs = [annotate_crop(c, um, box) for c, (um, box) in zip(crops, scales, strict=True)]
         overlays = query_overlays(overlays_src, results, states)
-        args.html.write_text(classify_html(results, qimgs, nimgs, title=f"cellmonitor classify ({index.classes and len(index)} references)", overlays=overlays))
+        args.html.write_text(classify_html(results, qimgs, nimgs, title=f"cellmonitor classify ({index.classes and len(index)} references)", overlays=overlays,
+                                                 single_cell_references=single_cell))
         print(f"wrote {args.html}", file=sys.stderr)
     return status
 

@@ -161,6 +161,7 @@ def classify_html(
     neighbour_images: Sequence[Sequence[np.ndarray | None]],
     title: str = "cellmonitor classify",
     overlays: Mapping[str, np.ndarray] | None = None,
+    single_cell_references: bool = False,
 ) -> str:
     """A self-contained page: each query crop, its prediction and certainty, its nearest references.
 
@@ -190,14 +191,17 @@ def classify_html(
         parts.append(f"<h2>{e(str(r['image']))}</h2>")
         found = r.get("cells_found")
         if found is not None and found > 1 and r.get("cell") is None:
-            parts.append(f"<p class='warnbox'>The segmenter found {found} cells in this image; it was classified as one cell. "
-                         "Run with <code>--per-cell</code> to classify each cell.</p>")
+            advice = ("The index's references are single-cell images, so this image is taken as one cell too."
+                      if single_cell_references else "Run with <code>--per-cell</code> to classify each cell.")
+            parts.append(f"<p class='warnbox'>The segmenter found {found} cells in this image; it was classified as one cell. {advice}</p>")
         src = str(r.get("source_image", r["image"]))
         if overlays and src in overlays and src not in shown_overlay:
             shown_overlay.add(src)
             parts.append(f"<p class='warnbox'>The segmenter found {found} cells in this image: each is classified below.</p>")
             parts.append(f"<figure class='ov'><img alt='cells by state' src='{png_data_uri(overlays[src])}'><figcaption>cells outlined by their call</figcaption></figure>")
-        flag = " <span class='warn'>(uncertain)</span>" if r.get("uncertain") else ""
+        flag = " <span class='warn'>(uncertain: not a reliable call)</span>" if r.get("uncertain") else ""
+        if r.get("unknown"):
+            flag += " <span class='warn'>(unknown: farther from every reference than the index's calibrated distance)</span>"
         parts.append(f"<p>prediction <b>{e(r['label'])}</b>, certainty {cert:.2f}{flag}, k used {r['k_used']}</p>")
         if qimg is not None:
             parts.append(f"<figure class='q'><img alt='query' src='{png_data_uri(qimg)}'><figcaption>query</figcaption></figure>")

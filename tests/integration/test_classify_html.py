@@ -65,8 +65,11 @@ def test_marks_and_several_cells_warning(setup: tuple[Path, list[str], Path], tm
     rows = [json.loads(s) for s in out.splitlines()]
     assert [r["cells_found"] for r in rows] == [1, 3]
     assert f"{three}: the segmenter found 3 cells" in err and str(one) + ":" not in err
+    # the index holds class-folder (single-cell) images: --per-cell is not suggested for an image like them
+    assert "--per-cell" not in err and "references are single-cell images" in err
     page = html.read_text()
     assert page.count("found 3 cells in this image; it was classified as one cell") == 1
+    assert "--per-cell" not in page and "references are single-cell images" in page
     imgs = _imgs(page)
     assert len(imgs) == 2 * (1 + 3)
     for img in imgs:  # query and every reference crop: the labelled cell is marked, a scale bar is drawn
