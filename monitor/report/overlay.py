@@ -173,6 +173,7 @@ def draw_overlay(
     *,
     cell_ids: Sequence[int] | np.ndarray | None = None,
     uncertain: Sequence[bool] | np.ndarray | None = None,
+    unknown: Sequence[bool] | np.ndarray | None = None,
     roles: Mapping[str, str] | None = None,
     thickness: int | None = None,
     legend: bool = True,
@@ -199,6 +200,10 @@ def draw_overlay(
         region with no entry is outlined in grey.
     uncertain
         Cells counted as uncertain get a white dot at their centroid.
+    unknown
+        Cells farther from every reference than the index's calibrated
+        distance: outlined in grey whatever they were called, and counted
+        apart in the legend, so a frame of unknown cells never looks sure.
     roles
         Canonical state of each class (colours, :func:`class_colours`).
     thickness
@@ -221,6 +226,8 @@ def draw_overlay(
     palette = np.array([colours[c] for c in classes] + [(128, 128, 128)], dtype=np.uint8)  # last: no state
     lut = np.full(int(max(lab.max(initial=0), ids.max(initial=0))) + 1, len(classes), dtype=np.int64)
     lut[ids] = np.where((st >= 0) & (st < len(classes)), st, len(classes))
+    unk = np.asarray(unknown, bool).reshape(-1) if unknown is not None and len(ids) else np.zeros(len(ids), bool)
+    lut[ids[unk]] = len(classes)  # grey: not like any reference
     t = thickness or max(2, min(rgb.shape[:2]) // 350)
     edge = outlines(lab, t)
     rgb[edge] = palette[lut[lab[edge]]]
@@ -234,6 +241,8 @@ def draw_overlay(
     if legend:
         n = np.bincount(st[(st >= 0) & (st < len(classes))], minlength=len(classes)) if len(st) else np.zeros(len(classes), int)
         entries = [(f"{c} ({int(k)})", colours[c]) for c, k in zip(classes, n, strict=True)]
+        if unk.any():
+            entries.append((f"unknown ({int(unk.sum())} of {len(ids)}): grey, unlike every reference", (128, 128, 128)))
         if uncertain is not None and np.asarray(uncertain, bool).any():
             entries.append((f"uncertain ({int(np.asarray(uncertain, bool).sum())}): white dot", (255, 255, 255)))
         rgb = draw_legend(rgb, entries)

@@ -79,7 +79,8 @@ class OverlaySink(SinkBase):
             return
         k = counts.key
         rgb = draw_overlay(calls.image, calls.labels, calls.predicted, calls.classes, calls.pixel_size_um, cell_ids=calls.cell_ids,
-                           uncertain=calls.uncertain, roles=self.roles, title=f"{k.experiment} {k.well} field {k.field} t{k.timepoint}")
+                           uncertain=calls.uncertain, unknown=calls.unknown, roles=self.roles,
+                           title=f"{k.experiment} {k.well} field {k.field} t{k.timepoint}")
         h, w = rgb.shape[:2]
         if max(h, w) > self.max_px:
             s = self.max_px / max(h, w)

@@ -131,3 +131,13 @@ def test_confusion_png_grows_with_classes(tmp_path: Path) -> None:
     small = cv2.imread(str(confusion_png(_scores(2), tmp_path / "a.png")))  # type: ignore[arg-type]
     big = cv2.imread(str(confusion_png(_scores(8), tmp_path / "b.png")))  # type: ignore[arg-type]
     assert big.shape[0] > small.shape[0] and big.shape[1] > small.shape[1]
+
+
+def test_unknown_cells_are_grey_not_their_called_colour() -> None:
+    """A frame of unknown cells must not look sure: grey outlines, whatever the call was."""
+    img, labels = _two_cells()
+    out = draw_overlay(img, labels, [3, 3], CLASSES, 0.5, unknown=[True, False], legend=False, scale_bar=False, thickness=2)
+    edge = outlines(labels, 2)
+    assert _has(out, (128, 128, 128), edge & (labels == 1)) == (edge & (labels == 1)).sum()
+    assert _has(out, STATE_RGB["dead"], edge & (labels == 1)) == 0
+    assert _has(out, STATE_RGB["dead"], edge & (labels == 2)) == (edge & (labels == 2)).sum()  # the known cell keeps its colour
