@@ -139,7 +139,7 @@ def _overlay(args: argparse.Namespace) -> int:
             continue
         st = calls.states
         img = draw_overlay(calls.frame.image, calls.cells.labels, st.predicted, st.classes, calls.frame.pixel_size_um,
-                           cell_ids=[c.id for c in calls.cells.cells], uncertain=st.uncertain, roles=roles, title=path.name)
+                           cell_ids=[c.id for c in calls.cells.cells], uncertain=st.uncertain, unknown=st.unknown, roles=roles, title=path.name)
         dest = out / f"{path.stem}.overlay.png" if many else out
         if not cv2.imwrite(str(dest), cv2.cvtColor(img, cv2.COLOR_RGB2BGR)):
             raise BadInput(dest, "cannot write the PNG (is the suffix .png?)")

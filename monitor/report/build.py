@@ -269,7 +269,8 @@ def _gallery_section(e: Experiment, g: Gallery | None, no_gallery: str | None, c
                 crop = border(gc.crop, colours.get(gc.label, (128, 128, 128)), max(2, gc.crop.shape[0] // 56))
                 if g.crop_pixel_size_um:
                     crop = draw_scale_bar(crop, g.crop_pixel_size_um, corner="bottom-right")
-                q = "?" if gc.uncertain else ""
+                q = " uncertain" if gc.uncertain else ""
+                q += " <b>unknown</b>" if gc.unknown else ""
                 items.append(f"<div class='cell'><img alt='{esc(c)} cell' src='{png_uri(png_bytes(crop))}'>{esc(gc.well)} t{gc.timepoint} #{gc.cell_id}<br>{gc.certainty:.2f}{q}</div>")
             parts.append("<div class='row'>" + ("".join(items) or "<span class='cap'>none</span>") + "</div>")
     parts.append("</div>")

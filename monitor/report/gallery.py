@@ -69,6 +69,7 @@ class GalleryCell:
     uncertain: bool
     centroid_yx_px: tuple[float, float]
     crop: np.ndarray
+    unknown: bool = False  # unlike every reference (the index's calibrated distance)
 
 
 @dataclass
@@ -151,7 +152,7 @@ def build_gallery(
         st = calls.states
         img = draw_overlay(
             calls.frame.image, calls.cells.labels, st.predicted, st.classes, calls.frame.pixel_size_um,
-            cell_ids=[c.id for c in calls.cells.cells], uncertain=st.uncertain, roles=roles,
+            cell_ids=[c.id for c in calls.cells.cells], uncertain=st.uncertain, unknown=st.unknown, roles=roles,
             title=f"{e.name} {where}",
         )
         path = overlay_dir / f"{_safe(str(row['well']))}_f{_safe(str(row['field']))}_t{int(row['_tp']):04d}.png"
@@ -165,7 +166,8 @@ def build_gallery(
             g.crop_pixel_size_um = calls.frame.pixel_size_um
         rng_i = next((i for i, (a, b) in enumerate(g.ranges) if a <= int(row["_tp"]) <= b), 0)
         for i, c in enumerate(calls.cells.cells):
-            gc = GalleryCell(str(row["well"]), str(row["field"]), int(row["_tp"]), c.id, st.label(i), float(st.certainty[i]), bool(st.uncertain[i]), c.centroid_yx_px, calls.crops[i])
+            gc = GalleryCell(str(row["well"]), str(row["field"]), int(row["_tp"]), c.id, st.label(i), float(st.certainty[i]), bool(st.uncertain[i]),
+                             c.centroid_yx_px, calls.crops[i], unknown=bool(st.unknown[i]) if st.unknown is not None else False)
             pool.setdefault((gc.label, rng_i), []).append(gc)
     rng = np.random.default_rng(seed)
     for key, cells in sorted(pool.items()):
