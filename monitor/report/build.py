@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from monitor.errors import BadInput
 from monitor.imageio import png_bytes
 from monitor.report import figures
@@ -205,7 +207,9 @@ def render(e: Experiment, src: Path, out: Path, name: str, gallery: Gallery | No
             "<section id='control'><h2>Control signal against predicted death</h2>"
             + figure(png, "control area fraction against predicted death fraction",
                      f"Otsu control area fraction of the fluorescence channel against the predicted {esc(' + '.join(e.death_states))} fraction, "
-                     f"every well and timepoint: Pearson r = {r:.3f}, Spearman ρ = {rho:.3f}, n = {n}.", [dl("control_vs_death")], html_table(tables["control_vs_death"]))
+                     "every well and timepoint: " + (f"Pearson r = {r:.3f}, Spearman ρ = {rho:.3f}, n = {n}." if n >= 3 and np.isfinite(r) and np.isfinite(rho)
+                                                    else f"correlation undefined (n = {n}: too few pairs, or one of the two does not vary)."),
+                     [dl("control_vs_death")], html_table(tables["control_vs_death"]))
             + "</section>"
         )
     else:

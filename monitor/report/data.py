@@ -100,6 +100,9 @@ def _experiment(name: str, rows: Any, death_states: tuple[str, ...]) -> Experime
     notes = []
     if not timed:
         notes.append("No acquisition time in the CSV for every frame: time axes show the timepoint number.")
+    elif acq.nunique() < 2 and r["timepoint"].nunique() > 1:  # every frame at one instant: hours would all be 0
+        timed = False
+        notes.append("Every frame has the same acquisition time: time axes show the timepoint number instead.")
     death_cols = [f"state_{s}" for s in death_states if f"state_{s}" in cols]
     if not death_cols:  # no canonical columns (an old CSV): classes named like the states
         death_cols = [f"n_{s}" for s in death_states if f"n_{s}" in cols]
@@ -191,7 +194,10 @@ def correlation(x: Any, y: Any) -> tuple[float, float, int]:
     ok = np.isfinite(a) & np.isfinite(b)
     a, b = a[ok], b[ok]
     n = int(len(a))
-    if n < 3 or a.std() == 0 or b.std() == 0:
+    def flat(v: np.ndarray) -> bool:  # constant up to rounding (a mean of equal values is not always exactly equal)
+        return bool(np.ptp(v) <= 1e-9 * max(1.0, float(np.abs(v).max())))
+
+    if n < 3 or flat(a) or flat(b):
         return float("nan"), float("nan"), n
 
     def ranks(v: np.ndarray) -> np.ndarray:

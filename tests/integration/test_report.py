@@ -161,3 +161,22 @@ def test_report_shows_unreliable_counts_in_a_banner_and_the_summary(demo: Path, 
     df.to_csv(src, index=False)
     assert main(["report", str(src), "--out", str(tmp_path / "r2")]) == 0
     assert "Counts unreliable" not in (tmp_path / "r2" / "demo.html").read_text()
+
+
+def test_report_with_one_acquisition_time_falls_back_to_timepoints_and_says_so(demo: Path, tmp_path: Path) -> None:
+    """Every frame stamped with the same time: the axes use timepoint numbers (not all at x = 0), the
+    page says so, and no "Pearson r = nan" is printed where the figure says the correlation is undefined."""
+    df = pd.read_csv(demo / "state" / "counts.csv", dtype=str, keep_default_na=False)
+    df["acquired_at"] = "2026-01-01T10:00:00+00:00"
+    df["control_area_fraction"] = "0.1"  # a control that does not vary: no correlation to report
+    src = tmp_path / "counts.csv"
+    df.to_csv(src, index=False)
+    assert main(["report", str(src), "--out", str(tmp_path / "r")]) == 0
+    page = (tmp_path / "r" / "demo.html").read_text()
+    assert "Every frame has the same acquisition time: time axes show the timepoint number instead." in page
+    import re
+
+    assert not re.findall(r".{120}= nan", page), re.findall(r".{120}= nan", page)[:2]
+    assert "correlation undefined" in page
+    tc = _downloads(page)["timecourse"]
+    assert "hours" not in tc.columns
