@@ -81,6 +81,16 @@ def key_from_match(m: re.Match[str] | None, path: Path | str, experiment: str) -
     )
 
 
+def stem_of(path: Path) -> str:
+    """A frame file's name without its image suffix (``.ome.tif`` counts as one): what a sidecar
+    (``<stem>.json``) or a mask another tool wrote (``<stem>_labelled.tif``) is named after."""
+    name = Path(path).name
+    for suf in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suf):
+            return name[: -len(suf)]
+    return Path(path).stem
+
+
 def guess_role(name: str) -> ChannelRole | None:
     """The role a channel's name implies: ``transmitted`` (bright field, phase, RI), ``marker`` (a
     death marker: PI, Apo-15, SYTOX, annexin, "dead ..."), ``nuclear`` (Hoechst, DAPI, "... nuclei"),

@@ -207,13 +207,11 @@ def _index_problems(cfg: Any, registry: Any) -> list[str]:
     """The index against the config's encoders, as ``run`` checks it (encoders built, no segmenter):
     one line naming the fix when they differ."""
     from monitor.errors import CellmonitorError
-    from monitor.index.store import ReferenceIndex
     from monitor.protocols import context_from
+    from monitor.service.wiring import build_encoders, load_index
 
-    ctx = context_from(cfg, device="cpu")
     try:
-        encoders = [registry.build("encoders", ref, ctx, cfg.source_name, f"encoders.{i}") for i, ref in enumerate(cfg.encoders)]
-        ReferenceIndex.load(cfg.classifier.index, [{"id": e.id, "dim": e.dim} for e in encoders])
+        load_index(cfg, build_encoders(cfg, registry, context_from(cfg, device="cpu")))
     except CellmonitorError as e:
         return [f"{cfg.source_name}: classifier.index: {line}" for line in e.lines] if hasattr(e, "lines") else [f"{cfg.source_name}: classifier.index: {e}"]
     return []

@@ -59,8 +59,7 @@ def frames_in(cfg: Config, readers: ReaderSet, folder: Path, skipped: list[tuple
     written, a channel not configured, dropped by the assembler) are appended
     to ``skipped`` as (path, problem) and left out.
     """
-    a = cfg.assembly
-    asm = FrameAssembler(a.channels, a.primary, a.control, a.wait_s)
+    asm = FrameAssembler.from_config(cfg)
     outcomes: list[Frame | FileEvent | None] = []
     for path in sorted(scan(folder, cfg.service.patterns, cfg.service.recursive)):
         acq = read_file(readers, path)

@@ -48,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
+from monitor.config import Config
 from monitor.errors import ConfigError
 from monitor.imaging import resize
 from monitor.intake.events import FileEvent
@@ -173,6 +174,12 @@ class FrameAssembler:
     _closed: OrderedDict[FrameKey, str] = field(default_factory=OrderedDict)
     _warned: set[str] = field(default_factory=set)
     _dropped_paths: OrderedDict[Path, None] = field(default_factory=OrderedDict)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> FrameAssembler:
+        """The assembler ``[assembly]`` describes: every engine groups files the same way."""
+        a = cfg.assembly
+        return cls(a.channels, a.primary, a.control, a.wait_s)
 
     def __post_init__(self) -> None:
         self.channels = tuple(self.channels)

@@ -33,6 +33,7 @@ from monitor.report.data import DEATH_STATES, Experiment, experiments, last_time
 from monitor.report.gallery import Gallery, build_gallery
 from monitor.report.overlay import border, class_colours, draw_scale_bar
 from monitor.report.page import download, esc, figure, html_table, page, png_uri
+from monitor.service.recording import UNRELIABLE_MIN_CELLS, UNRELIABLE_SHARE
 from monitor.service.rows import read_counts
 
 log = logging.getLogger(__name__)
@@ -125,17 +126,13 @@ def _has_control(e: Experiment) -> bool:
     return "control_area_fraction" in e.table and bool(e.table["control_area_fraction"].notna().any())
 
 
-#: at least this share of a frame's cells unknown or uncertain: its counts are unreliable
-UNRELIABLE_SHARE = 0.5
-
-
 def unreliable_banner(e: Experiment) -> str:
     """A banner naming the frames (well, timepoint) where half or more of the cells are unknown or uncertain; "" when none."""
     t = e.table
     cols = [c for c in ("share_unknown", "share_uncertain") if c in t]
     if not cols:
         return ""
-    bad = t[(t[cols].max(axis=1) >= UNRELIABLE_SHARE) & (t["n_cells"] >= 5)]
+    bad = t[(t[cols].max(axis=1) >= UNRELIABLE_SHARE) & (t["n_cells"] >= UNRELIABLE_MIN_CELLS)]
     if bad.empty:
         return ""
     where = ", ".join(f"{w} t{int(tp)}" for w, tp in list(zip(bad["well"], bad["timepoint"], strict=True))[:12])

@@ -44,15 +44,17 @@ from monitor.service.rows import class_roles
 log = logging.getLogger(__name__)
 
 
-#: a frame with at least this share of unknown (or uncertain) cells is reported as unreliable
+#: a frame with at least this share of unknown (or uncertain) cells is reported as unreliable ...
 UNRELIABLE_SHARE = 0.5
+#: ... when it has at least this many cells (a share of 2 or 3 cells says little)
+UNRELIABLE_MIN_CELLS = 5
 
 
 def unreliable(counts: Counts) -> str | None:
     """Why a frame's counts should not be trusted (half or more of its cells unknown or uncertain,
-    at least 5 cells), or None."""
+    at least :data:`UNRELIABLE_MIN_CELLS` cells), or None."""
     n = counts.n_cells
-    if n < 5:
+    if n < UNRELIABLE_MIN_CELLS:
         return None
     parts = [f"{k} of {n} cells {what} ({k / n:.0%})" for k, what in ((counts.n_unknown, "unknown"), (counts.n_uncertain, "uncertain"))
              if k / n >= UNRELIABLE_SHARE]

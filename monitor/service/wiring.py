@@ -46,12 +46,6 @@ from monitor.service.rows import class_roles
 log = logging.getLogger(__name__)
 
 
-def assembler_for(cfg: Config) -> FrameAssembler:
-    """The frame assembler ``[assembly]`` describes (every engine groups files the same way)."""
-    a = cfg.assembly
-    return FrameAssembler(a.channels, a.primary, a.control, a.wait_s)
-
-
 def open_sinks(cfg: Config, registry: Any, ctx: BuildContext) -> list[Sink]:
     """The configured sinks, built with ``ctx`` (its ``roles`` name the sinks' columns)."""
     return [registry.build("sinks", ref, ctx, cfg.source_name, f"sinks.{i}") for i, ref in enumerate(cfg.sinks)]
@@ -80,18 +74,27 @@ def start_metrics(cfg: Config, metrics: ServiceMetrics, serve_metrics: bool = Tr
     return server
 
 
+def build_encoders(cfg: Config, registry: Any, ctx: BuildContext) -> list[Any]:
+    """The configured encoders, in concatenation order."""
+    return [registry.build("encoders", ref, ctx, cfg.source_name, f"encoders.{i}") for i, ref in enumerate(cfg.encoders)]
+
+
+def load_index(cfg: Config, encoders: Sequence[Any]) -> ReferenceIndex:
+    """The configured index, refused (one line naming the fix) unless built with these encoders' ids and dims."""
+    return ReferenceIndex.load(cfg.classifier.index, [{"id": e.id, "dim": e.dim} for e in encoders])
+
+
 def build_pipeline(cfg: Config, registry: Any, ctx: Any, classifier: Classifier | None = None) -> Pipeline:
     """Segmenter, encoders, index and classifier from the config; all errors fatal.
 
     With ``classifier`` given, no index is loaded (the demo and benches use
     this to embed reference cells through the service's own components).
     """
-    src = cfg.source_name
-    segmenter = registry.build("segmenters", cfg.segmenter, ctx, src, "segmenter")
-    encoders = [registry.build("encoders", ref, ctx, src, f"encoders.{i}") for i, ref in enumerate(cfg.encoders)]
+    segmenter = registry.build("segmenters", cfg.segmenter, ctx, cfg.source_name, "segmenter")
+    encoders = build_encoders(cfg, registry, ctx)
     p = cfg.pipeline
     if classifier is None:
-        index = ReferenceIndex.load(cfg.classifier.index, [{"id": e.id, "dim": e.dim} for e in encoders])
+        index = load_index(cfg, encoders)
         c = cfg.classifier
         params = params_from_config(index, c.k_min, c.k_max, c.entropy_threshold, c.reweight)
         classifier = EWCClassifier(index, params, p.certainty_floor, flag_unknown=c.unknown)
@@ -208,7 +211,7 @@ def assemble_service(cfg: Config, readers: ReaderSet, pipeline: Pipeline, sinks:
         metrics.roles = roles
         recorder = open_recorder(cfg, sinks, metrics, roles)
         intake = Intake(FileTracker(s.stable_s, s.ready_deadline_s), recorder.ledger, s.watch_dir, s.patterns, s.recursive)
-        assembler = assembler_for(cfg)
+        assembler = FrameAssembler.from_config(cfg)
     except BaseException:
         lock.release()
         raise

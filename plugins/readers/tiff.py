@@ -53,7 +53,7 @@ from monitor.imageio import (
     tiff_pixel_size_um,
 )
 from monitor.protocols import ReaderBase
-from monitor.readkit import choose_pixel_size, guess_role, key_from_match
+from monitor.readkit import choose_pixel_size, guess_role, key_from_match, stem_of
 from monitor.records import Acquisition, ChannelRole, FrameKey
 from monitor.registry import plugin_spec
 
@@ -139,11 +139,7 @@ class TiffReader(ReaderBase):
 
 def sidecar_path(path: Path) -> Path:
     """``<name>.json`` beside ``<name>.tif``."""
-    name = path.name
-    for ome in (".ome.tif", ".ome.tiff"):
-        if name.lower().endswith(ome):
-            return path.with_name(name[: -len(ome)] + ".json")
-    return path.with_suffix(".json")
+    return path.with_name(stem_of(path) + ".json")
 
 
 def read_sidecar(path: Path) -> dict[str, Any] | None:

@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from monitor.errors import BadInput, NotReady
 from monitor.imaging import resize
 from monitor.protocols import BuildContext, SegmenterBase
+from monitor.readkit import stem_of
 from monitor.records import Cells, Frame
 from monitor.registry import plugin_spec
 from monitor.segmentation import cells_from_labels
@@ -57,15 +58,6 @@ class Options(BaseModel):
                                 description="mask file = frame file name without its suffix + one of these, first found wins")
     folder: Path | None = Field(None, description="where the masks are (default: beside each frame; relative to the config)")
     min_area_um2: float = Field(0.0, ge=0, description="objects smaller than this are left out")
-
-
-def stem_of(path: Path) -> str:
-    """The frame file's name without its image suffix (``.ome.tif`` counts as one)."""
-    name = path.name
-    for suf in (".ome.tiff", ".ome.tif"):
-        if name.lower().endswith(suf):
-            return name[: -len(suf)]
-    return path.stem
 
 
 class MaskSegmenter(SegmenterBase):

@@ -15,6 +15,7 @@ from typing import Any
 from monitor import __version__
 from monitor.config import Config
 from monitor.errors import ConfigError, Unavailable, UsageError
+from monitor.intake.assemble import FrameAssembler
 from monitor.intake.events import Event, FileEvent
 from monitor.intake.files import FileTracker, Intake, check_watch_dir, retry_or_give_up
 from monitor.intake.ledger import StateLock, path_text
@@ -24,7 +25,6 @@ from monitor.service.cluster.pool import Call, Pool, ReplayStats, Unit, UnitQueu
 from monitor.service.cluster.worker import FrameWorker
 from monitor.service.metrics import ServiceMetrics
 from monitor.service.wiring import (
-    assembler_for,
     open_recorder,
     open_sinks,
     roles_for,
@@ -257,7 +257,7 @@ class ClusterReplay:
                         todo.later(u)
                     else:
                         ident[u.paths[0]] = r
-        asm = assembler_for(self.cfg)
+        asm = FrameAssembler.from_config(self.cfg)
         groups: list[tuple[str, ...]] = []
 
         def take(out: Frame | FileEvent | None) -> None:

@@ -21,13 +21,14 @@ from monitor import __version__
 from monitor.config import Config
 from monitor.device import resolve_device
 from monitor.errors import CellmonitorError, StageError
+from monitor.intake.assemble import FrameAssembler
 from monitor.intake.events import Event, FileEvent, frame_result
 from monitor.intake.readers import build_readers, read_file
 from monitor.pipeline import process_frames
 from monitor.protocols import context_from
 from monitor.records import Acquisition, Counts, Frame
 from monitor.registry import Registry
-from monitor.service.wiring import assembler_for, build_pipeline, warm_up
+from monitor.service.wiring import build_pipeline, warm_up
 
 
 def placeholder(acq: Acquisition) -> Acquisition:
@@ -75,7 +76,7 @@ class FrameWorker:
 
     def _assemble(self, paths: Sequence[str]) -> tuple[list[Event], list[Frame]]:
         """Read one frame's files and assemble them with the service's assembler."""
-        asm = assembler_for(self.cfg)
+        asm = FrameAssembler.from_config(self.cfg)
         acqs = [read_file(self.readers, Path(p)) for p in paths]
         waiting = [e for e in acqs if isinstance(e, FileEvent) and e.kind == "not_ready"]
         if waiting:  # the frame waits for all its files
