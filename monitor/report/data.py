@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from monitor.service.rows import parse_times
+
 #: columns whose meaning the report knows (besides n_/frac_/state_ per class and state)
 KNOWN = {
     "experiment", "well", "field", "timepoint", "acquired_at", "processed_at", "instrument", "pixel_size_um",
@@ -95,9 +97,17 @@ def _experiment(name: str, rows: Any, death_states: tuple[str, ...]) -> Experime
     r = rows.copy()
     r["timepoint"] = _num(r["timepoint"]).astype("Int64")
     r["n_cells"] = _num(r["n_cells"]).fillna(0)
-    acq = pd.to_datetime(r["acquired_at"], utc=True, errors="coerce", format="ISO8601") if "acquired_at" in r else pd.Series(pd.NaT, index=r.index)
+    if "acquired_at" in r:
+        acq, clock = parse_times(r["acquired_at"])
+    else:
+        acq, clock = pd.Series(pd.NaT, index=r.index), ""
     timed = bool(len(r)) and bool(acq.notna().all())
     notes = []
+    if timed and clock == "local":
+        notes.append("Acquisition times are the instrument's local time, as its files give them (no time zone).")
+    elif timed and clock == "mixed":
+        notes.append("Some acquisition times carry a time zone and some do not: zoned ones are shown in UTC, "
+                     "the others as the instrument wrote them.")
     if not timed:
         notes.append("No acquisition time in the CSV for every frame: time axes show the timepoint number.")
     elif acq.nunique() < 2 and r["timepoint"].nunique() > 1:  # every frame at one instant: hours would all be 0

@@ -12,6 +12,7 @@ keeps both: ``n_<class>``/``frac_<class>`` per reference class and
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,6 +38,34 @@ NOT_CLASS_COUNTS = tuple(f"n_{t}" for t in COUNT_TALLIES)
 #: without them is continued in its own columns (see the csv sink)
 LATER_COLUMNS = ("state_", "n_unknown", "index_version", "marker_")
 
+
+
+_ZONE = re.compile(r"(?:Z|[+-]\d\d:?\d\d)$")
+
+
+def parse_times(values: Any) -> tuple[Any, str]:
+    """Acquisition-time strings -> (pandas datetimes, what clock they are on).
+
+    Vendors differ: Gen5 writes the instrument PC's local time with no zone,
+    Nanolive and OME an offset. Times that all lack a zone stay naive and are
+    called the instrument's local time (never relabelled UTC, which would shift
+    nothing but claim a zone the files do not have); times that all carry one
+    are converted to UTC; a mix is read as written with the zoned ones in UTC
+    and the clock says so. Empty and unreadable strings become NaT.
+    """
+    import pandas as pd
+
+    text = pd.Series(values, dtype="string").fillna("").str.strip()
+    present = text[text != ""]
+    zoned = present.str.contains(_ZONE, regex=True)
+    if len(present) and not zoned.any():
+        return pd.to_datetime(text.replace("", None), errors="coerce", format="ISO8601"), "local"
+    if zoned.all():
+        return pd.to_datetime(text.replace("", None), utc=True, errors="coerce", format="ISO8601"), "UTC"
+    has_zone = text.str.contains(_ZONE, regex=True)
+    out = pd.to_datetime(text.where(~has_zone).replace("", None), errors="coerce", format="ISO8601")
+    utc = pd.to_datetime(text.where(has_zone).replace("", None), utc=True, errors="coerce", format="ISO8601").dt.tz_localize(None)
+    return out.fillna(utc), "mixed"
 
 def class_roles(classes: Iterable[str], configured: Mapping[str, str] | None = None) -> dict[str, str]:
     """Canonical state of every reference class (module docstring).
@@ -167,9 +196,10 @@ def _export_parquet(df: Any, folder: Path) -> int:
     if folder.exists() and not folder.is_dir():
         raise CellmonitorError(f"{folder}: --format parquet writes one file per experiment into a folder; this is a file")
     typed = df.copy()
-    for col in ("acquired_at", "processed_at"):
-        if col in typed:
-            typed[col] = pd.to_datetime(typed[col], utc=True, errors="coerce", format="ISO8601")
+    if "acquired_at" in typed:  # the instrument's clock as written (Gen5: local time, no zone)
+        typed["acquired_at"] = parse_times(typed["acquired_at"])[0]
+    if "processed_at" in typed:  # written by the service, always UTC
+        typed["processed_at"] = pd.to_datetime(typed["processed_at"], utc=True, errors="coerce", format="ISO8601")
     for col in typed.columns:
         if col.startswith(("n_", "state_")) or col in ("timepoint", "n_cells", "control_regions"):
             typed[col] = pd.to_numeric(typed[col], errors="coerce").astype("Int64")

@@ -180,3 +180,25 @@ def test_report_with_one_acquisition_time_falls_back_to_timepoints_and_says_so(d
     assert "correlation undefined" in page
     tc = _downloads(page)["timecourse"]
     assert "hours" not in tc.columns
+
+
+def test_report_keeps_the_instruments_local_time(demo: Path, tmp_path: Path) -> None:
+    """Gen5 writes local time with no zone: the report shows it as written (never '+00:00') and says
+    whose clock it is; zoned times (Nanolive, OME) are shown in UTC."""
+    df = pd.read_csv(demo / "state" / "counts.csv", dtype=str, keep_default_na=False)
+    tps = sorted({int(t) for t in df["timepoint"]})
+    df["acquired_at"] = [f"2024-11-28T{11 + tps.index(int(t)):02d}:10:10" for t in df["timepoint"]]
+    src = tmp_path / "counts.csv"
+    df.to_csv(src, index=False)
+    assert main(["report", str(src), "--out", str(tmp_path / "r")]) == 0
+    page = (tmp_path / "r" / "demo.html").read_text()
+    assert "the instrument&#x27;s local time" in page or "the instrument's local time" in page
+    tc = _downloads(page)["timecourse"]
+    assert set(tc["acquired_at"]) == {f"2024-11-28T{11 + i:02d}:10:10" for i in range(len(tps))}
+    assert "+00:00" not in " ".join(tc["acquired_at"])
+    df["acquired_at"] = [f"2024-11-28T{11 + tps.index(int(t)):02d}:10:10+01:00" for t in df["timepoint"]]
+    df.to_csv(src, index=False)
+    assert main(["report", str(src), "--out", str(tmp_path / "r2")]) == 0
+    page = (tmp_path / "r2" / "demo.html").read_text()
+    assert "local time" not in page
+    assert set(_downloads(page)["timecourse"]["acquired_at"]) == {f"2024-11-28T{10 + i:02d}:10:10+00:00" for i in range(len(tps))}

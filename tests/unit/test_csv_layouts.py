@@ -57,3 +57,17 @@ def test_a_file_with_other_classes_is_refused(tmp_path: Path) -> None:
     _write_old(path, ("n_dead", "frac_dead"))
     with pytest.raises(ConfigError, match="columns changed"):
         CsvSink(path).write(_counts(1))
+
+
+def test_acquisition_times_keep_the_instruments_clock() -> None:
+    """Zone-less times (Gen5: local) stay naive, never relabelled UTC; zoned ones go to UTC; a mix is named."""
+    from monitor.service.rows import parse_times
+
+    local, clock = parse_times(["2024-11-28T11:10:10", "", "2024-11-28T12:10:10"])
+    assert clock == "local" and local.dt.tz is None
+    assert [x.isoformat() if x == x else None for x in local] == ["2024-11-28T11:10:10", None, "2024-11-28T12:10:10"]
+    zoned, clock = parse_times(["2024-11-28T11:10:10+01:00", "2024-11-28T11:10:10Z"])
+    assert clock == "UTC" and str(zoned.dt.tz) == "UTC"
+    assert [x.isoformat() for x in zoned] == ["2024-11-28T10:10:10+00:00", "2024-11-28T11:10:10+00:00"]
+    mixed, clock = parse_times(["2024-11-28T11:10:10+01:00", "2024-11-28T11:10:10"])
+    assert clock == "mixed" and [x.isoformat() for x in mixed] == ["2024-11-28T10:10:10", "2024-11-28T11:10:10"]
