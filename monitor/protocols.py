@@ -114,6 +114,11 @@ class Encoder(Protocol):
         ...
 
     @property
+    def runtime(self) -> str:
+        """What runs the model (optional: ``"torch"``), e.g. ``onnxruntime 1.32.0 (2 threads)``."""
+        ...
+
+    @property
     def reference_encoder(self) -> Encoder:
         """The encoder reference cells are embedded with (optional: itself)."""
         ...
@@ -208,6 +213,9 @@ class EncoderBase:
       step moves a GPU encoder to the CPU); returns False when it cannot.
     * ``reference_encoder``: the encoder reference cells are embedded with
       (a query-side wrapper returns the encoder it wraps; default: itself).
+    * ``runtime``: what runs the model, as shown by ``cellmonitor models`` and the
+      run's first log lines (default ``"torch"``; an encoder on a CPU inference
+      runtime names it, its version and its threads).
     """
 
     prefetches: bool = False
@@ -224,6 +232,10 @@ class EncoderBase:
     @property
     def cache_id(self) -> str:
         return str(self.id)  # type: ignore[attr-defined]
+
+    @property
+    def runtime(self) -> str:
+        return "torch"
 
     @property
     def reference_encoder(self) -> Encoder:

@@ -18,6 +18,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 # temporary folder, never to ~/.cache/cellmonitor
 _CACHE = tempfile.mkdtemp(prefix="cellmonitor-test-cache-")
 os.environ["CELLMONITOR_CACHE"] = _CACHE
+os.environ["CELLMONITOR_RUNTIME_CACHE"] = os.path.join(_CACHE, "runtime")
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 _HOME_CACHE = Path.home() / ".cache" / "cellmonitor"
 

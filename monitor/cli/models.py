@@ -43,6 +43,7 @@ def device_line(want: str) -> tuple[str, str]:
 def describe(registry: Any, kind: str, ref: Any, ctx: Any, source: str, where: str) -> dict[str, Any]:
     """One row: the spec's ``describe`` when it has one, else what building the plugin shows."""
     from monitor.errors import CellmonitorError
+    from monitor.protocols import complete
 
     try:
         spec = registry.spec(kind, ref.name)
@@ -62,6 +63,7 @@ def describe(registry: Any, kind: str, ref: Any, ctx: Any, source: str, where: s
         "where": f"loaded to check (id {wid})" if wid else "built-in (no weights file)",
         "dim": getattr(obj, "dim", None),
         "dtype": "float32" if wid else "-",
+        "runtime": complete(kind, obj).runtime if kind == "encoders" else "-",
     }
 
 
@@ -78,12 +80,13 @@ def _list(args: argparse.Namespace) -> int:
     rows = [("segmenter", cfg.segmenter.name, describe(reg, "segmenters", cfg.segmenter, ctx, src, "segmenter"))]
     rows += [("encoder", r.name, describe(reg, "encoders", r, ctx, src, f"encoders.{i}")) for i, r in enumerate(cfg.encoders)]
     print(f"device: {device} ({note})")
-    table = [("KIND", "NAME", "PRESENT", "DIM", "DTYPE", "DEVICE", "WHERE")]
+    table = [("KIND", "NAME", "PRESENT", "DIM", "DTYPE", "DEVICE", "RUNTIME", "WHERE")]
     for kind, name, d in rows:
         dim = "-" if d.get("dim") is None else str(d["dim"])
         mode = f" [{d['mode']}]" if d.get("mode") else ""
-        table.append((kind, name + mode, "yes" if d["present"] else "NO", dim, str(d.get("dtype", "-")), device, str(d["where"])))
-    widths = [max(len(r[i]) for r in table) for i in range(6)]
+        runtime = str(d.get("runtime", "-")) if device == "cpu" or kind != "encoder" else "torch (GPU)"
+        table.append((kind, name + mode, "yes" if d["present"] else "NO", dim, str(d.get("dtype", "-")), device, runtime, str(d["where"])))
+    widths = [max(len(r[i]) for r in table) for i in range(7)]
     for r in table:
-        print("  ".join(c.ljust(w) for c, w in zip(r[:6], widths, strict=True)) + "  " + r[6])
+        print("  ".join(c.ljust(w) for c, w in zip(r[:7], widths, strict=True)) + "  " + r[7])
     return 0 if all(d["present"] for _, _, d in rows) else 1

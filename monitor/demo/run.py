@@ -94,7 +94,16 @@ def on_true_cells(pipeline, phase: np.ndarray, fluo: np.ndarray, cells: list[Any
 
 
 def build_reference(pipeline, per_state: int, seed: int, say: Callable[[str], None]):  # type: ignore[no-untyped-def]
-    """Labelled reference cells from single-state fields, through segment -> crop -> embed."""
+    """The demo's index: :func:`reference_vectors` under the demo's EWC settings."""
+    vectors, labels = reference_vectors(pipeline, per_state, seed, say)
+    encs = [{"name": e.name, "id": e.id, "dim": e.dim} for e in pipeline.encoders]
+    return ReferenceIndex.build(
+        vectors, labels, STATES, encs, metric="l2", ewc=EWCParams(k_min=5, k_max=40, entropy_threshold=0.5, reweight=True)
+    )
+
+
+def reference_vectors(pipeline, per_state: int, seed: int, say: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
+    """Labelled reference cells from single-state fields, through segment -> crop -> embed: (vectors, labels)."""
 
     field_um = FIELD_PX * FRAME_UM
     crops, labels = [], []
@@ -115,10 +124,7 @@ def build_reference(pipeline, per_state: int, seed: int, say: Callable[[str], No
     allcrops = np.concatenate(crops)
     say(f"  embedding {len(allcrops)} reference crops with {', '.join(e.name for e in pipeline.encoders)} ...")
     emb = embed(allcrops, pipeline.encoders, pipeline.batch_size)
-    encs = [{"name": e.name, "id": e.id, "dim": e.dim} for e in pipeline.encoders]
-    return ReferenceIndex.build(
-        emb.vectors, np.array(labels), STATES, encs, metric="l2", ewc=EWCParams(k_min=5, k_max=40, entropy_threshold=0.5, reweight=True)
-    )
+    return emb.vectors, np.array(labels)
 
 
 def run_demo(

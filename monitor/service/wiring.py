@@ -16,6 +16,7 @@ index errors are fatal at start-up (exit 78).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -153,6 +154,23 @@ def marker_check(cfg: Config, index: Any) -> Any:
     return MarkerCheck(rules, class_roles(index.classes, cfg.classifier.roles))
 
 
+def compute_line(pipeline: Pipeline) -> str:
+    """What runs each encoder (runtime, version, threads) and the torch threads: the run's log says it."""
+    import torch
+
+    encs = "; ".join(f"{e.name} on {e.runtime}" for e in pipeline.encoders)
+    return (f"{encs}; torch {torch.get_num_threads()} thread(s); segmenter {type(pipeline.segmenter).__name__} in a prefetch thread "
+            f"beside the encoders ({cpu_count()} core(s) available)")
+
+
+def cpu_count() -> int:
+    """The cores this process may run on (its affinity)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
 def warm_up(pipeline: Pipeline) -> float:
     """One inference through every encoder and the classifier, so the first frame is not slow."""
     t = time.perf_counter()
@@ -173,6 +191,7 @@ def build_service(cfg: Config, registry: Any, metrics_registry: Any = None, serv
         t = time.perf_counter()
         pipeline = build_pipeline(cfg, registry, ctx)
         log.info("models and index loaded in %.1fs (device %s); warm-up %.2fs", time.perf_counter() - t, ctx.device, warm_up(pipeline))
+        log.info("compute: %s", compute_line(pipeline))
         ctx.roles = metrics.roles = roles_for(cfg, pipeline.classifier.classes)
         sinks = open_sinks(cfg, registry, ctx)
         if any(k.wants_calls for k in sinks):  # e.g. the overlay sink

@@ -54,6 +54,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+from cellmonitor_plugins.encoders.runtime import (
+    Runner,
+    Runtime,
+    choose,
+    compile_module,
+    runtime_cache_dir,
+    writable,
+)
 from pydantic import BaseModel, ConfigDict, Field
 
 from monitor.errors import WeightsMissing
@@ -82,6 +90,8 @@ class Options(BaseModel):
     pool: Literal["mean", "gem", "meanmax"] = Field(
         "mean", description="mean: average pool; gem: generalised mean (p=3); meanmax: average pools then max pools (2x dims)"
     )
+    runtime: Runtime = Field("auto", description="CPU inference runtime: auto (ONNX Runtime, else OpenVINO, else torch, by what "
+                             "is installed), torch, onnxruntime, openvino; on a GPU always torch. Same vectors either way")
     fitted: bool = Field(False, description="fine-tuned on the lab's marker-labelled references by `index build --from-marker` "
                          "([fit] settings); the weights live in the index folder")
 
@@ -125,24 +135,61 @@ class EfficientNetLiteEncoder(EncoderBase):
         self.dim = (1280 + sum(widths)) * (2 if pool == "meanmax" else 1)
         suffix = ("+" + "".join(f"s{s}" for s in stages)) if stages else ""
         self.id = f"{self.name}@{weights_tag}:{input_px}px:pm1:{POOL_IDS[pool]}{suffix}"
+        self.graph = features_module(self.model, self._taps, pool)
+        self.runner: Runner | None = None
+
+    @property
+    def runtime(self) -> str:
+        return runtime_label(self.runner)
+
+    def use_runtime(self, want: Runtime, folder: Path | None = None) -> None:
+        """Run on ``want`` (``auto``: the installed CPU runtime) from here on; torch when it is
+        unavailable, on a GPU, or when its export fails the check against torch."""
+        name = choose(want, self.device)
+        self.runner = None if name == "torch" else compile_module(
+            self.graph, self.input_px, encoder_id=self.id, graph=f"taps{self._taps}:{self.pool}", runtime=name,
+            folder=folder or runtime_cache_dir(), name=self.name)
 
     def encode(self, crops: Any) -> Any:
         import torch
 
         x = to_input(crops, self.input_px, self.device)
+        if self.runner is not None:
+            return self.runner.run(x.numpy())
         with torch.inference_mode():
-            if not self._taps:
-                maps = [self.model.extract_features(x)]
-            else:
-                m, taps, inner = self.model, set(self._taps), []
-                x = m._swish(m._bn0(m._conv_stem(x)))
-                for i, block in enumerate(m._blocks):
-                    x = block(x)  # eval mode: no drop-connect
-                    if i in taps:
-                        inner.append(x)
-                maps = [m._swish(m._bn1(m._conv_head(x))), *inner]
-            v = torch.cat(pool_maps(maps, self.pool), dim=1)
-        return v.float().cpu().numpy()
+            return self.graph(x).float().cpu().numpy()
+
+
+def runtime_label(runner: Runner | None) -> str:
+    """What runs an encoder: the CPU runtime with its version and threads, or torch."""
+    if runner is not None:
+        return runner.label
+    import torch
+
+    return f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+def features_module(model: Any, taps: list[int], pool: str) -> Any:
+    """The pooled features as one torch module (what torch runs, and what a CPU runtime is
+    exported from): the head's pooled map, then the pooled ends of the ``taps`` blocks."""
+    import torch
+
+    class Features(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, x: Any) -> Any:
+            m, inner = self.model, []
+            x = m._swish(m._bn0(m._conv_stem(x)))
+            for i, block in enumerate(m._blocks):
+                x = block(x)  # eval mode: no drop-connect
+                if i in taps:
+                    inner.append(x)
+            maps = [m._swish(m._bn1(m._conv_head(x))), *inner]
+            return torch.cat(pool_maps(maps, pool), dim=1)
+
+    return Features().eval()
 
 
 def pool_maps(maps: list[Any], pool: str) -> list[Any]:
@@ -227,6 +274,22 @@ class FittedLiteEncoder(EncoderBase):
         self.dim = 1280 if embedding == "features" else embed_dim
         self.needs_fit = True
         self.id = f"{self.name}@{base_tag}:{input_px}px:pm1:fit-pending"
+        self.graph = features_module(self.model, [], "mean")
+        self.runner: Runner | None = None
+        self.want_runtime: Runtime = "auto"
+
+    @property
+    def runtime(self) -> str:
+        return runtime_label(self.runner)
+
+    def use_runtime(self, want: Runtime, folder: Path | None = None) -> None:
+        """As :meth:`EfficientNetLiteEncoder.use_runtime`; the export is kept beside the fitted
+        weights (``INDEX/fit/``) when that folder is writable."""
+        self.want_runtime = want
+        name = "torch" if self.needs_fit else choose(want, self.device)
+        self.runner = None if name == "torch" else compile_module(
+            self.graph, self.input_px, encoder_id=self.id, graph="features", runtime=name,
+            folder=folder or runtime_cache_dir(), name=self.name)
 
     # ---- weights ------------------------------------------------------------------------
     def load(self, path: Path) -> None:
@@ -258,15 +321,12 @@ class FittedLiteEncoder(EncoderBase):
         self.model.eval()
         self.proj.eval()
         self.needs_fit = False
+        self.runner = None  # another network now: a runtime is compiled for it by use_runtime
         kind = "" if self.embedding == "features" else "+proj"
         self.id = f"{self.name}@{self.base_tag}:{self.input_px}px:pm1:fit-{file_sha256(path)[:12]}{kind}"
 
     def _features(self, x: Any) -> Any:
-        m = self.model
-        h = m._swish(m._bn0(m._conv_stem(x)))
-        for block in m._blocks:
-            h = block(h)
-        return m._swish(m._bn1(m._conv_head(h))).mean(dim=(2, 3))
+        return self.graph(x)
 
     def encode(self, crops: Any) -> Any:
         """The mean pooled features of the 8 flips/rotations of each crop (or their projection)."""
@@ -276,7 +336,11 @@ class FittedLiteEncoder(EncoderBase):
             raise RuntimeError(f"{self.name}: fitted = true but not fitted yet (index build --from-marker fits it)")
         x = to_input(crops, self.input_px, self.device)
         with torch.inference_mode():
-            f = sum(self._features(torch.rot90(v, k, (2, 3))) for v in (x, x.flip(3)) for k in range(4)) / 8
+            views = [torch.rot90(v, k, (2, 3)) for v in (x, x.flip(3)) for k in range(4)]
+            if self.runner is not None:
+                f = torch.from_numpy(self.runner.run(torch.cat(views).numpy()).reshape(8, len(x), -1).mean(axis=0))
+            else:
+                f = sum(self._features(v) for v in views) / 8
             return (f if self.embedding == "features" else self.proj(f)).float().cpu().numpy()
 
     # ---- fitting --------------------------------------------------------------------------
@@ -351,6 +415,7 @@ class FittedLiteEncoder(EncoderBase):
         np.savez(tmp, **arrays)
         tmp.replace(path)
         self.load(path)
+        self.use_runtime(self.want_runtime, _export_folder(path))
         record = {"encoder": self.name, "id": self.id, "base_weights": self.base_tag, "classes": list(classes),
                   "references": {c: int(k) for c, k in zip(classes, counts, strict=True)}, "epochs": settings.epochs,
                   "lr": settings.lr, "batch_size": bs, "embed_dim": self.proj.out_features, "embedding": self.embedding,
@@ -386,8 +451,15 @@ def _build(variant: int, options: Options, ctx: BuildContext) -> Any:
 
         torch.set_num_threads(options.threads)
     if not options.fitted:
-        return load_efficientnet_lite(variant, options.weights, options.input_px, ctx.device, layers=options.layers, pool=options.pool)
+        enc = load_efficientnet_lite(variant, options.weights, options.input_px, ctx.device, layers=options.layers, pool=options.pool)
+        enc.use_runtime(options.runtime)
+        return enc
     return load_fitted(variant, options, ctx)
+
+
+def _export_folder(weights: Path) -> Path:
+    """Beside the lab's fitted weights when that folder is writable, else the runtime cache."""
+    return weights.parent if writable(weights.parent) else runtime_cache_dir()
 
 
 def load_fitted(variant: int, options: Options, ctx: BuildContext) -> FittedLiteEncoder:
@@ -405,10 +477,12 @@ def load_fitted(variant: int, options: Options, ctx: BuildContext) -> FittedLite
         raise WeightsMissing(f"efficientnet-lite{variant}: fitted = true takes its input size from [fit] input_px and embeds "
                              "into the learned projection; drop layers, pool and input_px")
     enc = FittedLiteEncoder(variant, base.id.split("@", 1)[1].split(":", 1)[0], base.model, FitConfig().input_px, FitConfig().embed_dim, ctx.device)
+    enc.want_runtime = options.runtime
     path = fit_path(ctx.index_dir, variant) if ctx.index_dir is not None else None
     if path is not None and path.is_file() and not ctx.fitting:
         enc.input_px, enc.embedding = _fitted_shape(path, enc.input_px)
         enc.load(path)
+        enc.use_runtime(options.runtime, _export_folder(path))
         return enc
     if ctx.fitting:
         return enc

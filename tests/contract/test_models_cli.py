@@ -53,6 +53,12 @@ name = "efficientnet-lite0"
     sam_row = rows[("encoder", "sam")]
     assert sam_row[2:5] == ["[fast]", "NO", "256"] and "sam_vit_h_4b8939.pth" in " ".join(sam_row)
     assert rows[("encoder", "efficientnet-lite0")][2:5] == ["yes", "1280", "float32"]
+    from cellmonitor_plugins.encoders.runtime import available
+
+    want = "onnxruntime" if available("onnxruntime") else "openvino" if available("openvino") else "torch"
+    if out[0].startswith("device: cpu"):  # the RUNTIME column names what runs the CNN encoder
+        assert rows[("encoder", "efficientnet-lite0")][6] == want
+    assert out[1].split()[6] == "RUNTIME"
     assert len(out) == 2 + 5
 
 

@@ -1,0 +1,208 @@
+"""The CNN encoders on torch vs a CPU inference runtime (ONNX Runtime, OpenVINO): speed and same calls.
+
+    .venv/bin/python bench/bench_runtime.py [--presets balanced,fast] [--loaded] [--write bench/results/runtime.md]
+
+Speed: cells per second end to end (segment, crop, embed, classify:
+:func:`monitor.pipeline.process_frames` on the service's pipeline) on a Lionheart-size
+frame (1224 x 904 px) tiled from real livedead frames at 0.7 um/px, every runtime on the
+same frame in the same run, best of 3 after a warm-up; torch is the baseline. With
+``--loaded`` the same is measured again while two busy processes (numpy matrix products)
+share the 2 cores, as on a lab PC that also runs the acquisition software.
+
+Same calls: the index of each preset is built once (``cellmonitor index build --preset P``
+on the pbc training part, and on the livedead training frames); its test cells are embedded
+by each runtime (no embedding cache) and classified by EWC-FAISS: the share of cells whose
+call is the same as torch's and each runtime's macro accuracy (pbc 90/10 stratified, livedead
+90/10 by frame, as ``bench/bench_presets.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._ewc_common import DATA, emit, need_data  # noqa: E402
+from bench.bench_e2e_livedead import service_pipeline, split_frames  # noqa: E402
+from bench.bench_presets import (  # noqa: E402
+    LIVEDEAD_SEGMENTER,
+    PIXEL_SIZE_UM,
+    cli,
+    link_folders,
+    lionheart_frame,
+    pbc_split,
+)
+
+RUNTIMES = ("torch", "onnxruntime", "openvino")
+
+
+def _burn(stop: Any) -> None:
+    a = np.random.default_rng(0).random((400, 400))
+    while not stop.is_set():
+        a = a @ a
+        a /= np.abs(a).max()
+
+
+class Load:
+    """Two busy processes for the duration of a ``with`` block (``n = 0``: none)."""
+
+    def __init__(self, n: int):
+        self.n, self.stop, self.procs = n, mp.Event(), []
+
+    def __enter__(self) -> Load:
+        os.environ["OMP_NUM_THREADS"] = "1"
+        self.procs = [mp.Process(target=_burn, args=(self.stop,), daemon=True) for _ in range(self.n)]
+        for p in self.procs:
+            p.start()
+        time.sleep(1.0 if self.n else 0)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for p in self.procs:
+            p.join(5)
+
+
+def pipeline_on(index: Path, preset: str, runtime: str, work: Path) -> Any:
+    from dataclasses import replace
+
+    from monitor.index.presets import PRESETS
+
+    encs = [(n, {**o, "runtime": runtime}) for n, o in PRESETS[preset].encoders]
+    return replace(service_pipeline(index, preset, LIVEDEAD_SEGMENTER, work, PIXEL_SIZE_UM, encs), crop_framing="box")
+
+
+def speed(p: Any, frame: Any, repeats: int = 3) -> tuple[int, float, dict[str, float]]:
+    from monitor.pipeline import process_frames
+
+    process_frames([frame], p)  # warm-up
+    best, n, stages = float("inf"), 0, {}
+    for _ in range(repeats):
+        t = time.perf_counter()
+        (c,) = process_frames([frame], p)
+        dt = time.perf_counter() - t
+        if dt < best:
+            best, n, stages = dt, c.n_cells, dict(c.stage_seconds)
+    return n, best, stages
+
+
+def calls(index_dir: Path, test: Path, runtime: str) -> tuple[np.ndarray, float, list[str]]:
+    """EWC calls (class indices) of the test set's cells embedded on ``runtime``, and the macro accuracy."""
+    from monitor.config import PluginRef
+    from monitor.index.cache import embed_dataset
+    from monitor.index.dataset import Preprocess, scan
+    from monitor.index.evaluate import evaluate
+    from monitor.index.ewc import EWCClassifier
+    from monitor.index.query import query_encoders
+    from monitor.index.store import ReferenceIndex
+    from monitor.protocols import BuildContext
+    from monitor.registry import Registry
+
+    meta = json.loads((index_dir / "meta.json").read_text())
+    reg, ctx = Registry(), BuildContext(state_dir=index_dir, device="cpu")
+    encoders = [reg.build("encoders", PluginRef(name=e["name"], options={**(e.get("options") or {}), "runtime": runtime}), ctx)
+                for e in meta["encoders"]]
+    assert all(e.runtime.startswith(runtime) for e in encoders), [e.runtime for e in encoders]
+    index = ReferenceIndex.load(index_dir, [{"id": e.id, "dim": e.dim} for e in encoders])
+    prep = Preprocess.from_dict(index.preprocessing or {})
+    ds = scan(test, [c for c in scan(test).classes if c in index.classes])
+    emb = embed_dataset(ds, query_encoders(encoders, index.meta), prep, None, 32, progress=False)
+    y = [emb.classes[i] for i in emb.labels]
+    vectors = emb.concat([e.id for e in encoders])
+    ev = evaluate(index, vectors, y)
+    return np.asarray(EWCClassifier(index, index.ewc).classify(vectors).predicted), float(ev.ewc.macro_accuracy), y
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--presets", default="balanced,fast")
+    ap.add_argument("--runtimes", default=",".join(RUNTIMES))
+    ap.add_argument("--loaded", action="store_true", help="measure speed a second time with two busy processes")
+    ap.add_argument("--skip-calls", action="store_true")
+    ap.add_argument("--write", type=Path, default=None)
+    args = ap.parse_args()
+    need_data()
+    import torch
+    from cellmonitor_plugins.encoders.runtime import available
+
+    from monitor.records import Frame, FrameKey
+    from monitor.report.classification import table
+
+    torch.set_num_threads(2)
+    runtimes = [r for r in args.runtimes.split(",") if r == "torch" or available(r)]
+    presets = [p for p in args.presets.split(",") if p]
+    speed_rows: list[list[object]] = []
+    call_rows: list[list[object]] = []
+    os.environ.setdefault("CELLMONITOR_RUNTIME_CACHE", tempfile.mkdtemp(prefix="cellmonitor-bench-runtime-"))
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        ptr, pte = pbc_split()
+        pbc_train = link_folders(ptr, DATA / "pbc", work / "pbc-train")
+        pbc_test = link_folders(pte, DATA / "pbc", work / "pbc-test")
+        ld_train, ld_test = split_frames(DATA / "livedead")
+        boxed = [f for f in ld_train if f.with_suffix(".xml").is_file()]
+        ldt = link_folders([*boxed, *(f.with_suffix(".xml") for f in boxed)], DATA / "livedead", work / "ld-train")
+        boxed_test = [f for f in ld_test if f.with_suffix(".xml").is_file()]
+        lde = link_folders([*boxed_test, *(f.with_suffix(".xml") for f in boxed_test)], DATA / "livedead", work / "ld-test")
+        frame = Frame(FrameKey("speed", "A1", "1", 0), {"image": lionheart_frame(ld_test + ld_train)}, "image", None,
+                      PIXEL_SIZE_UM, "config", "bench")
+        for preset in presets:
+            indexes = {}
+            for name, tr in (("pbc", pbc_train), ("livedead", ldt)):
+                indexes[name] = work / f"index-{preset}-{name}"
+                cli("index", "build", str(tr), "--out", str(indexes[name]), "--preset", preset, "--no-progress")
+            for loaded in ([0, 2] if args.loaded else [0]):
+                base = None
+                for runtime in runtimes:
+                    p = pipeline_on(indexes["livedead"], preset, runtime, work)
+                    with Load(loaded):
+                        n, secs, st = speed(p, frame)
+                        load = os.getloadavg()[0]
+                    base = base or secs
+                    speed_rows.append([preset, "2 busy processes" if loaded else "quiet", p.encoders[0].runtime, n, secs, n / secs,
+                                       base / secs, st.get("segment", float("nan")), st.get("embed", float("nan")), load])
+                    print(table(SPEED_HEAD, speed_rows[-1:]), flush=True)
+            if args.skip_calls:
+                continue
+            for name, test in (("pbc 90/10", pbc_test), ("livedead by frame", lde)):
+                idx = indexes["pbc" if name.startswith("pbc") else "livedead"]
+                ref, ref_acc, _ = calls(idx, test, "torch")
+                for runtime in runtimes:
+                    pred, acc, _ = (ref, ref_acc, None) if runtime == "torch" else calls(idx, test, runtime)
+                    call_rows.append([preset, name, runtime, len(pred), float(np.mean(pred == ref)), acc, acc - ref_acc])
+                    print(table(CALL_HEAD, call_rows[-1:]), flush=True)
+    text = [
+        "# Encoders on torch vs a CPU inference runtime",
+        "",
+        f"Command: `.venv/bin/python bench/bench_runtime.py --presets {args.presets}`" + (" --loaded" if args.loaded else "")
+        + f". torch {torch.__version__} with 2 threads is the baseline in the same run; every runtime at float32 and "
+        f"{os.cpu_count()} threads ({', '.join(f'{r} {available(r)}' for r in runtimes if r != 'torch')}).",
+        "",
+        "## Speed: one 1224 x 904 frame (tiled real livedead frames, 0.7 um/px), end to end, best of 3",
+        "",
+        table(SPEED_HEAD, speed_rows),
+        "",
+        "`x torch`: the frame's time on torch over its time on this runtime, measured in the same run and the same load. "
+        "The load average (1 min) is in the last column.",
+    ]
+    if call_rows:
+        text += ["", "## Same calls (EWC-FAISS on each runtime's vectors; the index built once)", "", table(CALL_HEAD, call_rows)]
+    emit(text, args.write)
+    return 0
+
+
+SPEED_HEAD = ["preset", "machine", "runtime", "cells", "s/frame", "cells/s", "x torch", "segment s", "embed s", "load avg"]
+CALL_HEAD = ["preset", "test set", "runtime", "cells", "same call as torch", "macro accuracy", "- torch"]
+
+if __name__ == "__main__":
+    raise SystemExit(main())
