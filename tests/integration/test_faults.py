@@ -99,7 +99,10 @@ def test_frame_over_the_time_limit_is_logged_counted_and_not_retried(tmp_path, c
 
     # the stage runs until the guard has acted (a fixed 1 s let a guard thread scheduled late on a
     # loaded machine find the frame finished, and count nothing)
-    svc = fault_service(tmp_path, service={"frame_timeout_s": 0.2}, segmenter=SlowSegmenter(guard_acted))
+    # stable_s = 0: both files (seen by the start-up scan) are due in the first step, so with 8 frames
+    # per call they do share one call; with 0.05 s each became due when its own clock ran out, and a
+    # step between the two (a slow ledger look-up on a loaded machine) processed t1 alone
+    svc = fault_service(tmp_path, service={"frame_timeout_s": 0.2, "stable_s": 0.0}, segmenter=SlowSegmenter(guard_acted))
     svc.pipeline.frames_per_call = frames_per_call
     drop(svc.settings.watch_dir, "A1_t1_phase.npy", np.zeros((64, 64), np.float32))
     drop(svc.settings.watch_dir, "A1_t2_phase.npy", blobs(3, 0.3))
