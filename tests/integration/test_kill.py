@@ -140,7 +140,9 @@ def test_a_hanging_frame_is_quarantined_and_run_exits_75_then_goes_on(tmp_path):
     The three frames are a backlog, so the first run processes them in one shared call: which
     one hangs cannot be told, none is blamed, and the restart processes each alone, where the
     hanging one is named and quarantined."""
-    cfg = write_setup(tmp_path, service="frame_timeout_s = 1.0", segmenter_options="sleep_on_blank_s = 3600")
+    # stable_s = 0: the three backlog files are due in the first step, so they do share the first call
+    # (each became due when its own 0.05 s ran out: a step between them could take A1_t2 alone)
+    cfg = write_setup(tmp_path, service="frame_timeout_s = 1.0", segmenter_options="sleep_on_blank_s = 3600", stable_s=0.0)
     watch, state = tmp_path / "in", tmp_path / "state"
     np.save(watch / "A1_t1_phase.npy", blobs(2, 0.3))
     np.save(watch / "A1_t2_phase.npy", np.zeros((64, 64), np.float32))  # hangs the (fake) segmenter
