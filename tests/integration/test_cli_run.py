@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import csv
+import os
 import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
+from fixtures.waiting import wait_for
 
 from monitor.config import PluginRef
 from monitor.demo.run import DEMO_CONFIG, FIELD_PX, FRAME_UM, write_frame
@@ -29,7 +30,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
 def test_run_counts_a_dropped_frame_serves_metrics_and_stops_on_sigterm(tmp_path):
     enc = Registry().build("encoders", PluginRef(name="efficientnet-lite0"), BuildContext(state_dir=tmp_path))
     crops = np.random.default_rng(0).integers(0, 255, (6, 64, 64, 3), dtype=np.uint8)
@@ -41,36 +42,46 @@ def test_run_counts_a_dropped_frame_serves_metrics_and_stops_on_sigterm(tmp_path
     cfg = tmp_path / "c.toml"
     cfg.write_text(DEMO_CONFIG.replace("metrics_port = 9108", f"metrics_port = {port}"))
     (tmp_path / "input").mkdir()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # systemd's notify socket
+    sock.bind(str(tmp_path / "notify.sock"))
+    sock.settimeout(0.2)
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
     exe = Path(sys.executable).parent / "cellmonitor"
-    proc = subprocess.Popen([str(exe), "run", str(cfg)], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([str(exe), "run", str(cfg)], stderr=subprocess.PIPE, text=True, env=env)
+
+    def alive() -> None:
+        assert proc.poll() is None, proc.stderr.read()
+
+    def ready() -> bool:
+        try:
+            return sock.recv(4096).decode().startswith("READY=1")
+        except TimeoutError:
+            return False
+
     try:
-        t0 = time.monotonic()
-        while not (tmp_path / "state" / "ledger.sqlite").exists() and time.monotonic() - t0 < 120:
-            assert proc.poll() is None, proc.stderr.read()
-            time.sleep(0.2)
+        # READY=1 comes once the watcher is up; the ledger file (waited on before) exists earlier, before
+        # the backlog scan and the watcher, and a frame written between the two waited for the next rescan
+        wait_for(ready, 180, "READY=1 from `cellmonitor run`", check=alive)
         cells = make_cells(8, FIELD_PX * FRAME_UM, np.random.default_rng(1), onset_scale=0, n_timepoints=1)
         phase, fluo, _ = render_field(cells, 0, (FIELD_PX, FIELD_PX), FRAME_UM, 3)
         write_frame(tmp_path / "input", "B3", 5, phase, fluo)
         out = tmp_path / "state" / "counts.csv"
-        while not (out.exists() and out.stat().st_size > 0 and len(out.read_text().splitlines()) >= 2) and time.monotonic() - t0 < 200:
-            assert proc.poll() is None, proc.stderr.read()
-            time.sleep(0.2)
+        wait_for(lambda: out.exists() and len(out.read_text().splitlines()) >= 2, 120, "the frame's row in counts.csv", interval=0.2, check=alive)
         rows = list(csv.DictReader(out.open()))
         assert [(r["well"], r["timepoint"], r["n_cells"]) for r in rows] == [("B3", "5", "8")]
         # the counter is updated after the CSV row is written: wait on the counter itself, never race it
         want = 'cellmonitor_frames_total{result="counted"} 1.0'
-        t1 = time.monotonic()
-        text = ""
-        while want not in text and time.monotonic() - t1 < 30:
-            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-            if want not in text:
-                time.sleep(0.2)
-        assert want in text
+
+        def scrape() -> str:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+
+        wait_for(lambda: want in scrape(), 60, want, interval=0.2, check=alive)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        assert proc.wait(timeout=60) == 0
         err = proc.stderr.read()
         assert "Traceback" not in err and "stopped: 1 frame(s) counted" in err
     finally:
+        sock.close()
         if proc.poll() is None:
             proc.kill()
             proc.wait()

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from fixtures.faultkit import csv_rows, fault_service, frame_keys, run_idle
 from fixtures.service import blobs, drop
+from fixtures.waiting import TIMEOUT_S, wait_for
 from prometheus_client import generate_latest
 
 from monitor.errors import StateWriteError, Unavailable
@@ -67,19 +68,23 @@ def test_frame_left_processing_by_a_dead_run_is_retried_then_quarantined(tmp_pat
 
 
 class SlowSegmenter:
-    """Sleeps on frames whose primary image is all zeros (a stand-in for a hanging stage)."""
+    """Hangs on frames whose primary image is all zeros (a stand-in for a hanging stage) until
+    ``released()`` is true (at most ``cap_s``), then segments as usual."""
 
     name = "slow"
 
-    def __init__(self, seconds: float):
+    def __init__(self, released, cap_s: float = TIMEOUT_S):
         from monitor.testing import DiscSegmenter
 
-        self.seconds = seconds
+        self.released = released
+        self.cap_s = cap_s
         self.inner = DiscSegmenter()
 
     def segment(self, frame):
         if not np.any(frame.image):
-            time.sleep(self.seconds)
+            t0 = time.monotonic()
+            while not self.released() and time.monotonic() - t0 < self.cap_s:
+                time.sleep(0.02)
         return self.inner.segment(frame)
 
 
@@ -87,7 +92,17 @@ class SlowSegmenter:
 def test_frame_over_the_time_limit_is_logged_counted_and_not_retried(tmp_path, caplog, frames_per_call):
     """One frame per call: the guard names and quarantines it. Frames sharing a call: which one
     is slow cannot be told, so none is quarantined for it and both finish and are counted."""
-    svc = fault_service(tmp_path, service={"frame_timeout_s": 0.2}, segmenter=SlowSegmenter(1.0))
+
+    def guard_acted() -> bool:  # what is asserted: the guard's count and its line (written by the guard thread)
+        return bool(sample(svc, "cellmonitor_frames_total", result="over_time_limit")) and any(
+            "frame_timeout_s" in r.getMessage() for r in list(caplog.records))
+
+    # the stage runs until the guard has acted (a fixed 1 s let a guard thread scheduled late on a
+    # loaded machine find the frame finished, and count nothing)
+    # stable_s = 0: both files (seen by the start-up scan) are due in the first step, so with 8 frames
+    # per call they do share one call; with 0.05 s each became due when its own clock ran out, and a
+    # step between the two (a slow ledger look-up on a loaded machine) processed t1 alone
+    svc = fault_service(tmp_path, service={"frame_timeout_s": 0.2, "stable_s": 0.0}, segmenter=SlowSegmenter(guard_acted))
     svc.pipeline.frames_per_call = frames_per_call
     drop(svc.settings.watch_dir, "A1_t1_phase.npy", np.zeros((64, 64), np.float32))
     drop(svc.settings.watch_dir, "A1_t2_phase.npy", blobs(3, 0.3))
@@ -436,9 +451,10 @@ def test_service_threads_stop(tmp_path):
     stop = threading.Event()
     th = threading.Thread(target=svc.run, args=(stop,), kwargs={"observe": False})
     th.start()
-    time.sleep(0.2)
+    # stop a service that is running, its guard thread up (a fixed 0.2 s could stop it before it started)
+    wait_for(lambda: any(t.name == "cellmonitor-frame-guard" for t in threading.enumerate()), what="the frame guard thread to start")
     stop.set()
-    th.join(5)
+    th.join(60)
     svc.close()
     assert not th.is_alive()
     assert not [t for t in threading.enumerate() if t.name == "cellmonitor-frame-guard"]

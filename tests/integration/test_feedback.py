@@ -45,26 +45,31 @@ def test_corrections_reach_later_frames_the_csv_and_a_restart(tmp_path: Path) ->
     svc, sink, csv_path = _setup(tmp_path)
     watch = svc.settings.watch_dir
     drop(watch, "A1_t1_phase.npy", _frame(0.7))
-    run_until(svc, lambda: len(sink.rows) == 1)
+    run_until(svc, lambda: len(sink.rows) == 1, what="the first frame's row")
     first = sink.rows[0]
     called = max(first.counts, key=first.counts.get)
     other = "live" if called == "dead" else "dead"
     assert first.index_version == 1 and first.counts[called] == 3
     # the expert says these three cells are the other state
     (tmp_path / "feedback" / "review.csv").write_text("frame,cell,state\n" + "".join(f"A1_t1_phase.npy,{i},{other}\n" for i in (1, 2, 3)))
+    # the loop polls the feedback folder after the frames of its step: a frame dropped with the
+    # corrections may be counted before they are applied. Wait until they are (the move to applied/
+    # is the poll's last write, after the index and its version gauge), then drop the next frame.
+    applied = tmp_path / "feedback" / "applied" / "review.csv"
+    run_until(svc, applied.is_file, what="the corrections to be applied (feedback/applied/review.csv)")
     drop(watch, "A1_t2_phase.npy", _frame(0.7))
-    run_until(svc, lambda: len(sink.rows) == 2)
+    run_until(svc, lambda: len(sink.rows) == 2, what="the second frame's row")
     svc.close()
     second = sink.rows[1]
     assert second.index_version == 2 and second.counts[other] == 3, second.counts
-    assert (tmp_path / "feedback" / "applied" / "review.csv").is_file()
+    assert applied.is_file()
     assert [r["index_version"] for r in _rows(csv_path)] == ["1", "2"]
     assert svc.metrics.index_version._value.get() == 2
 
     # a restart loads the corrections with the index
     svc2, sink2, _ = _setup(tmp_path)
     drop(watch, "A1_t3_phase.npy", _frame(0.7))
-    run_until(svc2, lambda: len(sink2.rows) == 1)
+    run_until(svc2, lambda: len(sink2.rows) == 1, what="the restarted service's first row")
     svc2.close()
     assert sink2.rows[0].index_version == 2 and sink2.rows[0].counts[other] == 3
     assert [r["index_version"] for r in _rows(csv_path)] == ["1", "2", "2"]

@@ -28,7 +28,8 @@ def test_overlays_are_written_coloured_and_bounded(tmp_path: Path) -> None:
     svc.recorder.sinks = [sink, overlays]
     watch = svc.settings.watch_dir
     drop(watch, "A1_t1_phase.npy", _frame(0.9))
-    run_until(svc, lambda: len(sink.rows) == 1)
+    # the overlay sink writes after the list sink: wait on the overlay itself
+    run_until(svc, lambda: len(sink.rows) == 1 and overlays.path_for(sink.rows[0]).is_file(), what="the first frame's overlay PNG")
     first = overlays.path_for(sink.rows[0])
     assert first.is_file()
     img = cv2.cvtColor(cv2.imread(str(first)), cv2.COLOR_BGR2RGB)
@@ -36,7 +37,8 @@ def test_overlays_are_written_coloured_and_bounded(tmp_path: Path) -> None:
     dead = np.array(class_colours(("live", "dead"))["dead"])
     assert (np.abs(img.astype(int) - dead).sum(axis=2) < 40).sum() > 10  # the dead cells' outlines
     drop(watch, "A1_t2_phase.npy", _frame(0.9))
-    run_until(svc, lambda: len(sink.rows) == 2)
+    # (the oldest is pruned in the same write, after the new PNG is in place; run_until joins the loop)
+    run_until(svc, lambda: len(sink.rows) == 2 and overlays.path_for(sink.rows[1]).is_file(), what="the second frame's overlay PNG")
     svc.close()
     assert not first.exists() and overlays.path_for(sink.rows[1]).is_file()  # the oldest went over the budget
 

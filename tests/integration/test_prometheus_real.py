@@ -12,7 +12,6 @@ import shutil
 import socket
 import subprocess
 import threading
-import time
 import urllib.parse
 import urllib.request
 
@@ -20,6 +19,7 @@ import numpy as np
 import pytest
 from fixtures.faultkit import csv_rows, fault_service
 from fixtures.service import blobs, drop
+from fixtures.waiting import wait_for
 
 from monitor.service.metrics import serve
 from monitor.service.wiring import stop_server
@@ -49,15 +49,19 @@ def live_service(tmp_path):
     stop = threading.Event()
     th = threading.Thread(target=svc.run, args=(stop,), kwargs={"observe": False})
     th.start()
-    t0 = time.monotonic()
-    # wait on what the tests read (the counters and gauges, updated after the CSV row), not on the CSV
-    while (svc.counted < 3 or svc.failed < 1) and time.monotonic() - t0 < 60:
-        time.sleep(0.05)
     try:
+        # wait on what the tests read: the counters themselves, not the CSV (written first) nor
+        # svc.failed (counted on entry to the quarantine, before its metrics, ledger row and line).
+        # A frame's gauges (the Prometheus sink) are set before its frames_total{counted}, in one step.
+        def sample(name: str, **labels: str) -> float:
+            return svc.metrics.registry.get_sample_value(name, labels) or 0.0
+
+        wait_for(lambda: sample("cellmonitor_frames_total", result="counted") >= 3 and sample("cellmonitor_files_total", result="quarantined") >= 1,
+                 what="3 frames counted and 1 file quarantined in the service's metrics")
         yield svc, port, tmp_path
     finally:
         stop.set()
-        th.join(10)
+        th.join(60)
         svc.close()
         stop_server(server)
 
@@ -75,7 +79,7 @@ def test_promtool_finds_nothing_to_lint_in_a_real_scrape(live_service):
     assert r.returncode == 0 and r.stdout.strip() == "" and r.stderr.strip() == "", r.stdout + r.stderr
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(280)
 @pytest.mark.skipif(PROMETHEUS is None, reason="prometheus not installed (CI installs Debian's prometheus)")
 def test_real_prometheus_scrapes_the_service_and_promql_matches_the_csv(live_service, tmp_path_factory):
     svc, port, tmp = live_service
@@ -98,18 +102,17 @@ def test_real_prometheus_scrapes_the_service_and_promql_matches_the_csv(live_ser
         return body["data"]["result"]
 
     try:
-        t0 = time.monotonic()
-        result: list[dict] = []
-        while time.monotonic() - t0 < 60:
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        def scraped() -> list[dict]:
             try:
-                result = query('cellmonitor_latest_cells{job="cellmonitor"}')
+                return query('cellmonitor_latest_cells{job="cellmonitor"}')
             except OSError:
-                result = []
-            if result:
-                break
-            time.sleep(0.5)
-        assert result, "Prometheus never scraped the service"
+                return []
+
+        def alive() -> None:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+
+        # one scrape is committed at once: its first series in a query means all of them are there
+        wait_for(scraped, 150, "Prometheus's first scrape of the service", interval=0.5, check=alive)
         up = query('up{job="cellmonitor"}')
         assert up and up[0]["value"][1] == "1"
         # the latest frame of each well, as PromQL sees it, against the CSV's last row per well

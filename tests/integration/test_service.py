@@ -2,28 +2,31 @@
 
 from __future__ import annotations
 
+import logging
 import threading
-import time
 
 import numpy as np
 import pytest
 from cellmonitor_plugins.sinks.csv import CsvSink
 from fixtures.service import blobs, drop, make_service, run_until
+from fixtures.waiting import wait_for
 
 
 @pytest.mark.usefixtures("no_thread_leak")
-def test_files_dropped_while_running_are_counted_once(tmp_path):
+def test_files_dropped_while_running_are_counted_once(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="monitor.service.loop")
     svc, sink = make_service(tmp_path)
     watch = svc.settings.watch_dir
 
     def feeder():
-        time.sleep(0.3)
+        # drop them while the service watches (a fixed 0.3 s could drop them before it started)
+        wait_for(lambda: any(r.getMessage().startswith("watching ") for r in list(caplog.records)), what="the service to watch its folder")
         drop(watch, "A1_t1_phase.npy", blobs(3, 0.3))
         drop(watch, "A1_t2_phase.npy", blobs(4, 0.9))
 
     th = threading.Thread(target=feeder)
     th.start()
-    run_until(svc, lambda: len(sink.rows) >= 2)
+    run_until(svc, lambda: len(sink.rows) >= 2, what="both frames' rows")
     th.join()
     svc.close()
     by_t = {c.key.timepoint: c for c in sink.rows}
@@ -68,8 +71,9 @@ def test_crash_between_csv_and_ledger_does_not_duplicate_rows(tmp_path):
     assert len(csv_path.read_text().strip().splitlines()) == 2  # ... but recorded once
 
 
-def test_half_written_file_is_retried_then_counted(tmp_path):
-    svc, sink = make_service(tmp_path)
+def test_half_written_file_is_retried_then_counted(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="monitor.intake.files")
+    svc, sink = make_service(tmp_path, ready_deadline_s=60.0)  # the wait ends when the file is complete
     watch = svc.settings.watch_dir
     watch.mkdir(parents=True, exist_ok=True)
     p = watch / "A1_t1_phase.npy"
@@ -79,14 +83,16 @@ def test_half_written_file_is_retried_then_counted(tmp_path):
     p.write_bytes(data[: len(data) // 3])  # truncated: the reader fails
 
     def finish():
-        time.sleep(0.4)
+        # complete it once the service has found it not ready: a fixed 0.4 s could complete it before
+        # the first read (the retry untested) or, late on a loaded machine, after a 1 s deadline
+        wait_for(lambda: any("A1_t1_phase.npy: not ready" in r.getMessage() for r in list(caplog.records)), what="the service to find the file not ready")
         p.write_bytes(data)
 
     th = threading.Thread(target=finish)
     th.start()
     # no watcher and no rescan: only the reader's NotReady -> retry branch can bring the file back
     svc.rescan_s = 3600
-    run_until(svc, lambda: len(sink.rows) >= 1, observe=False)
+    run_until(svc, lambda: len(sink.rows) >= 1, observe=False, what="the completed file's row")
     th.join()
     svc.close()
     assert len(sink.rows) == 1 and sink.rows[0].n_cells == 3
@@ -111,7 +117,7 @@ def test_bad_file_is_quarantined_with_one_line_and_others_continue(tmp_path, cap
 def test_incomplete_frame_released_after_wait(tmp_path):
     svc, sink = make_service(tmp_path, channels=["phase", "apo15"], wait_s=0.3)
     drop(svc.settings.watch_dir, "A1_t1_phase.npy", blobs(2, 0.3))
-    run_until(svc, lambda: len(sink.rows) >= 1, timeout=10)
+    run_until(svc, lambda: len(sink.rows) >= 1, what="the incomplete frame's row")
     svc.close()
     assert len(sink.rows) == 1
     assert sink.rows[0].missing_channels == ("apo15",)
@@ -137,7 +143,8 @@ def test_frame_without_primary_channel_is_quarantined(tmp_path):
     svc, sink = make_service(tmp_path, channels=["phase", "apo15"], wait_s=0.2)
     fl = np.zeros((64, 64), np.float32)
     drop(svc.settings.watch_dir, "A1_t1_apo15.npy", fl)
-    run_until(svc, lambda: (tmp_path / "state" / "quarantine.csv").exists(), timeout=10)
+    quarantine = tmp_path / "state" / "quarantine.csv"  # created, then its header and line written
+    run_until(svc, lambda: quarantine.exists() and len(quarantine.read_text().splitlines()) >= 2, what="the quarantine line")
     known = svc.recorder.ledger.is_known(svc.settings.watch_dir / "A1_t1_apo15.npy")
     svc.close()
     assert sink.rows == []

@@ -65,7 +65,7 @@ def notify_socket(tmp_path, monkeypatch):
     addr = str(tmp_path / "notify.sock")
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     srv.bind(addr)
-    srv.settimeout(5)
+    srv.settimeout(30)  # a recv ends as soon as the datagram comes; the service thread may start late
     monkeypatch.setenv("NOTIFY_SOCKET", addr)
     yield srv
     srv.close()
