@@ -156,7 +156,35 @@ def _segment(frame: Frame, p: Pipeline) -> _Segmented:
     return _Segmented(frame, cells, crops, s)
 
 
-def process_frames(frames: Sequence[Frame], p: Pipeline) -> list[Counts | StageError]:
+class SegmentAhead:
+    """Frames segmented in one background thread ahead of the call that embeds them.
+
+    A caller with a backlog (the service) hands the first frame of its *next* call here
+    while the current call's crops are embedded, so the encoders do not wait for that
+    frame's segmentation when the next call starts: the two stages (segment, embed) run
+    side by side across calls as :func:`process_frames` runs them within one. Bounded:
+    only the frames handed in are held, and each is taken once.
+    """
+
+    def __init__(self, p: Pipeline):
+        self.p = p
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="segment-ahead")
+        self.pending: dict[int, Future[_Segmented]] = {}
+
+    def submit(self, frame: Frame) -> None:
+        if id(frame) not in self.pending:
+            self.pending[id(frame)] = self.pool.submit(_segment, frame, self.p)
+
+    def take(self, frame: Frame) -> Future[_Segmented] | None:
+        """The segmentation started for ``frame`` (None: not handed in)."""
+        return self.pending.pop(id(frame), None)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pending.clear()
+
+
+def process_frames(frames: Sequence[Frame], p: Pipeline, ahead: SegmentAhead | None = None) -> list[Counts | StageError]:
     """Several frames at once, crops of all of them sharing encoder calls.
 
     Each frame's result is exactly what :func:`process_frame` gives it alone
@@ -172,6 +200,8 @@ def process_frames(frames: Sequence[Frame], p: Pipeline) -> list[Counts | StageE
       prefetch thread (``prefetch``) while the main thread embeds the crops
       gathered so far in full batches of ``batch_size``; the remainder is
       embedded at the end. The GPU works while the CPU segments.
+    - ``ahead``: frames a :class:`SegmentAhead` already started to segment (while the
+      previous call embedded) are taken from it, not segmented again.
     - A frame-context encoder (:class:`FrameEncoder`, e.g. SAM in its fast
       mode) embeds each frame's cells from the frame itself.
     - A frame whose crops are all embedded is classified (EWC, control,
@@ -233,10 +263,12 @@ def process_frames(frames: Sequence[Frame], p: Pipeline) -> list[Counts | StageE
                 finishing[i] = finisher.submit(_finish, sg, rows[i], shared_s[i], crop_encs, p)
 
     try:
-        futures = [pool.submit(_segment, f, p) for f in frames] if pool is not None else None
+        started = [ahead.take(f) if ahead is not None else None for f in frames]
+        futures = [s or (pool.submit(_segment, f, p) if pool is not None else None) for f, s in zip(frames, started, strict=True)]
         for i, f in enumerate(frames):
             try:
-                sg = futures[i].result() if futures is not None else _segment(f, p)
+                fut = futures[i]
+                sg = fut.result() if fut is not None else _segment(f, p)
             except StageError as e:
                 out[i] = e
                 continue

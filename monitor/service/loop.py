@@ -68,7 +68,7 @@ from monitor.intake.events import FileEvent, frame_result
 from monitor.intake.files import Intake, Retry, check_watch_dir, retry_or_give_up, start_observer
 from monitor.intake.ledger import StateLock, path_text, safe_text
 from monitor.intake.readers import ReaderSet, read_file
-from monitor.pipeline import Pipeline, process_frames
+from monitor.pipeline import Pipeline, SegmentAhead, process_frames
 from monitor.records import Counts, Frame, FrameKey
 from monitor.service import notify as systemd
 from monitor.service.metrics import ServiceMetrics
@@ -289,23 +289,34 @@ class Service:
         rest = [f for f in frames if safe_text(str(f.key)) not in self._solo]
         self._solo.difference_update(safe_text(str(f.key)) for f in solo)
         n = max(1, self.pipeline.frames_per_call)
-        for call in [[f] for f in solo] + [rest[i : i + n] for i in range(0, len(rest), n)]:
-            for j, (f, r) in enumerate(zip(call, self._process(call), strict=True)):
-                try:
-                    self._record(f, r)
-                except StateWriteError:
-                    for later in call[j + 1 :]:
-                        self.recorder.ledger.release_processing(later.key)
-                    raise
+        calls = [[f] for f in solo] + [rest[i : i + n] for i in range(0, len(rest), n)]
+        # a backlog: the next call's first frame is segmented while this call embeds (solo frames,
+        # which a previous run left in flight, are never started early: the guard must see them alone)
+        ahead = SegmentAhead(self.pipeline) if self.pipeline.prefetch and len(calls) > 1 else None
+        try:
+            for k, call in enumerate(calls):
+                nxt = calls[k + 1][0] if k + 1 < len(calls) else None
+                if ahead is not None and nxt is not None and k + 1 >= len(solo):
+                    ahead.submit(nxt)
+                for j, (f, r) in enumerate(zip(call, self._process(call, ahead), strict=True)):
+                    try:
+                        self._record(f, r)
+                    except StateWriteError:
+                        for later in call[j + 1 :]:
+                            self.recorder.ledger.release_processing(later.key)
+                        raise
+        finally:
+            if ahead is not None:
+                ahead.close()
 
-    def _process(self, frames: list[Frame]) -> list[Counts | StageError]:
+    def _process(self, frames: list[Frame], ahead: SegmentAhead | None = None) -> list[Counts | StageError]:
         """One pipeline call under the frame guard; every frame marked ``processing`` first."""
         for f in frames:
             self.recorder.ledger.mark_processing(f.key, f.sources)
         with self._current_lock:
             self._current = (frames, time.monotonic())
         try:
-            return process_frames(frames, self.pipeline)
+            return process_frames(frames, self.pipeline, ahead)
         except Exception as e:  # process_frames isolates frames and stages; this is a last resort, never a stop
             return [StageError("process", e)] * len(frames)
         finally:

@@ -159,8 +159,8 @@ def compute_line(pipeline: Pipeline) -> str:
     import torch
 
     encs = "; ".join(f"{e.name} on {e.runtime}" for e in pipeline.encoders)
-    return (f"{encs}; torch {torch.get_num_threads()} thread(s); segmenter {type(pipeline.segmenter).__name__} in a prefetch thread "
-            f"beside the encoders ({cpu_count()} core(s) available)")
+    return (f"{encs}; torch {torch.get_num_threads()} thread(s); segmenter {type(pipeline.segmenter).__name__} in one thread "
+            f"ahead of the encoders (a backlog: the next frames are segmented while this call embeds); {cpu_count()} core(s)")
 
 
 def cpu_count() -> int:

@@ -31,3 +31,39 @@ def test_queued_frames_share_encoder_calls_and_are_each_recorded(tmp_path):
     key = lambda c: c.key.timepoint  # noqa: E731
     for a, b in zip(sorted(sink2.rows, key=key), sorted(sink.rows, key=key), strict=True):
         assert (a.counts, a.n_cells, a.n_uncertain) == (b.counts, b.n_cells, b.n_uncertain)
+
+
+def test_a_backlog_segments_the_next_call_while_this_one_embeds(tmp_path):
+    """Across calls the two stages overlap: the next call's first frame is segmented (in the
+    segment-ahead thread) while this call's crops are embedded; every frame is segmented once,
+    and the counts are those of frames processed alone."""
+    svc, sink = make_service(tmp_path)
+    for t in range(1, 7):
+        drop(svc.settings.watch_dir, f"A1_t{t}_phase.npy", blobs(t, 0.9, seed=t))
+    svc.pipeline.frames_per_call = 2
+    seg, enc = svc.pipeline.segmenter, svc.pipeline.encoders[0]
+    real_segment, real_encode = seg.segment, enc.encode
+    ahead_started = threading.Event()
+    segmented: list[tuple[int, str]] = []
+    seen_while_embedding: list[bool] = []
+
+    def segment(frame):
+        name = threading.current_thread().name
+        if name.startswith("segment-ahead"):
+            ahead_started.set()
+        segmented.append((frame.key.timepoint, name))
+        return real_segment(frame)
+
+    def encode(crops):
+        if not seen_while_embedding:  # the first call's embedding waits (bounded) for the next call's segmentation
+            ahead_started.wait(30)
+        seen_while_embedding.append(ahead_started.is_set())
+        return real_encode(crops)
+
+    seg.segment, enc.encode = segment, encode
+    svc.run(threading.Event(), until_idle=True, observe=False)
+    svc.close()
+    assert seen_while_embedding[0], "no frame was segmented ahead while the first call embedded"
+    assert sorted(t for t, _ in segmented) == list(range(1, 7))  # each frame segmented exactly once
+    assert sum(name.startswith("segment-ahead") for _, name in segmented) >= 1
+    assert sorted((c.key.timepoint, c.n_cells) for c in sink.rows) == [(t, t) for t in range(1, 7)]
