@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from cellmonitor_plugins.segmenters.morph import median
 from pydantic import BaseModel, ConfigDict, Field
 
 from monitor.errors import BadInput, ConfigError
@@ -172,7 +173,7 @@ def pixel_noise(flat: np.ndarray, floor: float) -> float:
     d = np.diff(flat[::2], axis=1).ravel() if flat.shape[1] > 1 else flat.ravel()
     if d.size == 0:
         return floor
-    mad = float(np.median(np.abs(d - np.median(d))))
+    mad = float(median(np.abs(d - median(d))))
     return max(1.4826 * mad / np.sqrt(2.0), floor, 1e-6)
 
 
@@ -182,7 +183,7 @@ def is_empty_field(flat: np.ndarray, noise: float, snr: float, min_px: float) ->
     a flat, featureless or noise-only field, which holds no cell."""
     if snr <= 0:
         return False
-    dev = np.abs(flat - np.float32(np.median(flat)))
+    dev = np.abs(flat - np.float32(median(flat)))
     return int(np.count_nonzero(dev > snr * noise)) < 0.25 * min_px
 
 
@@ -279,9 +280,9 @@ def segment_image(image: np.ndarray, pixel_size_um: float, o: Options, acceptanc
     learned blob acceptance model (mode ``blobs`` only).
     """
     import cv2
+    from cellmonitor_plugins.segmenters.morph import fill_holes, h_maxima
     from scipy import ndimage as ndi
     from skimage.filters import threshold_otsu
-    from skimage.morphology import h_maxima
     from skimage.segmentation import watershed
 
     from monitor.imaging import resize
@@ -316,7 +317,7 @@ def segment_image(image: np.ndarray, pixel_size_um: float, o: Options, acceptanc
     fg: np.ndarray = (signal > t).astype(np.uint8)
     if o.close_um > 0:
         fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, _disk(o.close_um / work))
-    fg = ndi.binary_fill_holes(fg).astype(np.uint8)
+    fg = fill_holes(fg).astype(np.uint8)
     if o.open_um > 0:
         fg = cv2.morphologyEx(fg, cv2.MORPH_OPEN, _disk(o.open_um / work))
     n, comp, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
@@ -328,7 +329,7 @@ def segment_image(image: np.ndarray, pixel_size_um: float, o: Options, acceptanc
 
     # background noise of the flattened image (robust), the unit of every brightness option
     bgv = flat[~fgb] if (~fgb).sum() > 100 else flat.ravel()
-    noise = max(float(1.4826 * np.median(np.abs(bgv - np.median(bgv)))), 1e-6)
+    noise = max(float(1.4826 * median(np.abs(bgv - median(bgv)))), 1e-6)
     sign = 1.0 if mode == "contrast" else -1.0
 
     seed_src = fgb.astype(np.uint8)

@@ -1,0 +1,92 @@
+"""The numba kernels of :mod:`.morph` (imported when a segmenter first needs one; compiled once, cached on disk)."""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+# 8-neighbours before a pixel in raster order (dy, dx), and after it
+_UP = ((-1, -1), (-1, 0), (-1, 1), (0, -1))
+_DOWN = ((1, 1), (1, 0), (1, -1), (0, 1))
+
+
+@nb.njit(cache=True)
+def reconstruct_dilation(seed: np.ndarray, mask: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
+    """Grey reconstruction by dilation of ``seed`` under ``mask`` (8-connected), Vincent's hybrid algorithm.
+
+    A raster and an anti-raster pass propagate most of the values; the
+    pixels whose lower neighbours can still rise go to a FIFO queue that
+    finishes the job. ``seed <= mask`` everywhere (as for ``h_maxima``).
+    """
+    h, w = seed.shape
+    out = np.minimum(seed, mask)
+    for y in range(h):
+        for x in range(w):
+            v = out[y, x]
+            for dy, dx in _UP:
+                yy, xx = y + dy, x + dx
+                if 0 <= yy and 0 <= xx < w and out[yy, xx] > v:
+                    v = out[yy, xx]
+            out[y, x] = min(v, mask[y, x])
+    n = h * w
+    queue = np.empty(n, np.int64)
+    queued = np.zeros(n, np.bool_)
+    head = 0
+    size = 0
+    for y in range(h - 1, -1, -1):
+        for x in range(w - 1, -1, -1):
+            v = out[y, x]
+            for dy, dx in _DOWN:
+                yy, xx = y + dy, x + dx
+                if yy < h and 0 <= xx < w and out[yy, xx] > v:
+                    v = out[yy, xx]
+            v = min(v, mask[y, x])
+            out[y, x] = v
+            for dy, dx in _DOWN:
+                yy, xx = y + dy, x + dx
+                if yy < h and 0 <= xx < w and out[yy, xx] < v and out[yy, xx] < mask[yy, xx]:
+                    p = y * w + x
+                    if not queued[p]:
+                        queued[p] = True
+                        queue[(head + size) % n] = p
+                        size += 1
+                    break
+    while size > 0:
+        p = queue[head]
+        head = (head + 1) % n
+        size -= 1
+        queued[p] = False
+        y, x = p // w, p % w
+        v = out[y, x]
+        for dy in range(-1, 2):
+            for dx in range(-1, 2):
+                yy, xx = y + dy, x + dx
+                if (dy or dx) and 0 <= yy < h and 0 <= xx < w:
+                    if out[yy, xx] < v and out[yy, xx] != mask[yy, xx]:
+                        out[yy, xx] = min(v, mask[yy, xx])
+                        q = yy * w + xx
+                        if not queued[q]:
+                            queued[q] = True
+                            queue[(head + size) % n] = q
+                            size += 1
+    return out
+
+
+@nb.njit(cache=True)
+def greedy_spacing(coord: np.ndarray, spacing: float) -> np.ndarray:  # pragma: no cover - compiled
+    """Indices of the points of ``coord`` (n, 2), in order, kept when none kept before lies closer
+    than ``spacing`` (Chebyshev): scikit-image's ``ensure_spacing`` with ``p_norm=inf``."""
+    n = coord.shape[0]
+    keep = np.empty(n, np.int64)
+    k = 0
+    for i in range(n):
+        ok = True
+        for j in range(k):
+            q = keep[j]
+            if max(abs(coord[i, 0] - coord[q, 0]), abs(coord[i, 1] - coord[q, 1])) < spacing:
+                ok = False
+                break
+        if ok:
+            keep[k] = i
+            k += 1
+    return keep[:k]
