@@ -119,9 +119,15 @@ def region_features(mask: np.ndarray, flat: np.ndarray, score: np.ndarray, offse
     """The :data:`FEATURES` of one region (a boolean mask within its bounding slice of ``flat`` / ``score``),
     and its centroid's distance to the frame edge in um (uncapped)."""
     import cv2
-    from cellmonitor_plugins.segmenters.morph import axis_ratio, convex_area
+    from cellmonitor_plugins.segmenters.morph import (
+        axis_ratio,
+        convex_area,
+        median_sorted,
+        percentile_sorted,
+    )
 
     values = flat[mask]
+    ordered = np.sort(values)
     rows, cols = np.nonzero(mask)
     ratio = axis_ratio(rows, cols)
     solidity = len(values) / convex_area(mask)
@@ -136,11 +142,11 @@ def region_features(mask: np.ndarray, flat: np.ndarray, score: np.ndarray, offse
     return np.array([
         np.log(max(peak, 1e-3)),
         np.log(len(values) * work_um**2),
-        float(values.min()),
-        float(np.percentile(values, 10)),
-        float(np.median(values)),
-        float(np.percentile(values, 90)),
-        float(values.max()),
+        float(ordered[0]),
+        float(percentile_sorted(ordered, 10)),
+        float(median_sorted(ordered)),
+        float(percentile_sorted(ordered, 90)),
+        float(ordered[-1]),
         float(values.std()),
         float(solidity),
         ratio,

@@ -104,44 +104,49 @@ def peak_local_max(image: np.ndarray, min_distance: int, threshold_abs: float) -
 
 def convex_area(mask: np.ndarray) -> int:
     """``np.sum(skimage.morphology.convex_hull_image(mask))``: the pixels whose centres lie in the
-    convex hull of ``mask``'s pixel squares (edges included).
+    convex hull of ``mask``'s pixel squares' edge midpoints, edges included.
 
-    As scikit-image does: the hull of the edge midpoints of the first and
-    last pixel of every row and every column (no other pixel can span it), by
-    OpenCV instead of qhull (the same polygon), then scikit-image's own
-    point-in-polygon count.
+    The hull of the same points by OpenCV instead of qhull, from the first and
+    last pixel of each row only (every other pixel lies between them, so the
+    hull is the same), then scikit-image's own point-in-polygon count.
     """
     import cv2
     from skimage.measure import grid_points_in_poly
 
-    m = np.asarray(mask, dtype=bool)
-    rows_any, cols_any = m.any(1), m.any(0)
-    if not rows_any.any():
+    rows, cols = np.nonzero(mask)
+    if rows.size == 0:
         return 0
-    h, w = m.shape
-    r = np.flatnonzero(rows_any)
-    c = np.flatnonzero(cols_any)
-    ends = np.concatenate([
-        np.stack([r, m[r].argmax(1)], 1), np.stack([r, w - 1 - m[r, ::-1].argmax(1)], 1),
-        np.stack([m[:, c].argmax(0), c], 1), np.stack([h - 1 - m[::-1, c].argmax(0), c], 1),
-    ]).astype(np.float32)
+    step = np.flatnonzero(np.diff(rows))
+    ends = np.concatenate([[0], step + 1, step, [rows.size - 1]])
     diamond = np.array([[-0.5, 0], [0.5, 0], [0, -0.5], [0, 0.5]], np.float32)
-    pts = (ends[:, None, ::-1] + diamond[None, :, ::-1]).reshape(-1, 2)  # (x, y) for OpenCV
-    hull = cv2.convexHull(pts)[:, 0, ::-1].astype(np.float64)  # (row, col) vertices
-    return int(np.count_nonzero(grid_points_in_poly(m.shape, hull, binarize=False)))
+    pts = (np.stack([cols[ends], rows[ends]], 1).astype(np.float32)[:, None, :] + diamond[None]).reshape(-1, 2)
+    hull = cv2.convexHull(pts)[:, 0, ::-1].astype(np.float64)  # (row, col) vertices, in order
+    return int(np.count_nonzero(grid_points_in_poly(mask.shape, hull, binarize=False)))
 
 
 def axis_ratio(rows: np.ndarray, cols: np.ndarray) -> float:
     """``axis_major_length / max(axis_minor_length, 1)`` of ``skimage.measure.regionprops`` for the
-    pixels (rows, cols): the square roots of the second central moments' eigenvalues (the same
-    formula; the sums in another order, so equal to float rounding)."""
+    pixels (rows, cols): four times the square roots of the eigenvalues of the second central
+    moments (the same formula in closed form; the sums in another order, so equal to float
+    rounding, some 1e-15)."""
     n = rows.size
     dr = rows - rows.mean()
     dc = cols - cols.mean()
     a, b, c = float(dc @ dc) / n, float(dr @ dc) / n, float(dr @ dr) / n  # skimage's tensor [[mu02, -mu11], [-mu11, mu20]] / mu00
-    ev = np.clip(np.linalg.eigvalsh(np.array([[a, -b], [-b, c]])), 0, None)
-    major, minor = 4 * np.sqrt(ev[1]), 4 * np.sqrt(ev[0])
+    mid, half = (a + c) / 2, float(np.hypot((a - c) / 2, b))
+    major, minor = 4 * np.sqrt(max(mid + half, 0.0)), 4 * np.sqrt(max(mid - half, 0.0))
     return float(major / max(minor, 1.0))
+
+
+def median_sorted(sorted_values: np.ndarray) -> Any:
+    """``np.median(values)`` (the same numpy scalar) of the non-empty, finite ``values`` given sorted:
+    the middle value, or the mean of the middle two as numpy takes it (their sum, then halved, in
+    the array's dtype)."""
+    n = sorted_values.shape[0]
+    if n % 2:
+        return sorted_values[n // 2]
+    s = sorted_values[n // 2 - 1] + sorted_values[n // 2]
+    return s / 2
 
 
 Factor = tuple[np.ndarray, tuple[int, int]]
@@ -253,3 +258,26 @@ def median(values: np.ndarray) -> Any:
     ks = sorted({k_lo - below, k_hi - below})
     mid = np.partition(inside, ks)[[k_lo - below, k_hi - below]]
     return np.median(mid)
+
+
+def percentile_sorted(sorted_values: np.ndarray, q: float) -> Any:
+    """``np.percentile(values, q)`` (the default linear method, ``q`` a Python number) of the
+    non-empty, finite ``values`` given sorted: the same numpy scalar, without numpy's
+    general machinery (a hundred times the arithmetic for one small array).
+
+    numpy's own steps: the virtual index ``(n - 1) q / 100`` in float64, its
+    fraction as a weak Python float, and the interpolation in the array's
+    dtype from the nearer end (``a + d t`` below one half, ``b - d (1 - t)``
+    from it).
+    """
+    s = sorted_values
+    n = s.shape[0]
+    virtual = (n - 1) * np.true_divide(q, 100)
+    if virtual >= n - 1:
+        return s[-1]
+    below = np.floor(virtual)
+    i = int(below)
+    t = float(virtual - below)
+    a, b = s[i], s[i + 1]
+    d = b - a
+    return b - d * (1 - t) if t >= 0.5 else a + d * t
