@@ -191,10 +191,10 @@ def blob_candidates(flat: np.ndarray, work_um: float, o: Any, snr: float) -> lis
         fill_holes,
         median,
         peak_local_max,
+        watershed,
         within_distance,
     )
     from scipy import ndimage as ndi
-    from skimage.segmentation import watershed
 
     s = o.contrast_um / work_um
     mean = cv2.GaussianBlur(flat, (0, 0), s)
@@ -211,7 +211,7 @@ def blob_candidates(flat: np.ndarray, work_um: float, o: Any, snr: float) -> lis
     markers = np.zeros(flat.shape, np.int32)
     markers[peaks[:, 0], peaks[:, 1]] = np.arange(1, len(peaks) + 1)
     near = within_distance(peaks, flat.shape, 0.7 * o.cell_diameter_um / work_um)
-    regions = watershed(-smooth, markers, mask=((score > o.fg_snr) & near) | (markers > 0))
+    regions = watershed(-smooth, markers, ((score > o.fg_snr) & near) | (markers > 0))
     out = []
     for i, sl in enumerate(ndi.find_objects(regions)):
         if sl is None:

@@ -280,10 +280,9 @@ def segment_image(image: np.ndarray, pixel_size_um: float, o: Options, acceptanc
     learned blob acceptance model (mode ``blobs`` only).
     """
     import cv2
-    from cellmonitor_plugins.segmenters.morph import fill_holes, h_maxima
+    from cellmonitor_plugins.segmenters.morph import fill_holes, h_maxima, watershed
     from scipy import ndimage as ndi
     from skimage.filters import threshold_otsu
-    from skimage.segmentation import watershed
 
     from monitor.imaging import resize
 
@@ -354,7 +353,12 @@ def segment_image(image: np.ndarray, pixel_size_um: float, o: Options, acceptanc
     markers, _ = ndi.label(peaks & fgb)
     ridge = sign * _blur(flat, o.ridge_smooth_um / work) / (10.0 * noise)
     elevation = o.ridge_weight * ridge - 0.1 * dist
-    labels = watershed(elevation, markers, mask=fgb, compactness=o.compactness).astype(np.int32)
+    if o.compactness > 0:
+        from skimage.segmentation import watershed as compact_watershed
+
+        labels = compact_watershed(elevation, markers, mask=fgb, compactness=o.compactness).astype(np.int32)
+    else:
+        labels = watershed(elevation, markers, fgb).astype(np.int32)
     # foreground blobs that got no seed (all halo) are cells of their own
     orphans, k = ndi.label(fgb & (labels == 0))
     if k:

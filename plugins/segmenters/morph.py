@@ -40,6 +40,24 @@ def h_maxima(image: np.ndarray, h: float) -> np.ndarray:
     return ((image - rec) >= h).astype(np.uint8)
 
 
+def watershed(image: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``skimage.segmentation.watershed(image, markers, mask=mask)`` (4-connected, no compactness).
+
+    The same algorithm step for step (:func:`._jit.watershed_4`: the same
+    binary heap, the same order of pushes, ties broken the same way), compiled,
+    without scikit-image's padded float64 copies of the whole frame.
+    """
+    from cellmonitor_plugins.segmenters._jit import watershed_4
+
+    m = np.ascontiguousarray(mask, dtype=bool)
+    labels = np.ascontiguousarray(np.asarray(markers) * m)
+    img = np.asarray(image)
+    # values are compared as float64, as scikit-image converts them (float32 ones exactly, on the fly)
+    img = np.ascontiguousarray(img if img.dtype in (np.float32, np.float64) else img.astype(np.float64))
+    watershed_4(img, labels, m)
+    return labels
+
+
 def fill_holes(mask: np.ndarray) -> np.ndarray:
     """``scipy.ndimage.binary_fill_holes(mask)`` (holes: background not 4-connected to the edge), as bool.
 

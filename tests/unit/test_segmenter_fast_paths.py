@@ -63,6 +63,23 @@ def test_peak_local_max_is_scikit_images(shape: tuple[int, int], plateaus: bool)
         np.testing.assert_array_equal(morph.peak_local_max(img, min_distance, thr), want)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("plateaus", [False, True])
+def test_watershed_is_scikit_images(shape: tuple[int, int], plateaus: bool) -> None:
+    from skimage.segmentation import watershed
+
+    rng = np.random.default_rng(6)
+    for i in range(4):
+        img = _smooth(rng, shape, plateaus) * (-1 if i % 2 else 1)
+        mask = rng.random(shape) < (0.85 if i < 2 else 1.0)
+        markers, _ = ndi.label(rng.random(shape) < 0.03)
+        markers[rng.random(shape) < 0.01] = 2  # a label in several places, some outside the mask
+        want = watershed(img, markers, mask=mask)
+        got = morph.watershed(img, markers, mask)
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+
+
 def test_region_shape_measures_are_scikit_images() -> None:
     from skimage.measure import regionprops
     from skimage.morphology import convex_hull_image
@@ -119,7 +136,9 @@ def library_calls(monkeypatch: pytest.MonkeyPatch) -> None:
     """Swap every fast path of the segmenter back for the library call it stands in for."""
     from skimage.feature import peak_local_max
     from skimage.morphology import convex_hull_image, h_maxima
+    from skimage.segmentation import watershed
 
+    monkeypatch.setattr(morph, "watershed", lambda img, markers, mask: watershed(img, markers, mask=mask))
     monkeypatch.setattr(morph, "h_maxima", h_maxima)
     monkeypatch.setattr(morph, "fill_holes", ndi.binary_fill_holes)
     monkeypatch.setattr(morph, "within_distance", lambda pts, shape, r: ndi.distance_transform_edt(_points(pts, shape) == 0) <= r)
