@@ -2,8 +2,9 @@
 
 ``bench/bench_segmenter_speed.py`` times it against the plugin in the same run
 and compares their masks; nothing else uses it. A verbatim copy of
-``segment_image`` (plugins/segmenters/classical.py) and of the blob mode
-(plugins/segmenters/blobs.py) with their helpers; only the imports changed:
+``segment_image`` (plugins/segmenters/classical.py), of the blob mode
+(plugins/segmenters/blobs.py) with their helpers, and of
+``monitor.segmentation.cells_from_labels``; only the imports changed:
 ``resolve_mode`` and ``min_area_um2`` (unchanged by the speed work) come from the plugin.
 """
 
@@ -16,7 +17,39 @@ from typing import Any
 import numpy as np
 from cellmonitor_plugins.segmenters.classical import Options, min_area_um2, resolve_mode
 
-__all__ = ["Options", "segment_image"]
+__all__ = ["Options", "cells_from_labels", "segment_image"]
+
+
+def cells_from_labels(
+    labels: np.ndarray,
+    pixel_size_um: float,
+    min_area_um2: float = 0.0,
+    max_area_um2: float = float("inf"),
+    exclude_border: bool = False,
+    relabel: bool = True,
+) -> Any:
+    """monitor.segmentation.cells_from_labels as it was (regionprops per instance)."""
+    from skimage.measure import regionprops
+
+    from monitor.records import Cell, Cells
+
+    labels = np.asarray(labels)
+    out = np.zeros(labels.shape, dtype=np.int32)
+    cells: list[Cell] = []
+    px_area = pixel_size_um**2
+    h, w = labels.shape
+    for rp in regionprops(labels.astype(np.int32, copy=False)):
+        area = rp.area * px_area
+        y0, x0, y1, x1 = rp.bbox
+        if area < min_area_um2 or area > max_area_um2 or (
+            exclude_border and (y0 == 0 or x0 == 0 or y1 == h or x1 == w)
+        ):
+            continue
+        new_id = len(cells) + 1 if relabel else int(rp.label)
+        out[rp.slice][rp.image] = new_id
+        cy, cx = rp.centroid
+        cells.append(Cell(new_id, (float(cy), float(cx)), float(area), (int(y0), int(x0), int(y1), int(x1))))
+    return Cells(out, tuple(cells), pixel_size_um)
 
 def _disk(radius_px: float) -> np.ndarray:
     import cv2

@@ -3,10 +3,9 @@
     .venv/bin/python bench/bench_segmenter_speed.py [--repeats 7] [--t98g-limit N] [--write bench/results/segmenter_speed.md]
 
 Old: :mod:`bench._segmenter_baseline`, the implementation before the speed
-work (commit a9df803) frozen verbatim. New: the plugin, through its
-``segment(frame)``. Both end in the same ``cells_from_labels`` (what the
-service's ``segment`` stage does), on the same frames, one after the other
-in the same process; times are medians after a warm-up run (numba's
+work (commit a9df803) frozen verbatim, ``cells_from_labels`` included. New:
+the plugin, through its ``segment(frame)`` (what the service's ``segment``
+stage runs). The same frames, one after the other in the same process; times are medians after a warm-up run (numba's
 compilation is in the warm-up, as in the service's start-up).
 
 Frame sets:
@@ -59,14 +58,13 @@ def segmenters(options: dict[str, Any]) -> tuple[Segment, Segment]:
 
     from bench import _segmenter_baseline as baseline
     from monitor.records import Frame, FrameKey
-    from monitor.segmentation import cells_from_labels
 
     o = Options(**options)
     seg = ClassicalSegmenter(o)
     low = o.min_area_um2 if o.min_area_um2 is not None else 0.0
 
     def old(image: np.ndarray, um: float) -> np.ndarray:
-        return cells_from_labels(baseline.segment_image(image, um, o), um, low, o.max_area_um2, o.exclude_border).labels
+        return baseline.cells_from_labels(baseline.segment_image(image, um, o), um, low, o.max_area_um2, o.exclude_border).labels
 
     def new(image: np.ndarray, um: float) -> np.ndarray:
         return seg.segment(Frame(FrameKey("bench", "-", "1", 0), {"p": image}, "p", None, um, "config", "bench")).labels
@@ -157,8 +155,8 @@ def main() -> int:
         "# Classical segmenter: speed and masks, old (commit a9df803) vs new",
         "",
         f"Command: `{cmd}` ({os.cpu_count()} CPU cores, OpenCV {cv2.getNumThreads()} threads, {time.strftime('%Y-%m-%d')}). "
-        "Old: `bench/_segmenter_baseline.py` (the implementation before the speed work, frozen); new: the plugin. Both end in "
-        "`cells_from_labels`; the same frames, one after the other, in the same process; seconds are medians after a warm-up.",
+        "Old: `bench/_segmenter_baseline.py` (the implementation before the speed work, frozen); new: the plugin. Both include "
+        "`cells_from_labels` (the service's segment stage); the same frames, one after the other, in the same process; seconds are medians after a warm-up.",
         "",
         table(HEAD, rows),
         "",

@@ -198,7 +198,7 @@ def blob_candidates(flat: np.ndarray, work_um: float, o: Any, snr: float) -> lis
 
     s = o.contrast_um / work_um
     mean = cv2.GaussianBlur(flat, (0, 0), s)
-    contrast = np.sqrt(np.clip(cv2.GaussianBlur(flat * flat, (0, 0), s) - mean * mean, 0, None)).astype(np.float32)
+    contrast = np.sqrt(np.clip(cv2.GaussianBlur(flat * flat, (0, 0), s) - mean * mean, 0, None)).astype(np.float32, copy=False)
     if o.line_um > 0:
         contrast = remove_lines(contrast, int(round(o.line_um / work_um)), o.line_angles)
     med = float(median(contrast))

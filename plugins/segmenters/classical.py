@@ -236,7 +236,7 @@ def _prepare(image: np.ndarray, pixel_size_um: float, o: Options) -> tuple[Any, 
     img = img0
     if f < 0.999:
         img = resize(img0, (max(1, round(shape0[0] * f)), max(1, round(shape0[1] * f))))
-    if not np.isfinite(img).all():
+    if not np.issubdtype(np.asarray(image).dtype, np.integer) and not np.isfinite(img).all():  # integers always are
         img = np.nan_to_num(img, nan=0.0, posinf=0.0, neginf=0.0)
         img0 = np.nan_to_num(img0, nan=0.0, posinf=0.0, neginf=0.0)
     lo, med, hi = (float(v) for v in np.percentile(img[::2, ::2], [0.5, 50, 99.5]))
