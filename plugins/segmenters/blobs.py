@@ -114,6 +114,9 @@ class Candidate:
     edge_um: float  # the centroid's distance to the frame edge (not capped: the hand-set rule's border_um)
 
 
+_CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], np.uint8)  # scipy's default erosion structure
+
+
 def region_features(mask: np.ndarray, flat: np.ndarray, score: np.ndarray, offset: tuple[int, int], shape: tuple[int, ...],
                     work_um: float, peak: float, n_seeds: int) -> tuple[np.ndarray, float]:
     """The :data:`FEATURES` of one region (a boolean mask within its bounding slice of ``flat`` / ``score``),
@@ -157,8 +160,6 @@ def region_features(mask: np.ndarray, flat: np.ndarray, score: np.ndarray, offse
         np.log(max(n_seeds, 1)),
     ]), edge
 
-
-_CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], np.uint8)
 
 #: column of each feature in :data:`FEATURES` order
 FEATURE_INDEX = {name: i for i, name in enumerate(FEATURES)}

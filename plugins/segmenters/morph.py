@@ -1,13 +1,17 @@
 """Exact, faster stand-ins for the scikit-image / scipy steps of the classical segmenter.
 
 Each function gives the same answer as the library call named in its
-docstring (the tests compare them on random and real images), only sooner:
-OpenCV where it has the same operation, numba where the library walks the
-pixels in Python-level or sort-based loops. Profiled on a Lionheart-size frame
-(1224 x 904 px) these steps were most of the segmenter's time.
+docstring, to the bit (one exception, said where it is: an axis ratio equal
+to float rounding), only sooner: OpenCV where it has the same operation,
+numba where the library sorts every pixel or pads and converts the whole
+frame, plain numpy where the library's general machinery costs more than the
+arithmetic. Profiled on a Lionheart-size frame (1224 x 904 px), these steps
+were most of the segmenter's time (``bench/results/segmenter_speed.md``).
+``tests/unit/test_segmenter_fast_paths.py`` compares each with the installed
+library's call, and the whole segmenter with every call swapped back.
 
-The numba kernels (:mod:`._jit`) compile on first use (cached on disk): the
-service's warm-up frame pays for it, never a real one.
+The numba kernels (:mod:`._jit`) compile on first use and are cached on disk:
+the service's warm-up frame pays for the compilation, never a real one.
 """
 
 from __future__ import annotations
