@@ -21,6 +21,8 @@ Frame sets:
   them), ``config/livedead.toml``'s options; F1 of the cells matched to the
   boxes (centroid in the box grown by 25%, :func:`monitor.segmentation.match_boxes`),
   old and new.
+* qpi_cellphe: the 120 quantitative-phase frames (615 x 615, taken as 1.0
+  um/px, the defaults: ``auto`` picks the intensity mode); no truth.
 
 "F1 new vs old" pools the matches (IoU >= 0.5) of the new cells to the old
 ones over the set's frames; "same" counts the frames whose label images are
@@ -145,6 +147,11 @@ def main() -> int:
         run_set("t98g phase contrast", "defaults", {}, t98g, 0.65, 1, lambda lab, gt: match_instances(gt, lab)[:3]),
         run_set("livedead held-out", "livedead.toml (blobs)", ld_options, [(read_image(f), f) for f in ld_test], um_ld, 1, box_stats),
     ]
+    qpi = sorted((DATA / "timelapse" / "qpi_cellphe").glob("*.tif"))
+    if qpi:
+        import tifffile
+
+        rows.append(run_set("qpi_cellphe", "defaults (auto: intensity)", {}, [(tifffile.imread(f), None) for f in qpi], 1.0, 1, None))
     for r in rows:
         print(table(HEAD, [r]), flush=True)
     import cv2

@@ -42,6 +42,11 @@ the 0.19 um/px Nanolive and the 0.322 um/px Lionheart. The defaults were tuned
 on four frames of a real phase-contrast time-lapse (T98G, Usiigaci example
 data, taken as 0.65 um/px) and scored on all 37 and on the 33 held-out ones:
 see ``bench/results/segmentation.md``.
+
+The slow library steps (h-maxima, watershed, hole filling, peaks, line
+openings, medians, region measurements) run through exact stand-ins
+(:mod:`.morph`): the same labels, some 2-4x sooner
+(``bench/results/segmenter_speed.md``).
 """
 
 from __future__ import annotations
