@@ -52,28 +52,35 @@ def cells_from_labels(
         per instance: id, centroid (y, x) in pixels, area in um^2 and
         bounding box ``(y0, x0, y1, x1)`` with exclusive ends.
     """
-    from skimage.measure import regionprops
+    from scipy import ndimage as ndi
 
     labels = np.asarray(labels)
     if labels.ndim != 2:
         raise ValueError(f"labels must be 2-D (got shape {labels.shape})")
+    lab = labels.astype(np.int32, copy=False)
     out = np.zeros(labels.shape, dtype=np.int32)
     cells: list[Cell] = []
     px_area = pixel_size_um**2
     h, w = labels.shape
     dropped = 0
-    for rp in regionprops(labels.astype(np.int32, copy=False)):
-        area = rp.area * px_area
-        y0, x0, y1, x1 = rp.bbox
+    # each instance measured within its bounding box (what regionprops does, without its per-region objects)
+    for i, sl in enumerate(ndi.find_objects(lab)):
+        if sl is None:
+            continue
+        own = lab[sl] == i + 1
+        ys, xs = np.nonzero(own)
+        area = ys.size * px_area
+        y0, x0, y1, x1 = sl[0].start, sl[1].start, sl[0].stop, sl[1].stop
         if area < min_area_um2 or area > max_area_um2 or (
             exclude_border and (y0 == 0 or x0 == 0 or y1 == h or x1 == w)
         ):
             dropped += 1
             continue
-        new_id = len(cells) + 1 if relabel else int(rp.label)
-        out[rp.slice][rp.image] = new_id
-        cy, cx = rp.centroid
-        cells.append(Cell(new_id, (float(cy), float(cx)), float(area), (int(y0), int(x0), int(y1), int(x1))))
+        new_id = len(cells) + 1 if relabel else i + 1
+        out[sl][own] = new_id
+        # the mean of the pixels' float coordinates, as regionprops' centroid takes it
+        cy, cx = float(np.mean((ys + y0).astype(np.float64))), float(np.mean((xs + x0).astype(np.float64)))
+        cells.append(Cell(new_id, (cy, cx), float(area), (int(y0), int(x0), int(y1), int(x1))))
     if dropped:
         log.debug("cells_from_labels: kept %d, dropped %d by area/border", len(cells), dropped)
     return Cells(out, tuple(cells), pixel_size_um)

@@ -60,19 +60,27 @@ def line_kernels(length_px: int, n_angles: int) -> tuple[np.ndarray, ...]:
     return tuple(out)
 
 
+@lru_cache(maxsize=8)
+def line_plans(length_px: int, n_angles: int) -> tuple[tuple[Any, ...], ...]:
+    """:func:`line_kernels`, each as the short factors of :func:`~.morph.flat_factors`."""
+    from cellmonitor_plugins.segmenters.morph import flat_factors
+
+    return tuple(flat_factors(k) for k in line_kernels(length_px, n_angles))
+
+
 def remove_lines(signal: np.ndarray, length_px: int, n_angles: int) -> np.ndarray:
     """``signal`` minus its largest grey opening by a line of ``length_px`` over ``n_angles`` orientations.
 
     An opening keeps only what a whole line fits into, so grid lines longer
     than ``length_px`` are removed and blobs shorter than it are kept whole.
+    The frame's edge is mirrored (OpenCV's ``BORDER_REFLECT``); each line is
+    applied as its short factors (:func:`~.morph.max_opening`: the same values,
+    about a third of the work).
     """
-    import cv2
+    from cellmonitor_plugins.segmenters.morph import max_opening
 
-    lines = np.zeros_like(signal)
-    for k in line_kernels(length_px, n_angles):
-        opened = cv2.dilate(cv2.erode(signal, k, borderType=cv2.BORDER_REFLECT), k, borderType=cv2.BORDER_REFLECT)
-        np.maximum(lines, opened, out=lines)
-    return signal - lines
+    kernels = line_kernels(length_px, n_angles)
+    return signal - max_opening(signal, line_plans(length_px, n_angles), kernels[0].shape[0] // 2)
 
 
 def _touches_edge(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, ...]) -> bool:
@@ -106,33 +114,45 @@ class Candidate:
     edge_um: float  # the centroid's distance to the frame edge (not capped: the hand-set rule's border_um)
 
 
+_CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], np.uint8)  # scipy's default erosion structure
+
+
 def region_features(mask: np.ndarray, flat: np.ndarray, score: np.ndarray, offset: tuple[int, int], shape: tuple[int, ...],
                     work_um: float, peak: float, n_seeds: int) -> tuple[np.ndarray, float]:
     """The :data:`FEATURES` of one region (a boolean mask within its bounding slice of ``flat`` / ``score``),
     and its centroid's distance to the frame edge in um (uncapped)."""
-    from scipy import ndimage as ndi
-    from skimage.measure import regionprops
+    import cv2
+    from cellmonitor_plugins.segmenters.morph import (
+        axis_ratio,
+        convex_area,
+        median_sorted,
+        percentile_sorted,
+    )
 
     values = flat[mask]
-    rp = regionprops(mask.astype(np.uint8))[0]
+    ordered = np.sort(values)
     rows, cols = np.nonzero(mask)
+    ratio = axis_ratio(rows, cols)
+    solidity = len(values) / convex_area(mask)
     rows, cols = rows + offset[0], cols + offset[1]
     cy, cx = rows.mean(), cols.mean()
-    inner = ndi.binary_erosion(mask, iterations=max(1, round(RING_UM / work_um)))
+    # scipy's binary_erosion(mask, iterations=r): r erosions by the 4-neighbour cross, outside the box empty
+    inner = cv2.erode(mask.astype(np.uint8), _CROSS, iterations=max(1, round(RING_UM / work_um)),
+                      borderType=cv2.BORDER_CONSTANT, borderValue=0).astype(bool)
     rim = mask & ~inner
     ring = float(flat[rim].mean() - values.mean()) if inner.any() and rim.any() else 0.0
     edge = float(min(cy, cx, shape[0] - 1 - cy, shape[1] - 1 - cx)) * work_um
     return np.array([
         np.log(max(peak, 1e-3)),
         np.log(len(values) * work_um**2),
-        float(values.min()),
-        float(np.percentile(values, 10)),
-        float(np.median(values)),
-        float(np.percentile(values, 90)),
-        float(values.max()),
+        float(ordered[0]),
+        float(percentile_sorted(ordered, 10)),
+        float(median_sorted(ordered)),
+        float(percentile_sorted(ordered, 90)),
+        float(ordered[-1]),
         float(values.std()),
-        float(rp.solidity),
-        float(rp.axis_major_length / max(rp.axis_minor_length, 1.0)),
+        float(solidity),
+        ratio,
         min(edge, EDGE_CAP_UM),
         float(_touches_edge(rows, cols, shape)),
         np.log(max(float(score[mask].mean()), 1e-3)),
@@ -168,33 +188,38 @@ def blob_candidates(flat: np.ndarray, work_um: float, o: Any, snr: float) -> lis
     ``o`` the classical segmenter's options (the blob fields).
     """
     import cv2
+    from cellmonitor_plugins.segmenters.morph import (
+        fill_holes,
+        median,
+        peak_local_max,
+        watershed,
+        within_distance,
+    )
     from scipy import ndimage as ndi
-    from skimage.feature import peak_local_max
-    from skimage.segmentation import watershed
 
     s = o.contrast_um / work_um
     mean = cv2.GaussianBlur(flat, (0, 0), s)
-    contrast = np.sqrt(np.clip(cv2.GaussianBlur(flat * flat, (0, 0), s) - mean * mean, 0, None)).astype(np.float32)
+    contrast = np.sqrt(np.clip(cv2.GaussianBlur(flat * flat, (0, 0), s) - mean * mean, 0, None)).astype(np.float32, copy=False)
     if o.line_um > 0:
         contrast = remove_lines(contrast, int(round(o.line_um / work_um)), o.line_angles)
-    med = float(np.median(contrast))
-    mad = max(1.4826 * float(np.median(np.abs(contrast - med))), 1e-6)
+    med = float(median(contrast))
+    mad = max(1.4826 * float(median(np.abs(contrast - med))), 1e-6)
     score = (contrast - med) / mad
     smooth = cv2.GaussianBlur(score, (0, 0), o.cell_diameter_um / 4 / work_um)
-    peaks = peak_local_max(smooth, min_distance=max(1, int(o.seed_distance_um / work_um)), threshold_abs=snr, exclude_border=False)
+    peaks = peak_local_max(smooth, max(1, int(o.seed_distance_um / work_um)), snr)
     if len(peaks) == 0:
         return []
     markers = np.zeros(flat.shape, np.int32)
     markers[peaks[:, 0], peaks[:, 1]] = np.arange(1, len(peaks) + 1)
-    near = ndi.distance_transform_edt(markers == 0) <= 0.7 * o.cell_diameter_um / work_um
-    regions = watershed(-smooth, markers, mask=((score > o.fg_snr) & near) | (markers > 0))
+    near = within_distance(peaks, flat.shape, 0.7 * o.cell_diameter_um / work_um)
+    regions = watershed(-smooth, markers, ((score > o.fg_snr) & near) | (markers > 0))
     out = []
     for i, sl in enumerate(ndi.find_objects(regions)):
         if sl is None:
             continue
         own = regions[sl] == i + 1
         sc = score[sl]
-        cut = ndi.binary_fill_holes(own & (sc > max(o.fg_snr, o.fg_fraction * float(sc[own].max()))))
+        cut = fill_holes(own & (sc > max(o.fg_snr, o.fg_fraction * float(sc[own].max()))))
         pieces, k = ndi.label(cut)
         if k == 0:
             continue

@@ -42,6 +42,11 @@ the 0.19 um/px Nanolive and the 0.322 um/px Lionheart. The defaults were tuned
 on four frames of a real phase-contrast time-lapse (T98G, Usiigaci example
 data, taken as 0.65 um/px) and scored on all 37 and on the 33 held-out ones:
 see ``bench/results/segmentation.md``.
+
+The slow library steps (h-maxima, watershed, hole filling, peaks, line
+openings, medians, region measurements) run through exact stand-ins
+(:mod:`.morph`): the same labels, some 2-4x sooner
+(``bench/results/segmenter_speed.md``).
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from cellmonitor_plugins.segmenters.morph import median
 from pydantic import BaseModel, ConfigDict, Field
 
 from monitor.errors import BadInput, ConfigError
@@ -172,7 +178,7 @@ def pixel_noise(flat: np.ndarray, floor: float) -> float:
     d = np.diff(flat[::2], axis=1).ravel() if flat.shape[1] > 1 else flat.ravel()
     if d.size == 0:
         return floor
-    mad = float(np.median(np.abs(d - np.median(d))))
+    mad = float(median(np.abs(d - median(d))))
     return max(1.4826 * mad / np.sqrt(2.0), floor, 1e-6)
 
 
@@ -182,7 +188,7 @@ def is_empty_field(flat: np.ndarray, noise: float, snr: float, min_px: float) ->
     a flat, featureless or noise-only field, which holds no cell."""
     if snr <= 0:
         return False
-    dev = np.abs(flat - np.float32(np.median(flat)))
+    dev = np.abs(flat - np.float32(median(flat)))
     return int(np.count_nonzero(dev > snr * noise)) < 0.25 * min_px
 
 
@@ -235,7 +241,7 @@ def _prepare(image: np.ndarray, pixel_size_um: float, o: Options) -> tuple[Any, 
     img = img0
     if f < 0.999:
         img = resize(img0, (max(1, round(shape0[0] * f)), max(1, round(shape0[1] * f))))
-    if not np.isfinite(img).all():
+    if not np.issubdtype(np.asarray(image).dtype, np.integer) and not np.isfinite(img).all():  # integers always are
         img = np.nan_to_num(img, nan=0.0, posinf=0.0, neginf=0.0)
         img0 = np.nan_to_num(img0, nan=0.0, posinf=0.0, neginf=0.0)
     lo, med, hi = (float(v) for v in np.percentile(img[::2, ::2], [0.5, 50, 99.5]))
@@ -279,10 +285,9 @@ def segment_image(image: np.ndarray, pixel_size_um: float, o: Options, acceptanc
     learned blob acceptance model (mode ``blobs`` only).
     """
     import cv2
+    from cellmonitor_plugins.segmenters.morph import fill_holes, h_maxima, watershed
     from scipy import ndimage as ndi
     from skimage.filters import threshold_otsu
-    from skimage.morphology import h_maxima
-    from skimage.segmentation import watershed
 
     from monitor.imaging import resize
 
@@ -316,7 +321,7 @@ def segment_image(image: np.ndarray, pixel_size_um: float, o: Options, acceptanc
     fg: np.ndarray = (signal > t).astype(np.uint8)
     if o.close_um > 0:
         fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, _disk(o.close_um / work))
-    fg = ndi.binary_fill_holes(fg).astype(np.uint8)
+    fg = fill_holes(fg).astype(np.uint8)
     if o.open_um > 0:
         fg = cv2.morphologyEx(fg, cv2.MORPH_OPEN, _disk(o.open_um / work))
     n, comp, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
@@ -328,7 +333,7 @@ def segment_image(image: np.ndarray, pixel_size_um: float, o: Options, acceptanc
 
     # background noise of the flattened image (robust), the unit of every brightness option
     bgv = flat[~fgb] if (~fgb).sum() > 100 else flat.ravel()
-    noise = max(float(1.4826 * np.median(np.abs(bgv - np.median(bgv)))), 1e-6)
+    noise = max(float(1.4826 * median(np.abs(bgv - median(bgv)))), 1e-6)
     sign = 1.0 if mode == "contrast" else -1.0
 
     seed_src = fgb.astype(np.uint8)
@@ -353,7 +358,12 @@ def segment_image(image: np.ndarray, pixel_size_um: float, o: Options, acceptanc
     markers, _ = ndi.label(peaks & fgb)
     ridge = sign * _blur(flat, o.ridge_smooth_um / work) / (10.0 * noise)
     elevation = o.ridge_weight * ridge - 0.1 * dist
-    labels = watershed(elevation, markers, mask=fgb, compactness=o.compactness).astype(np.int32)
+    if o.compactness > 0:
+        from skimage.segmentation import watershed as compact_watershed
+
+        labels = compact_watershed(elevation, markers, mask=fgb, compactness=o.compactness).astype(np.int32)
+    else:
+        labels = watershed(elevation, markers, fgb).astype(np.int32)
     # foreground blobs that got no seed (all halo) are cells of their own
     orphans, k = ndi.label(fgb & (labels == 0))
     if k:

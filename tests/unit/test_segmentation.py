@@ -236,7 +236,7 @@ def test_real_empty_livedead_frames_are_zero_cells(shared_data) -> None:
         assert time.perf_counter() - t0 < 5.0
 
 
-@pytest.mark.timeout(10)
+@pytest.mark.timeout(30)  # a hang never ends; the first run on a machine also compiles the numba kernels (seconds)
 @pytest.mark.parametrize("pixel_size_um", [0.322, 0.7])
 def test_noise_with_empty_check_off_still_finishes(pixel_size_um: float) -> None:
     """With the empty-field check off (``empty_snr=0``), normalised noise makes the whole field
@@ -253,3 +253,30 @@ def test_noise_with_empty_check_off_still_finishes(pixel_size_um: float) -> None
     default = ClassicalSegmenter(Options(empty_snr=0)).segment(_frame(img, pixel_size_um))
     field_um2 = (300 * pixel_size_um) ** 2
     assert len(default.cells) == (1 if field_um2 <= Options().max_area_um2 else 0)
+
+
+@pytest.mark.parametrize("relabel", [True, False])
+@pytest.mark.parametrize("exclude_border", [False, True])
+def test_cells_are_measured_as_regionprops_measures_them(relabel: bool, exclude_border: bool) -> None:
+    """Ids, centroids (the mean of the pixels' coordinates), areas and boxes equal regionprops' to the bit."""
+    import cv2
+    from scipy import ndimage as ndi
+    from skimage.measure import regionprops
+
+    rng = np.random.default_rng(7)
+    lab, n = ndi.label(cv2.GaussianBlur(rng.random((180, 210)).astype(np.float32), (0, 0), 3) > 0.52)
+    lab = (lab * 3).astype(np.uint16)  # ids with gaps, another dtype
+    um, low, high = 0.65, 15.0, 900.0
+    got = cells_from_labels(lab, um, low, high, exclude_border, relabel)
+    want, kept = [], np.zeros(lab.shape, np.int32)
+    for rp in regionprops(lab.astype(np.int32)):
+        y0, x0, y1, x1 = rp.bbox
+        area = rp.area * um**2
+        if not low <= area <= high or (exclude_border and (y0 == 0 or x0 == 0 or y1 == lab.shape[0] or x1 == lab.shape[1])):
+            continue
+        new_id = len(want) + 1 if relabel else rp.label
+        kept[rp.slice][rp.image] = new_id
+        want.append((new_id, (float(rp.centroid[0]), float(rp.centroid[1])), float(area), (y0, x0, y1, x1)))
+    assert n > 10 and 0 < len(want) < n
+    assert [(c.id, c.centroid_yx_px, c.area_um2, c.bbox_px) for c in got.cells] == want
+    np.testing.assert_array_equal(got.labels, kept)
