@@ -1,16 +1,32 @@
-"""The numba kernels of :mod:`.morph` (imported when a segmenter first needs one; compiled once, cached on disk)."""
+"""The numba kernels of :mod:`.morph` (imported when a segmenter first needs one; compiled once, cached on disk).
+
+The compiled code is cached beside this file, else in ``$NUMBA_CACHE_DIR`` (the systemd unit
+sets ``/var/cache/cellmonitor/numba``: its file system is read-only elsewhere), else in the
+user's cache; where none of them is writable numba refuses ``cache=True`` at import, so the
+kernels are then compiled at every start instead (a few seconds, in the warm-up frame).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numba as nb
 import numpy as np
+
+
+def _njit(fn: Callable[..., Any]) -> Any:
+    try:
+        return nb.njit(cache=True)(fn)
+    except RuntimeError:  # "cannot cache function ...: no locator available": no writable cache folder
+        return nb.njit(fn)
 
 # 8-neighbours before a pixel in raster order (dy, dx), and after it
 _UP = ((-1, -1), (-1, 0), (-1, 1), (0, -1))
 _DOWN = ((1, 1), (1, 0), (1, -1), (0, 1))
 
 
-@nb.njit(cache=True)
+@_njit
 def reconstruct_dilation(seed: np.ndarray, mask: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
     """Grey reconstruction by dilation of ``seed`` under ``mask`` (8-connected), Vincent's hybrid algorithm.
 
@@ -72,7 +88,7 @@ def reconstruct_dilation(seed: np.ndarray, mask: np.ndarray) -> np.ndarray:  # p
     return out
 
 
-@nb.njit(cache=True)
+@_njit
 def greedy_spacing(coord: np.ndarray, spacing: float) -> np.ndarray:  # pragma: no cover - compiled
     """Indices of the points of ``coord`` (n, 2), in order, kept when none kept before lies closer
     than ``spacing`` (Chebyshev): scikit-image's ``ensure_spacing`` with ``p_norm=inf``."""
@@ -92,21 +108,21 @@ def greedy_spacing(coord: np.ndarray, spacing: float) -> np.ndarray:  # pragma: 
     return keep[:k]
 
 
-@nb.njit(cache=True)
+@_njit
 def _smaller(vals: np.ndarray, ages: np.ndarray, a: int, b: int) -> bool:  # pragma: no cover - compiled
     if vals[a] != vals[b]:
         return vals[a] < vals[b]
     return ages[a] < ages[b]
 
 
-@nb.njit(cache=True)
+@_njit
 def _swap(vals: np.ndarray, ages: np.ndarray, idxs: np.ndarray, a: int, b: int) -> None:  # pragma: no cover - compiled
     vals[a], vals[b] = vals[b], vals[a]
     ages[a], ages[b] = ages[b], ages[a]
     idxs[a], idxs[b] = idxs[b], idxs[a]
 
 
-@nb.njit(cache=True)
+@_njit
 def watershed_4(image: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> None:  # pragma: no cover - compiled
     """Marker watershed, 4-connected, in place on ``labels`` (the markers, 0 elsewhere), within ``mask``.
 

@@ -222,3 +222,24 @@ def test_the_segmenter_gives_the_library_calls_labels(name: str, make, um: float
         reference = [segment_image(image, um, o) for image in images]
     for got, want in zip(fast, reference, strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+def test_kernels_compile_without_a_writable_cache(monkeypatch):
+    """numba refuses cache=True at import when no cache folder is writable (a read-only package under
+    systemd's ProtectSystem): the kernels then compile without the disk cache instead of failing."""
+    import numba as nb
+    from cellmonitor_plugins.segmenters import _jit
+
+    real = nb.njit
+
+    def njit(*args, **kw):
+        if kw.get("cache"):
+            raise RuntimeError("cannot cache function 'f': no locator available for file 'x.py'")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(_jit.nb, "njit", njit)
+
+    def add_one(x):
+        return x + 1
+
+    assert _jit._njit(add_one)(1) == 2
