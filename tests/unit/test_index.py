@@ -64,7 +64,7 @@ def test_cosine_distance_is_one_minus_cos() -> None:
 def test_auto_structure_and_ef_search_never_below_k() -> None:
     x, y = _data(300)
     flat = ReferenceIndex.build(x, y, ("a", "b", "c"), ENC, hnsw_above=300)
-    hnsw = ReferenceIndex.build(x, y, ("a", "b", "c"), ENC, hnsw_above=299, hnsw=HNSWParams(8, 40, 4))
+    hnsw = ReferenceIndex.build(x, y, ("a", "b", "c"), ENC, hnsw_above=299, hnsw=HNSWParams(8, 40, 4), probe=None)
     assert (flat.structure, hnsw.structure) == ("flat", "hnsw")
     assert ReferenceIndex.build(x, y, ("a", "b", "c"), ENC, structure="hnsw").structure == "hnsw"
     assert ReferenceIndex.build(x, y, ("a", "b", "c"), ENC, metric="canberra", hnsw_above=10).structure == "flat"
