@@ -12,7 +12,7 @@ are fresh draws, never references. k = 100 (EWC's k_max in every preset but
 1,000,000).
 
 Per size: the exact flat index (build, 10,000-query search), HNSW (M 32,
-efConstruction 40: the ``index build`` defaults) with the efSearch probe of
+efConstruction 80: the ``index build`` defaults) with the efSearch probe of
 :func:`monitor.index.search.build_faiss` (1,000 held-out references, target
 recall@k 0.95; its time is part of the build), and on the same graph the
 efSearch the index used before the probe (``max(64, k)``), the baseline.
@@ -168,8 +168,8 @@ def main() -> int:
     ap.add_argument("--queries", type=int, default=10_000)
     ap.add_argument("--exact-queries", type=int, default=10_000, help="at the large size, time the exact search on this many queries")
     ap.add_argument("--k", type=int, default=100)
-    ap.add_argument("--m", type=int, default=32)
-    ap.add_argument("--ef-construction", type=int, default=40)
+    ap.add_argument("--m", type=int, default=HNSWParams().m)
+    ap.add_argument("--ef-construction", type=int, default=HNSWParams().ef_construction)
     ap.add_argument("--target", type=float, default=0.95)
     ap.add_argument("--probe-queries", type=int, default=1000)
     ap.add_argument("--raw-dim", type=int, default=2064)

@@ -105,7 +105,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--structure", choices=("auto", "flat", "hnsw"), default="auto")
     b.add_argument("--hnsw-above", type=int, default=50_000, help="auto: HNSW above this many references")
     b.add_argument("--hnsw-m", type=int, default=32)
-    b.add_argument("--ef-construction", type=int, default=40)
+    b.add_argument("--ef-construction", type=int, default=80, help="HNSW graph build effort (40: recall@100 stays below 0.95 on 10^6 references)")
     b.add_argument("--ef-search", type=int, default=64, help="HNSW efSearch when the probe is off (--recall-target 0); never below k at search time")
     b.add_argument("--recall-target", type=float, default=0.95, metavar="R",
                    help="HNSW: efSearch is the smallest that reaches this recall@k_max against exact search on held-out references (0: no probe)")
