@@ -2,16 +2,16 @@
 
 The maths lives in :mod:`monitor.classify` (pure numpy, tested on hand-made
 neighbour arrays); this module runs it against an index's search. On the
-exact L2/cosine path, per block of queries, k_min is one search; the distance
-matrix of the rows still undecided is computed once and every later k of the
-schedule is a ``topk`` on it, so a query that doubles k to k_max costs one
-extra GEMM row, not one per k.
+exact L2/cosine path, per block of queries, k_min is one search; the rows
+still undecided get their k_max nearest once (one GEMM row and one ``topk``
+each) and every later k of the schedule is a prefix of that list, so a query
+that doubles k to k_max costs one extra GEMM row, not one search per k.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -37,9 +37,10 @@ def ewc_search(index: ReferenceIndex, queries: np.ndarray, params: EWCParams, bl
     """:func:`monitor.classify.adaptive_search` over ``index``, the same result.
 
     On the exact L2/cosine path, per block of ``block`` queries: k_min is
-    one :meth:`search`; the distance matrix of the rows still undecided
-    is then computed once and every later k of the schedule is a
-    ``topk`` on it. Otherwise each k is a :meth:`search` of the rows still
+    one :meth:`search`; the rows still undecided then get their k_max
+    nearest once, sorted by (distance, id), and every later k of the
+    schedule is a prefix of that list (the k nearest, ties at the k-th by
+    reference id). Otherwise each k is a :meth:`search` of the rows still
     undecided.
     """
     x = np.asarray(queries, dtype=np.float32)
@@ -50,17 +51,20 @@ def ewc_search(index: ReferenceIndex, queries: np.ndarray, params: EWCParams, bl
     parts = []
     for s in range(0, x.shape[0], block):
         xb = np.ascontiguousarray(x[s : s + block])
-        rows_of: dict[int, int] = {}
-        dist: list[Any] = []
+        rows_of = np.full(xb.shape[0], -1, dtype=np.int64)
+        nearest: list[tuple[np.ndarray, np.ndarray]] = []
 
-        def block_search(rows: np.ndarray, k: int, xb: np.ndarray = xb, rows_of: dict[int, int] = rows_of, dist: list[Any] = dist) -> tuple[np.ndarray, np.ndarray]:
+        def block_search(rows: np.ndarray, k: int, xb: np.ndarray = xb, rows_of: np.ndarray = rows_of,
+                         nearest: list[tuple[np.ndarray, np.ndarray]] = nearest) -> tuple[np.ndarray, np.ndarray]:
             r = rows[:, 0]
-            if not dist and len(r) == xb.shape[0]:
+            if not nearest and len(r) == xb.shape[0]:
                 return index.search(xb, k)  # the first k, for every row
-            if not dist:  # the rows still undecided: their distances once
-                dist.append(index.searcher.distance_rows(xb[r]))
-                rows_of.update({int(v): i for i, v in enumerate(r)})
-            return _topk(dist[0][np.array([rows_of[int(v)] for v in r])], min(k, len(index)))
+            if not nearest:  # the rows still undecided: their k_max nearest once; every later k is a prefix
+                nearest.append(_topk(index.searcher.distance_rows(xb[r]), min(params.k_max, len(index))))
+                rows_of[r] = np.arange(len(r))
+            d, i = nearest[0]
+            sel, kk = rows_of[r], min(k, len(index))
+            return d[sel, :kk], i[sel, :kk]
 
         # the "queries" handed to adaptive_search are row numbers into the block
         parts.append(classify.adaptive_search(block_search, np.arange(xb.shape[0])[:, None], *args))

@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from monitor.index import unknown as unknown_mod
+from monitor.index.search import ProbeResult
 
 #: the format written now
 FORMAT_VERSION = 2
@@ -32,6 +33,26 @@ class EncoderRecord(BaseModel):
     dim: int = Field(gt=0)
     name: str | None = None
     version: str | None = None
+
+
+class SearchProbeRecord(BaseModel):
+    """How an HNSW index chose its efSearch (:class:`~monitor.index.search.ProbeResult`); absent in older indexes."""
+
+    model_config = ConfigDict(extra="allow")
+
+    k: int = Field(gt=0)
+    ef_search: int = Field(gt=0)
+    recall: float = Field(ge=0.0, le=1.0)
+    target: float = Field(gt=0.0, le=1.0)
+    queries: int = Field(gt=0)
+    met: bool
+    tried: list[tuple[int, float]] = Field(default_factory=list)
+    seconds: float | None = None
+
+    def result(self) -> ProbeResult:
+        """The record as the index holds it."""
+        return ProbeResult(self.k, self.ef_search, self.recall, self.target, self.queries, self.met,
+                           tuple((int(e), float(r)) for e, r in self.tried), float(self.seconds or 0.0))
 
 
 class MetaFile(BaseModel):
@@ -57,6 +78,7 @@ class MetaFile(BaseModel):
     conditioning: dict[str, Any] | None = None
     query: dict[str, Any] | None = None
     unknown: dict[str, Any] | None = None
+    search_probe: SearchProbeRecord | None = None
     version: int = 1
     reference_names: bool = False
     checksums: dict[str, str]

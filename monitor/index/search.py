@@ -3,14 +3,23 @@
 One :class:`VectorSearch` per index, chosen from the index's metric and
 structure:
 
-* exact L2 / cosine (``flat``): FAISS's flat search for k <= ``GEMM_K``; for
-  larger k the reference matrix is read in place from the FAISS index (no
+* exact L2 / cosine (``flat``): FAISS's flat search for k <= ``GEMM_K`` (its
+  blocked BLAS GEMM with a heap per query costs less than the torch GEMM +
+  ``topk`` below at every k up to 1,000: measured at 128 and 4,608 dims over
+  14,424 references, ``bench/bench_search.py``); for larger k the reference matrix is read in place from the FAISS index (no
   copy) and searched with blocked torch GEMM, ``||x||^2 - 2 x.y + ||y||^2``
   (squared L2, clamped at 0 as FAISS does) or ``1 - x.y`` (cosine), then
   ``torch.topk`` per query block. Neighbours equal FAISS's exact search up to
   float ties (tested).
-* HNSW (``hnsw``): FAISS's graph; efSearch is raised to k whenever k exceeds
-  it, so a search never returns fewer than k neighbours.
+* HNSW (``hnsw``): FAISS's graph. Its efSearch is chosen at build time by a
+  recall probe (:func:`build_faiss`, :class:`ProbeSpec`): a random sample of
+  the references is held out of the graph, their exact k nearest neighbours
+  among the others are computed, and the smallest efSearch of a ladder
+  (k, 1.5k, 2k, 3k, ...) whose recall@k reaches the target (0.95) is kept
+  and recorded (:class:`ProbeResult`, ``meta.json`` ``search_probe``); the
+  held-out references are then added to the graph. At query time efSearch is
+  raised to k whenever k exceeds it, so a search never returns fewer than k
+  neighbours.
 * Canberra: always exact, through :mod:`monitor.index.canberra`; FAISS's own
   slow Canberra search is never used.
 
@@ -20,27 +29,86 @@ reference-id order; cosine distances are ``1 - cos``.
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 Metric = Literal["l2", "cosine", "canberra"]
 Structure = Literal["auto", "flat", "hnsw"]
-GEMM_K = 64  # exact flat searches for k above this use the GEMM + topk path
+GEMM_K = 1024  # exact flat searches for k above this use the GEMM + topk path
 
 
 @dataclass(frozen=True)
 class HNSWParams:
-    """HNSW graph degree M, efConstruction and the default efSearch (never below k)."""
+    """HNSW graph degree M, efConstruction and the efSearch used when no probe chose one (never below k).
+
+    efConstruction 80, not FAISS's 40: on 10^6 clustered 128-d references the
+    efConstruction-40 graph never reached recall@100 0.95 (0.944 at efSearch
+    1,600), the efConstruction-80 one did at efSearch 100 (0.978), for 11%
+    more build time (``bench/results/search*.md``).
+    """
 
     m: int = 32
-    ef_construction: int = 40
+    ef_construction: int = 80
     ef_search: int = 64
 
 
-def build_faiss(x: np.ndarray, metric: Metric, structure: str, hnsw: HNSWParams) -> Any:
-    """A FAISS index holding the prepared vectors ``x`` (Canberra: a flat store only)."""
+@dataclass(frozen=True)
+class ProbeSpec:
+    """How an HNSW index picks its efSearch at build time (see :func:`build_faiss`).
+
+    ``queries`` references (at most a tenth of them) are held out of the graph
+    as probe queries; the efSearch ladder is ``k`` times ``ladder`` (never
+    below k); the first rung whose recall@k reaches ``recall_target`` is kept.
+    """
+
+    recall_target: float = 0.95
+    queries: int = 1000
+    ladder: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.recall_target <= 1.0:
+            raise ValueError(f"recall target must be in (0, 1] (got {self.recall_target})")
+        if self.queries < 1:
+            raise ValueError(f"probe queries must be >= 1 (got {self.queries})")
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """What the build-time probe measured (recorded in ``meta.json`` as ``search_probe``).
+
+    ``ef_search`` is the efSearch the index searches with; ``recall`` its
+    recall@``k`` on ``queries`` held-out references against exact search;
+    ``met`` whether that reaches ``target``; ``tried`` every (efSearch, recall)
+    rung measured, in order.
+    """
+
+    k: int
+    ef_search: int
+    recall: float
+    target: float
+    queries: int
+    met: bool
+    tried: tuple[tuple[int, float], ...]
+    seconds: float
+
+
+def build_faiss(x: np.ndarray, metric: Metric, structure: str, hnsw: HNSWParams, probe: ProbeSpec | None = None,
+                k: int = 100) -> tuple[Any, ProbeResult | None]:
+    """A FAISS index holding the prepared vectors ``x`` (Canberra: a flat store only), and the HNSW probe's result.
+
+    HNSW with a ``probe``: the probe's references are held out, the graph is
+    built on the rest, efSearch is chosen on them (:func:`probe_ef_search`,
+    recall@``k``), then they are added and the graph is renumbered so that
+    id i is row i of ``x`` again. Without a probe (or with too few references
+    to hold any out) efSearch stays ``hnsw.ef_search`` and the result is None.
+    """
     import faiss
 
     d = x.shape[1]
@@ -51,10 +119,82 @@ def build_faiss(x: np.ndarray, metric: Metric, structure: str, hnsw: HNSWParams)
         fm = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
         index = faiss.IndexHNSWFlat(d, hnsw.m, fm)
         index.hnsw.efConstruction = hnsw.ef_construction
+        n = x.shape[0]
+        h = min(probe.queries, n // 10) if probe is not None else 0
+        if probe is None or h < 1 or n - h < 2:
+            index.add(x)
+            return index, None
+        held = np.sort(np.random.default_rng(probe.seed).choice(n, h, replace=False))
+        keep = np.ones(n, bool)
+        keep[held] = False
+        index.add(x[keep])
+        result = probe_ef_search(index, x[keep], x[held], metric, min(k, n - h), probe)
+        index.add(x[held])
+        # graph position of row i of x: kept rows first, in order, then the held-out ones
+        index.permute_entries(np.argsort(np.concatenate([np.flatnonzero(keep), held]), kind="stable").astype(np.int64))
+        return index, result
     else:
         index = faiss.IndexFlatIP(d) if metric == "cosine" else faiss.IndexFlatL2(d)
     index.add(x)
-    return index
+    return index, None
+
+
+def probe_ef_search(index: Any, refs: np.ndarray, queries: np.ndarray, metric: Metric, k: int, spec: ProbeSpec) -> ProbeResult:
+    """The smallest efSearch of ``spec``'s ladder whose recall@k on ``queries`` reaches the target.
+
+    ``index`` is an HNSW graph over ``refs`` (the queries are not in it).
+    Recall@k: the share of the k neighbours returned that are within the
+    exact k-th neighbour's distance (exact: FAISS flat over ``refs``; ties
+    at the k-th distance count as hits). When no rung reaches the target, a
+    WARNING says so and the rung with the best recall is kept. The choice is
+    logged on one line; ``index.hnsw.efSearch`` is left at it.
+    """
+    import faiss
+
+    t0 = time.perf_counter()
+    k = max(1, min(k, refs.shape[0]))
+    flat = faiss.IndexFlatIP(refs.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(refs.shape[1])
+    flat.add(refs)
+    exact, _ = flat.search(queries, k)
+    del flat
+    sign = -1.0 if metric == "cosine" else 1.0  # inner products: larger is nearer
+    rungs = sorted({min(max(k, int(round(k * f))), refs.shape[0]) for f in spec.ladder}) or [k]
+    tried: list[tuple[int, float]] = []
+    for ef in rungs:
+        index.hnsw.efSearch = ef
+        dist, ids = index.search(queries, k)
+        tried.append((ef, recall_at_k(sign * dist, ids, sign * exact)))
+        if tried[-1][1] >= spec.recall_target:
+            break
+    ef, recall = max(tried, key=lambda t: (t[1], -t[0]))  # the first that met, else the best (smallest on ties)
+    met = recall >= spec.recall_target
+    index.hnsw.efSearch = ef
+    res = ProbeResult(k, ef, round(recall, 4), spec.recall_target, int(queries.shape[0]), met, tuple(tried), round(time.perf_counter() - t0, 3))
+    ladder = ", ".join(f"{e}: {r:.3f}" for e, r in tried)
+    if met:
+        log.info("HNSW efSearch %d: recall@%d %.3f >= %.2f on %d held-out references (tried %s; %.1f s)",
+                 ef, k, recall, spec.recall_target, res.queries, ladder, res.seconds)
+    else:
+        log.warning("HNSW efSearch: no rung reached recall@%d %.2f on %d held-out references (tried %s); using the best, %d (recall %.3f); "
+                    "raise M or efConstruction, or search exactly (--structure flat)", k, spec.recall_target, res.queries, ladder, ef, recall)
+    return res
+
+
+def recall_at_k(dist: np.ndarray, ids: np.ndarray, exact: np.ndarray) -> float:
+    """Recall@k of an approximate search against the exact one, both (n, k) distances, smaller nearer.
+
+    The share of the k neighbours returned that lie within the exact k-th
+    neighbour's distance (a relative 1e-5 of float slack), averaged over the
+    queries: the usual id-overlap recall, except that a reference tied with
+    the exact k-th counts as found (which of several tied references a
+    search returns is unspecified). Missing neighbours (id -1) count as misses.
+    """
+    k = exact.shape[1]
+    if k == 0 or exact.shape[0] == 0:
+        return 1.0
+    kth = exact[:, k - 1 : k]
+    hits = ((ids[:, :k] >= 0) & (dist[:, :k] <= kth + 1e-5 * np.maximum(np.abs(kth), 1e-6))).sum(axis=1)
+    return float(np.mean(np.minimum(hits, k)) / k)
 
 
 class VectorSearch:

@@ -4,7 +4,8 @@ An index is a folder::
 
     meta.json      format version, encoders (name, id, dim, version),
                    preprocessing (how files became crops), metric,
-                   normalisation, search structure and HNSW parameters,
+                   normalisation, search structure and HNSW parameters (with the
+                   efSearch probe's choice and recall: ``search_probe``),
                    classes and counts, class weights, EWC parameters,
                    SHA-256 of every other file
     vectors.faiss  the FAISS index (written by faiss.write_index)
@@ -41,8 +42,11 @@ Metrics: ``l2`` (default, squared L2 distances as FAISS reports them),
 ``canberra`` (always exact, through the fast path of :mod:`monitor.index.canberra`;
 the vectors are stored in a FAISS ``IndexFlat`` but FAISS's own slow Canberra
 search is never used). Search structure: exact (``flat``) up to
-``hnsw_above`` references, HNSW above, or forced; HNSW's efSearch is raised to
-k whenever k exceeds it, so a search never returns fewer than k neighbours.
+``hnsw_above`` references, HNSW above, or forced. HNSW's efSearch is picked at
+build time by a recall probe on held-out references (recall@k_max against
+exact search, target 0.95: :func:`monitor.index.search.build_faiss`) and
+recorded in ``meta.json`` (``search_probe``); at query time it is raised to k
+whenever k exceeds it, so a search never returns fewer than k neighbours.
 """
 
 from __future__ import annotations
@@ -68,11 +72,21 @@ from monitor.index.metafile import (
     FORMAT_VERSION,
     EncoderRecord,
     MetaFile,
+    SearchProbeRecord,
     encoders_hint,
     read_meta,
     write_meta,
 )
-from monitor.index.search import HNSWParams, Metric, Structure, VectorSearch, _prepare, build_faiss
+from monitor.index.search import (
+    HNSWParams,
+    Metric,
+    ProbeResult,
+    ProbeSpec,
+    Structure,
+    VectorSearch,
+    _prepare,
+    build_faiss,
+)
 from monitor.index.unknown import UnknownCheck
 from monitor.records import COUNT_TALLIES
 
@@ -80,6 +94,7 @@ log = logging.getLogger(__name__)
 
 _DEFAULT_EWC = EWCParams()
 _DEFAULT_HNSW = HNSWParams()
+_DEFAULT_PROBE = ProbeSpec()
 
 
 @dataclass(frozen=True)
@@ -106,6 +121,8 @@ class IndexMeta:
     query: dict[str, Any] | None = None
     #: the unknown-cell calibration's record (:class:`~monitor.index.unknown.UnknownCheck`) or None
     unknown: dict[str, Any] | None = None
+    #: how the HNSW efSearch (``hnsw.ef_search``) was chosen at build time; None: flat, no probe, or an older index
+    search_probe: ProbeResult | None = None
 
     @property
     def dim(self) -> int:
@@ -167,6 +184,7 @@ class ReferenceIndex:
         ewc: EWCParams = _DEFAULT_EWC,
         hnsw: HNSWParams = _DEFAULT_HNSW,
         hnsw_above: int = 50_000,
+        probe: ProbeSpec | None = _DEFAULT_PROBE,
         normalize: bool = False,
         ref_names: Sequence[str] | None = None,
         preprocessing: dict[str, Any] | None = None,
@@ -180,7 +198,9 @@ class ReferenceIndex:
         and HNSW above (Canberra is always exact). ``conditioning``: a spec is
         fitted on these reference vectors (and nothing else); a fitted
         :class:`Conditioner` is used as it is. The search structure then holds
-        the conditioned vectors. ``unknown_quantile``: the unknown-cell
+        the conditioned vectors. HNSW: ``probe`` picks efSearch for recall@k_max
+        (EWC's largest k) on held-out references and the index keeps it (None:
+        ``hnsw.ef_search`` as given). ``unknown_quantile``: the unknown-cell
         distance is this quantile of the references' leave-one-out
         neighbour distances in the raw space (:mod:`monitor.index.unknown`;
         None: no unknown flag).
@@ -217,8 +237,11 @@ class ReferenceIndex:
             raise ValueError(f"bad HNSW parameters {hnsw}")
         if structure == "auto":
             meta = replace(meta, structure="hnsw" if x.shape[0] > hnsw_above and metric != "canberra" else "flat")
-        index = build_faiss(_prepare(cond.apply(x) if cond is not None else x, metric, normalize), metric, meta.structure, hnsw)
-        searcher = VectorSearch(index, metric, meta.structure, hnsw, normalize, cond)
+        index, probed = build_faiss(_prepare(cond.apply(x) if cond is not None else x, metric, normalize), metric, meta.structure, hnsw,
+                                    probe, ewc.k_max)
+        if probed is not None:
+            meta = replace(meta, hnsw=replace(hnsw, ef_search=probed.ef_search), search_probe=probed)
+        searcher = VectorSearch(index, metric, meta.structure, meta.hnsw, normalize, cond)
         unknown = UnknownCheck.calibrate(x, unknown_quantile) if unknown_quantile is not None and x.shape[0] >= 2 else None
         if unknown is not None:
             meta = replace(meta, unknown=unknown.record())
@@ -268,6 +291,7 @@ class ReferenceIndex:
             classes=list(m.classes), class_counts=self.class_counts, class_weights=[float(w) for w in self.weights],
             ewc=asdict(m.ewc), conditioning=m.conditioning, query=m.query,
             unknown=self.unknown.record() if self.unknown is not None else None, version=self.version,
+            search_probe=SearchProbeRecord.model_validate(asdict(m.search_probe)) if m.search_probe is not None else None,
             reference_names=self.ref_names is not None, checksums={f: file_sha256(folder / f) for f in files},
         )
         write_meta(folder / "meta.json", meta)
@@ -368,6 +392,7 @@ class ReferenceIndex:
             conditioning=crec,
             query=query,
             unknown=urec,
+            search_probe=meta.search_probe.result() if meta.search_probe is not None else None,
         )
         unknown = None
         if urec is not None:
