@@ -133,6 +133,9 @@ def _session(runtime: str, path: Path, threads: int) -> Callable[[np.ndarray], n
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
+        # no busy-waiting between runs: its spinning threads would take the cores from the
+        # segmenter's thread and torch's classify step that run beside the encoder
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         name = sess.get_inputs()[0].name
         return lambda x: np.asarray(sess.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0], dtype=np.float32)
