@@ -210,6 +210,12 @@ class Recorder:
         """A file was read as part of frame ``key``: False (and the file marked done) when that
         frame is already recorded, else True (the file marked read)."""
         self.metrics.files.labels("read").inc()
+        if self.ledger.frame_done(key) and self.ledger.was_finished(path):
+            # the same file again (a second watcher event or a rescan queued it while its frame was
+            # processed): it was counted with its frame, nothing is missing
+            log.info("%s: read again after frame %s was recorded with it; ignoring", path_text(path), key)
+            self.ledger.mark_files([path], "done", key)
+            return False
         if self.ledger.frame_done(key):
             # a channel after its frame was counted: that timepoint's row keeps missing_channels, and
             # what this file held (a control, a marker) is never measured unless the frame is replayed

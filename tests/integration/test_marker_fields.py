@@ -345,5 +345,15 @@ def test_unreliable_frames_and_late_channels_are_warnings(tmp_path, caplog):
         warned = [r for r in caplog.records if "arrived after frame" in r.getMessage()]
         assert len(warned) == 1 and warned[0].levelno == logging.WARNING and "replay" in warned[0].getMessage()
         assert svc.metrics.files.labels("late")._value.get() == 1
+        # the frame's own file read a second time (a duplicate event while its frame was processed) is not late
+        caplog.clear()
+        row = counts(tmp_path / "state")[0]
+        key = FrameKey(row["experiment"], row["well"], row["field"], int(row["timepoint"]))
+        assert svc.recorder.ledger.frame_done(key)
+        with caplog.at_level(logging.INFO, logger="monitor.service.recording"):
+            assert svc.recorder.note_read(tmp_path / "in" / "exp1_snap_0_1_1.tif", key) is False
+        assert "read again after frame" in caplog.text
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert svc.metrics.files.labels("late")._value.get() == 1
     finally:
         svc.close()
