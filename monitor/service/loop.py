@@ -103,6 +103,10 @@ class Service:
     lock: StateLock | None = None
     #: expert corrections into the live index (monitor.service.feedback), polled between frames
     feedback: Any = None
+    #: the most files read in one step (0: ``8 x pipeline.frames_per_call``): a backlog (a plate that
+    #: landed at once, a weekend's export) is read a few calls at a time, so memory holds a few
+    #: calls' pixels, not the whole backlog's
+    read_per_step: int = 0
 
     def __post_init__(self) -> None:
         self._current: tuple[list[Frame], float] | None = None
@@ -221,12 +225,18 @@ class Service:
 
         The frames that became due in this pass are processed together
         (:meth:`handle_all`), so a backlog shares encoder calls; a frame never
-        waits for others to arrive.
+        waits for others to arrive. At most ``read_per_step`` files are read
+        in a pass (oldest first), so a backlog's memory is bounded.
         """
         ready: list[Frame] = []
-        for p in self.intake.collect():
+        stable = self.intake.collect()
+        limit = self.read_per_step or 8 * max(1, self.pipeline.frames_per_call)
+        for p in stable[:limit]:  # oldest first; the rest stay tracked for the next steps
             ready += self._take(self._read(p))
-        ready += self._take(self.assembler.due())
+        if len(stable) <= limit:
+            # a frame is released for a missing channel only once every file that has arrived is
+            # read: its channel may be among those a capped step left for the next one
+            ready += self._take(self.assembler.due())
         ready += self._due_held()
         self.handle_all(ready)
         if self.feedback is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 from fixtures.service import blobs, drop, make_service
 
@@ -67,3 +68,36 @@ def test_a_backlog_segments_the_next_call_while_this_one_embeds(tmp_path):
     assert sorted(t for t, _ in segmented) == list(range(1, 7))  # each frame segmented exactly once
     assert sum(name.startswith("segment-ahead") for _, name in segmented) >= 1
     assert sorted((c.key.timepoint, c.n_cells) for c in sink.rows) == [(t, t) for t in range(1, 7)]
+
+
+def test_a_backlog_is_read_a_few_calls_at_a_time_and_no_channel_is_lost(tmp_path):
+    """A plate that lands at once is read at most read_per_step files a step (memory holds a few
+    calls' pixels, not the backlog's), and a frame whose second channel is left for the next step
+    is not released without it, even with wait_s = 0."""
+    from monitor.service.loop import Service
+
+    svc, sink = make_service(tmp_path, channels=["phase", "gfp"], wait_s=0.0)
+    svc.read_per_step = 3  # odd: frames are split across steps
+    for t in range(1, 6):
+        drop(svc.settings.watch_dir, f"A1_t{t}_phase.npy", blobs(t, 0.9, seed=t))
+        drop(svc.settings.watch_dir, f"A1_t{t}_gfp.npy", blobs(t, 0.5, seed=t))
+    svc.backlog()
+    read = []
+    real = Service._read
+
+    def counting_read(self, p):
+        read.append(p)
+        return real(self, p)
+
+    svc._read = counting_read.__get__(svc)
+    steps = 0
+    while len(sink.rows) < 5:
+        before = len(read)
+        svc.step()
+        assert len(read) - before <= 3
+        steps += 1
+        assert steps < 500, "the backlog was never counted"
+        time.sleep(0.06)  # stable_s = 0.05
+    svc.close()
+    assert sorted((c.key.timepoint, c.n_cells) for c in sink.rows) == [(t, t) for t in range(1, 6)]
+    assert all(not c.missing_channels for c in sink.rows), [c.missing_channels for c in sink.rows]
