@@ -1,0 +1,189 @@
+"""From the recorded per-cell table to fates: smoothed states, per-cell times, survival per
+well and dose response per compound, as plain pandas tables.
+
+The per-cell table (the cells sink's rows, with ``track_id``) is the input; the
+raw per-frame calls in it stay the record of truth. Everything here is derived,
+and every derived column says so (``smoothed_*``).
+
+Policy
+------
+* Time: hours since the experiment's first acquisition when every row of a
+  field has ``acquired_at``; otherwise ``timepoint * interval_h`` (the report
+  says which).
+* A track is smoothed as one cell (:func:`monitor.fate.smoothing.smooth_track`).
+  A daughter track starts at its division with the model's start
+  probabilities: a mother's death is not inherited.
+* Survival (per well): a track's time is its time of death, or its last time
+  seen, censored. Tracks seen in one frame only carry no follow-up and are
+  left out. The log-rank test compares each well with the pooled control
+  wells of the plate map (none: not done, said in ``logrank_note``).
+* Dose response (per compound and timepoint, smoothed states): the dead
+  fraction (dead + necrotic) and the apoptotic + dead fraction per well,
+  the control wells at concentration 0 (:func:`monitor.fate.doseresponse.fit_dose_response`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from monitor.fate.doseresponse import fit_dose_response
+from monitor.fate.platemap import PlateMap, well_name
+from monitor.fate.smoothing import STATES, HMMParams, smooth_track
+from monitor.fate.survival import kaplan_meier, log_rank, median_time
+
+_KEYS = ["experiment", "well", "field"]
+
+
+@dataclass(frozen=True)
+class Fates:
+    """Derived tables: ``cells`` (the input rows with ``time_h`` and ``smoothed_state``),
+    ``tracks`` (one row per track: well, first/last time, onset of apoptosis, time of
+    death, died), ``smoothed_counts`` (per frame: ``smoothed_<state>`` counts beside the
+    raw ``<state>`` counts) and ``time_basis`` (``acquired_at`` or ``timepoint``)."""
+
+    cells: Any
+    tracks: Any
+    smoothed_counts: Any
+    time_basis: str
+
+
+def add_time_h(cells: Any, interval_h: float = 1.0) -> tuple[Any, str]:
+    """The table with ``time_h`` (module docstring) and which basis was used."""
+    import pandas as pd
+
+    df = cells.copy()
+    stamps = pd.to_datetime(df["acquired_at"], errors="coerce", utc=True) if "acquired_at" in df else None
+    if stamps is not None and len(df) and stamps.notna().all() and stamps.nunique() > 1:
+        t0 = stamps.groupby(df["experiment"]).transform("min")
+        df["time_h"] = (stamps - t0).dt.total_seconds() / 3600.0
+        return df, "acquired_at"
+    df["time_h"] = df["timepoint"].astype(float) * float(interval_h)
+    return df, "timepoint"
+
+
+def smooth_cells(cells: Any, params: HMMParams | None = None, interval_h: float = 1.0) -> Fates:
+    """Smooth every track of a per-cell table and summarise it (module docstring)."""
+    import pandas as pd
+
+    df, basis = add_time_h(cells, interval_h)
+    df = df.sort_values([*_KEYS, "timepoint", "label"], kind="stable").reset_index(drop=True)
+    df["smoothed_state"] = df["state"].astype(str)
+    for s in STATES:
+        df[f"p_{s}"] = np.nan
+    rows = []
+    if "track_id" in df and len(df):
+        tracked = df[df["track_id"].notna()]
+        for (exp, well, fld, tid), g in tracked.groupby([*_KEYS, "track_id"], sort=True):
+            unknown = g["unknown"].astype(bool).to_numpy() if "unknown" in g else None
+            sm = smooth_track(g["time_h"].to_numpy(), g["state"].astype(str).tolist(),
+                              g["certainty"].astype(float).to_numpy(), params, unknown)
+            df.loc[g.index, "smoothed_state"] = list(sm.path)
+            for j, s in enumerate(STATES):
+                df.loc[g.index, f"p_{s}"] = sm.posterior[:, j]
+            parent = g["parent_track_id"].iloc[0] if "parent_track_id" in g else np.nan
+            rows.append({"experiment": exp, "well": well, "field": fld, "track_id": int(tid),
+                         "parent_track_id": parent, "first_h": float(g["time_h"].iloc[0]),
+                         "last_h": float(g["time_h"].iloc[-1]), "frames": len(g),
+                         "first_timepoint": int(g["timepoint"].iloc[0]), "last_timepoint": int(g["timepoint"].iloc[-1]),
+                         "onset_apoptosis_h": sm.onset_apoptosis_h, "death_h": sm.death_h,
+                         "died": bool(np.isfinite(sm.death_h)),
+                         "fate": sm.path[-1] if sm.path else "", "raw_last_state": str(g["state"].iloc[-1])})
+    tracks = pd.DataFrame(rows, columns=["experiment", "well", "field", "track_id", "parent_track_id", "first_h", "last_h",
+                                         "frames", "first_timepoint", "last_timepoint", "onset_apoptosis_h", "death_h",
+                                         "died", "fate", "raw_last_state"])
+    frame_keys = [*_KEYS, "timepoint"]
+    raw = df.pivot_table(index=frame_keys, columns="state", values="label", aggfunc="count", fill_value=0)
+    smo = df.pivot_table(index=frame_keys, columns="smoothed_state", values="label", aggfunc="count", fill_value=0)
+    counts = pd.DataFrame(index=raw.index if len(df) else pd.MultiIndex.from_tuples([], names=frame_keys))
+    for s in STATES:
+        counts[s] = raw[s] if s in raw else 0
+        counts[f"smoothed_{s}"] = smo[s] if s in smo else 0
+    counts = counts.reset_index()
+    return Fates(df, tracks, counts, basis)
+
+
+def well_survival(tracks: Any, plate: PlateMap | None = None) -> Any:
+    """Per well: tracks followed, deaths, median time to death with its 95% interval, and
+    the log-rank test against the pooled control wells (module docstring)."""
+    import pandas as pd
+
+    t = tracks[tracks["frames"] > 1] if len(tracks) else tracks
+    controls = {w for w in (plate.controls() if plate else [])}
+    ctl = t[t["well"].map(well_name).isin(controls)] if len(t) else t
+    rows = []
+    for well, g in (t.groupby("well", sort=True) if len(t) else []):
+        dur = np.where(g["died"], g["death_h"] - g["first_h"], g["last_h"] - g["first_h"])
+        km = kaplan_meier(dur, g["died"].to_numpy(bool))
+        med = median_time(km)
+        info = plate.wells.get(well_name(str(well))) if plate else None
+        row = {"well": well, "compound": info.compound if info else "", "concentration": info.concentration if info else np.nan,
+               "unit": info.unit if info else "", "role": info.role if info else "", "tracks": km.n, "deaths": km.events,
+               "median_ttd_h": med.median_h, "median_ttd_low_h": med.lower_h, "median_ttd_high_h": med.upper_h,
+               "logrank_chi2": np.nan, "logrank_p": np.nan, "logrank_note": ""}
+        if not controls:
+            row["logrank_note"] = "no control wells in the plate map"
+        elif info is not None and info.control:
+            row["logrank_note"] = "control well"
+        elif len(ctl) == 0:
+            row["logrank_note"] = "the control wells have no tracks"
+        else:
+            cdur = np.where(ctl["died"], ctl["death_h"] - ctl["first_h"], ctl["last_h"] - ctl["first_h"])
+            lr = log_rank(dur, g["died"].to_numpy(bool), cdur, ctl["died"].to_numpy(bool))
+            row["logrank_chi2"], row["logrank_p"] = lr.chi2, lr.p_value
+            if not np.isfinite(lr.chi2):
+                row["logrank_note"] = "no deaths to compare"
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["well", "compound", "concentration", "unit", "role", "tracks", "deaths",
+                                       "median_ttd_h", "median_ttd_low_h", "median_ttd_high_h",
+                                       "logrank_chi2", "logrank_p", "logrank_note"])
+
+
+def survival_curves(tracks: Any) -> dict[str, Any]:
+    """Kaplan-Meier curve per well (for the report's figure)."""
+    t = tracks[tracks["frames"] > 1] if len(tracks) else tracks
+    out = {}
+    for well, g in (t.groupby("well", sort=True) if len(t) else []):
+        dur = np.where(g["died"], g["death_h"] - g["first_h"], g["last_h"] - g["first_h"])
+        out[str(well)] = kaplan_meier(dur, g["died"].to_numpy(bool))
+    return out
+
+
+def well_fractions(counts: Any, prefix: str = "smoothed_") -> Any:
+    """Per well and timepoint: cells, the dead fraction and the apoptotic + dead fraction
+    (from the ``smoothed_`` counts by default; ``prefix=""`` for the raw ones)."""
+    g = counts.groupby(["well", "timepoint"], sort=True)[[f"{prefix}{s}" for s in STATES]].sum()
+    total = g.sum(axis=1)
+    out = g.assign(cells=total)
+    dead = g[f"{prefix}dead"] + g[f"{prefix}necrotic"]
+    out["dead_fraction"] = (dead / total.where(total > 0)).astype(float)
+    out["apoptotic_dead_fraction"] = ((dead + g[f"{prefix}apoptotic"]) / total.where(total > 0)).astype(float)
+    return out.reset_index()
+
+
+def dose_response(counts: Any, plate: PlateMap, prefix: str = "smoothed_") -> Any:
+    """One row per compound, timepoint and measure (``dead`` or ``apoptotic+dead``): the
+    4PL fit, EC50 with its interval, and the reason when the fit is not usable."""
+    import pandas as pd
+
+    fr = well_fractions(counts, prefix)
+    fr["well_key"] = fr["well"].map(lambda w: well_name(str(w)))
+    rows = []
+    controls = set(plate.controls())
+    unit_of = {x.compound: x.unit for x in plate.wells.values()}
+    for compound in plate.compounds():
+        wells = {w for w, x in plate.wells.items() if x.compound == compound} | controls
+        sub = fr[fr["well_key"].isin(wells)]
+        missing = sorted(w for w in wells if w not in set(fr["well_key"]))
+        for tp, g in sub.groupby("timepoint", sort=True):
+            conc = g["well_key"].map(lambda w: 0.0 if w in controls else plate.wells[w].concentration).to_numpy(float)
+            for measure, col in (("dead", "dead_fraction"), ("apoptotic+dead", "apoptotic_dead_fraction")):
+                fit = fit_dose_response(conc, g[col].to_numpy(float), g["cells"].to_numpy(float))
+                rows.append({"compound": compound, "unit": unit_of.get(compound, ""), "timepoint": int(tp), "measure": measure,
+                             "wells": int(len(g)), "ec50": fit.ec50, "ec50_low": fit.ec50_low, "ec50_high": fit.ec50_high,
+                             "hill": fit.hill, "bottom": fit.bottom, "top": fit.top, "ok": fit.ok, "reason": fit.reason,
+                             "missing_wells": ";".join(missing)})
+    return pd.DataFrame(rows, columns=["compound", "unit", "timepoint", "measure", "wells", "ec50", "ec50_low", "ec50_high",
+                                       "hill", "bottom", "top", "ok", "reason", "missing_wells"])
