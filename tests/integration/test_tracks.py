@@ -1,0 +1,92 @@
+"""Tracks in the per-cell table: ids in every row, late frames rewrite later files, a restart
+continues the same tracks, ``[tracking] enabled = false`` turns them off."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("laptrack")
+
+from cellmonitor_plugins.sinks.cells import PLUGIN, CellTableSink, link_params, read_cells  # noqa: E402
+
+from monitor.config import parse_config  # noqa: E402
+from monitor.fate.tracking import LinkParams, link_all, track_id_of  # noqa: E402
+from monitor.protocols import context_from  # noqa: E402
+from monitor.records import CellCalls, Counts, FrameKey  # noqa: E402
+
+PX = 0.5
+
+
+def _positions(n=12, frames=6, seed=0):
+    rng = np.random.default_rng(seed)
+    pos = rng.uniform(20, 380, (n, 2))
+    out = {}
+    for t in range(1, frames + 1):
+        pos = pos + rng.normal(0, 1.5, pos.shape)
+        out[t] = (rng.permutation(n) + 1, pos.copy())
+    return out
+
+
+def _counts(t: int, labels: np.ndarray, yx_um: np.ndarray, well: str = "A1") -> Counts:
+    n = len(labels)
+    calls = CellCalls(np.zeros((8, 8)), np.zeros((8, 8), int), labels, np.zeros(n, int), np.zeros(n, bool), ("live",), PX,
+                      certainty=np.full(n, 0.9), centroid_yx_px=yx_um / PX, area_um2=np.full(n, 50.0))
+    return Counts(FrameKey("e", well, "1", t), "t", None, PX, "config", n, {"live": n}, 0, 0.9, None,
+                  sources=(Path(f"/x/{well}_{t}.tif"),), calls=calls)
+
+
+def _ids(df):
+    return {(int(r.timepoint), int(r.label)): int(r.track_id) for r in df.itertuples()}
+
+
+def test_every_row_carries_its_track_and_a_late_frame_rewrites_the_later_files(tmp_path):
+    frames = _positions()
+    sink = CellTableSink(tmp_path / "cells", "parquet", tracking=LinkParams())
+    for t in (2, 3, 5, 4, 6, 1):  # t4 late, t1 very late
+        sink.write(_counts(t, *frames[t]))
+    df = read_cells(tmp_path / "cells")
+    want = link_all(frames).track_ids()
+    assert _ids(df) == want
+    first = {int(lab): track_id_of(1, int(lab)) for lab in frames[1][0]}
+    assert set(df.track_id) == set(first.values())  # every track starts at t1 once t1 is in
+    row = df[(df.timepoint == 3)].iloc[0]
+    assert row.link_timepoint == 2 and np.isnan(row.parent_track_id)
+
+
+def test_a_restarted_sink_continues_the_same_tracks(tmp_path):
+    frames = _positions(seed=1)
+    first = CellTableSink(tmp_path / "cells", "both", tracking=LinkParams())
+    for t in (1, 2, 3):
+        first.write(_counts(t, *frames[t]))
+    again = CellTableSink(tmp_path / "cells", "both", tracking=LinkParams())  # a new process
+    for t in (4, 5, 6):
+        again.write(_counts(t, *frames[t]))
+    assert _ids(read_cells(tmp_path / "cells")) == link_all(frames).track_ids()
+
+
+def test_frames_recorded_before_tracking_are_linked_when_it_comes_on(tmp_path):
+    frames = _positions(seed=2)
+    plain = CellTableSink(tmp_path / "cells", "parquet", tracking=None)
+    for t in (1, 2, 3):
+        plain.write(_counts(t, *frames[t]))
+    assert "track_id" not in read_cells(tmp_path / "cells")
+    on = CellTableSink(tmp_path / "cells", "parquet", tracking=LinkParams())
+    for t in (4, 5, 6):
+        on.write(_counts(t, *frames[t]))
+    assert _ids(read_cells(tmp_path / "cells")) == link_all(frames).track_ids()
+
+
+def test_tracking_follows_the_config(tmp_path):
+    on = parse_config({"tracking": {"max_step_um": 12, "max_gap": 2, "plate_map": "plate.csv"}}, "c.toml", tmp_path)
+    assert link_params(on.tracking) == LinkParams(max_step_um=12, max_gap=2)
+    assert on.tracking.plate_map == tmp_path / "plate.csv"
+    sink = PLUGIN.build(PLUGIN.Options(), context_from(on, device="cpu"))
+    assert sink.tracking == LinkParams(max_step_um=12, max_gap=2)
+    off = parse_config({"tracking": {"enabled": False}}, "c.toml", tmp_path)
+    sink = PLUGIN.build(PLUGIN.Options(), context_from(off, device="cpu"))
+    assert sink.tracking is None
+    sink.write(_counts(1, *_positions()[1]))
+    assert "track_id" not in read_cells(sink.folder)
