@@ -75,8 +75,14 @@ def fit_dose_response(concentration: Sequence[float], fraction: Sequence[float],
     p0 = [float(np.clip(y[x == doses[0]].mean(), 0, 1)), float(np.clip(y[x == doses[-1]].mean(), 0, 1)),
           float(np.log10(np.sqrt(lo_x * hi_x))), 1.0]
     bounds = ([0.0, 0.0, np.log10(lo_x) - 3, 0.1], [1.0, 1.0, np.log10(hi_x) + 3, 10.0])
+    import warnings
+
+    from scipy.optimize import OptimizeWarning
+
     try:
-        popt, pcov = curve_fit(logistic4, x, y, p0=p0, sigma=sigma, bounds=bounds, maxfev=5000)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", OptimizeWarning)  # an unbounded interval is reported as a reason below
+            popt, pcov = curve_fit(logistic4, x, y, p0=p0, sigma=sigma, bounds=bounds, maxfev=5000)
     except (RuntimeError, ValueError) as e:
         return _failed(f"did not converge ({e})", n)
     bottom, top, log_ec50, hill = (float(v) for v in popt)

@@ -187,3 +187,25 @@ def dose_response(counts: Any, plate: PlateMap, prefix: str = "smoothed_") -> An
                              "missing_wells": ";".join(missing)})
     return pd.DataFrame(rows, columns=["compound", "unit", "timepoint", "measure", "wells", "ec50", "ec50_low", "ec50_high",
                                        "hill", "bottom", "top", "ok", "reason", "missing_wells"])
+
+
+def hmm_params(tracking: Any) -> HMMParams:
+    """The smoothing model of a ``[tracking]`` table (defaults when None)."""
+    if tracking is None:
+        return HMMParams()
+    return HMMParams(apoptosis_per_h=tracking.apoptosis_per_h, death_per_h=tracking.death_per_h,
+                     necrosis_per_h=tracking.necrosis_per_h, accuracy=tracking.accuracy)
+
+
+def fate_tables(cells: Any, tracking: Any = None, plate: PlateMap | None = None) -> dict[str, Any]:
+    """Every derived table, by name, from a per-cell table with tracks: ``tracks`` (each row
+    with ``time_h``, ``smoothed_state`` and the state posteriors), ``fates`` (one row per
+    track), ``smoothed_counts`` (per frame, raw and ``smoothed_`` counts), ``survival`` (per
+    well) and, with a plate map, ``dose_response`` (per compound, timepoint and measure).
+    What ``cellmonitor export --fates`` writes and the report draws."""
+    f = smooth_cells(cells, hmm_params(tracking), tracking.interval_h if tracking is not None else 1.0)
+    out = {"tracks": f.cells, "fates": f.tracks, "smoothed_counts": f.smoothed_counts,
+           "survival": well_survival(f.tracks, plate)}
+    if plate is not None and plate.wells:
+        out["dose_response"] = dose_response(f.smoothed_counts, plate)
+    return out

@@ -49,6 +49,9 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from monitor.fate.fates import hmm_params
+from monitor.fate.store import FateStore
+from monitor.fate.table import COLUMNS, TRACK_COLUMNS, read_cells
 from monitor.fate.tracking import FieldTracks, LinkParams
 from monitor.intake.ledger import safe_text
 from monitor.protocols import SinkBase
@@ -57,11 +60,7 @@ from monitor.registry import plugin_spec
 
 log = logging.getLogger(__name__)
 
-#: the columns every row has, in order (marker columns follow on frames that carry the marker)
-COLUMNS = ("experiment", "well", "field", "timepoint", "acquired_at", "source", "label", "centroid_y_um", "centroid_x_um",
-           "area_um2", "class", "state", "certainty", "uncertain", "unknown")
-#: the columns tracking adds (monitor.fate.tracking.FieldTracks.frame_columns)
-TRACK_COLUMNS = ("track_id", "parent_track_id", "link_timepoint", "link_label")
+__all__ = ["COLUMNS", "TRACK_COLUMNS", "PLUGIN", "CellTableSink", "cell_rows", "link_params", "read_cells"]
 
 
 class Options(BaseModel):
@@ -113,13 +112,16 @@ class CellTableSink(SinkBase):
     wants_calls = True
 
     def __init__(self, folder: Path, fmt: str = "parquet", roles: Mapping[str, str] | None = None,
-                 tracking: LinkParams | None = None):
+                 tracking: LinkParams | None = None, store: FateStore | None = None):
         self.folder = folder
         self.path = None  # many files, not one: no gauges are restored from it
         self.fmt = fmt
         self.roles = roles
         self.tracking = tracking
         self._fields: dict[tuple[str, str, str], FieldTracks] = {}
+        #: each tracked field's rows by timepoint (what the fates store smooths)
+        self._tables: dict[tuple[str, str, str], dict[int, Any]] = {}
+        self.store = store if tracking is not None else None
         self._lock = threading.Lock()
         folder.mkdir(parents=True, exist_ok=True)
 
@@ -154,8 +156,16 @@ class CellTableSink(SinkBase):
                 df = pd.DataFrame({c: pd.Series(dtype=object) for c in (*COLUMNS, *(TRACK_COLUMNS if ft else ()))})
             self._write_df(df, counts.key)
             if ft is not None:
-                for t in sorted(changed - {counts.key.timepoint}):
-                    self._retrack(ft, FrameKey(counts.key.experiment, counts.key.well, counts.key.field, t))
+                k = counts.key
+                table = self._tables.setdefault((k.experiment, k.well, k.field), {})
+                table[k.timepoint] = df
+                for t in sorted(changed - {k.timepoint}):
+                    self._retrack(ft, FrameKey(k.experiment, k.well, k.field, t))
+                if self.store is not None:
+                    try:
+                        self.store.update(pd.concat([x for x in table.values() if len(x)] or [df], ignore_index=True))
+                    except Exception as e:  # noqa: BLE001 - derived numbers never stop the record
+                        log.warning("fates store: %s not updated (%s: %s)", k, type(e).__name__, e)
 
     def _write_df(self, df: Any, key: FrameKey) -> None:
         for suffix in self.suffixes:
@@ -182,6 +192,7 @@ class CellTableSink(SinkBase):
         for c, v in ft.frame_columns(key.timepoint, df["label"].astype(int).tolist()).items():
             df[c] = v
         self._write_df(df, key)
+        self._tables.setdefault((key.experiment, key.well, key.field), {})[key.timepoint] = df
 
     def _field(self, key: FrameKey) -> FieldTracks:
         """The field's tracker: from memory, or rebuilt from its recorded files (a restart)."""
@@ -204,6 +215,9 @@ class CellTableSink(SinkBase):
                     continue
                 parts.append(pd.read_parquet(p) if suffix == ".parquet" else pd.read_csv(p))
         parts = [x for x in parts if len(x)]
+        table = self._tables.setdefault((key.experiment, key.well, key.field), {})
+        for x in parts:
+            table[int(x["timepoint"].iloc[0])] = x
         if not parts:
             return FieldTracks(self.tracking)
         df = pd.concat(parts, ignore_index=True)
@@ -227,6 +241,16 @@ def _part(s: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in safe_text(s)) or "_"
 
 
+def _build(o: Options, ctx: Any) -> CellTableSink:
+    params = link_params(ctx.tracking)
+    store = None
+    if params is not None:
+        t = ctx.tracking
+        store = FateStore(ctx.state_dir / "fates.sqlite", hmm_params(t), t.interval_h if t is not None else 1.0,
+                          t.plate_map if t is not None else None)
+    return CellTableSink(o.folder or ctx.state_dir / "cells", o.format, ctx.roles, params, store)
+
+
 def link_params(tracking: Any) -> LinkParams | None:
     """The linking parameters of a ``[tracking]`` table (None: tracking is off)."""
     if tracking is not None and not tracking.enabled:
@@ -241,25 +265,7 @@ def link_params(tracking: Any) -> LinkParams | None:
     return LinkParams(max_step_um=tracking.max_step_um, max_gap=tracking.max_gap, divisions=tracking.divisions)
 
 
-def read_cells(folder: Path) -> Any:
-    """Every frame's per-cell rows under ``folder`` as one pandas DataFrame, in frame order
-    (Parquet files; CSV where a frame has no Parquet file)."""
-    import pandas as pd
-
-    parts = []
-    for p in sorted(folder.rglob("*_t*.parquet")):
-        parts.append(pd.read_parquet(p))
-    have = {p.with_suffix("") for p in folder.rglob("*_t*.parquet")}
-    for p in sorted(folder.rglob("*_t*.csv")):
-        if p.with_suffix("") not in have:
-            parts.append(pd.read_csv(p))
-    if not parts:
-        return pd.DataFrame({c: [] for c in COLUMNS})
-    df = pd.concat([x for x in parts if len(x)] or parts[:1], ignore_index=True)
-    return df.sort_values(["experiment", "well", "field", "timepoint", "label"], kind="stable").reset_index(drop=True)
-
-
 PLUGIN = plugin_spec(
     "cells", "per-cell table: one row per cell (keys, source file, label, centroid, area, state, certainty, marker) as Parquet/CSV",
-    Options, lambda o, ctx: CellTableSink(o.folder or ctx.state_dir / "cells", o.format, ctx.roles, link_params(ctx.tracking)),
+    Options, lambda o, ctx: _build(o, ctx),
 )
