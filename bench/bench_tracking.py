@@ -185,10 +185,20 @@ def synthetic(n_timepoints: int, cells_per_field: int, work: Path) -> dict[str, 
         return float(row.ec50), float(row.ec50_low), float(row.ec50_high), bool(row.ok), str(row.reason)
 
     e_s, e_r = ec50(dr), ec50(dr_raw)
+    # per well at the last timepoint: the generator's dead fraction against the raw and smoothed ones
+    sc = fates.smoothed_counts[fates.smoothed_counts.timepoint == last].set_index("well")
+    wells = []
+    for w, c in res.dose.wells:
+        truth_last = res.truth[(w, last)]
+        n_true = sum(truth_last.values())
+        r = sc.loc[w]
+        n = r[["live", "apoptotic", "dead", "necrotic"]].sum()
+        wells.append((w, c, res.dose.p_dead(c), (truth_last["dead"] + truth_last["necrotic"]) / max(1, n_true),
+                      (r.dead + r.necrotic) / max(1, n), (r.smoothed_dead + r.smoothed_necrotic) / max(1, n), int(n), n_true))
     return {"cells": len(on), "raw_acc": raw_acc, "smoothed_acc": smo_acc, "tod_mae_smoothed": float(np.mean(np.abs(sm))) if len(sm) else float("nan"),
             "tod_mae_raw_first_call": float(np.mean(np.abs(rw))) if len(rw) else float("nan"), "tod_n": len(sm), "tod_missed": missed,
             "ec50_true": res.dose.ec50_um, "ec50_smoothed": e_s, "ec50_raw": e_r, "last": last, "seconds": res.seconds,
-            "tracks": int(df.groupby(["well", "field"]).track_id.nunique().sum())}
+            "tracks": int(df.groupby(["well", "field"]).track_id.nunique().sum()), "wells": wells}
 
 
 # -- 3. overhead ---------------------------------------------------------------------------------
@@ -302,8 +312,12 @@ def main(argv: list[str] | None = None) -> int:
                     f"| per-cell state accuracy | {r['raw_acc']:.1%} | {r['smoothed_acc']:.1%} |",
                     f"| time-of-death error, mean abs (timepoints) | {r['tod_mae_raw_first_call']:.2f} (first dead call) | {r['tod_mae_smoothed']:.2f} ({r['tod_n']} cells; {r['tod_missed']} deaths missed) |",
                     f"| EC50 of the dead fraction at the last timepoint (t{r['last']}); generator {r['ec50_true']:.2f} uM | {ec(er)} | {ec(es)} |",
-                    f"| EC50 error | {abs(er[0] / r['ec50_true'] - 1):.1%} | {abs(es[0] / r['ec50_true'] - 1):.1%} |", ""]
-            print("\n".join(out[-8:]), flush=True)
+                    f"| EC50 error | {abs(er[0] / r['ec50_true'] - 1):.1%} | {abs(es[0] / r['ec50_true'] - 1):.1%} |", "",
+                    f"Dead (+ necrotic) fraction per well at the last timepoint (t{r['last']}):", "",
+                    "| well | uM | generator p(c) | true (cells drawn) | raw | smoothed | cells segmented | true cells |", "|---|---|---|---|---|---|---|---|"]
+            out += [f"| {w} | {c:g} | {p:.3f} | {tf:.3f} | {rf:.3f} | {sf:.3f} | {n} | {nt} |" for w, c, p, tf, rf, sf, n, nt in r["wells"]]
+            out.append("")
+            print("\n".join(out[-20:]), flush=True)
         if "overhead" not in a.skip:
             sub = work / "overhead"
             sub.mkdir()
