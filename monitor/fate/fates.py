@@ -10,7 +10,8 @@ Policy
 * Time: hours since the experiment's first acquisition when every row of a
   field has ``acquired_at``; otherwise ``timepoint * interval_h`` (the report
   says which).
-* A track is smoothed as one cell (:func:`monitor.fate.smoothing.smooth_track`).
+* A track is smoothed as one cell (:func:`monitor.fate.smoothing.smooth_field`: every
+  track of a field at once, equal to ``smooth_track`` on each).
   A daughter track starts at its division with the model's start
   probabilities: a mother's death is not inherited.
 * Survival (per well): a track's time is its time of death, or its last time
@@ -31,7 +32,7 @@ import numpy as np
 
 from monitor.fate.doseresponse import fit_dose_response
 from monitor.fate.platemap import PlateMap, well_name
-from monitor.fate.smoothing import STATES, HMMParams, smooth_track
+from monitor.fate.smoothing import STATES, HMMParams, smooth_field
 from monitor.fate.survival import kaplan_meier, log_rank, median_time
 
 _KEYS = ["experiment", "well", "field"]
@@ -70,37 +71,60 @@ def smooth_cells(cells: Any, params: HMMParams | None = None, interval_h: float 
 
     df, basis = add_time_h(cells, interval_h)
     df = df.sort_values([*_KEYS, "timepoint", "label"], kind="stable").reset_index(drop=True)
-    df["smoothed_state"] = df["state"].astype(str)
-    for s in STATES:
-        df[f"p_{s}"] = np.nan
+    smoothed = df["state"].astype(str).to_numpy(dtype=object)
+    post = np.full((len(df), len(STATES)), np.nan)
     rows = []
     if "track_id" in df and len(df):
+        index = {s: i for i, s in enumerate(STATES)}
+        parents = df["parent_track_id"].to_numpy(float) if "parent_track_id" in df else np.full(len(df), np.nan)
+        unk_all = df["unknown"].astype(bool).to_numpy() if "unknown" in df else np.zeros(len(df), bool)
+        raw_states = df["state"].astype(str).to_numpy()
         tracked = df[df["track_id"].notna()]
-        for (exp, well, fld, tid), g in tracked.groupby([*_KEYS, "track_id"], sort=True):
-            unknown = g["unknown"].astype(bool).to_numpy() if "unknown" in g else None
-            sm = smooth_track(g["time_h"].to_numpy(), g["state"].astype(str).tolist(),
-                              g["certainty"].astype(float).to_numpy(), params, unknown)
-            df.loc[g.index, "smoothed_state"] = list(sm.path)
-            for j, s in enumerate(STATES):
-                df.loc[g.index, f"p_{s}"] = sm.posterior[:, j]
-            parent = g["parent_track_id"].iloc[0] if "parent_track_id" in g else np.nan
-            rows.append({"experiment": exp, "well": well, "field": fld, "track_id": int(tid),
-                         "parent_track_id": parent, "first_h": float(g["time_h"].iloc[0]),
-                         "last_h": float(g["time_h"].iloc[-1]), "frames": len(g),
-                         "first_timepoint": int(g["timepoint"].iloc[0]), "last_timepoint": int(g["timepoint"].iloc[-1]),
-                         "onset_apoptosis_h": sm.onset_apoptosis_h, "death_h": sm.death_h,
-                         "died": bool(np.isfinite(sm.death_h)),
-                         "fate": sm.path[-1] if sm.path else "", "raw_last_state": str(g["state"].iloc[-1])})
+        for (exp, well, fld), g in tracked.groupby(_KEYS, sort=True):
+            # the field's timeline, and one row per track on it (all tracks smoothed at once)
+            tps = np.sort(g["timepoint"].unique())
+            col = {int(tp): i for i, tp in enumerate(tps)}
+            times = g.groupby("timepoint")["time_h"].first().reindex(tps).to_numpy(float)
+            tids, row_of = np.unique(g["track_id"].to_numpy(np.int64), return_inverse=True)
+            cols = np.array([col[int(tp)] for tp in g["timepoint"]], dtype=np.int64)
+            shape = (len(tids), len(tps))
+            calls, cert = np.full(shape, -1, np.int64), np.zeros(shape)
+            present, unk = np.zeros(shape, bool), np.zeros(shape, bool)
+            where = g.index.to_numpy()
+            calls[row_of, cols] = [index.get(str(x), -1) for x in g["state"]]
+            cert[row_of, cols] = g["certainty"].astype(float).to_numpy()
+            present[row_of, cols] = True
+            unk[row_of, cols] = unk_all[where]
+            sm = smooth_field(times, calls, cert, present, params, unk)
+            row_idx = np.full(shape, -1, np.int64)
+            row_idx[row_of, cols] = where
+            smoothed[where] = [STATES[j] for j in sm.path[row_of, cols]]
+            post[where] = sm.posterior[row_of, cols]
+            for r, tid in enumerate(tids):
+                seen = np.nonzero(present[r])[0]
+                i0, i1 = seen[0], seen[-1]
+                first_row, last_row = row_idx[r, i0], row_idx[r, i1]
+                rows.append({"experiment": exp, "well": well, "field": fld, "track_id": int(tid),
+                             "parent_track_id": parents[first_row], "first_h": float(times[i0]), "last_h": float(times[i1]),
+                             "frames": len(seen), "first_timepoint": int(tps[i0]), "last_timepoint": int(tps[i1]),
+                             "onset_apoptosis_h": float(sm.onset_apoptosis_h[r]), "death_h": float(sm.death_h[r]),
+                             "died": bool(np.isfinite(sm.death_h[r])), "fate": STATES[int(sm.path[r, i1])],
+                             "raw_last_state": str(raw_states[last_row])})
+    df["smoothed_state"] = smoothed
+    for j, s in enumerate(STATES):
+        df[f"p_{s}"] = post[:, j]
     tracks = pd.DataFrame(rows, columns=["experiment", "well", "field", "track_id", "parent_track_id", "first_h", "last_h",
                                          "frames", "first_timepoint", "last_timepoint", "onset_apoptosis_h", "death_h",
                                          "died", "fate", "raw_last_state"])
     frame_keys = [*_KEYS, "timepoint"]
-    raw = df.pivot_table(index=frame_keys, columns="state", values="label", aggfunc="count", fill_value=0)
-    smo = df.pivot_table(index=frame_keys, columns="smoothed_state", values="label", aggfunc="count", fill_value=0)
-    counts = pd.DataFrame(index=raw.index if len(df) else pd.MultiIndex.from_tuples([], names=frame_keys))
-    for s in STATES:
-        counts[s] = raw[s] if s in raw else 0
-        counts[f"smoothed_{s}"] = smo[s] if s in smo else 0
+    counts = None
+    for prefix, column in (("", "state"), ("smoothed_", "smoothed_state")):
+        n = df.groupby([*frame_keys, column], sort=True).size().unstack(fill_value=0) if len(df) else None
+        part = pd.DataFrame({f"{prefix}{s}": (n[s] if n is not None and s in n else 0) for s in STATES},
+                            index=n.index if n is not None else pd.MultiIndex.from_tuples([], names=frame_keys))
+        counts = part if counts is None else counts.join(part, how="outer").fillna(0)
+    assert counts is not None
+    counts = counts[[c for s in STATES for c in (s, f"smoothed_{s}")]].astype(int)
     counts = counts.reset_index()
     return Fates(df, tracks, counts, basis)
 

@@ -32,6 +32,9 @@ Policy
   and continues the same tracks, and as both engines record through this sink
   the Ray replay links as the local loop does. A frame that arrives late can
   change the links or ids of later frames: their files are rewritten.
+  After each frame the field's tracks are smoothed and ``<state_dir>/fates.sqlite``
+  gets its smoothed counts and, with a plate map, the dose response at that
+  timepoint (:mod:`monitor.fate.store`; Grafana's smoothed-state and EC50 panels).
 * ``cellmonitor export CONFIG --cells OUT.parquet`` gathers every file into one table.
 * Never the record of truth: a failure to write is one warning and the
   frame stays counted (the counts CSV is the record).

@@ -261,3 +261,26 @@ def test_smooth_cells_gives_fates_counts_survival_and_dose_response(tmp_path):
     assert set(dr.measure) == {"dead", "apoptotic+dead"} and len(dr) == 20
     assert not dr[dr.timepoint == 0].ok.any()  # nothing has died yet: the reason is given
     assert (dr[dr.timepoint == 0].reason.str.len() > 0).all()
+
+
+def test_a_field_smoothed_at_once_equals_each_track_smoothed_alone():
+    from monitor.fate.smoothing import STATES, smooth_field
+
+    rng = np.random.default_rng(0)
+    m, n = 12, 60
+    times = np.cumsum(rng.uniform(0.5, 2, m))  # uneven intervals
+    calls = rng.integers(-1, 4, (n, m))  # -1: a call that carries no information
+    present = rng.random((n, m)) > 0.15  # frames a track is missing from
+    for i in range(n):
+        a, b = sorted(rng.integers(0, m, 2))
+        present[i, :a] = present[i, b + 1:] = False  # tracks start and end anywhere
+    cert, unk = rng.uniform(0, 1, (n, m)), rng.random((n, m)) < 0.1
+    f = smooth_field(times, calls, cert, present, unknown=unk)
+    for i in range(n):
+        ix = np.nonzero(present[i])[0]
+        if not len(ix):
+            continue
+        one = smooth_track(times[ix], [STATES[j] if j >= 0 else "other" for j in calls[i, ix]], cert[i, ix], unknown=unk[i, ix])
+        assert tuple(STATES[j] for j in f.path[i, ix]) == one.path
+        assert np.allclose(f.posterior[i, ix], one.posterior)
+        assert np.array_equal([f.death_h[i], f.onset_apoptosis_h[i]], [one.death_h, one.onset_apoptosis_h], equal_nan=True)
