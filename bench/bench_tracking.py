@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--write", type=Path)
     ap.add_argument("--limit", type=int, help="t98g: first N frames only")
     ap.add_argument("--timepoints", type=int, default=10, help="synthetic dose series: timepoints")
-    ap.add_argument("--cells", type=int, default=16, help="synthetic dose series: cells per well")
+    ap.add_argument("--cells", type=int, default=20, help="synthetic dose series: cells per well")
     ap.add_argument("--skip", nargs="*", default=[], choices=["t98g", "synthetic", "overhead"])
     a = ap.parse_args(argv)
     out: list[str] = ["# Tracking, smoothing and dose response", "",

@@ -47,8 +47,12 @@ _SCHEMA = (
 class FateStore:
     """``fates.sqlite`` (module docstring)."""
 
-    def __init__(self, path: Path, params: HMMParams | None = None, interval_h: float = 1.0, plate_map: Path | None = None):
+    def __init__(self, path: Path, params: HMMParams | None = None, interval_h: float = 1.0, plate_map: Path | None = None,
+                 metrics: Any = None):
         self.path = path
+        #: the service's metrics (its ``smoothed_cells`` and ``ec50`` gauges are set), or None
+        self.metrics = metrics
+        self._latest: dict[tuple[str, str, str], dict[str, int]] = {}
         self.params = params or HMMParams()
         self.interval_h = interval_h
         self.plate = PlateMapFile(plate_map) if plate_map is not None else None
@@ -83,11 +87,34 @@ class FateStore:
                  *[int(getattr(r, c)) for s in STATES for c in (s, f"smoothed_{s}")]) for r in sc.itertuples()]
         with self._lock, self._db() as db:
             db.executemany(f"INSERT OR REPLACE INTO smoothed_counts ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", rows)
+            experiment = str(field_rows["experiment"].iloc[0])
             if self.plate is not None:
                 plate = self.plate.current()
                 if plate.wells:
-                    experiment = str(field_rows["experiment"].iloc[0])
                     self._dose(db, experiment, plate, sorted({int(t) for t in field_rows["timepoint"]}))
+            if self.metrics is not None:
+                self._gauges(db, sc, experiment)
+
+    def _gauges(self, db: sqlite3.Connection, sc: Any, experiment: str) -> None:
+        """Smoothed counts of each well's latest frames, and the latest EC50 per compound."""
+        m = self.metrics
+        if len(sc):
+            last = sc[sc["timepoint"] == sc["timepoint"].max()].iloc[0]
+            self._latest[(str(last["experiment"]), str(last["well"]), str(last["field"]))] = {s: int(last[f"smoothed_{s}"]) for s in STATES}
+            well = str(last["well"])
+            for s in STATES:
+                n = sum(v[s] for k, v in self._latest.items() if k[0] == experiment and k[1] == well)
+                m.smoothed_cells.labels(experiment, well, s).set(n)
+        q = ("SELECT compound, measure, unit, ec50, ok FROM dose_response WHERE experiment = ? AND timepoint = "
+             "(SELECT MAX(timepoint) FROM dose_response WHERE experiment = ?)")
+        for compound, measure, unit, ec50, ok in db.execute(q, (experiment, experiment)).fetchall():
+            if ok and ec50 is not None:
+                m.ec50.labels(experiment, compound, measure, unit).set(ec50)
+            else:
+                try:
+                    m.ec50.remove(experiment, compound, measure, unit)
+                except KeyError:
+                    pass
 
     def _dose(self, db: sqlite3.Connection, experiment: str, plate: Any, timepoints: list[int]) -> None:
         import pandas as pd

@@ -250,7 +250,7 @@ def _build(o: Options, ctx: Any) -> CellTableSink:
     if params is not None:
         t = ctx.tracking
         store = FateStore(ctx.state_dir / "fates.sqlite", hmm_params(t), t.interval_h if t is not None else 1.0,
-                          t.plate_map if t is not None else None)
+                          t.plate_map if t is not None else None, ctx.metrics)
     return CellTableSink(o.folder or ctx.state_dir / "cells", o.format, ctx.roles, params, store)
 
 

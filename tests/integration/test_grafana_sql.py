@@ -52,14 +52,20 @@ def substitute(sql: str, values: dict[str, list[str]], t_from: float, t_to: floa
     return sql
 
 
+store_registry: list = []
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
+    from prometheus_client import CollectorRegistry
+
     tmp = tmp_path_factory.mktemp("grafana")
+    store_registry[:] = [CollectorRegistry()]
     # a plate map: A1 and B2 are the controls, C3..F6 a dose series whose top doses kill every cell
     (tmp / "plate.csv").write_text("well,compound,concentration,unit,role\nA1,DMSO,0,uM,control\nB2,DMSO,0,uM,control\n"
                                    "C3,drugX,0.1,uM,\nD4,drugX,1,uM,\nE5,drugX,10,uM,\nF6,drugX,100,uM,\n")
     svc = fault_service(tmp, readers=lambda cfg: ReaderSet([TimedReader()]), assembly={"channels": ["phase", "apo15"], "wait_s": 30},
-                        tracking={"plate_map": "plate.csv"})
+                        tracking={"plate_map": "plate.csv"}, registry=store_registry[0])
     w = svc.settings.watch_dir
 
     def fluo(t: int) -> np.ndarray:
@@ -166,6 +172,18 @@ def test_fates_panels_run_against_the_fates_store_the_service_wrote(store):
     fits = db.execute("SELECT timepoint, measure, ok, reason FROM dose_response ORDER BY timepoint, measure").fetchall()
     assert {f[0] for f in fits} == {1, 2, 3, 4}
     assert all(f[3] for f in fits if not f[2])  # a fit that is not usable says why
+    # the smoothed gauges: each well's latest frame, as in the store
+    reg = store_registry[0]
+    for well in ("A1", "F6"):
+        want = dict(zip(("live", "apoptotic", "dead", "necrotic"), db.execute(
+            "SELECT smoothed_live, smoothed_apoptotic, smoothed_dead, smoothed_necrotic FROM smoothed_counts "
+            "WHERE well = ? ORDER BY timepoint DESC LIMIT 1", (well,)).fetchone(), strict=True))
+        for state, n in want.items():
+            assert reg.get_sample_value("cellmonitor_smoothed_cells", {"experiment": "test", "well": well, "state": state}) == n
+    latest = db.execute("SELECT compound, measure, unit, ec50 FROM dose_response WHERE ok = 1 AND timepoint = 4").fetchall()
+    for compound, measure, unit, ec50 in latest:
+        got = reg.get_sample_value("cellmonitor_ec50", {"experiment": "test", "compound": compound, "measure": measure, "unit": unit})
+        assert got == pytest.approx(ec50)
     db.close()
 
 
