@@ -81,6 +81,8 @@ class FieldTracks:
     frames: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     #: cell -> its predecessor (absent: the cell starts a track)
     links: dict[Node, Node] = field(default_factory=dict)
+    #: (track ids, daughter -> mother) as of the last change (None: to be computed)
+    _cache: tuple[dict[Node, int], dict[int, int]] | None = field(default=None, repr=False, compare=False)
 
     # -- building -------------------------------------------------------------------------
     @classmethod
@@ -110,6 +112,7 @@ class FieldTracks:
         order = np.argsort(labels, kind="stable")
         before = self.track_ids()
         replaced = t in self.frames
+        self._cache = None
         self.frames[t] = (labels[order], yx[order])
         if replaced:  # links to and from the old frame's cells are decided again below
             self.links = {c: p for c, p in self.links.items() if c[0] != t and p[0] != t}
@@ -157,7 +160,13 @@ class FieldTracks:
         prev = s - 1
         if prev in self.frames and len(self.frames[prev][0]):
             labels_p, yx_p = self.frames[prev]
-            for a, b in self._solve([yx_p, yx_s], cutoff, gaps=False, split=p.divisions):
+            edges = self._solve([yx_p, yx_s], cutoff, gaps=False, split=False)
+            if p.divisions and len({b[1] for a, b in edges if b[0] == 1}) < len(labels_s):
+                # laptrack's splitting step only attaches cells that start a segment, so a frame
+                # whose cells all link one to one gives the same links without it (and it is the
+                # slow part): it runs when a cell of s is still unlinked
+                edges = self._solve([yx_p, yx_s], cutoff, gaps=False, split=True)
+            for a, b in edges:
                 if a[0] == 0 and b[0] == 1:
                     out[(s, int(labels_s[b[1]]))] = (prev, int(labels_p[a[1]]))
         if p.max_gap < 1:
@@ -211,28 +220,32 @@ class FieldTracks:
     def track_ids(self) -> dict[Node, int]:
         """Every cell's track id: a cell continues its predecessor's track when it is that
         predecessor's only successor; otherwise (no predecessor, or a division) it starts one."""
-        succ = self.successors()
-        out: dict[Node, int] = {}
-        for t in sorted(self.frames):
-            for lab in self.frames[t][0]:
-                node = (t, int(lab))
-                par = self.links.get(node)
-                if par is not None and par in out and len(succ.get(par, ())) == 1:
-                    out[node] = out[par]
-                else:
-                    out[node] = track_id_of(t, int(lab))
-        return out
+        return self._ids()[0]
 
     def parents(self) -> dict[int, int]:
         """Daughter track -> mother track, for every division."""
-        succ = self.successors()
-        ids = self.track_ids()
-        out: dict[int, int] = {}
-        for par, kids in succ.items():
-            if len(kids) > 1 and par in ids:
-                for k in kids:
-                    out[ids[k]] = ids[par]
-        return out
+        return self._ids()[1]
+
+    def _ids(self) -> tuple[dict[Node, int], dict[int, int]]:
+        """Track ids and divisions, computed once per change (the caller must not modify them)."""
+        if self._cache is None:
+            n_succ: dict[Node, int] = {}
+            for par in self.links.values():
+                n_succ[par] = n_succ.get(par, 0) + 1
+            ids: dict[Node, int] = {}
+            parents: dict[int, int] = {}
+            for t in sorted(self.frames):
+                for lab in self.frames[t][0].tolist():
+                    node = (t, lab)
+                    par = self.links.get(node)
+                    if par is not None and par in ids and n_succ[par] == 1:
+                        ids[node] = ids[par]
+                    else:
+                        ids[node] = tid = track_id_of(t, lab)
+                        if par is not None and par in ids:
+                            parents[tid] = ids[par]
+            self._cache = (ids, parents)
+        return self._cache
 
     def frame_columns(self, timepoint: int, labels: Iterable[int]) -> dict[str, list[float]]:
         """The tracking columns of one frame's rows, in the order of ``labels``:
