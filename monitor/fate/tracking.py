@@ -230,8 +230,8 @@ class FieldTracks:
         """Track ids and divisions, computed once per change (the caller must not modify them)."""
         if self._cache is None:
             n_succ: dict[Node, int] = {}
-            for par in self.links.values():
-                n_succ[par] = n_succ.get(par, 0) + 1
+            for mother in self.links.values():
+                n_succ[mother] = n_succ.get(mother, 0) + 1
             ids: dict[Node, int] = {}
             parents: dict[int, int] = {}
             for t in sorted(self.frames):
