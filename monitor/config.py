@@ -195,6 +195,7 @@ class TrackingConfig(_Model):
     death_per_h: float = Field(0.3, ge=0, description="smoothing: apoptotic -> dead rate per hour")
     necrosis_per_h: float = Field(0.01, ge=0, description="smoothing: live -> necrotic rate per hour")
     accuracy: float = Field(0.85, gt=0.25, le=1.0, description="smoothing: how often a call of full certainty is right")
+    unknown_weight: float = Field(0.5, ge=0.0, le=1.0, description="smoothing: an unknown cell's call counts with this share of its certainty")
     plate_map: Path | None = Field(None, description="plate-layout CSV (well, compound, concentration, unit, role); relative to the config; re-read when edited")
 
 

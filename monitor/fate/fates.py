@@ -218,7 +218,8 @@ def hmm_params(tracking: Any) -> HMMParams:
     if tracking is None:
         return HMMParams()
     return HMMParams(apoptosis_per_h=tracking.apoptosis_per_h, death_per_h=tracking.death_per_h,
-                     necrosis_per_h=tracking.necrosis_per_h, accuracy=tracking.accuracy)
+                     necrosis_per_h=tracking.necrosis_per_h, accuracy=tracking.accuracy,
+                     unknown_weight=tracking.unknown_weight)
 
 
 def fate_tables(cells: Any, tracking: Any = None, plate: PlateMap | None = None) -> dict[str, Any]:

@@ -16,7 +16,10 @@ Policy
   call is right with probability ``w = 1/K + (accuracy - 1/K) c`` and
   otherwise names one of the other ``K - 1`` states evenly. So a call with no
   certainty carries no information, and even a certain call is wrong with
-  probability ``1 - accuracy``. Calls of ``other`` or unknown cells carry none.
+  probability ``1 - accuracy``. Calls of ``other`` carry none; an unknown cell's call
+  (far from every reference: an odd frame, or a cell unlike the references) counts
+  with ``unknown_weight`` of its certainty, so a run of them still moves a track while
+  one odd frame does not.
 * The path is the Viterbi path (the most likely one-way sequence); the
   posteriors (forward-backward) give each state's probability per frame.
 * Onset of apoptosis: the first time on the path in ``apoptotic`` (or, if the
@@ -50,6 +53,8 @@ class HMMParams:
     necrosis_per_h: float = 0.01
     accuracy: float = 0.85
     start: tuple[float, float, float, float] = (0.85, 0.05, 0.05, 0.05)
+    #: an unknown cell's call counts with this share of its certainty (0: not at all)
+    unknown_weight: float = 0.5
 
     def generator(self) -> np.ndarray:
         """The rate matrix ``Q`` (rows sum to 0), per hour."""
@@ -95,9 +100,11 @@ def emissions(states: Sequence[str], certainty: Sequence[float], params: HMMPara
     e = np.full((n, k), 1.0)
     for i, (s, c) in enumerate(zip(states, certainty, strict=True)):
         j = _IDX.get(str(s))
-        if j is None or (unknown is not None and bool(unknown[i])):
+        if j is None:
             continue
         c = float(c) if np.isfinite(c) else 0.0
+        if unknown is not None and bool(unknown[i]):
+            c *= params.unknown_weight
         w = 1.0 / k + (params.accuracy - 1.0 / k) * min(max(c, 0.0), 1.0)
         e[i, :] = (1.0 - w) / (k - 1)
         e[i, j] = w
@@ -185,8 +192,10 @@ def smooth_field(times_h: np.ndarray, calls: np.ndarray, certainty: np.ndarray, 
     if n == 0 or m == 0:
         return FieldSmoothed(path, post, np.full(n, np.nan), np.full(n, np.nan))
     c = np.nan_to_num(np.asarray(certainty, dtype=float), nan=0.0).clip(0.0, 1.0)
+    if unknown is not None:
+        c = np.where(np.asarray(unknown, dtype=bool), c * p.unknown_weight, c)
     w = 1.0 / k + (p.accuracy - 1.0 / k) * c
-    informative = pres & (obs >= 0) & ~(np.asarray(unknown, dtype=bool) if unknown is not None else np.zeros_like(pres))
+    informative = pres & (obs >= 0)
     e = np.ones((n, m, k))
     e[informative] = ((1.0 - w) / (k - 1))[informative][:, None]
     ii, jj = np.nonzero(informative)

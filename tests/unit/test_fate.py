@@ -15,7 +15,7 @@ pytest.importorskip("laptrack")
 from monitor.fate.doseresponse import fit_dose_response, logistic4  # noqa: E402
 from monitor.fate.fates import dose_response, smooth_cells, well_survival  # noqa: E402
 from monitor.fate.platemap import PlateMapFile, parse_plate_map, well_name  # noqa: E402
-from monitor.fate.smoothing import smooth_track  # noqa: E402
+from monitor.fate.smoothing import HMMParams, smooth_track  # noqa: E402
 from monitor.fate.survival import kaplan_meier, log_rank, median_time  # noqa: E402
 from monitor.fate.tracking import FieldTracks, LinkParams, link_all, track_id_of  # noqa: E402
 
@@ -284,3 +284,14 @@ def test_a_field_smoothed_at_once_equals_each_track_smoothed_alone():
         assert tuple(STATES[j] for j in f.path[i, ix]) == one.path
         assert np.allclose(f.posterior[i, ix], one.posterior)
         assert np.array_equal([f.death_h[i], f.onset_apoptosis_h[i]], [one.death_h, one.onset_apoptosis_h], equal_nan=True)
+
+
+def test_unknown_calls_count_for_less_but_a_run_of_them_still_counts():
+    calls = ["live"] * 4 + ["dead"] + ["live"] * 3
+    unknown = [False] * 4 + [True] + [False] * 3
+    assert smooth_track(np.arange(8.0), calls, [1.0] * 8, unknown=unknown).path == ("live",) * 8
+    run = ["live"] * 3 + ["dead"] * 5
+    sm = smooth_track(np.arange(8.0), run, [1.0] * 8, unknown=[False] * 3 + [True] * 5)
+    assert sm.path[-1] == "dead" and sm.death_h <= 4.0
+    ignored = smooth_track(np.arange(8.0), run, [1.0] * 8, HMMParams(unknown_weight=0.0), unknown=[False] * 3 + [True] * 5)
+    assert ignored.path == ("live",) * 8  # with the flag's calls ignored, nothing says the cell died
