@@ -75,9 +75,10 @@ def _fates_summary(res, folder: Path) -> None:  # type: ignore[no-untyped-def]
         return
     plate = parse_plate_map(folder / "plate.csv")
     t = fate_tables(cells, None, plate)
-    print(f"\ntracks: {cells['track_id'].nunique()} over {cells['timepoint'].nunique()} timepoints "
+    n_tracks = int(cells.groupby(["experiment", "well", "field"])["track_id"].nunique().sum())
+    print(f"\ntracks: {n_tracks} over {cells['timepoint'].nunique()} timepoints, {len(t['survival'])} wells "
           f"(per-cell rows with track_id: {cells_dir})")
-    print(f"{'well':<5}{'conc uM':>9}{'tracks':>8}{'deaths':>8}{'median TTD (t)':>16}{'log-rank p':>12}")
+    print(f"{'well':<5}{'conc uM':>9}{'tracks':>8}{'deaths':>8}{'median TTD (h)':>16}{'log-rank p':>12}")
     for r in t["survival"].itertuples():
         med = "not reached" if r.median_ttd_h != r.median_ttd_h else f"{r.median_ttd_h:.1f}"
         p = "-" if r.logrank_p != r.logrank_p else f"{r.logrank_p:.3g}"

@@ -61,7 +61,9 @@ def load_fates(cfg: Any, counts_csv: Path) -> tuple[dict[str, Any] | None, str, 
 
 def _tracks_figure(tracks: Any, max_wells: int = 4) -> bytes:
     plt = _plt()
-    wells = sorted(tracks["well"].unique())[:max_wells]
+    every = sorted(tracks["well"].unique())
+    # up to four wells spread over the plate (first, last and between: a dose series shows its range)
+    wells = sorted({every[round(i * (len(every) - 1) / max(1, max_wells - 1))] for i in range(min(max_wells, len(every)))})
     fig, axes = plt.subplots(1, len(wells), figsize=(3.4 * len(wells), 3.4), squeeze=False)
     for ax, w in zip(axes[0], wells, strict=True):
         sub = tracks[tracks["well"] == w]
@@ -80,7 +82,8 @@ def _tracks_figure(tracks: Any, max_wells: int = 4) -> bytes:
         ax.set_xlabel("x (µm)")
         ax.set_ylabel("y (µm)")
     handles = [plt.Line2D([], [], ls="", marker="o", color=c, label=s) for s, c in STATE_RGB.items()]
-    fig.legend(handles=handles, loc="lower center", ncol=4, frameon=False, bbox_to_anchor=(0.5, -0.06), title="smoothed state")
+    fig.tight_layout()
+    fig.legend(handles=handles, loc="upper center", ncol=4, frameon=False, bbox_to_anchor=(0.5, 0.0), title="smoothed state")
     return _png(fig)
 
 
@@ -177,7 +180,8 @@ def section(tables: dict[str, Any] | None, why: str, plate: PlateMap | None, exp
     parts = ["<section id='tracks'><h2>Tracks over the frame</h2>"
              + figure(_tracks_figure(t["tracks"]), "cell tracks over the frame",
                       f"Each field's cells linked across timepoints (laptrack): {len(fates)} tracks, {n_div} daughter tracks after divisions. "
-                      "Dots: centroids, coloured by the smoothed (one-way) state; ring: where the track ends. First field of up to four wells.",
+                      "Dots: centroids, coloured by the smoothed (one-way) state; ring: where the track ends. First field of up to four wells, "
+                      "spread over the plate.",
                       [dl("fates")], html_table(fates))
              + "</section>"]
     nav = [("tracks", "Tracks")]
