@@ -90,3 +90,36 @@ def test_tracking_follows_the_config(tmp_path):
     assert sink.tracking is None
     sink.write(_counts(1, *_positions()[1]))
     assert "track_id" not in read_cells(sink.folder)
+
+
+@pytest.mark.realdata
+def test_real_t98g_links_with_the_true_masks_as_segmentation(shared_data, tmp_path):
+    """37 real frames whose mask ids are consistent over time: at least 95% of the true
+    frame-to-frame links keep one track id (the issue's floor; the benchmark has the rest)."""
+    import imageio.v3 as iio
+    import tifffile
+    from cellmonitor_plugins.segmenters.masks import PLUGIN as MASKS
+
+    from monitor.imaging import rescale
+    from monitor.protocols import BuildContext
+    from monitor.records import Frame
+
+    root = shared_data / "timelapse" / "t98g_phase"
+    if not root.is_dir():
+        pytest.skip("t98g_phase not in the shared data")
+    frames = sorted((root / "frames").glob("*.tif"))
+    masks = sorted((root / "masks").glob("id_masks_*.png"))
+    for f, m in zip(frames, masks, strict=True):
+        iio.imwrite(tmp_path / (f.stem + "_cp_masks.png"), iio.imread(m))
+    seg = MASKS.build(MASKS.Options(folder=tmp_path), BuildContext(state_dir=tmp_path))
+    per_frame = {}
+    for t, f in enumerate(frames):
+        frame = rescale(Frame(FrameKey("t98g", "-", "1", t), {"p": tifffile.imread(f)}, "p", None, 0.65, "config", "t", sources=(f,)), 0.322)
+        cells = seg.segment(frame)
+        per_frame[t] = (np.array([c.id for c in cells.cells]),
+                        np.array([c.centroid_yx_px for c in cells.cells]) * cells.pixel_size_um)
+    ids = link_all(per_frame).track_ids()
+    true = [((t, lab), (t + 1, lab)) for t in range(len(frames) - 1) for lab in per_frame[t][0].tolist()
+            if lab in set(per_frame[t + 1][0].tolist())]
+    kept = sum(ids[a] == ids[b] for a, b in true)
+    assert len(true) > 2000 and kept / len(true) >= 0.95, kept / len(true)
