@@ -295,3 +295,29 @@ def test_unknown_calls_count_for_less_but_a_run_of_them_still_counts():
     assert sm.path[-1] == "dead" and sm.death_h <= 4.0
     ignored = smooth_track(np.arange(8.0), run, [1.0] * 8, HMMParams(unknown_weight=0.0), unknown=[False] * 3 + [True] * 5)
     assert ignored.path == ("live",) * 8  # with the flag's calls ignored, nothing says the cell died
+
+
+def test_the_fates_store_refits_when_the_plate_map_is_edited(tmp_path, caplog):
+    from monitor.fate.store import FateStore
+
+    cells = _cells_table()
+    plate = tmp_path / "plate.csv"
+    plate.write_text("well,compound,concentration,unit,role\nA1,DMSO,0,uM,control\nA2,X,1,uM,\nA3,X,3,uM,\nA4,X,10,uM,\nA5,X,30,uM,\n")
+    store = FateStore(tmp_path / "fates.sqlite", plate_map=plate)
+    for w in ("A1", "A2", "A3", "A4", "A5"):
+        store.update(cells[cells.well == w])
+    import sqlite3
+
+    def compounds():
+        with sqlite3.connect(tmp_path / "fates.sqlite") as db:
+            return {r[0] for r in db.execute("SELECT DISTINCT compound FROM dose_response")}
+
+    assert compounds() == {"X"}
+    # the lab renames the compound while the service runs (and leaves a bad row): re-read, logged
+    plate.write_text("well,compound,concentration,unit,role\nA1,DMSO,0,uM,control\nA2,Y,1,uM,\nA3,Y,3,uM,\nA4,Y,10,uM,\nA5,Y,30,uM,\nA6,Y,lots,uM,\n")
+    st = plate.stat()
+    os.utime(plate, (st.st_atime, st.st_mtime + 5))
+    with caplog.at_level(logging.INFO):
+        store.update(cells[cells.well == "A5"])
+    assert "Y" in compounds()
+    assert "re-read" in caplog.text and "concentration is not a number (got 'lots')" in caplog.text
