@@ -11,6 +11,9 @@ Policy
   read off the pointwise bands). Not reached: NaN, and said so by the caller.
 * Log-rank test of a group against the pooled control wells: the chi-square
   statistic with one degree of freedom and its p-value.
+* The curve, its band and the test agree with scipy's ``stats.ecdf`` (log-log
+  interval) and ``stats.logrank`` (tested); kept here as plain numpy so the
+  median's interval and the per-well tables need nothing more.
 """
 
 from __future__ import annotations

@@ -321,3 +321,23 @@ def test_the_fates_store_refits_when_the_plate_map_is_edited(tmp_path, caplog):
         store.update(cells[cells.well == "A5"])
     assert "Y" in compounds()
     assert "re-read" in caplog.text and "concentration is not a number (got 'lots')" in caplog.text
+
+
+def test_kaplan_meier_and_log_rank_agree_with_scipy():
+    from scipy import stats
+
+    if not hasattr(stats, "logrank"):
+        pytest.skip("scipy < 1.11 has no logrank")
+    rng = np.random.default_rng(3)
+    ta, tb = rng.integers(1, 20, 40).astype(float), rng.integers(3, 25, 35).astype(float)
+    da, db = rng.random(40) < 0.7, rng.random(35) < 0.6
+    km = kaplan_meier(ta, da)
+    ref = stats.ecdf(stats.CensoredData(uncensored=ta[da], right=ta[~da])).sf
+    assert np.allclose(km.survival[1:], ref.evaluate(km.times_h[1:]))
+    ci = ref.confidence_interval(0.95, method="log-log")
+    inside = (km.survival[1:] > 0) & (km.survival[1:] < 1)
+    assert np.allclose(km.lower[1:][inside], ci.low.evaluate(km.times_h[1:])[inside], atol=1e-6)
+    assert np.allclose(km.upper[1:][inside], ci.high.evaluate(km.times_h[1:])[inside], atol=1e-6)
+    mine = log_rank(ta, da, tb, db)
+    theirs = stats.logrank(stats.CensoredData(uncensored=ta[da], right=ta[~da]), stats.CensoredData(uncensored=tb[db], right=tb[~db]))
+    assert mine.p_value == pytest.approx(theirs.pvalue, rel=1e-6)
