@@ -195,6 +195,14 @@ def _check_config(args: argparse.Namespace) -> int:
         raise ConfigError(problems)
     if watch_missing:
         raise Unavailable(f"{cfg.source_name}: service.watch_dir: {cfg.service.watch_dir}: no such folder (is the export share mounted?)")
+    if cfg.tracking.plate_map is not None:  # never fatal: the service runs on and re-reads the map when it changes
+        from monitor.fate.platemap import parse_plate_map
+
+        if not cfg.tracking.plate_map.is_file():
+            print(f"{cfg.source_name}: tracking.plate_map: {cfg.tracking.plate_map}: no such file (no dose response until it is there)", file=sys.stderr)
+        else:
+            for line in parse_plate_map(cfg.tracking.plate_map).errors:
+                print(f"plate map: {line}", file=sys.stderr)
     if args.index:
         from monitor.protocols import context_from
         from monitor.service.wiring import build_pipeline

@@ -165,6 +165,7 @@ class PlateMapFile:
         self.path = path
         self._stamp: tuple[float, int] | None = None
         self._map = PlateMap()
+        self._missing_said = False
 
     def current(self) -> PlateMap:
         try:
@@ -174,7 +175,11 @@ class PlateMapFile:
             if self._stamp is not None:
                 log.warning("plate map %s: cannot be read any more; keeping the last one read", self.path)
                 self._stamp = None
+            elif not self._missing_said:
+                log.warning("plate map %s: no such file (yet): no dose response until it is there", self.path)
+            self._missing_said = True
             return self._map
+        self._missing_said = False
         if stamp != self._stamp:
             new = parse_plate_map(self.path)
             for line in new.errors:

@@ -123,3 +123,19 @@ def test_real_t98g_links_with_the_true_masks_as_segmentation(shared_data, tmp_pa
             if lab in set(per_frame[t + 1][0].tolist())]
     kept = sum(ids[a] == ids[b] for a, b in true)
     assert len(true) > 2000 and kept / len(true) >= 0.95, kept / len(true)
+
+
+def test_check_config_names_each_bad_plate_map_row_but_passes(tmp_path, capsys):
+    from fixtures.fakeplugins import write_setup
+
+    from monitor.cli.main import main
+
+    cfg = write_setup(tmp_path)
+    (tmp_path / "plate.csv").write_text("well,compound,concentration,unit\nA1,X,1,uM\nA1,X,2,uM\nB1,X,lots,uM\nC1,X,1,uM\nC2,X,1,ug/mL\n")
+    with cfg.open("a") as f:
+        f.write('\n[tracking]\nplate_map = "plate.csv"\n')
+    assert main(["check-config", str(cfg), "--no-index"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3, err
+    assert "row 3: well A1 is named twice" in err[0] and "row 4: concentration is not a number (got 'lots')" in err[1]
+    assert "compound X mixes units" in err[2]

@@ -207,6 +207,11 @@ def test_plate_map_is_reread_when_edited(tmp_path, caplog):
     assert "re-read" in caplog.text
     p.unlink()
     assert list(pf.current().wells) == ["A1", "A2"]  # a vanished map keeps the last one
+    caplog.clear()
+    later = PlateMapFile(tmp_path / "not-yet.csv")
+    with caplog.at_level(logging.INFO):
+        assert later.current().wells == {} and later.current().wells == {}
+    assert caplog.text.count("no such file") == 1  # said once, not per frame
 
 
 # -- dose response -----------------------------------------------------------------------------
