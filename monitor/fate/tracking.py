@@ -109,6 +109,8 @@ class FieldTracks:
         t = int(timepoint)
         labels = np.asarray(labels, dtype=np.int64).reshape(-1)
         yx = np.asarray(yx_um, dtype=float).reshape(-1, 2)
+        if len(labels) and not (0 <= labels.min() and labels.max() < TRACK_ID_BASE):
+            raise ValueError(f"cell labels must be in 0..{TRACK_ID_BASE - 1} to name tracks (got {labels.min()}..{labels.max()})")
         order = np.argsort(labels, kind="stable")
         before = self.track_ids()
         replaced = t in self.frames

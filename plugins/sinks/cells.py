@@ -150,10 +150,14 @@ class CellTableSink(SinkBase):
             changed: set[int] = set()
             ft = None
             if self.tracking is not None:
-                ft = self._field(counts.key)
-                yx = np.column_stack([cols["centroid_y_um"], cols["centroid_x_um"]]) if cols["label"] else np.zeros((0, 2))
-                changed = ft.add(counts.key.timepoint, np.asarray(cols["label"], dtype=np.int64), yx)
-                cols.update(ft.frame_columns(counts.key.timepoint, cols["label"]))
+                try:
+                    ft = self._field(counts.key)
+                    yx = np.column_stack([cols["centroid_y_um"], cols["centroid_x_um"]]) if cols["label"] else np.zeros((0, 2))
+                    changed = ft.add(counts.key.timepoint, np.asarray(cols["label"], dtype=np.int64), yx)
+                    cols.update(ft.frame_columns(counts.key.timepoint, cols["label"]))
+                except Exception as e:  # noqa: BLE001 - the rows are written without tracks, said once per frame
+                    log.warning("tracking: %s written without track ids (%s: %s)", counts.key, type(e).__name__, e)
+                    ft, changed = None, set()
             df = pd.DataFrame(cols)
             if df.empty:
                 df = pd.DataFrame({c: pd.Series(dtype=object) for c in (*COLUMNS, *(TRACK_COLUMNS if ft else ()))})

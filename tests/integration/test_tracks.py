@@ -139,3 +139,15 @@ def test_check_config_names_each_bad_plate_map_row_but_passes(tmp_path, capsys):
     assert len(err) == 3, err
     assert "row 3: well A1 is named twice" in err[0] and "row 4: concentration is not a number (got 'lots')" in err[1]
     assert "compound X mixes units" in err[2]
+
+
+def test_a_frame_the_tracker_cannot_take_is_still_written(tmp_path, caplog):
+    sink = CellTableSink(tmp_path / "cells", "parquet", tracking=LinkParams())
+    labels, yx = _positions()[1]
+    labels = labels + 5_000_000  # labels beyond what a track id can name
+    with caplog.at_level("WARNING"):
+        sink.write(_counts(1, labels, yx))
+    df = read_cells(tmp_path / "cells")
+    assert len(df) == len(labels) and "written without track ids" in caplog.text
+    sink.write(_counts(2, *_positions()[2]))  # the field's tracker was left as it was: later frames are tracked
+    assert read_cells(tmp_path / "cells").query("timepoint == 2").track_id.notna().all()
