@@ -92,8 +92,9 @@ def _fates_summary(res, folder: Path) -> None:  # type: ignore[no-untyped-def]
             n_true = sum(truth.values())
             errs += [abs(getattr(r, f"smoothed_{s}") / n - truth[s] / n_true) for s in ("live", "apoptotic", "necrotic", "dead")]
     if errs:
-        print(f"smoothed along each track (one-way), the same error is {100 * sum(errs) / len(errs):.1f} percentage points "
-              "(a quarter of the frames are out of focus on purpose: their per-frame calls flicker, the tracks do not)")
+        print(f"mean absolute error of the SMOOTHED state fractions (one-way along each track) against the truth: "
+              f"{100 * sum(errs) / len(errs):.1f} percentage points (a quarter of the frames are out of focus on purpose: "
+              "their per-frame calls flicker, the tracks do not)")
     dr = t.get("dose_response")
     if dr is not None and len(dr):
         last = dr[(dr.timepoint == dr.timepoint.max()) & (dr.measure == "dead")].iloc[0]
