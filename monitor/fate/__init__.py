@@ -12,4 +12,6 @@ plain tables, tested with hand-made data:
 ``platemap``      the plate-layout CSV (well, compound, concentration, unit, role)
 ``doseresponse``  four-parameter logistic fits, EC50 with its interval, failures stated
 ``fates``         a recorded per-cell table to tracks, fates and per-well summaries
+``store``         ``fates.sqlite``: smoothed counts and EC50 over time, kept up to date (Grafana)
+``table``         the per-cell table on disk, read back as one DataFrame
 """
