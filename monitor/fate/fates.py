@@ -130,8 +130,18 @@ def smooth_cells(cells: Any, params: HMMParams | None = None, interval_h: float 
 
 
 def well_survival(tracks: Any, plate: PlateMap | None = None) -> Any:
-    """Per well: tracks followed, deaths, median time to death with its 95% interval, and
-    the log-rank test against the pooled control wells (module docstring)."""
+    """Per experiment and well: tracks followed, deaths, median time to death with its 95%
+    interval, and the log-rank test against the experiment's pooled control wells (module
+    docstring)."""
+    import pandas as pd
+
+    parts = [_well_survival(g, plate).assign(experiment=exp) for exp, g in tracks.groupby("experiment", sort=True)] \
+        if len(tracks) and "experiment" in tracks else [_well_survival(tracks, plate).assign(experiment="")]
+    out = pd.concat(parts, ignore_index=True)
+    return out[["experiment", *[c for c in out.columns if c != "experiment"]]]
+
+
+def _well_survival(tracks: Any, plate: PlateMap | None) -> Any:
     import pandas as pd
 
     t = tracks[tracks["frames"] > 1] if len(tracks) else tracks
@@ -178,7 +188,8 @@ def survival_curves(tracks: Any) -> dict[str, Any]:
 def well_fractions(counts: Any, prefix: str = "smoothed_") -> Any:
     """Per well and timepoint: cells, the dead fraction and the apoptotic + dead fraction
     (from the ``smoothed_`` counts by default; ``prefix=""`` for the raw ones)."""
-    g = counts.groupby(["well", "timepoint"], sort=True)[[f"{prefix}{s}" for s in STATES]].sum()
+    keys = ["experiment", "well", "timepoint"] if "experiment" in counts else ["well", "timepoint"]
+    g = counts.groupby(keys, sort=True)[[f"{prefix}{s}" for s in STATES]].sum()
     total = g.sum(axis=1)
     out = g.assign(cells=total)
     dead = g[f"{prefix}dead"] + g[f"{prefix}necrotic"]
@@ -188,8 +199,18 @@ def well_fractions(counts: Any, prefix: str = "smoothed_") -> Any:
 
 
 def dose_response(counts: Any, plate: PlateMap, prefix: str = "smoothed_") -> Any:
-    """One row per compound, timepoint and measure (``dead`` or ``apoptotic+dead``): the
-    4PL fit, EC50 with its interval, and the reason when the fit is not usable."""
+    """One row per experiment, compound, timepoint and measure (``dead`` or
+    ``apoptotic+dead``): the 4PL fit, EC50 with its interval, and the reason when the fit is
+    not usable."""
+    import pandas as pd
+
+    parts = [_dose_response(g, plate, prefix).assign(experiment=exp) for exp, g in counts.groupby("experiment", sort=True)] \
+        if len(counts) and "experiment" in counts else [_dose_response(counts, plate, prefix).assign(experiment="")]
+    out = pd.concat(parts, ignore_index=True)
+    return out[["experiment", *[c for c in out.columns if c != "experiment"]]]
+
+
+def _dose_response(counts: Any, plate: PlateMap, prefix: str) -> Any:
     import pandas as pd
 
     fr = well_fractions(counts, prefix)

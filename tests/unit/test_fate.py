@@ -328,6 +328,7 @@ def test_the_fates_store_refits_when_the_plate_map_is_edited(tmp_path, caplog):
     assert "re-read" in caplog.text and "concentration is not a number (got 'lots')" in caplog.text
 
 
+@pytest.mark.filterwarnings("ignore:The confidence interval is undefined")
 def test_kaplan_meier_and_log_rank_agree_with_scipy():
     from scipy import stats
 
@@ -346,3 +347,17 @@ def test_kaplan_meier_and_log_rank_agree_with_scipy():
     mine = log_rank(ta, da, tb, db)
     theirs = stats.logrank(stats.CensoredData(uncensored=ta[da], right=ta[~da]), stats.CensoredData(uncensored=tb[db], right=tb[~db]))
     assert mine.p_value == pytest.approx(theirs.pvalue, rel=1e-6)
+
+
+def test_two_experiments_on_the_same_wells_are_never_pooled(tmp_path):
+    a = _cells_table()
+    b = _cells_table().assign(experiment="f", state="live")  # a second plate where nothing dies
+    fates = smooth_cells(pd.concat([a, b], ignore_index=True))
+    p = tmp_path / "plate.csv"
+    p.write_text("well,compound,concentration,unit,role\nA1,DMSO,0,uM,control\nA2,X,1,uM,\nA3,X,3,uM,\nA4,X,10,uM,\nA5,X,30,uM,\n")
+    pm = parse_plate_map(p)
+    surv = well_survival(fates.tracks, pm).set_index(["experiment", "well"])
+    assert surv.loc[("e", "A5"), "deaths"] == 4 and surv.loc[("f", "A5"), "deaths"] == 0
+    dr = dose_response(fates.smoothed_counts, pm)
+    last = dr[(dr.timepoint == 9) & (dr.measure == "dead")].set_index("experiment")
+    assert last.loc["e", "ok"] and not last.loc["f", "ok"] and "no response" in last.loc["f", "reason"]
