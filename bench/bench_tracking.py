@@ -195,7 +195,12 @@ def synthetic(n_timepoints: int, cells_per_field: int, work: Path) -> dict[str, 
         n = r[["live", "apoptotic", "dead", "necrotic"]].sum()
         wells.append((w, c, res.dose.p_dead(c), (truth_last["dead"] + truth_last["necrotic"]) / max(1, n_true),
                       (r.dead + r.necrotic) / max(1, n), (r.smoothed_dead + r.smoothed_necrotic) / max(1, n), int(n), n_true))
-    return {"cells": len(on), "raw_acc": raw_acc, "smoothed_acc": smo_acc, "tod_mae_smoothed": float(np.mean(np.abs(sm))) if len(sm) else float("nan"),
+    # the reference: the same fit on the fractions the generator drew (what a perfect pipeline would see)
+    from monitor.fate.doseresponse import fit_dose_response
+
+    drawn = fit_dose_response([c for _, c, *_ in wells], [tf for _, _, _, tf, *_ in wells], [nt for *_, nt in wells])
+    return {"ec50_drawn": (drawn.ec50, drawn.ec50_low, drawn.ec50_high, drawn.ok, drawn.reason),
+            "cells": len(on), "raw_acc": raw_acc, "smoothed_acc": smo_acc, "tod_mae_smoothed": float(np.mean(np.abs(sm))) if len(sm) else float("nan"),
             "tod_mae_raw_first_call": float(np.mean(np.abs(rw))) if len(rw) else float("nan"), "tod_n": len(sm), "tod_missed": missed,
             "ec50_true": res.dose.ec50_um, "ec50_smoothed": e_s, "ec50_raw": e_r, "last": last, "seconds": res.seconds,
             "tracks": int(df.groupby(["well", "field"]).track_id.nunique().sum()), "wells": wells}
@@ -345,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"| time-of-death error, mean abs (timepoints) | {r['tod_mae_raw_first_call']:.2f} (first dead call) | {r['tod_mae_smoothed']:.2f} ({r['tod_n']} cells; {r['tod_missed']} deaths missed) |",
                     f"| EC50 of the dead fraction at the last timepoint (t{r['last']}); generator {r['ec50_true']:.2f} uM | {ec(er)} | {ec(es)} |",
                     f"| EC50 error | {abs(er[0] / r['ec50_true'] - 1):.1%} | {abs(es[0] / r['ec50_true'] - 1):.1%} |", "",
+                    f"For reference, the same fit on the dead fractions the generator drew (a perfect pipeline): {ec(r['ec50_drawn'])}, "
+                    f"{abs(r['ec50_drawn'][0] / r['ec50_true'] - 1):.1%} from the generator's EC50 (whole cells per well cannot follow the curve exactly).", "",
                     f"Dead (+ necrotic) fraction per well at the last timepoint (t{r['last']}):", "",
                     "| well | uM | generator p(c) | true (cells drawn) | raw | smoothed | cells segmented | true cells |", "|---|---|---|---|---|---|---|---|"]
             out += [f"| {w} | {c:g} | {p:.3f} | {tf:.3f} | {rf:.3f} | {sf:.3f} | {n} | {nt} |" for w, c, p, tf, rf, sf, n, nt in r["wells"]]
