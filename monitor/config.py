@@ -182,6 +182,23 @@ class FitConfig(_Model):
     condition_dim: int = Field(64, ge=0, description="the index whitens the fitted features to this many dimensions (0: raw)")
 
 
+class TrackingConfig(_Model):
+    """``[tracking]``: cells linked across timepoints, one-way state smoothing and the plate map
+    (see monitor.fate). On whenever the per-cell sink (``cells``) is on."""
+
+    enabled: bool = Field(True, description="link each field's cells across timepoints (track_id in the per-cell rows)")
+    max_step_um: float = Field(25.0, gt=0, le=1000, description="the farthest a cell moves between consecutive timepoints")
+    max_gap: int = Field(1, ge=0, le=5, description="timepoints a cell may be missing (or a frame may not arrive) and keep its track")
+    divisions: bool = Field(True, description="a dividing cell's daughters start tracks of their own, with the mother's as parent")
+    interval_h: float = Field(1.0, gt=0, description="hours between timepoints, used where frames carry no acquisition time")
+    apoptosis_per_h: float = Field(0.05, ge=0, description="smoothing: live -> apoptotic rate per hour")
+    death_per_h: float = Field(0.3, ge=0, description="smoothing: apoptotic -> dead rate per hour")
+    necrosis_per_h: float = Field(0.01, ge=0, description="smoothing: live -> necrotic rate per hour")
+    accuracy: float = Field(0.85, gt=0.25, le=1.0, description="smoothing: how often a call of full certainty is right")
+    unknown_weight: float = Field(0.5, ge=0.0, le=1.0, description="smoothing: an unknown cell's call counts with this share of its certainty")
+    plate_map: Path | None = Field(None, description="plate-layout CSV (well, compound, concentration, unit, role); relative to the config; re-read when edited")
+
+
 class PluginsConfig(_Model):
     """``[plugins]``: folders searched for site-local ``module:attr`` plugins."""
 
@@ -204,6 +221,7 @@ class Config(_Model):
     control: ControlConfig = ControlConfig()
     marker: MarkerConfig = MarkerConfig()
     fit: FitConfig = FitConfig()
+    tracking: TrackingConfig = TrackingConfig()
     sinks: list[PluginRef] = Field(default_factory=lambda: [PluginRef(name="csv"), PluginRef(name="prometheus")])
     plugins: PluginsConfig = PluginsConfig()
 
@@ -262,8 +280,9 @@ def parse_config(data: dict[str, Any], source: str = "<config>", base_dir: Path 
     )
     classifier = cfg.classifier.model_copy(update={"index": _resolve(base_dir, cfg.classifier.index)})
     plugins = cfg.plugins.model_copy(update={"paths": [_resolve(base_dir, p) for p in cfg.plugins.paths]})
+    tracking = cfg.tracking.model_copy(update={"plate_map": _resolve(base_dir, cfg.tracking.plate_map) if cfg.tracking.plate_map is not None else None})
     return cfg.model_copy(
-        update={"service": service, "classifier": classifier, "plugins": plugins, "source": Path(source),
+        update={"service": service, "classifier": classifier, "plugins": plugins, "tracking": tracking, "source": Path(source),
                 "path": Path(base_dir).resolve() / Path(source).name}
     )
 

@@ -384,6 +384,8 @@ class BuildContext:
     #: True while ``index build --from-marker`` builds the plugins: an encoder to be fitted is
     #: built from its base weights (its fitted weights do not exist yet) and fitted there
     fitting: bool = False
+    #: the ``[tracking]`` table (monitor.config.TrackingConfig): the per-cell sink links cells by it
+    tracking: Any = None
 
 
 def context_from(cfg: Config, *, device: str | None = None, metrics: Any = None,
@@ -394,7 +396,8 @@ def context_from(cfg: Config, *, device: str | None = None, metrics: Any = None,
     s = cfg.service
     return BuildContext(state_dir=s.state_dir, config_path=cfg.path, metrics=metrics,
                         device=device if device is not None else resolve_device(cfg.pipeline.device),
-                        experiment=s.experiment, roles=roles, index_dir=index_dir or cfg.classifier.index, fitting=fitting)
+                        experiment=s.experiment, roles=roles, index_dir=index_dir or cfg.classifier.index, fitting=fitting,
+                        tracking=cfg.tracking)
 
 
 class PluginSpec(Protocol):

@@ -48,6 +48,7 @@ def _demo(args: argparse.Namespace) -> int:
         print(row)
     errors = [abs(c.fraction(s) - res.truth[(c.key.well, c.key.timepoint)][s] / max(1, sum(res.truth[(c.key.well, c.key.timepoint)].values()))) for c in res.counts for s in STATES]
     print(f"\nmean absolute error of the state fractions against the truth: {100 * sum(errors) / max(1, len(errors)):.1f} percentage points")
+    _fates_summary(res, folder)
     print(f"reference index: {res.n_references} labelled synthetic cells ({folder / 'index'})")
     print(f"counts CSV:      {res.csv_path}")
     print(f"config used:     {folder / 'demo.toml'}  (run it yourself: cellmonitor run {folder / 'demo.toml'})")
@@ -56,6 +57,50 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"torch:           {torch_build()}")
     print(f"done in {res.seconds:.0f} s")
     return 0
+
+
+def _fates_summary(res, folder: Path) -> None:  # type: ignore[no-untyped-def]
+    """Tracks, median time to death and EC50 of the demo's dose series, against the generator's."""
+    from cellmonitor_plugins.sinks.cells import read_cells
+
+    from monitor.fate.fates import fate_tables
+    from monitor.fate.platemap import parse_plate_map
+
+    cells_dir = folder / "state" / "cells"
+    if res.dose is None or not cells_dir.is_dir():
+        return
+    cells = read_cells(cells_dir)
+    if "track_id" not in cells:
+        print("\nno tracks (laptrack is not installed)")
+        return
+    plate = parse_plate_map(folder / "plate.csv")
+    t = fate_tables(cells, None, plate)
+    n_tracks = int(cells.groupby(["experiment", "well", "field"])["track_id"].nunique().sum())
+    print(f"\ntracks: {n_tracks} over {cells['timepoint'].nunique()} timepoints, {len(t['survival'])} wells "
+          f"(per-cell rows with track_id: {cells_dir})")
+    print(f"{'well':<5}{'conc uM':>9}{'tracks':>8}{'deaths':>8}{'median TTD (h)':>16}{'log-rank p':>12}")
+    for r in t["survival"].itertuples():
+        med = "not reached" if r.median_ttd_h != r.median_ttd_h else f"{r.median_ttd_h:.1f}"
+        p = "-" if r.logrank_p != r.logrank_p else f"{r.logrank_p:.3g}"
+        print(f"{r.well:<5}{r.concentration:>9g}{r.tracks:>8}{r.deaths:>8}{med:>16}{p:>12}")
+    sc = t["smoothed_counts"]
+    errs = []
+    for r in sc.itertuples():
+        truth = res.truth.get((r.well, int(r.timepoint)))
+        n = sum(getattr(r, f"smoothed_{s}") for s in ("live", "apoptotic", "necrotic", "dead"))
+        if truth and n:
+            n_true = sum(truth.values())
+            errs += [abs(getattr(r, f"smoothed_{s}") / n - truth[s] / n_true) for s in ("live", "apoptotic", "necrotic", "dead")]
+    if errs:
+        print(f"mean absolute error of the SMOOTHED state fractions (one-way along each track) against the truth: "
+              f"{100 * sum(errs) / len(errs):.1f} percentage points (a quarter of the frames are out of focus on purpose: "
+              "their per-frame calls flicker, the tracks do not)")
+    dr = t.get("dose_response")
+    if dr is not None and len(dr):
+        last = dr[(dr.timepoint == dr.timepoint.max()) & (dr.measure == "dead")].iloc[0]
+        got = f"{last.ec50:.2f} uM [{last.ec50_low:.2f}, {last.ec50_high:.2f}]" if last.ok else f"no usable fit ({last.reason})"
+        print(f"EC50 of the dead fraction at t{int(last.timepoint)}: {got}; the generator's: {res.dose.ec50_um:g} uM")
+    print(f"tracks and fates as Parquet: cellmonitor export {folder / 'demo.toml'} --out counts.csv --fates fates/")
 
 
 def torch_build() -> str:

@@ -42,6 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=("wide", "long", "parquet"), default="wide")
     p.add_argument("--cells", type=Path, metavar="OUT", help="also gather the per-cell table (the cells sink's files under "
                    "state_dir/cells; CONFIG given) into one file: .parquet or .csv by its suffix")
+    p.add_argument("--fates", type=Path, metavar="DIR", help="also write tracks and fates as Parquet into DIR (CONFIG given): "
+                   "tracks (per cell: track, smoothed state), fates (per track: onset of apoptosis, time of death), "
+                   "smoothed_counts, survival (per well) and, with [tracking] plate_map, dose_response")
     p.set_defaults(func=_export)
 
 
@@ -192,6 +195,14 @@ def _check_config(args: argparse.Namespace) -> int:
         raise ConfigError(problems)
     if watch_missing:
         raise Unavailable(f"{cfg.source_name}: service.watch_dir: {cfg.service.watch_dir}: no such folder (is the export share mounted?)")
+    if cfg.tracking.plate_map is not None:  # never fatal: the service runs on and re-reads the map when it changes
+        from monitor.fate.platemap import parse_plate_map
+
+        if not cfg.tracking.plate_map.is_file():
+            print(f"{cfg.source_name}: tracking.plate_map: {cfg.tracking.plate_map}: no such file (no dose response until it is there)", file=sys.stderr)
+        else:
+            for line in parse_plate_map(cfg.tracking.plate_map).errors:
+                print(f"plate map: {line}", file=sys.stderr)
     if args.index:
         from monitor.protocols import context_from
         from monitor.service.wiring import build_pipeline
@@ -240,6 +251,7 @@ def _export(args: argparse.Namespace) -> int:
 
     src = args.counts
     cells_dir = None
+    cfg = None
     if src.suffix == ".toml":
         from monitor.config import load_config
 
@@ -267,4 +279,32 @@ def _export(args: argparse.Namespace) -> int:
         else:
             df.to_parquet(args.cells, index=False)
         print(f"wrote {len(df)} cells to {args.cells}")
+    if args.fates is not None:
+        _export_fates(args.fates, cfg, cells_dir)
     return 0
+
+
+def _export_fates(out: Path, cfg: Any, cells_dir: Path | None) -> None:
+    """Tracks and fates as Parquet files in ``out`` (monitor.fate.fates.fate_tables)."""
+    from cellmonitor_plugins.sinks.cells import read_cells
+
+    from monitor.errors import NoInput, UsageError
+    from monitor.fate.fates import fate_tables
+    from monitor.fate.platemap import parse_plate_map
+
+    if cfg is None or cells_dir is None:
+        raise UsageError("--fates needs the config (COUNTS_CSV_OR_CONFIG as a .toml): it says where the cells sink writes")
+    if not cells_dir.is_dir():
+        raise NoInput(cells_dir, "no per-cell table here (is the cells sink in the config's [[sinks]]?)")
+    cells = read_cells(cells_dir)
+    if "track_id" not in cells:
+        raise NoInput(cells_dir, "the per-cell rows carry no track_id (was [tracking] enabled = false?)")
+    plate = None
+    if cfg.tracking.plate_map is not None:
+        plate = parse_plate_map(cfg.tracking.plate_map)
+        for line in plate.errors:
+            print(f"plate map: {line}", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, df in fate_tables(cells, cfg.tracking, plate).items():
+        df.to_parquet(out / f"{name}.parquet", index=False)
+        print(f"wrote {len(df)} rows to {out / (name + '.parquet')}")

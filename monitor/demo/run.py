@@ -26,7 +26,16 @@ from typing import Any
 import numpy as np
 
 from monitor.config import load_config
-from monitor.demo.synthetic import make_cells, reference_field, render_field
+from monitor.demo.synthetic import (
+    DoseSeries,
+    SynthCell,
+    dose_cells,
+    make_cells,
+    moved,
+    reference_field,
+    render_field,
+    state_at,
+)
 from monitor.imaging import crop_cells, rescale
 from monitor.index.ewc import EWCParams
 from monitor.index.store import ReferenceIndex
@@ -60,6 +69,18 @@ class DemoResult:
     n_references: int
     stage_seconds: dict[str, float] = field(default_factory=dict)
     metrics_text: str = ""  # /metrics as scraped just before the service stopped
+    #: the generator's cells per well (positions at timepoint 0: see monitor.demo.synthetic.moved)
+    plates: dict[str, list[SynthCell]] = field(default_factory=dict)
+    #: the dose series on the plate (None: the wells were given by the caller)
+    dose: DoseSeries | None = None
+
+    def true_state(self, well: str, t: int, y_um: float, x_um: float) -> str | None:
+        """The generator's state of the cell under (``y_um``, ``x_um``) at demo timepoint ``t``
+        (None: no true cell there)."""
+        cells = moved(self.plates[well], t - 1)
+        d = [np.hypot(c.y_um - y_um, c.x_um - x_um) for c in cells]
+        j = int(np.argmin(d)) if d else -1
+        return state_at(cells[j], t - 1) if j >= 0 and d[j] < cells[j].radius_um else None
 
 
 def write_frame(folder: Path, well: str, t: int, phase: np.ndarray, fluo: np.ndarray) -> list[Path]:
@@ -130,7 +151,7 @@ def reference_vectors(pipeline, per_state: int, seed: int, say: Callable[[str], 
 def run_demo(
     folder: Path,
     n_timepoints: int = 8,
-    wells: tuple[str, ...] = ("A1", "A2"),
+    wells: tuple[str, ...] | None = None,
     cells_per_field: int = 16,
     per_state: int = 30,
     metrics_port: int | None = 9108,
@@ -138,7 +159,11 @@ def run_demo(
     seed: int = 7,
     say: Callable[[str], None] = log.info,
 ) -> DemoResult:
-    """Run the demo in ``folder`` (created; must not hold a previous demo's state)."""
+    """Run the demo in ``folder`` (created; must not hold a previous demo's state).
+
+    ``wells`` None: the dose series of :class:`~monitor.demo.synthetic.DoseSeries` on a plate
+    map (vehicle controls and six concentrations; cells die at dose-dependent times); given
+    wells: the first dies fast, the others slowly (no plate map)."""
 
     t0 = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
@@ -148,6 +173,12 @@ def run_demo(
         text = text.replace("metrics_port = 9108", f"metrics_port = {metrics_port}")
     if metrics_port is None:
         text = text.replace("metrics_port = 9108", "metrics_port = 0")
+    dose = DoseSeries() if wells is None else None
+    well_names: tuple[str, ...] = tuple(w for w, _ in dose.wells) if dose is not None else tuple(wells or ())
+    if dose is not None:
+        (folder / "plate.csv").write_text(dose.plate_csv())
+    else:
+        text = text.replace('plate_map = "plate.csv"', "# plate_map = \"plate.csv\"")
     cfg_path.write_text(text)
     cfg = load_config(cfg_path)
     registry = Registry(cfg.plugins.paths)
@@ -187,27 +218,31 @@ def run_demo(
     if url:
         say(f"    metrics: {url}")
 
-    say(f"3/3 the 'microscope' writes {n_timepoints} timepoints x {len(wells)} wells into {cfg.service.watch_dir}")
+    say(f"3/3 the 'microscope' writes {n_timepoints} timepoints x {len(well_names)} wells into {cfg.service.watch_dir}")
     rng = np.random.default_rng(seed)
     field_um = FIELD_PX * FRAME_UM
     truth: dict[tuple[str, int], dict[str, int]] = {}
-    plates = {w: make_cells(cells_per_field, field_um, rng, onset_scale=(3.0 if i == 0 else 9.0), n_timepoints=n_timepoints) for i, w in enumerate(wells)}
+    if dose is not None:
+        plates = {w: dose_cells(dose, c, cells_per_field, field_um, rng, n_timepoints) for w, c in dose.wells}
+    else:
+        plates = {w: make_cells(cells_per_field, field_um, rng, onset_scale=(3.0 if i == 0 else 9.0), n_timepoints=n_timepoints) for i, w in enumerate(well_names)}
     try:
         for t in range(1, n_timepoints + 1):
-            for wi, w in enumerate(wells):
-                phase, fluo, st = render_field(plates[w], t - 1, (FIELD_PX, FIELD_PX), FRAME_UM, seed * 1000 + t * 10 + wi)
+            for wi, w in enumerate(well_names):
+                poor = dose is not None and t > 1 and float(np.random.default_rng(seed * 7919 + t * 31 + wi).random()) < dose.poor_frames
+                phase, fluo, st = render_field(moved(plates[w], t - 1), t - 1, (FIELD_PX, FIELD_PX), FRAME_UM, seed * 1000 + t * 10 + wi, poor=poor)
                 truth[(w, t)] = {s: st.count(s) for s in STATES}
                 write_frame(cfg.service.watch_dir, w, t, phase, fluo)
             deadline = time.monotonic() + per_field_timeout_s
             with arrived:
-                while sum(1 for c in counted if c.key.timepoint == t) < len(wells) and time.monotonic() < deadline:
+                while sum(1 for c in counted if c.key.timepoint == t) < len(well_names) and time.monotonic() < deadline:
                     if not worker.is_alive():
                         if failure:
                             raise failure[0]
                         raise RuntimeError("the service stopped unexpectedly")
                     arrived.wait(0.5)
             got = [c for c in counted if c.key.timepoint == t]
-            if len(got) < len(wells):
+            if len(got) < len(well_names):
                 raise RuntimeError(f"timepoint {t} was not counted within {per_field_timeout_s:.0f} s")
             say(f"    t={t}: " + "  ".join(f"{c.key.well} {c.n_cells} cells, live {c.fraction('live'):.0%}, dead {c.fraction('dead'):.0%}" for c in sorted(got, key=lambda c: c.key.well)))
         metrics_text = _scrape(url) if url else ""
@@ -222,7 +257,7 @@ def run_demo(
             stages[k] = stages.get(k, 0.0) + v
     paths = [s.path for s in service.recorder.sinks]
     csv_path = next((p for p in paths if isinstance(p, Path)), cfg.service.state_dir / "counts.csv")
-    return DemoResult(folder, csv_path, counted, truth, url, time.perf_counter() - t0, n_refs, stages, metrics_text)
+    return DemoResult(folder, csv_path, counted, truth, url, time.perf_counter() - t0, n_refs, stages, metrics_text, plates, dose)
 
 
 def _scrape(url: str) -> str:

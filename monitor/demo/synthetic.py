@@ -37,11 +37,14 @@ class SynthCell:
 
 
 def state_at(cell: SynthCell, t: float, transition: float = 2.0) -> str:
-    """live before onset; apoptotic/necrotic for ``transition`` timepoints; then dead."""
+    """live before onset; then necrotic for good (necrosis is its own absorbing branch, as in
+    monitor.fate.smoothing), or apoptotic for ``transition`` timepoints and then dead."""
     if t < cell.t_onset:
         return "live"
+    if cell.necrotic:
+        return "necrotic"
     if t < cell.t_onset + transition:
-        return "necrotic" if cell.necrotic else "apoptotic"
+        return "apoptotic"
     return "dead"
 
 
@@ -124,8 +127,13 @@ def make_cells(n: int, field_um: float, rng: np.random.Generator, onset_scale: f
     return cells
 
 
-def render_field(cells: list[SynthCell], t: float, shape_px: tuple[int, int], px_um: float, seed: int, states: list[str] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(phase uint16, fluorescence uint16, per-cell states) at timepoint ``t``."""
+def render_field(cells: list[SynthCell], t: float, shape_px: tuple[int, int], px_um: float, seed: int, states: list[str] | None = None,
+                 poor: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(phase uint16, fluorescence uint16, per-cell states) at timepoint ``t``.
+
+    ``poor``: a frame taken out of focus, with more camera noise (as a time-lapse has now and
+    then): the cells' states are unchanged, their appearance less clear, so per-frame calls
+    flicker where a cell's track does not."""
     rng = np.random.default_rng(seed)
     h, w = shape_px
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -136,6 +144,10 @@ def render_field(cells: list[SynthCell], t: float, shape_px: tuple[int, int], px
         st = states[i] if states is not None else state_at(c, t)
         out_states.append(st)
         render_cell(phase, fluo, c, st, px_um)
+    if poor:
+        from scipy.ndimage import gaussian_filter
+
+        phase = gaussian_filter(phase, 2.0) + rng.normal(0, 0.05, phase.shape).astype(np.float32)
     phase += rng.normal(0, 0.012, phase.shape).astype(np.float32)
     fluo = fluo * 0.8 + 0.05 + rng.normal(0, 0.02, fluo.shape).astype(np.float32)
     to16 = lambda a: (np.clip(a, 0, 1.5) / 1.5 * 65535).astype(np.uint16)  # noqa: E731
@@ -148,3 +160,69 @@ def reference_field(state: str, n: int, field_um: float, shape_px: tuple[int, in
     cells = make_cells(n, field_um, rng, onset_scale=0, n_timepoints=1)
     phase, fluo, _ = render_field(cells, 0.0, shape_px, px_um, seed + 1, [state] * len(cells))
     return phase, fluo, cells
+
+
+@dataclass(frozen=True)
+class DoseSeries:
+    """The demo's plate: one compound in a dose series beside vehicle controls.
+
+    A cell in a well at concentration ``c`` dies (by the last timepoint) with
+    probability ``p(c) = top / (1 + (ec50_um / c) ** hill)``; exactly
+    ``round(p(c) n)`` of the well's ``n`` cells are drawn to die, so the dead
+    fraction at the last timepoint follows the curve up to one cell, and the
+    EC50 a fit recovers there is comparable with ``ec50_um``. Higher doses kill
+    earlier (dose-dependent onset times)."""
+
+    compound: str = "demo-drug"
+    ec50_um: float = 1.5
+    hill: float = 1.5
+    top: float = 0.95
+    #: the share of frames taken out of focus (monitor.demo.synthetic.render_field ``poor``)
+    poor_frames: float = 0.25
+    #: well -> concentration in uM (0: a vehicle control well)
+    wells: tuple[tuple[str, float], ...] = (("A1", 0.0), ("A2", 0.0), ("A3", 0.1), ("A4", 0.3), ("A5", 1.0),
+                                            ("A6", 3.0), ("A7", 10.0), ("A8", 30.0))
+
+    def p_dead(self, conc_um: float) -> float:
+        """The fraction of a well's cells that the generator lets die by the last timepoint."""
+        return 0.0 if conc_um <= 0 else self.top / (1.0 + (self.ec50_um / conc_um) ** self.hill)
+
+    def plate_csv(self) -> str:
+        """The plate map (``[tracking] plate_map``) of this series."""
+        lines = ["well,compound,concentration,unit,role"]
+        for w, c in self.wells:
+            lines.append(f"{w},{'DMSO' if c == 0 else self.compound},{c:g},uM,{'control' if c == 0 else 'treated'}")
+        return "\n".join(lines) + "\n"
+
+
+def dose_cells(series: DoseSeries, conc_um: float, n: int, field_um: float, rng: np.random.Generator, n_timepoints: int,
+               transition: float = 2.0) -> list[SynthCell]:
+    """A well's cells under ``conc_um``: ``round(p n)`` of them start dying at a time that is
+    earlier the higher the dose, early enough to be dead by the last timepoint."""
+    from dataclasses import replace
+
+    cells = make_cells(n, field_um, rng, onset_scale=0, n_timepoints=n_timepoints)
+    p = series.p_dead(conc_um)
+    k = int(round(p * len(cells)))
+    dying = set(rng.choice(len(cells), size=k, replace=False).tolist()) if k else set()
+    last_onset = max(0.0, (n_timepoints - 1) - transition)
+    out = []
+    for i, c in enumerate(cells):
+        if i in dying:
+            onset = last_onset * (1.0 - 0.7 * p) * rng.uniform(0.4, 1.0)
+            c = replace(c, t_onset=float(onset))
+        out.append(c)
+    return out
+
+
+def moved(cells: list[SynthCell], t: int, step_um: float = 1.0) -> list[SynthCell]:
+    """The cells at timepoint ``t`` after a random walk of ``step_um`` per timepoint (each
+    cell's own, from its seed), so that tracks are not trivial."""
+    from dataclasses import replace
+
+    out = []
+    for c in cells:
+        steps = np.random.default_rng(c.seed + 17).normal(0.0, step_um, (max(int(t), 0), 2))
+        dy, dx = steps.sum(axis=0) if len(steps) else (0.0, 0.0)
+        out.append(replace(c, y_um=c.y_um + float(dy), x_um=c.x_um + float(dx)))
+    return out

@@ -28,6 +28,7 @@ import numpy as np
 
 from monitor.errors import BadInput
 from monitor.imageio import png_bytes
+from monitor.report import fates as fate_view
 from monitor.report import figures
 from monitor.report.data import DEATH_STATES, Experiment, experiments, last_timepoint
 from monitor.report.gallery import Gallery, build_gallery
@@ -91,6 +92,7 @@ def build_report(
     res = ReportResult(no_gallery=no_gallery if pipeline is None else None)
     if pipeline is None and res.no_gallery is None:
         res.no_gallery = "no config given (the report was built from the CSV alone)"
+    fates, no_fates, plate = fate_view.load_fates(cfg, counts_csv)
     for e in experiments(df, death_states):
         name = re.sub(r"[^A-Za-z0-9._-]+", "_", e.name).strip("._") or "experiment"
         gallery = None
@@ -99,7 +101,7 @@ def build_report(
             res.frames += len(gallery.frames)
             res.mismatched += sum(not f.matches for f in gallery.frames)
         path = out / f"{name}.html"
-        path.write_text(render(e, counts_csv, out, name, gallery, res.no_gallery, roles), encoding="utf-8")
+        path.write_text(render(e, counts_csv, out, name, gallery, res.no_gallery, roles, (fates, no_fates, plate)), encoding="utf-8")
         res.pages.append(path)
     return res
 
@@ -142,8 +144,10 @@ def unreliable_banner(e: Experiment) -> str:
             "Does the reference index fit these cells?</p>")
 
 
-def render(e: Experiment, src: Path, out: Path, name: str, gallery: Gallery | None, no_gallery: str | None, roles: dict[str, str] | None = None) -> str:
-    """The HTML page of one experiment (and its data CSVs under ``out/data/<name>/``)."""
+def render(e: Experiment, src: Path, out: Path, name: str, gallery: Gallery | None, no_gallery: str | None, roles: dict[str, str] | None = None,
+           fates: tuple[Any, str, Any] | None = None) -> str:
+    """The HTML page of one experiment (and its data CSVs under ``out/data/<name>/``); ``fates``:
+    the derived track tables, why there are none, and the plate map (monitor.report.fates)."""
     colours = class_colours(e.classes, roles)
     tables = _tables(e)
     data_dir = out / "data" / name
@@ -226,6 +230,12 @@ def render(e: Experiment, src: Path, out: Path, name: str, gallery: Gallery | No
         + "</section>"
     )
     nav.append(("plate", "Plate map"))
+    # ---- tracks, survival, EC50 and dose response
+    if fates is not None:
+        html, more = fate_view.section(fates[0], fates[1], fates[2], e.name, name, data_dir,
+                                       "hours" if e.time_label != "timepoint" else "timepoint")
+        sections.append(html)
+        nav += more
     # ---- further columns
     if e.extra_numeric:
         figs = "".join(f"<h3>{esc(c)}</h3>" + figure(figures.extra_column(e, c), c, f"{esc(c)}: mean over the well's fields.", []) for c in e.extra_numeric)
@@ -238,7 +248,7 @@ def render(e: Experiment, src: Path, out: Path, name: str, gallery: Gallery | No
         sections.append(_overlay_section(e, gallery, out))
         nav.append(("overlays", "Overlays"))
     nav.append(("data", "Data"))
-    files = "".join(f"<li><a href='{esc((data_dir / f'{k}.csv').relative_to(out).as_posix())}'>{esc(k)}.csv</a></li>" for k in [*tables, "counts"])
+    files = "".join(f"<li><a href='{esc((data_dir / f'{k}.csv').relative_to(out).as_posix())}'>{esc(k)}.csv</a></li>" for k in sorted({*tables, "counts", *(q.stem for q in data_dir.glob("*.csv"))}))
     sections.append(f"<section id='data'><h2>Data</h2><p class='cap'>Source: {esc(src)}. Every table is embedded above as a download and written beside this page:</p><ul>{files}</ul></section>")
     return page(f"cellmonitor run report: {e.name}", [f"{len(e.wells)} wells · {len(e.rows)} frames · {esc(e.time_label)}", f"from {esc(src)}"], nav, sections)
 

@@ -73,6 +73,15 @@ class ServiceMetrics:
             "cellmonitor_marker_agreement", "Share of death-marker-labelled cells the classifier agrees with, latest frame with the marker",
             ["instrument", "experiment", "well"], registry=r
         )
+        self.smoothed_cells = Gauge(
+            "cellmonitor_smoothed_cells",
+            "Cells per smoothed state (one-way along each track; cellmonitor_latest_cells stays the record), latest frame of each field, summed per well",
+            ["experiment", "well", "state"], registry=r
+        )
+        self.ec50 = Gauge(
+            "cellmonitor_ec50", "EC50 of the latest timepoint's dose-response fit per compound and measure, in the plate map's unit (absent: no usable fit)",
+            ["experiment", "compound", "measure", "unit"], registry=r
+        )
         self.index_version = Gauge("cellmonitor_index_version", "Version of the reference index (grows with expert corrections)", registry=r)
         self.control_area = Gauge(
             "cellmonitor_control_area_square_meters", "Otsu control-signal area in the latest frame (1e-12 = 1 square micrometre)",

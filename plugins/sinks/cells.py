@@ -24,6 +24,17 @@ Policy
   on frames that carry the death marker (``[marker]`` with ``agreement``),
   ``marker_<channel>`` (its value in background MADs) and ``marker_state``
   (the marker's verdict; empty when within a threshold's margin).
+* Tracks (``[tracking]``, on by default): each frame's cells are linked to
+  the field's earlier ones as the frame is written (:mod:`monitor.fate.tracking`),
+  and every row carries ``track_id``, ``parent_track_id`` (a daughter's
+  mother track) and ``link_timepoint``/``link_label`` (its predecessor). The
+  rows are the tracker's state: a restarted service reads a field's files back
+  and continues the same tracks, and as both engines record through this sink
+  the Ray replay links as the local loop does. A frame that arrives late can
+  change the links or ids of later frames: their files are rewritten.
+  After each frame the field's tracks are smoothed and ``<state_dir>/fates.sqlite``
+  gets its smoothed counts and, with a plate map, the dose response at that
+  timepoint (:mod:`monitor.fate.store`; Grafana's smoothed-state and EC50 panels).
 * ``cellmonitor export CONFIG --cells OUT.parquet`` gathers every file into one table.
 * Never the record of truth: a failure to write is one warning and the
   frame stays counted (the counts CSV is the record).
@@ -33,6 +44,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -40,16 +52,18 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from monitor.fate.fates import hmm_params
+from monitor.fate.store import FateStore
+from monitor.fate.table import COLUMNS, TRACK_COLUMNS, read_cells
+from monitor.fate.tracking import FieldTracks, LinkParams
 from monitor.intake.ledger import safe_text
 from monitor.protocols import SinkBase
-from monitor.records import Counts
+from monitor.records import Counts, FrameKey
 from monitor.registry import plugin_spec
 
 log = logging.getLogger(__name__)
 
-#: the columns every row has, in order (marker columns follow on frames that carry the marker)
-COLUMNS = ("experiment", "well", "field", "timepoint", "acquired_at", "source", "label", "centroid_y_um", "centroid_x_um",
-           "area_um2", "class", "state", "certainty", "uncertain", "unknown")
+__all__ = ["COLUMNS", "TRACK_COLUMNS", "PLUGIN", "CellTableSink", "cell_rows", "link_params", "read_cells"]
 
 
 class Options(BaseModel):
@@ -100,31 +114,69 @@ class CellTableSink(SinkBase):
     #: the pipeline keeps each cell's call for this sink (monitor.pipeline.Pipeline.keep_calls)
     wants_calls = True
 
-    def __init__(self, folder: Path, fmt: str = "parquet", roles: Mapping[str, str] | None = None):
+    def __init__(self, folder: Path, fmt: str = "parquet", roles: Mapping[str, str] | None = None,
+                 tracking: LinkParams | None = None, store: FateStore | None = None):
         self.folder = folder
         self.path = None  # many files, not one: no gauges are restored from it
         self.fmt = fmt
         self.roles = roles
+        self.tracking = tracking
+        self._fields: dict[tuple[str, str, str], FieldTracks] = {}
+        #: each tracked field's rows by timepoint (what the fates store smooths)
+        self._tables: dict[tuple[str, str, str], dict[int, Any]] = {}
+        self.store = store if tracking is not None else None
+        self._lock = threading.Lock()
         folder.mkdir(parents=True, exist_ok=True)
 
     def file_for(self, counts: Counts, suffix: str) -> Path:
         """``<folder>/<experiment>/<well>/<field>_t<NNNNN><suffix>`` (names made safe for any file system)."""
-        k = counts.key
+        return self.file_for_key(counts.key, suffix)
 
-        def part(s: str) -> str:
-            return "".join(c if c.isalnum() or c in "-_." else "_" for c in safe_text(s)) or "_"
+    def file_for_key(self, k: FrameKey, suffix: str) -> Path:
+        """The file of frame ``k`` (see :meth:`file_for`)."""
+        return self.folder / _part(k.experiment) / _part(k.well) / f"{_part(k.field)}_t{k.timepoint:05d}{suffix}"
 
-        return self.folder / part(k.experiment) / part(k.well) / f"{part(k.field)}_t{k.timepoint:05d}{suffix}"
+    @property
+    def suffixes(self) -> tuple[str, ...]:
+        return (".parquet",) if self.fmt == "parquet" else (".csv",) if self.fmt == "csv" else (".parquet", ".csv")
 
     def write(self, counts: Counts) -> None:
-        """Write (or rewrite) the frame's per-cell file(s), atomically."""
+        """Write (or rewrite) the frame's per-cell file(s), atomically; with tracking, link the
+        frame first and rewrite the files of the frames whose links or ids it changed."""
         import pandas as pd
 
-        df = pd.DataFrame(cell_rows(counts, self.roles))
-        if df.empty:
-            df = pd.DataFrame({c: pd.Series(dtype=object) for c in COLUMNS})
-        for suffix in ((".parquet",) if self.fmt == "parquet" else (".csv",) if self.fmt == "csv" else (".parquet", ".csv")):
-            out = self.file_for(counts, suffix)
+        cols = cell_rows(counts, self.roles)
+        with self._lock:
+            changed: set[int] = set()
+            ft = None
+            if self.tracking is not None:
+                try:
+                    ft = self._field(counts.key)
+                    yx = np.column_stack([cols["centroid_y_um"], cols["centroid_x_um"]]) if cols["label"] else np.zeros((0, 2))
+                    changed = ft.add(counts.key.timepoint, np.asarray(cols["label"], dtype=np.int64), yx)
+                    cols.update(ft.frame_columns(counts.key.timepoint, cols["label"]))
+                except Exception as e:  # noqa: BLE001 - the rows are written without tracks, said once per frame
+                    log.warning("tracking: %s written without track ids (%s: %s)", counts.key, type(e).__name__, e)
+                    ft, changed = None, set()
+            df = pd.DataFrame(cols)
+            if df.empty:
+                df = pd.DataFrame({c: pd.Series(dtype=object) for c in (*COLUMNS, *(TRACK_COLUMNS if ft else ()))})
+            self._write_df(df, counts.key)
+            if ft is not None:
+                k = counts.key
+                table = self._tables.setdefault((k.experiment, k.well, k.field), {})
+                table[k.timepoint] = df
+                for t in sorted(changed - {k.timepoint}):
+                    self._retrack(ft, FrameKey(k.experiment, k.well, k.field, t))
+                if self.store is not None:
+                    try:
+                        self.store.update(pd.concat([x for x in table.values() if len(x)] or [df], ignore_index=True))
+                    except Exception as e:  # noqa: BLE001 - derived numbers never stop the record
+                        log.warning("fates store: %s not updated (%s: %s)", k, type(e).__name__, e)
+
+    def _write_df(self, df: Any, key: FrameKey) -> None:
+        for suffix in self.suffixes:
+            out = self.file_for_key(key, suffix)
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = out.with_name(out.name + ".tmp")
             if suffix == ".parquet":
@@ -133,26 +185,94 @@ class CellTableSink(SinkBase):
                 df.to_csv(tmp, index=False)
             os.replace(tmp, out)
 
+    def _read_frame(self, key: FrameKey) -> Any:
+        import pandas as pd
 
-def read_cells(folder: Path) -> Any:
-    """Every frame's per-cell rows under ``folder`` as one pandas DataFrame, in frame order
-    (Parquet files; CSV where a frame has no Parquet file)."""
-    import pandas as pd
+        pq, csv = self.file_for_key(key, ".parquet"), self.file_for_key(key, ".csv")
+        return pd.read_parquet(pq) if pq.is_file() else pd.read_csv(csv) if csv.is_file() else None
 
-    parts = []
-    for p in sorted(folder.rglob("*_t*.parquet")):
-        parts.append(pd.read_parquet(p))
-    have = {p.with_suffix("") for p in folder.rglob("*_t*.parquet")}
-    for p in sorted(folder.rglob("*_t*.csv")):
-        if p.with_suffix("") not in have:
-            parts.append(pd.read_csv(p))
-    if not parts:
-        return pd.DataFrame({c: [] for c in COLUMNS})
-    df = pd.concat([x for x in parts if len(x)] or parts[:1], ignore_index=True)
-    return df.sort_values(["experiment", "well", "field", "timepoint", "label"], kind="stable").reset_index(drop=True)
+    def _retrack(self, ft: FieldTracks, key: FrameKey) -> None:
+        """Rewrite the tracking columns of an earlier frame's file (a late frame changed them)."""
+        df = self._read_frame(key)
+        if df is None:
+            return
+        for c, v in ft.frame_columns(key.timepoint, df["label"].astype(int).tolist()).items():
+            df[c] = v
+        self._write_df(df, key)
+        self._tables.setdefault((key.experiment, key.well, key.field), {})[key.timepoint] = df
+
+    def _field(self, key: FrameKey) -> FieldTracks:
+        """The field's tracker: from memory, or rebuilt from its recorded files (a restart)."""
+        fk = (key.experiment, key.well, key.field)
+        ft = self._fields.get(fk)
+        if ft is None:
+            ft = self._load_field(key)
+            self._fields[fk] = ft
+        return ft
+
+    def _load_field(self, key: FrameKey) -> FieldTracks:
+        import pandas as pd
+
+        assert self.tracking is not None
+        where = self.folder / _part(key.experiment) / _part(key.well)
+        parts = []
+        for suffix in self.suffixes:
+            for p in sorted(where.glob(f"{_part(key.field)}_t*{suffix}")):
+                if suffix == ".csv" and p.with_suffix(".parquet").is_file():
+                    continue
+                parts.append(pd.read_parquet(p) if suffix == ".parquet" else pd.read_csv(p))
+        parts = [x for x in parts if len(x)]
+        table = self._tables.setdefault((key.experiment, key.well, key.field), {})
+        for x in parts:
+            table[int(x["timepoint"].iloc[0])] = x
+        if not parts:
+            return FieldTracks(self.tracking)
+        df = pd.concat(parts, ignore_index=True)
+        if all(c in df for c in TRACK_COLUMNS):
+            ft = FieldTracks.from_rows(df["timepoint"], df["label"], df["centroid_y_um"], df["centroid_x_um"],
+                                       df["link_timepoint"], df["link_label"], self.tracking)
+            log.info("tracks of %s/%s/%s continued from %d recorded frames", key.experiment, key.well, key.field,
+                     df["timepoint"].nunique())
+            return ft
+        # frames recorded before tracking was on: link them now, in timepoint order
+        ft = FieldTracks(self.tracking)
+        for t, g in df.groupby("timepoint", sort=True):
+            ft.add(int(t), g["label"].to_numpy(np.int64), g[["centroid_y_um", "centroid_x_um"]].to_numpy(float))
+        for t in sorted(ft.frames):
+            self._retrack(ft, FrameKey(key.experiment, key.well, key.field, int(t)))
+        return ft
+
+
+def _part(s: str) -> str:
+    """A name made safe for any file system."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in safe_text(s)) or "_"
+
+
+def _build(o: Options, ctx: Any) -> CellTableSink:
+    params = link_params(ctx.tracking)
+    store = None
+    if params is not None:
+        t = ctx.tracking
+        store = FateStore(ctx.state_dir / "fates.sqlite", hmm_params(t), t.interval_h if t is not None else 1.0,
+                          t.plate_map if t is not None else None, ctx.metrics)
+    return CellTableSink(o.folder or ctx.state_dir / "cells", o.format, ctx.roles, params, store)
+
+
+def link_params(tracking: Any) -> LinkParams | None:
+    """The linking parameters of a ``[tracking]`` table (None: tracking is off)."""
+    if tracking is not None and not tracking.enabled:
+        return None
+    try:
+        import laptrack  # noqa: F401
+    except ImportError:
+        log.warning("tracking is on but laptrack is not installed: per-cell rows carry no track_id (pip install laptrack)")
+        return None
+    if tracking is None:
+        return LinkParams()
+    return LinkParams(max_step_um=tracking.max_step_um, max_gap=tracking.max_gap, divisions=tracking.divisions)
 
 
 PLUGIN = plugin_spec(
     "cells", "per-cell table: one row per cell (keys, source file, label, centroid, area, state, certainty, marker) as Parquet/CSV",
-    Options, lambda o, ctx: CellTableSink(o.folder or ctx.state_dir / "cells", o.format, ctx.roles),
+    Options, lambda o, ctx: _build(o, ctx),
 )

@@ -157,6 +157,32 @@ def test_local_loop_and_ray_driver_record_the_same_everything(cluster, tmp_path,
         assert any(st == "skipped" for _, st, _, _ in want_ledger["files"])  # the unconfigured channel
 
 
+@pytest.mark.timeout(300)
+def test_local_loop_and_ray_driver_give_the_same_tracks(cluster, tmp_path):
+    """The per-cell sink links cells on the driver as frames are recorded, in whatever order
+    the workers return them: both engines give the same track ids, links and fates store."""
+    pytest.importorskip("laptrack")
+    from monitor.fate.table import read_cells
+
+    tables = {}
+    for engine in ("local", "ray"):
+        root = tmp_path / engine
+        cfg = setup(root, 24, bad=False)
+        with cfg.open("a") as f:
+            f.write('\n[[sinks]]\nname = "csv"\n\n[[sinks]]\nname = "cells"\n\n[tracking]\nmax_step_um = 10\n')
+        args = ["replay", str(cfg), "--no-metrics"] + (["--engine", "ray", "--workers", "2"] if engine == "ray" else [])
+        assert main(args) == 0
+        df = read_cells(root / "state" / "cells")
+        cols = ["well", "field", "timepoint", "label", "track_id", "parent_track_id", "link_timepoint", "link_label", "state"]
+        tables[engine] = df[cols].sort_values(cols[:4]).reset_index(drop=True)
+        with sqlite3.connect(root / "state" / "fates.sqlite") as db:
+            tables[engine + "_smoothed"] = sorted(db.execute("SELECT * FROM smoothed_counts").fetchall())
+    assert len(tables["local"]) > 0 and tables["local"]["track_id"].notna().all()
+    assert tables["local"]["link_timepoint"].notna().any()  # cells were linked across timepoints
+    assert tables["ray"].equals(tables["local"])
+    assert tables["ray_smoothed"] == tables["local_smoothed"] and tables["local_smoothed"]
+
+
 @pytest.mark.timeout(150)
 def test_a_worker_killed_mid_run_has_its_frames_redone_exactly_once(cluster, tmp_path):
     n = 30

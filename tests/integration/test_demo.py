@@ -123,3 +123,34 @@ def test_unwritable_output_is_one_line_not_an_internal_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("cellmonitor: error: ") and "internal error" not in err[0]
     assert "a-file" in err[0]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.usefixtures("no_thread_leak")
+def test_dose_series_demo_has_tracks_fates_and_dose_response(tmp_path, capsys):
+    """The default demo plate: vehicle controls and a dose series, tracked and fitted as it runs."""
+    import sqlite3
+
+    pytest.importorskip("laptrack")
+    from monitor.cli.demo import _fates_summary
+    from monitor.fate.platemap import parse_plate_map
+    from monitor.fate.table import read_cells
+
+    res = run_demo(tmp_path / "demo", n_timepoints=4, cells_per_field=8, per_state=12, metrics_port=None, say=lambda m: None)
+    assert res.dose is not None
+    plate = parse_plate_map(tmp_path / "demo" / "plate.csv")
+    assert plate.errors == () and plate.controls() == ["A1", "A2"] and len(plate.wells) == 8
+    cells = read_cells(tmp_path / "demo" / "state" / "cells")
+    assert cells["track_id"].notna().all() and set(cells["well"]) == set(plate.wells)
+    # cells wander but keep their tracks: most cells of the last frame were there at the first
+    last = cells[cells.timepoint == 4]
+    assert (last["track_id"] // 1_000_000 == 1).mean() > 0.8
+    with sqlite3.connect(tmp_path / "demo" / "state" / "fates.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM smoothed_counts").fetchone()[0] == 8 * 4
+        assert {r[0] for r in db.execute("SELECT DISTINCT timepoint FROM dose_response")} == {1, 2, 3, 4}
+    # the generator: the highest dose kills more than the controls by the last timepoint
+    truth_last = {w: res.truth[(w, 4)] for w, _ in res.dose.wells}
+    assert truth_last["A8"]["dead"] + truth_last["A8"]["necrotic"] > truth_last["A1"]["dead"] + truth_last["A1"]["necrotic"]
+    _fates_summary(res, tmp_path / "demo")
+    out = capsys.readouterr().out
+    assert "tracks: " in out and "A8" in out and "the generator's: 1.5 uM" in out

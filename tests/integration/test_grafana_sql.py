@@ -34,9 +34,12 @@ class TimedReader(ArrayReader):
         return replace(acq, acquired_at=T0 + timedelta(hours=acq.key.timepoint))
 
 
-def sql_panels():
+def sql_panels(uid: str = "cellmonitor-sqlite"):
+    """(title, query) of every SQLite panel reading the datasource ``uid``: the ledger
+    (cellmonitor-sqlite) or the fates store (cellmonitor-fates)."""
     dash = json.loads(DASH.read_text())
-    return [(p["title"], t["rawQueryText"]) for p in dash["panels"] if p["datasource"]["type"] == "frser-sqlite-datasource" for t in p["targets"]]
+    return [(p["title"], t["rawQueryText"]) for p in dash["panels"]
+            if p["datasource"]["type"] == "frser-sqlite-datasource" and p["datasource"]["uid"] == uid for t in p["targets"]]
 
 
 def substitute(sql: str, values: dict[str, list[str]], t_from: float, t_to: float) -> str:
@@ -49,10 +52,20 @@ def substitute(sql: str, values: dict[str, list[str]], t_from: float, t_to: floa
     return sql
 
 
+store_registry: list = []
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
+    from prometheus_client import CollectorRegistry
+
     tmp = tmp_path_factory.mktemp("grafana")
-    svc = fault_service(tmp, readers=lambda cfg: ReaderSet([TimedReader()]), assembly={"channels": ["phase", "apo15"], "wait_s": 30})
+    store_registry[:] = [CollectorRegistry()]
+    # a plate map: A1 and B2 are the controls, C3..F6 a dose series whose top doses kill every cell
+    (tmp / "plate.csv").write_text("well,compound,concentration,unit,role\nA1,DMSO,0,uM,control\nB2,DMSO,0,uM,control\n"
+                                   "C3,drugX,0.1,uM,\nD4,drugX,1,uM,\nE5,drugX,10,uM,\nF6,drugX,100,uM,\n")
+    svc = fault_service(tmp, readers=lambda cfg: ReaderSet([TimedReader()]), assembly={"channels": ["phase", "apo15"], "wait_s": 30},
+                        tracking={"plate_map": "plate.csv"}, registry=store_registry[0])
     w = svc.settings.watch_dir
 
     def fluo(t: int) -> np.ndarray:
@@ -70,6 +83,14 @@ def store(tmp_path_factory):
     for t in (1, 2, 3, 4):
         drop(w, f"B2_t{t}_phase.npy", blobs(2, 0.3))
         drop(w, f"B2_t{t}_apo15.npy", fluo(1))
+    for well, n_dead in (("C3", 0), ("D4", 1), ("E5", 3), ("F6", 3)):
+        for t in (1, 2, 3, 4):
+            dead = n_dead if t >= 3 else 0
+            img = blobs(3 - dead, 0.3, seed=7) if dead < 3 else blobs(3, 0.9, seed=7)
+            if 0 < dead < 3:
+                img = np.maximum(img, blobs(dead, 0.9, size=128, seed=8))
+            drop(w, f"{well}_t{t}_phase.npy", img)
+            drop(w, f"{well}_t{t}_apo15.npy", fluo(1))
     run_idle(svc)
     drop(w, "A1_t3_phase.npy", blobs(2, 0.9))
     drop(w, "A1_t3_apo15.npy", fluo(3))
@@ -129,11 +150,49 @@ def test_state_fraction_panel_sums_to_one_per_timepoint(store):
     assert len(by_time) == 4 and all(abs(v - 1) < 1e-9 for v in by_time.values())
 
 
+def test_fates_panels_run_against_the_fates_store_the_service_wrote(store):
+    panels = sql_panels("cellmonitor-fates")
+    assert {t.split(" (")[0] for t, _ in panels} == {"Smoothed cell states by acquisition time", "EC50 over time"}
+    db = sqlite3.connect(f"file:{store / 'state' / 'fates.sqlite'}?mode=ro", uri=True)
+    values = {"instrument": ["test"], "experiment": ["test"], "well": ["A1", "B2"]}
+    (smoothed,) = [q for t, q in panels if t.startswith("Smoothed")]
+    rows = db.execute(substitute(smoothed, values, T0.timestamp(), (T0 + timedelta(days=1)).timestamp())).fetchall()
+    by_time: dict[float, float] = {}
+    for t, state, f in rows:
+        assert state.startswith("smoothed_")
+        by_time[t] = by_time.get(t, 0) + f
+    assert sorted(round((t - T0.timestamp()) / 3600) for t in by_time) == [1, 2, 3, 4]
+    assert all(abs(v - 1) < 1e-9 for v in by_time.values())
+    # the smoothed counts keep the raw ones beside them, frame by frame
+    raw = db.execute("SELECT SUM(live + apoptotic + dead + necrotic), SUM(smoothed_live + smoothed_apoptotic + smoothed_dead + smoothed_necrotic) "
+                     "FROM smoothed_counts").fetchone()
+    assert raw[0] == raw[1] > 0
+    (ec50,) = [q for t, q in panels if t.startswith("EC50")]
+    assert db.execute(substitute(ec50, values, 0.0, 1.0)).fetchall() == []  # outside the time range: nothing
+    fits = db.execute("SELECT timepoint, measure, ok, reason FROM dose_response ORDER BY timepoint, measure").fetchall()
+    assert {f[0] for f in fits} == {1, 2, 3, 4}
+    assert all(f[3] for f in fits if not f[2])  # a fit that is not usable says why
+    # the smoothed gauges: each well's latest frame, as in the store
+    reg = store_registry[0]
+    for well in ("A1", "F6"):
+        want = dict(zip(("live", "apoptotic", "dead", "necrotic"), db.execute(
+            "SELECT smoothed_live, smoothed_apoptotic, smoothed_dead, smoothed_necrotic FROM smoothed_counts "
+            "WHERE well = ? ORDER BY timepoint DESC LIMIT 1", (well,)).fetchone(), strict=True))
+        for state, n in want.items():
+            assert reg.get_sample_value("cellmonitor_smoothed_cells", {"experiment": "test", "well": well, "state": state}) == n
+    latest = db.execute("SELECT compound, measure, unit, ec50 FROM dose_response WHERE ok = 1 AND timepoint = 4").fetchall()
+    for compound, measure, unit, ec50 in latest:
+        got = reg.get_sample_value("cellmonitor_ec50", {"experiment": "test", "compound": compound, "measure": measure, "unit": unit})
+        assert got == pytest.approx(ec50)
+    db.close()
+
+
 def test_sqlite_datasource_is_provisioned_for_the_ledger():
     import yaml
 
     ds = yaml.safe_load((DASH.parents[1] / "provisioning/datasources/cellmonitor.yml").read_text())["datasources"]
-    (sq,) = [d for d in ds if d["type"] == "frser-sqlite-datasource"]
+    sq, fs = [d for d in ds if d["type"] == "frser-sqlite-datasource"]
     assert sq["uid"] == "cellmonitor-sqlite" and sq["jsonData"]["path"].endswith("ledger.sqlite")
+    assert fs["uid"] == "cellmonitor-fates" and fs["jsonData"]["path"].endswith("fates.sqlite")
     dash = json.loads(DASH.read_text())
-    assert {p["datasource"]["uid"] for p in dash["panels"]} == {"cellmonitor-prometheus", "cellmonitor-sqlite"}
+    assert {p["datasource"]["uid"] for p in dash["panels"]} == {"cellmonitor-prometheus", "cellmonitor-sqlite", "cellmonitor-fates"}
