@@ -211,9 +211,14 @@ class Recorder:
         frame is already recorded, else True (the file marked read)."""
         self.metrics.files.labels("read").inc()
         if self.ledger.frame_done(key) and self.ledger.was_finished(path):
-            # the same file again (a second watcher event or a rescan queued it while its frame was
-            # processed): it was counted with its frame, nothing is missing
-            log.info("%s: read again after frame %s was recorded with it; ignoring", path_text(path), key)
+            if self.ledger.is_known(path):
+                # the same file again (a second watcher event or a rescan queued it while its frame
+                # was processed): it was counted with its frame, nothing is missing
+                log.info("%s: read again; frame %s was already recorded with it; ignoring", path_text(path), key)
+                return False
+            self.metrics.files.labels("late").inc()
+            log.warning("%s: rewritten after frame %s was already recorded with its earlier content; the new content is "
+                        "not measured (`cellmonitor replay` into a fresh state folder re-measures the whole run)", path_text(path), key)
             self.ledger.mark_files([path], "done", key)
             return False
         if self.ledger.frame_done(key):

@@ -352,7 +352,7 @@ def test_unreliable_frames_and_late_channels_are_warnings(tmp_path, caplog):
         assert svc.recorder.ledger.frame_done(key)
         with caplog.at_level(logging.INFO, logger="monitor.service.recording"):
             assert svc.recorder.note_read(tmp_path / "in" / "exp1_snap_0_1_1.tif", key) is False
-        assert "read again after frame" in caplog.text
+        assert "read again; frame" in caplog.text
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
         assert svc.metrics.files.labels("late")._value.get() == 1
     finally:
