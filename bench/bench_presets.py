@@ -65,6 +65,20 @@ def pbc_split(seed: int = 0) -> tuple[list[Path], list[Path]]:
     return [ds.files[i].path for i in tr], [ds.files[i].path for i in te]
 
 
+def standard_sets(work: Path) -> tuple[Path, Path, Path, Path, list[Path], list[Path]]:
+    """The benches' splits as folders of links under ``work``: pbc train/test (90/10 stratified),
+    livedead boxed train/test frames (90/10 by frame), and the livedead train/test frame lists."""
+    ptr, pte = pbc_split()
+    pbc_train = link_folders(ptr, DATA / "pbc", work / "pbc-train")
+    pbc_test = link_folders(pte, DATA / "pbc", work / "pbc-test")
+    ld_train, ld_test = split_frames(DATA / "livedead")
+    boxed = [f for f in ld_train if f.with_suffix(".xml").is_file()]
+    ldt = link_folders([*boxed, *(f.with_suffix(".xml") for f in boxed)], DATA / "livedead", work / "ld-train")
+    boxed_test = [f for f in ld_test if f.with_suffix(".xml").is_file()]
+    lde = link_folders([*boxed_test, *(f.with_suffix(".xml") for f in boxed_test)], DATA / "livedead", work / "ld-test")
+    return pbc_train, pbc_test, ldt, lde, ld_train, ld_test
+
+
 def cli(*argv: str) -> str:
     """Run ``cellmonitor ARGV``; its stdout."""
     import contextlib
@@ -156,14 +170,7 @@ def main() -> int:
     speed_rows: list[list[object]] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        ptr, pte = pbc_split()
-        pbc_train = link_folders(ptr, DATA / "pbc", work / "pbc-train")
-        pbc_test = link_folders(pte, DATA / "pbc", work / "pbc-test")
-        ld_train, ld_test = split_frames(DATA / "livedead")
-        boxed = [f for f in ld_train if f.with_suffix(".xml").is_file()]
-        ldt = link_folders([*boxed, *(f.with_suffix(".xml") for f in boxed)], DATA / "livedead", work / "ld-train")
-        boxed_test = [f for f in ld_test if f.with_suffix(".xml").is_file()]
-        lde = link_folders([*boxed_test, *(f.with_suffix(".xml") for f in boxed_test)], DATA / "livedead", work / "ld-test")
+        pbc_train, pbc_test, ldt, lde, ld_train, ld_test = standard_sets(work)
         for preset in presets:
             desc = PRESETS[preset.partition("/")[0]].description + {"raw": ", raw vectors", "tta": ", query TTA 8", "px128": ", 128 px encoder input"}.get(preset.partition("/")[2], "")
             sets = [("pbc 90/10", pbc_train, pbc_test), ("livedead by frame", ldt, lde), ("transfer pbc -> bccd", DATA / "pbc", DATA / "bccd")]

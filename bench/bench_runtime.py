@@ -32,15 +32,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._ewc_common import DATA, emit, need_data  # noqa: E402
-from bench.bench_e2e_livedead import service_pipeline, split_frames  # noqa: E402
+from bench._ewc_common import emit, need_data  # noqa: E402
+from bench.bench_e2e_livedead import service_pipeline  # noqa: E402
 from bench.bench_presets import (  # noqa: E402
     LIVEDEAD_SEGMENTER,
     PIXEL_SIZE_UM,
     cli,
-    link_folders,
     lionheart_frame,
-    pbc_split,
+    standard_sets,
 )
 
 RUNTIMES = ("torch", "onnxruntime", "openvino")
@@ -76,8 +75,11 @@ class Load:
 def pipeline_on(index: Path, preset: str, runtime: str, work: Path) -> Any:
     from dataclasses import replace
 
+    import torch
+
     from monitor.index.presets import PRESETS
 
+    torch.set_num_threads(2)  # the baseline's threads; a runtime's pipeline leaves torch one (wiring)
     encs = [(n, {**o, "runtime": runtime}) for n, o in PRESETS[preset].encoders]
     return replace(service_pipeline(index, preset, LIVEDEAD_SEGMENTER, work, PIXEL_SIZE_UM, encs), crop_framing="box")
 
@@ -146,14 +148,7 @@ def main() -> int:
     os.environ.setdefault("CELLMONITOR_RUNTIME_CACHE", tempfile.mkdtemp(prefix="cellmonitor-bench-runtime-"))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        ptr, pte = pbc_split()
-        pbc_train = link_folders(ptr, DATA / "pbc", work / "pbc-train")
-        pbc_test = link_folders(pte, DATA / "pbc", work / "pbc-test")
-        ld_train, ld_test = split_frames(DATA / "livedead")
-        boxed = [f for f in ld_train if f.with_suffix(".xml").is_file()]
-        ldt = link_folders([*boxed, *(f.with_suffix(".xml") for f in boxed)], DATA / "livedead", work / "ld-train")
-        boxed_test = [f for f in ld_test if f.with_suffix(".xml").is_file()]
-        lde = link_folders([*boxed_test, *(f.with_suffix(".xml") for f in boxed_test)], DATA / "livedead", work / "ld-test")
+        pbc_train, pbc_test, ldt, lde, ld_train, ld_test = standard_sets(work)
         frame = Frame(FrameKey("speed", "A1", "1", 0), {"image": lionheart_frame(ld_test + ld_train)}, "image", None,
                       PIXEL_SIZE_UM, "config", "bench")
         for preset in presets:

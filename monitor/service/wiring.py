@@ -93,6 +93,7 @@ def build_pipeline(cfg: Config, registry: Any, ctx: Any, classifier: Classifier 
     """
     segmenter = registry.build("segmenters", cfg.segmenter, ctx, cfg.source_name, "segmenter")
     encoders = build_encoders(cfg, registry, ctx)
+    torch_threads_beside_runtime(encoders)
     p = cfg.pipeline
     if classifier is None:
         index = load_index(cfg, encoders)
@@ -152,6 +153,21 @@ def marker_check(cfg: Config, index: Any) -> Any:
     rules = resolve(table)
     log.info("marker agreement: %s; else %s", "; ".join(f"{r.channel} > {r.threshold:.3g} -> {r.state}" for r in rules.rules), rules.negative)
     return MarkerCheck(rules, class_roles(index.classes, cfg.classifier.roles))
+
+
+def torch_threads_beside_runtime(encoders: Sequence[Any]) -> None:
+    """Every encoder on a CPU inference runtime: torch keeps one thread.
+
+    torch is then left only small steps (crop preprocessing, the unknown-cell distances);
+    with its thread pool beside the runtime's, each of those small calls took about 75 ms
+    instead of 1 ms on the 2-core machine (bench/bench_runtime.py), a fifth of a frame of
+    the ``fast`` preset. An encoder still on torch (a GPU, a foundation model) keeps torch's
+    threads as they are.
+    """
+    import torch
+
+    if encoders and all(not str(e.runtime).startswith("torch") for e in encoders):
+        torch.set_num_threads(1)
 
 
 def compute_line(pipeline: Pipeline) -> str:

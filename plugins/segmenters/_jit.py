@@ -123,6 +123,23 @@ def _swap(vals: np.ndarray, ages: np.ndarray, idxs: np.ndarray, a: int, b: int) 
 
 
 @_njit
+def _push(vals: np.ndarray, ages: np.ndarray, idxs: np.ndarray, items: int, v: float, age: int, p: int) -> int:  # pragma: no cover - compiled
+    """Push (value, age, pixel) on the binary heap of ``items`` entries, sift it up; the new size."""
+    child = items
+    vals[child] = v
+    ages[child] = age
+    idxs[child] = p
+    while child > 0:
+        parent = (child + 1) // 2 - 1
+        if _smaller(vals, ages, child, parent):
+            _swap(vals, ages, idxs, parent, child)
+            child = parent
+        else:
+            break
+    return items + 1
+
+
+@_njit
 def watershed_4(image: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> None:  # pragma: no cover - compiled
     """Marker watershed, 4-connected, in place on ``labels`` (the markers, 0 elsewhere), within ``mask``.
 
@@ -142,18 +159,7 @@ def watershed_4(image: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> None
     for p in range(n):
         if labels.flat[p] != 0:
             # push (marker: age 0)
-            child = items
-            vals[child] = np.float64(image.flat[p])
-            ages[child] = 0
-            idxs[child] = p
-            items += 1
-            while child > 0:
-                parent = (child + 1) // 2 - 1
-                if _smaller(vals, ages, child, parent):
-                    _swap(vals, ages, idxs, parent, child)
-                    child = parent
-                else:
-                    break
+            items = _push(vals, ages, idxs, items, np.float64(image.flat[p]), 0, p)
     age = 1
     while items > 0:
         ev, ei = vals[0], idxs[0]
@@ -203,15 +209,4 @@ def watershed_4(image: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> None
                 v = ev
             if items == cap:  # cannot happen: a pixel is pushed at most once
                 raise RuntimeError("watershed heap overflow")
-            child = items
-            vals[child] = v
-            ages[child] = age
-            idxs[child] = q
-            items += 1
-            while child > 0:
-                parent = (child + 1) // 2 - 1
-                if _smaller(vals, ages, child, parent):
-                    _swap(vals, ages, idxs, parent, child)
-                    child = parent
-                else:
-                    break
+            items = _push(vals, ages, idxs, items, v, age, q)
