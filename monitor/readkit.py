@@ -30,6 +30,13 @@ _NUCLEAR = re.compile(r"hoechst|dapi|nucle|draq5|\bh2b", re.I)
 _FLUORESCENCE = re.compile(r"apo|\bpi\b|propidium|fluo|\bfl\d|tritc|texas|rfp|gfp|fitc|cy3|cy5|dapi|red|green|sytox|annexin", re.I)
 
 
+
+def well_name(text: str) -> str:
+    """``c01`` -> ``C1``, ``AA12`` -> ``AA12``: the form every reader gives a well (upper-case
+    row, column without leading zeros); text that is no well stays as it is, stripped."""
+    m = re.fullmatch(r"\s*([A-Za-z]{1,2})0*(\d+)\s*", text)
+    return f"{m.group(1).upper()}{int(m.group(2))}" if m else text.strip()
+
 def choose_pixel_size(
     path: Path | str,
     from_file: Sequence[tuple[float, str] | None],

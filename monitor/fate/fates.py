@@ -31,9 +31,10 @@ from typing import Any
 import numpy as np
 
 from monitor.fate.doseresponse import fit_dose_response
-from monitor.fate.platemap import PlateMap, well_name
+from monitor.fate.platemap import PlateMap
 from monitor.fate.smoothing import STATES, HMMParams, smooth_field
 from monitor.fate.survival import kaplan_meier, log_rank, median_time
+from monitor.readkit import well_name
 
 _KEYS = ["experiment", "well", "field"]
 

@@ -30,17 +30,13 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from monitor.readkit import well_name
+
 log = logging.getLogger(__name__)
 
 _MOLAR = {"pm": 1e-6, "nm": 1e-3, "um": 1.0, "µm": 1.0, "μm": 1.0, "mm": 1e3, "m": 1e6}
 _MASS = {"ng/ml": 1e-3, "ug/ml": 1.0, "µg/ml": 1.0, "μg/ml": 1.0, "mg/ml": 1e3}
 _CONTROL_ROLES = frozenset({"control", "vehicle", "negative", "negative control", "untreated"})
-
-
-def well_name(text: str) -> str:
-    """``a01`` -> ``A1``: the form the readers give a well (text that is no well stays as is)."""
-    m = re.fullmatch(r"\s*([A-Za-z]{1,2})0*(\d+)\s*", text)
-    return f"{m.group(1).upper()}{int(m.group(2))}" if m else text.strip()
 
 
 @dataclass(frozen=True)

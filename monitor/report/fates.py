@@ -121,7 +121,7 @@ def _ec50_figure(dr: Any, unit: str) -> bytes:
 
 def _dose_figure(counts: Any, dr: Any, plate: PlateMap) -> bytes:
     from monitor.fate.fates import well_fractions
-    from monitor.fate.platemap import well_name
+    from monitor.readkit import well_name
 
     plt = _plt()
     fr = well_fractions(counts)

@@ -71,7 +71,7 @@ from monitor.imageio import (
     trailing_number,
 )
 from monitor.protocols import ReaderBase
-from monitor.readkit import choose_pixel_size, guess_role
+from monitor.readkit import choose_pixel_size, guess_role, well_name
 from monitor.records import Acquisition, ChannelRole, FrameKey, channel_key
 from monitor.registry import plugin_spec
 
@@ -104,12 +104,6 @@ _COLOR = re.compile(
     r"(?:\s+(?P<ex>\d+(?:\.\d+)?)\s*,\s*(?P<em>\d+(?:\.\d+)?))?\s*\]?\s*$"
 )
 _DATE_FORMATS = ("%m/%d/%y %H:%M:%S", "%m/%d/%Y %H:%M:%S", "%m/%d/%y %I:%M:%S %p", "%m/%d/%Y %I:%M:%S %p")
-
-
-def normalise_well(well: str) -> str:
-    """``c01`` -> ``C1``, ``AA12`` -> ``AA12``: upper-case row, column without zeros."""
-    m = re.fullmatch(r"\s*([A-Za-z]{1,2})0*(\d+)\s*", well)
-    return f"{m.group(1).upper()}{int(m.group(2))}" if m else well.strip()
 
 
 @dataclass(frozen=True)
@@ -151,7 +145,7 @@ def parse_gen5_name(name: str) -> Gen5Name | None:
         if variant == "standard":
             variant = "roi" if roi is not None else "z" if z is not None else "standard"
         return Gen5Name(
-            well=normalise_well(g["well"]),
+            well=well_name(g["well"]),
             read_step=int(g["step"]),
             channel_index=int(g["n"]),
             field=int(g["field"]),
@@ -339,7 +333,7 @@ def _meta_from_element(root: Any) -> Gen5Meta:
         transmitted = _bool(_text(acq, "ColorBrightField"))
     return Gen5Meta(
         plate=_text(ref, "Plate") if ref is not None else None,
-        well=normalise_well(w) if ref is not None and (w := _text(ref, "Well")) else None,
+        well=well_name(w) if ref is not None and (w := _text(ref, "Well")) else None,
         acquired_at=parse_gen5_datetime(_text(ref, "Date"), _text(ref, "Time")) if ref is not None else None,
         read_step=_int(_text(ref, "ReadStepIndex")) if ref is not None else None,
         z_position=_text(ref, "ZStackPosition") if ref is not None else None,

@@ -9,7 +9,6 @@ import pytest
 from cellmonitor_plugins.readers.gen5 import (
     Gen5Reader,
     Options,
-    normalise_well,
     parse_bti_xml,
     parse_channel_color,
     parse_gen5_datetime,
@@ -17,6 +16,8 @@ from cellmonitor_plugins.readers.gen5 import (
     plate_folder,
 )
 from fixtures.vendor import DAPI_STITCHED, TEXAS_RED, bti_xml, entity_bomb_xml
+
+from monitor.readkit import well_name
 
 # name -> (well, read step, channel index, field id, z, roi, channel, timepoint, variant)
 NAMES = {
@@ -72,7 +73,7 @@ def test_channel_name_is_not_split_on_underscores_or_spaces():
 
 @pytest.mark.parametrize("raw, want", [("A1", "A1"), ("c01", "C1"), ("AA012", "AA12"), (" H12 ", "H12")])
 def test_well_normalisation(raw, want):
-    assert normalise_well(raw) == want
+    assert well_name(raw) == want
 
 
 def test_plate_folder_is_parent_or_grandparent(tmp_path):
