@@ -21,6 +21,7 @@ call in :mod:`monitor.batching` (halve the batch, then the CPU).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from monitor.errors import ConfigError
@@ -28,6 +29,14 @@ from monitor.errors import ConfigError
 log = logging.getLogger(__name__)
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda-or-cpu")
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity, not the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def cuda_status() -> tuple[bool, str]:

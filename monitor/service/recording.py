@@ -210,23 +210,19 @@ class Recorder:
         """A file was read as part of frame ``key``: False (and the file marked done) when that
         frame is already recorded, else True (the file marked read)."""
         self.metrics.files.labels("read").inc()
-        if self.ledger.frame_done(key) and self.ledger.was_finished(path):
+        if self.ledger.frame_done(key):
             if self.ledger.is_known(path):
                 # the same file again (a second watcher event or a rescan queued it while its frame
                 # was processed): it was counted with its frame, nothing is missing
                 log.info("%s: read again; frame %s was already recorded with it; ignoring", path_text(path), key)
                 return False
+            # a channel after its frame was counted, or a counted file rewritten: that timepoint's row keeps
+            # what it had, and what this file holds (a control, a marker) is never measured unless replayed
             self.metrics.files.labels("late").inc()
-            log.warning("%s: rewritten after frame %s was already recorded with its earlier content; the new content is "
-                        "not measured (`cellmonitor replay` into a fresh state folder re-measures the whole run)", path_text(path), key)
-            self.ledger.mark_files([path], "done", key)
-            return False
-        if self.ledger.frame_done(key):
-            # a channel after its frame was counted: that timepoint's row keeps missing_channels, and
-            # what this file held (a control, a marker) is never measured unless the frame is replayed
-            self.metrics.files.labels("late").inc()
-            log.warning("%s: arrived after frame %s was already recorded; not measured (its row keeps missing_channels; "
-                        "`cellmonitor replay` into a fresh state folder re-measures the whole run)", path_text(path), key)
+            what = ("rewritten after frame %s was already recorded with its earlier content; the new content is not measured ("
+                    if self.ledger.was_finished(path) else
+                    "arrived after frame %s was already recorded; not measured (its row keeps missing_channels; ")
+            log.warning("%s: " + what + "`cellmonitor replay` into a fresh state folder re-measures the whole run)", path_text(path), key)
             self.ledger.mark_files([path], "done", key)
             return False
         self.ledger.mark_files([path], "read", key)

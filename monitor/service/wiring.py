@@ -16,7 +16,6 @@ index errors are fatal at start-up (exit 78).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -27,6 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from monitor import __version__
 from monitor.config import Config
+from monitor.device import cpu_cores
 from monitor.errors import ConfigError
 from monitor.index.ewc import EWCClassifier, params_from_config
 from monitor.index.query import query_pipeline
@@ -176,15 +176,7 @@ def compute_line(pipeline: Pipeline) -> str:
 
     encs = "; ".join(f"{e.name} on {e.runtime}" for e in pipeline.encoders)
     return (f"{encs}; torch {torch.get_num_threads()} thread(s); segmenter {type(pipeline.segmenter).__name__} in one thread "
-            f"ahead of the encoders (a backlog: the next frames are segmented while this call embeds); {cpu_count()} core(s)")
-
-
-def cpu_count() -> int:
-    """The cores this process may run on (its affinity)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+            f"ahead of the encoders (a backlog: the next frames are segmented while this call embeds); {cpu_cores()} core(s)")
 
 
 def warm_up(pipeline: Pipeline) -> float:

@@ -41,6 +41,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from monitor.device import cpu_cores
 from monitor.hashing import file_sha256
 
 log = logging.getLogger(__name__)
@@ -49,14 +50,6 @@ Runtime = Literal["auto", "torch", "onnxruntime", "openvino"]
 #: the largest |runtime - torch| / max|torch| accepted when a runner is built
 TOLERANCE = 1e-4
 OPSET = 17
-
-
-def cpu_threads() -> int:
-    """The cores this process may use (its affinity, not the machine's count)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def runtime_cache_dir() -> Path:
@@ -192,7 +185,7 @@ def compile_module(module: Any, input_px: int, *, encoder_id: str, graph: str, r
     version = available(runtime)
     if version is None:
         return None
-    threads = threads or cpu_threads()
+    threads = threads or cpu_cores()
     folder = Path(folder)
     path = folder / f"{name}-{_key(encoder_id, graph)}-{runtime}.onnx"
     record = {"runtime": runtime, "runtime_version": version, "encoder": encoder_id, "graph": graph}
