@@ -116,7 +116,30 @@ def stage_ends(model: Any) -> list[int]:
     return [i for i in range(len(outs)) if i == len(outs) - 1 or outs[i + 1] != outs[i]]
 
 
-class EfficientNetLiteEncoder(EncoderBase):
+class _OnRuntime(EncoderBase):
+    """What the Lite encoders share: their ``graph`` (a torch module) runs on torch or, compiled
+    by :func:`compile_module`, on a CPU runtime (``runner``)."""
+
+    graph: Any
+    runner: Runner | None
+    input_px: int
+    device: str
+    name: str
+    id: str
+
+    @property
+    def runtime(self) -> str:
+        return runtime_label(self.runner)
+
+    def _compile(self, runtime: str, graph_key: str, folder: Path | None, threads: int) -> None:
+        """Run ``graph`` on ``runtime`` (a name :func:`choose` gave) from here on; torch keeps it
+        when ``runtime`` is torch or when the export fails the check against torch."""
+        self.runner = None if runtime == "torch" else compile_module(
+            self.graph, self.input_px, encoder_id=self.id, graph=graph_key, runtime=runtime,
+            folder=folder or runtime_cache_dir(), threads=threads, name=self.name)
+
+
+class EfficientNetLiteEncoder(_OnRuntime):
     def __init__(
         self, variant: int, model: Any, weights_tag: str, input_px: int, device: str = "cpu", layers: str = "last", pool: str = "mean"
     ):
@@ -137,19 +160,12 @@ class EfficientNetLiteEncoder(EncoderBase):
         suffix = ("+" + "".join(f"s{s}" for s in stages)) if stages else ""
         self.id = f"{self.name}@{weights_tag}:{input_px}px:pm1:{POOL_IDS[pool]}{suffix}"
         self.graph = features_module(self.model, self._taps, pool)
-        self.runner: Runner | None = None
-
-    @property
-    def runtime(self) -> str:
-        return runtime_label(self.runner)
+        self.runner = None
 
     def use_runtime(self, want: Runtime, folder: Path | None = None, threads: int = 0) -> None:
         """Run on ``want`` (``auto``: the installed CPU runtime) from here on; torch when it is
         unavailable, on a GPU, or when its export fails the check against torch."""
-        name = choose(want, self.device)
-        self.runner = None if name == "torch" else compile_module(
-            self.graph, self.input_px, encoder_id=self.id, graph=f"taps{self._taps}:{self.pool}", runtime=name,
-            folder=folder or runtime_cache_dir(), threads=threads, name=self.name)
+        self._compile(choose(want, self.device), f"taps{self._taps}:{self.pool}", folder, threads)
 
     def encode(self, crops: Any) -> Any:
         import torch
@@ -253,7 +269,7 @@ def fit_path(folder: Path, variant: int) -> Path:
     return Path(folder) / "fit" / f"efficientnet-lite{variant}.npz"
 
 
-class FittedLiteEncoder(EncoderBase):
+class FittedLiteEncoder(_OnRuntime):
     """EfficientNet-Lite fine-tuned on the lab's references; embeds into the learned projection (module docstring).
 
     Built before its weights exist while ``index build --from-marker`` runs
@@ -276,22 +292,15 @@ class FittedLiteEncoder(EncoderBase):
         self.needs_fit = True
         self.id = f"{self.name}@{base_tag}:{input_px}px:pm1:fit-pending"
         self.graph = features_module(self.model, [], "mean")
-        self.runner: Runner | None = None
+        self.runner = None
         self.want_runtime: Runtime = "auto"
         self.threads = 0
 
-    @property
-    def runtime(self) -> str:
-        return runtime_label(self.runner)
-
     def use_runtime(self, want: Runtime, folder: Path | None = None, threads: int = 0) -> None:
-        """As :meth:`EfficientNetLiteEncoder.use_runtime`; the export is kept beside the fitted
-        weights (``INDEX/fit/``) when that folder is writable."""
+        """As :meth:`EfficientNetLiteEncoder.use_runtime` (torch until fitted); the export is kept
+        beside the fitted weights (``INDEX/fit/``) when that folder is writable."""
         self.want_runtime, self.threads = want, threads
-        name = "torch" if self.needs_fit else choose(want, self.device)
-        self.runner = None if name == "torch" else compile_module(
-            self.graph, self.input_px, encoder_id=self.id, graph="features", runtime=name,
-            folder=folder or runtime_cache_dir(), threads=threads, name=self.name)
+        self._compile("torch" if self.needs_fit else choose(want, self.device), "features", folder, threads)
 
     # ---- weights ------------------------------------------------------------------------
     def load(self, path: Path) -> None:
