@@ -1,6 +1,6 @@
 """Label-free death calls against the death marker, on real cells, through the documented workflow.
 
-    .venv/bin/python bench/bench_marker_truth.py [--config config/mcf7_pi.toml] [--variants fitted,frozen]
+    .venv/bin/python bench/bench_marker_truth.py [--config config/mcf7_pi.toml] [--variants documented,fitted,frozen]
         [--validate] [--write bench/results/marker_truth.md]
 
 Data: ``../shared/data/bf_pi_mcf7`` (60 fields of HER2+ MCF7 cells attacked by immune effector
@@ -27,9 +27,12 @@ Protocol (split by experiment, never by field or cell):
    service's pipeline) gives EWC and plain 20-NN calls on the same cells; the service's calls must
    equal the direct EWC calls cell for cell.
 
-Variants (same run, same split): ``fitted`` (the documented config: EfficientNet-Lite0 fine-tuned
-on the references, EWC over its learned 64-d embedding) and ``frozen`` (the same config with the
-frozen ImageNet encoder of the default preset, Lite0 GeM stages 1-7 + head: the baseline).
+Variants (same run, same split): ``documented`` (the config as shipped: the ``morphology``
+encoder's 75 measurements, a logistic projection learned inside ``--from-marker``, EWC over it),
+``fitted`` (EfficientNet-Lite0 fine-tuned on the references inside ``--from-marker``, EWC over its
+PCA-whitened features: the previous documented recipe) and ``frozen`` (the frozen ImageNet encoder
+of the default preset, Lite0 GeM stages 1-7 + head: the baseline). Each variant changes only the
+encoder block and ``[fit] projection`` of the documented config.
 """
 
 from __future__ import annotations
@@ -52,7 +55,10 @@ from bench._ewc_common import DATA, REPO, emit, need_data  # noqa: E402
 
 SET = DATA / "bf_pi_mcf7"
 CONFIG = REPO / "config" / "mcf7_pi.toml"
-FROZEN_ENCODER = '[[encoders]]\nname = "efficientnet-lite0"\noptions = { layers = "all", pool = "gem", input_px = 128 }\n'
+VARIANT_ENCODERS = {
+    "fitted": '[[encoders]]\nname = "efficientnet-lite0"\noptions = { fitted = true }\n',
+    "frozen": '[[encoders]]\nname = "efficientnet-lite0"\noptions = { layers = "all", pool = "gem", input_px = 128 }\n',
+}
 
 
 def experiment_of(stem: str) -> str:
@@ -103,13 +109,15 @@ def link(folder: Path, stems: list[str]) -> None:
 
 
 def write_config(base: Path, root: Path, watch: Path, variant: str) -> Path:
-    """The documented config with only the paths changed (and, for ``frozen``, the encoder)."""
+    """The documented config with only the paths changed (and, for ``fitted`` and ``frozen``, the encoder)."""
     text = base.read_text()
     text = text.replace('watch_dir = "/data/mcf7-fields"', f'watch_dir = "{watch}"')
     text = text.replace('index = "/var/lib/cellmonitor/index"', f'index = "{root / "index"}"')
     text = text.replace('state_dir = "/var/lib/cellmonitor"', f'state_dir = "{root / "state"}\"\nmetrics_port = 0')
-    if variant == "frozen":
-        text = re.sub(r'\[\[encoders\]\]\nname = "efficientnet-lite0"\noptions = \{[^}]*\}\n', FROZEN_ENCODER, text)
+    if variant in VARIANT_ENCODERS:
+        text, n = re.subn(r'\[\[encoders\]\]\nname = "[^"]+"\n(?:options = \{[^}]*\}\n)?', VARIANT_ENCODERS[variant], text)
+        text = text.replace('projection = "logistic"', 'projection = "pca-whiten"')
+        assert n == 1, "the documented config has one [[encoders]] block"
     out = root / "c.toml"
     out.write_text(text)
     tomllib.loads(text)  # still valid TOML
@@ -130,7 +138,7 @@ def direct_calls(cfg_path: Path, folder: Path) -> dict[tuple[str, int], dict[str
     from monitor.imaging import crop_cells, rescale
     from monitor.index.from_marker import frames_in
     from monitor.intake.readers import build_readers
-    from monitor.pipeline import embed
+    from monitor.pipeline import embed_cells
     from monitor.protocols import context_from
     from monitor.registry import Registry
     from monitor.service.wiring import build_pipeline, roles_for
@@ -148,7 +156,7 @@ def direct_calls(cfg_path: Path, folder: Path) -> dict[tuple[str, int], dict[str
         if not cells.cells:
             continue
         crops = crop_cells(f, cells, pipe.crop_px, pipe.blank_background, pipe.crop_framing, pipe.crop_margin, pipe.crop_contrast)
-        emb = embed(crops, pipe.encoders, pipe.batch_size)
+        emb = embed_cells(f, cells, crops, pipe.encoders, pipe.batch_size)  # a frame encoder measures each cell in its frame
         states = pipe.classifier.classify(emb)
         _, nbr = index.search(emb.vectors, 20)
         knn = [index.classes[int(np.bincount(index.labels[row[row >= 0]], minlength=len(index.classes)).argmax())] for row in nbr]
@@ -235,7 +243,7 @@ def table(results: list[dict[str, Any]], split_name: str) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", type=Path, default=CONFIG)
-    ap.add_argument("--variants", default="fitted,frozen")
+    ap.add_argument("--variants", default="documented,fitted,frozen")
     ap.add_argument("--validate", action="store_true", help="split the training experiments again; never read the test split")
     ap.add_argument("--write", type=Path)
     args = ap.parse_args()

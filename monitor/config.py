@@ -165,8 +165,16 @@ class FitConfig(_Model):
     translation and contrast augmentation); its output is then that learned embedding, and
     EWC-FAISS classifies over it. The weights go into the index folder (``fit/<encoder>.npz``,
     checksummed, no pickle) and the encoder's id carries their digest.
+
+    ``projection`` says how the index conditions the features it is built from (with or
+    without a fitted encoder): ``pca-whiten`` to ``condition_dim`` dimensions, or
+    ``logistic``, a class-weighted logistic projection learned on the references with
+    L2 penalty ``penalty`` (:mod:`monitor.index.condition`); EWC-FAISS searches the result.
     """
 
+    projection: Literal["pca-whiten", "logistic"] = Field(
+        "pca-whiten", description="the index's conditioning at --from-marker: PCA-whitening, or a logistic projection learned on the references")
+    penalty: float = Field(1e-2, ge=0, description="L2 penalty of the logistic projection")
     epochs: int = Field(8, ge=1, le=200)
     lr: float = Field(1e-3, gt=0, le=1.0, description="peak learning rate (one-cycle schedule, AdamW)")
     batch_size: int = Field(32, ge=2, le=1024)

@@ -311,6 +311,15 @@ def cell_embeddings(frame: Frame, cells: Cells, crop_vectors: np.ndarray, encode
     return Embeddings(np.ascontiguousarray(vectors), tuple(e.id for e in encoders), tuple(e.dim for e in encoders))
 
 
+def embed_cells(frame: Frame, cells: Cells, crops: np.ndarray, encoders: Sequence[Encoder], batch_size: int = 64,
+                policy: OomPolicy | None = None) -> Embeddings:
+    """One frame's cells embedded as the service does: the crop encoders on ``crops`` (one batched
+    call), each frame encoder on the cells in their frame, columns in the configured order."""
+    crop_encs = [e for e in encoders if not isinstance(e, FrameEncoder)]
+    crop_v = _embed_crops(crops, crop_encs, batch_size, policy) if crop_encs else np.zeros((len(crops), 0), np.float32)
+    return cell_embeddings(frame, cells, crop_v, encoders)
+
+
 def _finish(sg: _Segmented, rows: list[np.ndarray], shared_s: float, crop_encs: list[Encoder], p: Pipeline) -> Counts:
     """Embedding columns in configured order, EWC, control and counts for one segmented frame."""
     s, frame = dict(sg.seconds), sg.frame

@@ -323,9 +323,14 @@ def _build_from_marker(args: argparse.Namespace) -> int:
                     args.threshold if args.threshold is not None else pe.entropy_threshold, pe.reweight if args.reweight is None else args.reweight)
     auto_dim = cfg.fit.condition_dim if fitted else (pc.dim if pc is not None else 0)  # a fitted encoder: [fit] condition_dim
     dim = args.condition_dim if args.condition_dim is not None else min(auto_dim, len(marked.labels) // 8)
-    print(f"  EWC k {ewc.k_min}..{ewc.k_max} (smallest class: {smallest} cells); conditioning {dim or 'off'}", file=sys.stderr)
-    index = build_index(cfg, pipeline, marked, metric=args.metric, ewc=ewc,
-                        conditioning=ConditioningSpec(dim, args.shrinkage if args.shrinkage is not None else 0.1) if dim > 0 else None,
+    conditioning = None
+    if cfg.fit.projection == "logistic":
+        conditioning = ConditioningSpec(1, method="logistic", penalty=cfg.fit.penalty)
+    elif dim > 0:
+        conditioning = ConditioningSpec(dim, args.shrinkage if args.shrinkage is not None else 0.1)
+    shown = f"logistic projection (penalty {cfg.fit.penalty:g})" if cfg.fit.projection == "logistic" else (dim or "off")
+    print(f"  EWC k {ewc.k_min}..{ewc.k_max} (smallest class: {smallest} cells); conditioning {shown}", file=sys.stderr)
+    index = build_index(cfg, pipeline, marked, metric=args.metric, ewc=ewc, conditioning=conditioning,
                         query={"tta": args.tta} if args.tta and args.tta != 1 else None, unknown_quantile=_unknown_q(args))
     index.save(args.out)
     counts = ", ".join(f"{c} {n}" for c, n in index.class_counts.items())

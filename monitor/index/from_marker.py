@@ -33,6 +33,7 @@ from monitor.intake.files import scan
 from monitor.intake.readers import ReaderSet, read_file
 from monitor.marker import AMBIGUOUS, MarkerRules, label_cells, measure_channels, resolve, summarise
 from monitor.pipeline import Pipeline, embed
+from monitor.protocols import FrameEncoder
 from monitor.records import Cells, Frame
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,9 @@ class MarkerLabels:
     frames: int
     frames_without_marker: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    #: the vectors of each frame encoder (its position among the encoders -> (N, dim)), made
+    #: while the frames were at hand: such an encoder embeds a cell in its frame, not its crop
+    frame_vectors: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 def frames_in(cfg: Config, readers: ReaderSet, folder: Path, skipped: list[tuple[str, str]]) -> list[Frame]:
@@ -101,6 +105,8 @@ def label_frames(cfg: Config, pipeline: Pipeline, frames: list[Frame], folder: P
     pooled = {c: np.concatenate([v[c] for _, _, v in per_frame]) for c in channels}
     rules = resolve(table, pooled)
     crops, labels, names, every = [], [], [], []
+    in_frame = {j: e for j, e in enumerate(pipeline.encoders) if isinstance(e, FrameEncoder)}
+    frame_vectors: dict[int, list[np.ndarray]] = {j: [] for j in in_frame}
     for f, cells, values in per_frame:
         lab = label_cells(values, rules)
         every += list(lab)
@@ -112,11 +118,14 @@ def label_frames(cfg: Config, pipeline: Pipeline, frames: list[Frame], folder: P
             sub = Cells(cells.labels, tuple(cells.cells[i] for i in keep), cells.pixel_size_um)
             crops.append(crop_cells(f, sub, pipeline.crop_px, pipeline.blank_background, pipeline.crop_framing, pipeline.crop_margin,
                                     pipeline.crop_contrast))
+            for j, enc in in_frame.items():
+                frame_vectors[j].append(np.asarray(enc.encode_cells(f, sub), dtype=np.float32))
     if len(set(labels)) < 2:
         got = ", ".join(f"{k} {v}" for k, v in sorted(summarise(every).items())) or "no cell segmented"
         raise BadInput(folder, f"the marker gave fewer than two states ({got}); an index needs cells of at least two states: "
                                "use a calibration run where cells die, or adjust the [marker] thresholds")
-    return MarkerLabels(np.concatenate(crops), labels, names, rules, summarise(every), len(per_frame), without)
+    return MarkerLabels(np.concatenate(crops), labels, names, rules, summarise(every), len(per_frame), without,
+                        frame_vectors={j: np.concatenate(v) for j, v in frame_vectors.items()})
 
 
 def check_rules(cfg: Config) -> None:
@@ -130,14 +139,29 @@ def build_index(cfg: Config, pipeline: Pipeline, marked: MarkerLabels, **build_k
     """The reference index from the marker-labelled crops (encoders as configured)."""
 
     classes, y = marker_classes(marked)
-    emb = embed(marked.crops, pipeline.encoders, pipeline.batch_size)
+    vectors = marker_vectors(pipeline, marked)
     encs = [{"name": ref.name, "options": dict(ref.options), "id": e.id, "dim": e.dim}
             for ref, e in zip(cfg.encoders, pipeline.encoders, strict=True)]
     prep = {"source": "marker", "pixel_size_um": pipeline.pixel_size_um, "crop_px": pipeline.crop_px,
             "blank_background": pipeline.blank_background, "crop_contrast": pipeline.crop_contrast, "marker": marked.rules.record(), "marker_counts": marked.counts}
-    index = ReferenceIndex.build(emb.vectors, y, classes, encs, ref_names=marked.names, preprocessing=prep, **build_kw)
+    index = ReferenceIndex.build(vectors, y, classes, encs, ref_names=marked.names, preprocessing=prep, **build_kw)
     index.extra_files = [f"fit/{e.name}{suffix}" for e in pipeline.encoders if "fit-" in e.id for suffix in (".npz", ".json")]
     return index
+
+
+def marker_vectors(pipeline: Pipeline, marked: MarkerLabels) -> np.ndarray:
+    """The kept cells' vectors in the configured encoder order: crop encoders on the crops (one
+    batched call), frame encoders from what :func:`label_frames` measured in the frames."""
+    crop_encs = [e for j, e in enumerate(pipeline.encoders) if j not in marked.frame_vectors]
+    crop_v = embed(marked.crops, crop_encs, pipeline.batch_size).vectors if crop_encs else np.zeros((len(marked.crops), 0), np.float32)
+    blocks, o = [], 0
+    for j, enc in enumerate(pipeline.encoders):
+        if j in marked.frame_vectors:
+            blocks.append(marked.frame_vectors[j])
+        else:
+            blocks.append(crop_v[:, o : o + enc.dim])
+            o += enc.dim
+    return np.ascontiguousarray(np.concatenate(blocks, axis=1), dtype=np.float32)
 
 
 def marker_classes(marked: MarkerLabels) -> tuple[tuple[str, ...], np.ndarray]:

@@ -223,7 +223,7 @@ class ReferenceIndex:
                              f"another count ({', '.join(COUNT_TALLIES)}); rename that class")
         if query is not None and int(query.get("tta", 1)) not in (1, 8):
             raise ValueError(f"query tta must be 1 or 8 (got {query.get('tta')})")
-        cond = Conditioner.fit(x, conditioning) if isinstance(conditioning, ConditioningSpec) else conditioning
+        cond = Conditioner.fit(x, conditioning, np.asarray(labels)) if isinstance(conditioning, ConditioningSpec) else conditioning
         meta = IndexMeta(tuple(dict(e) for e in encoders), tuple(classes), metric, structure, ewc, hnsw, normalize,
                          dict(preprocessing) if preprocessing is not None else None,
                          cond.record() if cond is not None else None, dict(query) if query else None)

@@ -20,8 +20,7 @@ import numpy as np
 from monitor.errors import BadInput, NoInput
 from monitor.imaging import crop_cells, rescale
 from monitor.intake.assemble import merge
-from monitor.pipeline import cell_embeddings, embed
-from monitor.protocols import FrameEncoder
+from monitor.pipeline import embed_cells
 from monitor.records import Cells, Frame, States
 
 
@@ -47,9 +46,7 @@ def call_cells(frame: Frame, pipeline: Any) -> FrameCalls:
     frame = rescale(frame, p.pixel_size_um)
     cells = p.segmenter.segment(frame)
     crops = crop_cells(frame, cells, p.crop_px, p.blank_background, p.crop_framing, p.crop_margin, p.crop_contrast)
-    crop_encs = [e for e in p.encoders if not isinstance(e, FrameEncoder)]
-    crop_v = embed(crops, crop_encs, p.batch_size, p.oom).vectors if crop_encs else np.zeros((len(crops), 0), np.float32)
-    emb = cell_embeddings(frame, cells, crop_v, p.encoders)  # configured order, as the index was built
+    emb = embed_cells(frame, cells, crops, p.encoders, p.batch_size, p.oom)  # configured order, as the index was built
     return FrameCalls(frame, cells, crops, p.classifier.classify(emb))
 
 

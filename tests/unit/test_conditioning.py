@@ -62,6 +62,41 @@ def test_conditioning_dim_capped_and_shrinkage_validated() -> None:
         Conditioner.fit(x, ConditioningSpec(4)).apply(np.zeros((2, 5), np.float32))
 
 
+def test_logistic_projection_finds_the_class_direction_under_a_huge_nuisance(tmp_path: Path) -> None:
+    """The learned projection keeps the direction that separates the classes (dim 0), not the
+    one with the most variance (dim 1), weighs a rare class as much as a common one, and is
+    saved, checksummed and reloaded like the whitening."""
+    rng = np.random.default_rng(1)
+    n = 400
+    y = (np.arange(n) % 10 == 0).astype(int)  # one in ten is "b", like dead cells in a calibration run
+    x = rng.normal(0, 1, (n, 12)).astype(np.float32)
+    x[:, 0] += 1.5 * y
+    x[:, 1] *= 100.0
+    c = Conditioner.fit(x, ConditioningSpec(1, method="logistic", penalty=1e-2), y)
+    assert c.proj.shape == (12, 1) and c.record()["method"] == "standardise-logistic" and not c.l2
+    z = c.apply(x)[:, 0]
+    assert z.std() == pytest.approx(1.0, rel=1e-3)
+    assert abs(c.proj[0, 0]) > 5 * np.abs(c.proj[1:, 0]).max()  # the class direction, not the nuisance
+    assert z[y == 1].mean() > z[y == 0].mean() + 1.0  # the second class scores higher
+    # most of each class on its own side of the midpoint
+    mid = (z[y == 1].mean() + z[y == 0].mean()) / 2
+    assert (z[y == 1] > mid).mean() > 0.6 and (z[y == 0] < mid).mean() > 0.6
+    idx = ReferenceIndex.build(x, y, ["a", "b"], [{"name": "e", "id": "e@1", "dim": 12}], structure="flat",
+                               conditioning=ConditioningSpec(1, method="logistic", penalty=1e-2))
+    idx.save(tmp_path / "i")
+    back = ReferenceIndex.load(tmp_path / "i")
+    assert back.conditioner is not None and back.conditioner.method == "standardise-logistic"
+    np.testing.assert_allclose(back.conditioner.apply(x), idx.conditioner.apply(x), atol=1e-6)
+    # more classes: one centred logit per class
+    y3 = np.arange(n) % 3
+    x3 = rng.normal(0, 1, (n, 6)) + np.eye(6)[y3] * 2
+    assert Conditioner.fit(x3, ConditioningSpec(1, method="logistic"), y3).proj.shape == (6, 3)
+    with pytest.raises(ValueError, match="one class label per reference"):
+        Conditioner.fit(x, ConditioningSpec(1, method="logistic"))
+    with pytest.raises(ValueError, match="method must be one of"):
+        ConditioningSpec(1, method="lda")
+
+
 def test_conditioning_round_trip_with_checksums(tmp_path: Path) -> None:
     x, y = _refs()
     idx = _index(x, y, ConditioningSpec(dim=8, shrinkage=0.1))
