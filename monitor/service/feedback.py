@@ -38,7 +38,8 @@ from monitor.hashing import file_sha256
 from monitor.imaging import crop_cells, display_range, rescale, resize
 from monitor.index.dataset import read_image
 from monitor.intake.assemble import merge
-from monitor.pipeline import Pipeline, embed
+from monitor.pipeline import Pipeline, embed, embed_cells
+from monitor.protocols import FrameEncoder
 from monitor.records import Cells
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ class Feedback:
         if not files:
             return 0
         known = {n.split(":")[1] for n in index.correction_names if n.startswith("feedback:")}
-        crops, labels, names, taken = [], [], [], []
+        vectors, labels, names, taken = [], [], [], []
         for path in files:
             try:
                 kind = self._kind(path)
@@ -115,15 +116,12 @@ class Feedback:
                 log.warning("feedback %s: %s: %s (moved to rejected/)", path, type(e).__name__, e)
                 self._move(path, "rejected")
                 continue
-            crops.append(c)
+            vectors.append(c)
             labels += y
             names += [f"feedback:{digest}:{path.name}:{i}" for i in range(len(y))]
             taken.append(path)
-        if crops:
-            # reference-side encoders: a query-side wrapper (TTA) is not applied to references
-            encoders = [e.reference_encoder for e in self.pipeline.encoders]
-            emb = embed(np.concatenate(crops), encoders, self.pipeline.batch_size)
-            version = index.add(emb.vectors, np.array(labels), names)
+        if vectors:
+            version = index.add(np.concatenate(vectors), np.array(labels), names)
             index.save_corrections(self.index_dir)
             if self.metrics is not None:
                 self.metrics.index_version.set(version)
@@ -150,7 +148,17 @@ class Feedback:
             raise Rejected(f"{name!r} is not a class of the index (classes: {', '.join(self.index.classes)})")
         return classes.index(name.strip().lower())
 
+    @property
+    def _encoders(self) -> list[Any]:
+        """Reference-side encoders: a query-side wrapper (TTA) is not applied to references."""
+        return [e.reference_encoder for e in self.pipeline.encoders]
+
     def _image(self, path: Path) -> tuple[np.ndarray, list[int]]:
+        """(vectors, labels) of one crop image filed under its class's folder."""
+        in_frame = [e.name for e in self._encoders if isinstance(e, FrameEncoder)]
+        if in_frame:
+            raise Rejected(f"a crop image has no frame, and encoder {in_frame[0]} measures each cell in its frame: "
+                           "correct it with a CSV of frame,cell,state rows instead")
 
         y = self._class(path.parent.name)
         img = display_range(read_image(path))
@@ -158,9 +166,10 @@ class Feedback:
             img = np.repeat(img[..., None], 3, axis=2)
         size = self.pipeline.crop_px
         crop = resize(img[..., :3], (size, size)).astype(np.uint8)
-        return crop[None], [y]
+        return embed(crop[None], self._encoders, self.pipeline.batch_size).vectors, [y]
 
     def _rows(self, path: Path) -> tuple[np.ndarray, list[int]]:
+        """(vectors, labels) of the cells a CSV names, embedded in their frames as the service does."""
 
         with path.open(newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
@@ -170,7 +179,7 @@ class Feedback:
             rows = list(reader)
         if not rows:
             raise Rejected("no rows")
-        crops, labels = [], []
+        vectors, labels = [], []
         by_frame: dict[str, list[tuple[int, int, int]]] = {}
         for line, r in enumerate(rows, start=2):
             try:
@@ -195,9 +204,10 @@ class Feedback:
                 raise Rejected(f"{name}: no such cell in its segmentation ({'; '.join(missing)}; ids 1..{max(ids, default=0)})")
             sub = Cells(seg.labels, tuple(ids[c] for _, c, _ in wanted), seg.pixel_size_um)
             p = self.pipeline
-            crops.append(crop_cells(frame, sub, p.crop_px, p.blank_background, p.crop_framing, p.crop_margin, p.crop_contrast))
+            crops = crop_cells(frame, sub, p.crop_px, p.blank_background, p.crop_framing, p.crop_margin, p.crop_contrast)
+            vectors.append(embed_cells(frame, sub, crops, self._encoders, p.batch_size).vectors)
             labels += [y for _, _, y in wanted]
-        return np.concatenate(crops), labels
+        return np.concatenate(vectors), labels
 
     def _move(self, path: Path, where: str) -> None:
         dest = self.folder / where / (path.parent.name if path.parent != self.folder else "")

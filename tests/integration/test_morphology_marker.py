@@ -79,3 +79,50 @@ def test_documented_mcf7_workflow_on_real_fields(shared_data: Path, tmp_path: Pa
     same, n = (int(v) for v in r["service_equals_direct"].split("/"))
     assert n > 300 and same == n
     assert r["ba"] >= 0.65 and r["knn20_ba"] < r["ba"]
+
+
+def test_corrections_to_a_frame_encoder_index_are_measured_in_their_frames(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """An expert's frame,cell,state rows are embedded in the cell's frame (as the service embeds it);
+    a crop image, which has no frame, is refused with one line saying what to give instead."""
+    import logging
+
+    import numpy as np
+
+    from monitor.config import load_config
+    from monitor.imaging import rescale
+    from monitor.intake.assemble import merge
+    from monitor.intake.readers import build_readers
+    from monitor.protocols import context_from
+    from monitor.registry import Registry
+    from monitor.service.feedback import Feedback
+    from monitor.service.wiring import build_pipeline
+
+    cfg_path = morphology_setup(tmp_path)
+    assert main(["index", "build", str(tmp_path / "train"), "--from-marker", str(cfg_path), "--out", str(tmp_path / "index"), "--no-progress"]) == 0
+    cfg = load_config(cfg_path)
+    reg = Registry(cfg.plugins.paths)
+    ctx = context_from(cfg, device="cpu")
+    pipe = build_pipeline(cfg, reg, ctx)
+    readers = build_readers(cfg, reg, ctx)
+    write_field(tmp_path / "in", "fb_snap_0_3_1")
+    fb = Feedback(tmp_path / "feedback", tmp_path / "index", pipe, readers, tmp_path / "in", stable_s=0.0, interval_s=0.0)
+    (tmp_path / "feedback" / "dead").mkdir(parents=True)
+    (tmp_path / "feedback" / "review.csv").write_text("frame,cell,state\nfb_snap_0_3_1.tif,9,dead\n")
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "feedback" / "dead" / "crop.tif", np.zeros((24, 24), np.uint8))
+    with caplog.at_level(logging.WARNING):
+        assert fb.poll() == 1
+    assert "has no frame, and encoder morphology measures each cell in its frame" in caplog.text
+    warned = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1 and "crop.tif" in warned[0].getMessage()
+    index = pipe.classifier.index  # type: ignore[attr-defined]
+    added = index._corr[0][-1]
+    frame = rescale(merge([readers.choose(tmp_path / "in" / "fb_snap_0_3_1.tif").read(tmp_path / "in" / "fb_snap_0_3_1.tif")], "auto", "none"),
+                    pipe.pixel_size_um)
+    cells = pipe.segmenter.segment(frame)
+    (cell9,) = [c for c in cells.cells if c.id == 9]
+    from monitor.records import Cells
+
+    expected = pipe.encoders[0].encode_cells(frame, Cells(cells.labels, (cell9,), cells.pixel_size_um))[0]
+    np.testing.assert_allclose(added, expected, rtol=1e-5, atol=1e-5)
