@@ -98,6 +98,7 @@ class Encoder(Protocol):
     prefetches: bool
     version: str | None
     needs_fit: bool
+    frame_only: bool
 
     def fit(self, crops: np.ndarray, labels: np.ndarray, classes: Sequence[str], settings: Any, folder: Path,
             progress: bool = True) -> dict[str, Any]:
@@ -223,6 +224,9 @@ class EncoderBase:
     #: the encoder learns from the lab's references at ``index build --from-marker`` (:meth:`fit`)
     #: and is not ready to embed before
     needs_fit: bool = False
+    #: the encoder measures each cell in its frame, under its mask (a :class:`FrameEncoder` whose
+    #: ``encode(crops)`` serves only the warm-up): folders of crops cannot be its references
+    frame_only: bool = False
 
     def fit(self, crops: np.ndarray, labels: np.ndarray, classes: Sequence[str], settings: Any, folder: Path,
             progress: bool = True) -> dict[str, Any]:

@@ -181,7 +181,15 @@ def _encoders(specs: list[tuple[str, dict[str, Any]]], args: argparse.Namespace)
 
     reg = Registry(args.plugin_path)
     ctx = BuildContext(state_dir=Path.cwd(), device=resolve_device(args.device))
-    return [reg.build("encoders", PluginRef(name=n, options=o), ctx, where=f"--encoders {n}") for n, o in specs]
+    encoders = [reg.build("encoders", PluginRef(name=n, options=o), ctx, where=f"--encoders {n}") for n, o in specs]
+    in_frame = [e.name for e in encoders if e.frame_only]
+    if in_frame:
+        from monitor.errors import ConfigError
+
+        raise ConfigError(f"encoder {in_frame[0]} measures each cell in its frame, under its mask: it cannot embed a folder of crops. "
+                          "Build its references with `cellmonitor index build FRAMES --from-marker CONFIG`; the service's marker "
+                          "agreement (run or replay) measures its calls")
+    return encoders
 
 
 def _encoder_specs(text: str) -> list[tuple[str, dict[str, Any]]]:

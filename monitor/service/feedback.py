@@ -39,7 +39,6 @@ from monitor.imaging import crop_cells, display_range, rescale, resize
 from monitor.index.dataset import read_image
 from monitor.intake.assemble import merge
 from monitor.pipeline import Pipeline, embed, embed_cells
-from monitor.protocols import FrameEncoder
 from monitor.records import Cells
 
 log = logging.getLogger(__name__)
@@ -155,7 +154,7 @@ class Feedback:
 
     def _image(self, path: Path) -> tuple[np.ndarray, list[int]]:
         """(vectors, labels) of one crop image filed under its class's folder."""
-        in_frame = [e.name for e in self._encoders if isinstance(e, FrameEncoder)]
+        in_frame = [e.name for e in self._encoders if e.frame_only]
         if in_frame:
             raise Rejected(f"a crop image has no frame, and encoder {in_frame[0]} measures each cell in its frame: "
                            "correct it with a CSV of frame,cell,state rows instead")

@@ -145,6 +145,7 @@ class MorphologyEncoder(EncoderBase):
     id = f"morphology-v{VERSION}:{dim}"
     version = str(VERSION)
     runtime = "numpy/OpenCV"
+    frame_only = True
 
     def encode_cells(self, frame: Any, cells: Any) -> np.ndarray:
         image = frame.image

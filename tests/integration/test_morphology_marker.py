@@ -126,3 +126,18 @@ def test_corrections_to_a_frame_encoder_index_are_measured_in_their_frames(tmp_p
 
     expected = pipe.encoders[0].encode_cells(frame, Cells(cells.labels, (cell9,), cells.pixel_size_um))[0]
     np.testing.assert_allclose(added, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_folder_of_crops_cannot_be_a_frame_encoders_references(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+    import tifffile
+
+    for cls in ("live", "dead"):
+        (tmp_path / "refs" / cls).mkdir(parents=True)
+        for i in range(3):
+            tifffile.imwrite(tmp_path / "refs" / cls / f"{i}.tif", np.full((32, 32), 40 * i, np.uint8))
+    code = main(["index", "build", str(tmp_path / "refs"), "--encoders", "morphology", "--out", str(tmp_path / "idx"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code != 0 and not (tmp_path / "idx").exists()
+    assert "encoder morphology measures each cell in its frame" in err and "--from-marker" in err
+    assert len([ln for ln in err.splitlines() if ln.strip()]) == 1
