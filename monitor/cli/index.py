@@ -325,10 +325,14 @@ def _build_from_marker(args: argparse.Namespace) -> int:
     # are capped so that no class is outvoted by k alone and the whitening is not fitted on noise
     preset = PRESETS[args.preset]
     pe, pc = preset.ewc, preset.conditioning
+    # the config's [classifier] EWC settings are what the service will use: the index is built with them
+    c = cfg.classifier
     smallest = min(marked.labels.count(s) for s in set(marked.labels))
-    k_max = args.k_max or max(pe.k_min, min(pe.k_max, smallest))
-    ewc = EWCParams(args.k_min or min(pe.k_min, k_max), k_max,
-                    args.threshold if args.threshold is not None else pe.entropy_threshold, pe.reweight if args.reweight is None else args.reweight)
+    asked = args.k_min or c.k_min
+    k_max = args.k_max or c.k_max or max(asked or pe.k_min, min(pe.k_max, smallest))
+    threshold = next(t for t in (args.threshold, c.entropy_threshold, pe.entropy_threshold) if t is not None)
+    reweight = next(r for r in (args.reweight, c.reweight, pe.reweight) if r is not None)
+    ewc = EWCParams(asked or min(pe.k_min, k_max), k_max, threshold, reweight)
     auto_dim = cfg.fit.condition_dim if fitted else (pc.dim if pc is not None else 0)  # a fitted encoder: [fit] condition_dim
     dim = args.condition_dim if args.condition_dim is not None else min(auto_dim, len(marked.labels) // 8)
     conditioning = None

@@ -218,11 +218,14 @@ def _index_problems(cfg: Any, registry: Any) -> list[str]:
     """The index against the config's encoders, as ``run`` checks it (encoders built, no segmenter):
     one line naming the fix when they differ."""
     from monitor.errors import CellmonitorError
+    from monitor.index.ewc import params_from_config
     from monitor.protocols import context_from
     from monitor.service.wiring import build_encoders, load_index
 
     try:
-        load_index(cfg, build_encoders(cfg, registry, context_from(cfg, device="cpu")))
+        index = load_index(cfg, build_encoders(cfg, registry, context_from(cfg, device="cpu")))
+        c = cfg.classifier
+        params_from_config(index, c.k_min, c.k_max, c.entropy_threshold, c.reweight)  # the EWC range run would use
     except CellmonitorError as e:
         return [f"{cfg.source_name}: classifier.index: {line}" for line in e.lines] if hasattr(e, "lines") else [f"{cfg.source_name}: classifier.index: {e}"]
     return []

@@ -123,12 +123,26 @@ class EWCClassifier:
 
 
 def params_from_config(index: ReferenceIndex, k_min: int | None, k_max: int | None, thr: float | None, reweight: bool | None) -> EWCParams:
-    """Config values override the index's stored EWC parameters where given."""
+    """Config values override the index's stored EWC parameters where given.
+
+    Raises
+    ------
+    ConfigError
+        The merged range is empty (a configured ``k_min`` above the index's ``k_max``, or the
+        reverse): one line at start-up and in ``check-config``, not a failure on every frame.
+    """
+    from monitor.errors import ConfigError
+
     base = index.ewc
-    return EWCParams(
+    p = EWCParams(
         k_min=k_min if k_min is not None else base.k_min,
         k_max=k_max if k_max is not None else base.k_max,
         entropy_threshold=thr if thr is not None else base.entropy_threshold,
         reweight=reweight if reweight is not None else base.reweight,
     )
+    if p.k_min > p.k_max:
+        mine, theirs = ("k_min", "k_max") if k_min is not None else ("k_max", "k_min")
+        raise ConfigError(f"[classifier] {mine} = {getattr(p, mine)} but the index's {theirs} is {getattr(p, theirs)}: set [classifier] "
+                          f"{theirs} too, or rebuild the index with this config (index build --from-marker takes its EWC settings)")
+    return p
 

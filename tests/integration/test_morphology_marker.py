@@ -141,3 +141,26 @@ def test_a_folder_of_crops_cannot_be_a_frame_encoders_references(tmp_path: Path,
     assert code != 0 and not (tmp_path / "idx").exists()
     assert "encoder morphology measures each cell in its frame" in err and "--from-marker" in err
     assert len([ln for ln in err.splitlines() if ln.strip()]) == 1
+
+
+def test_the_configs_ewc_range_builds_the_index_and_an_impossible_one_is_one_line(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """--from-marker builds the index with the config's [classifier] k_min and threshold (8 dead
+    references here, far fewer than k_min 40: k_max is raised to it). An index whose k_max is below
+    the config's k_min is refused by check-config and by run with the same line, before any frame."""
+    cfg = morphology_setup(tmp_path)
+    cfg.write_text(cfg.read_text().replace('roles = { live = "live", dead = "dead" }',
+                                           'roles = { live = "live", dead = "dead" }\nk_min = 40\nentropy_threshold = 0.7'))
+    index = tmp_path / "index"
+    assert main(["index", "build", str(tmp_path / "train"), "--from-marker", str(cfg), "--out", str(index), "--no-progress"]) == 0
+    ewc = json.loads((index / "meta.json").read_text())["ewc"]
+    assert (ewc["k_min"], ewc["k_max"], ewc["entropy_threshold"]) == (40, 40, 0.7)
+    assert main(["check-config", str(cfg)]) == 0
+    # the same index under a config that asks for more neighbours than it allows
+    cfg.write_text(cfg.read_text().replace("k_min = 40", "k_min = 80"))
+    capsys.readouterr()
+    assert main(["check-config", str(cfg)]) != 0
+    checked = capsys.readouterr().err
+    assert "[classifier] k_min = 80 but the index's k_max is 40" in checked
+    assert main(["run", str(cfg)]) != 0
+    ran = capsys.readouterr().err
+    assert "[classifier] k_min = 80 but the index's k_max is 40" in ran
