@@ -86,12 +86,39 @@ def display_range(image: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.
     img = np.asarray(image)
     if img.ndim == 3 and img.dtype == np.uint8:
         return np.ascontiguousarray(img[..., :3])
+    grey = _stretch(img, low_pct, high_pct)
+    return np.stack([grey, grey, grey], axis=2)  # np.repeat's bytes, sooner
+
+
+def _stretch(img: np.ndarray, low_pct: float, high_pct: float) -> np.ndarray:
+    """The grey uint8 of :func:`display_range` (before the three channels are repeated).
+
+    A 2-D uint8 or uint16 frame (every Lionheart / BioTek frame) takes the same numbers
+    sooner, from its histogram: the percentiles are numpy's own of the same values, sorted
+    (``np.repeat`` of each level by its count: the same multiset, so the same result), and
+    every level is mapped once by the same float32 arithmetic (a lookup table) instead of
+    every pixel: the same bytes (tested against the general path), a fifth of the time.
+    """
+    if img.ndim == 2 and img.dtype in (np.uint8, np.uint16) and img.size:
+        counts = np.bincount(img.ravel(), minlength=256)
+        levels = np.arange(counts.size, dtype=np.float32)  # what to_float makes of each level
+        lo, hi = np.percentile(np.repeat(levels, counts), [low_pct, high_pct])
+        if hi <= lo:
+            hi = lo + 1.0
+        lut = (np.clip((levels - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
+        return cv2.LUT(img, lut) if img.dtype == np.uint8 else np.take(lut, img)
     g = to_float(img)
     lo, hi = np.percentile(g, [low_pct, high_pct])
     if hi <= lo:
         hi = lo + 1.0
-    u8 = (np.clip((g - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
-    return np.repeat(u8[..., None], 3, axis=2)
+    return (np.clip((g - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
+
+
+def grey_median(grey: np.ndarray) -> float:
+    """``np.median`` (the same number) of a uint8 array, from its histogram (numpy's median of the same
+    values sorted, so the same result; a few times sooner on a frame)."""
+    counts = np.bincount(np.ravel(grey), minlength=256)
+    return float(np.median(np.repeat(np.arange(256, dtype=np.uint8), counts)))
 
 
 def background_range(image: np.ndarray, mads: float = 15.0) -> np.ndarray:
@@ -215,7 +242,7 @@ def crop_cells(
     rgb = frame_view(frame.image, contrast)
     # grey frames repeat one channel three times: take the median once (3x less work per frame)
     grey = rgb.ndim == 3 and rgb.shape[2] == 3 and frame.image.ndim == 2
-    fill = np.repeat(np.median(rgb[..., 0]), 3).astype(np.uint8) if grey else np.median(rgb.reshape(-1, 3), axis=0).astype(np.uint8)
+    fill = np.repeat(grey_median(rgb[..., 0]), 3).astype(np.uint8) if grey else np.median(rgb.reshape(-1, 3), axis=0).astype(np.uint8)
     if framing == "box":
         boxes = np.array([c.bbox_px for c in cells.cells], dtype=np.float64).reshape(-1, 4)
         return crop_boxes(rgb, boxes, size, margin, pad_value=fill)

@@ -156,18 +156,39 @@ def marker_check(cfg: Config, index: Any) -> Any:
 
 
 def torch_threads_beside_runtime(encoders: Sequence[Any]) -> None:
-    """Every encoder on a CPU inference runtime: torch keeps one thread.
+    """Every encoder on a CPU inference runtime: torch keeps one thread, and so does BLAS.
 
     torch is then left only small steps (crop preprocessing, the unknown-cell distances);
     with its thread pool beside the runtime's, each of those small calls took about 75 ms
     instead of 1 ms on the 2-core machine (bench/bench_runtime.py), a fifth of a frame of
-    the ``fast`` preset. An encoder still on torch (a GPU, a foundation model) keeps torch's
-    threads as they are.
+    the ``fast`` preset. The same holds for BLAS (numpy's and FAISS's OpenBLAS: the index's
+    conditioning, a 44 x 2064 by 2064 x 128 product for a ``fast`` frame): its two threads
+    spin for each other while the segment-ahead thread and the runtime hold the cores, and
+    a frame's classify step took 50-200 ms instead of 15 ms in a backlog (a sixth of the
+    frame; :func:`blas_threads`). An encoder still on torch (a GPU, a foundation model)
+    keeps torch's and BLAS's threads as they are.
     """
     import torch
 
     if encoders and all(not str(e.runtime).startswith("torch") for e in encoders):
         torch.set_num_threads(1)
+        blas_threads(1)
+
+
+def blas_threads(n: int | None = None) -> int | None:
+    """Set the BLAS libraries' threads to ``n`` (None: leave them); the threads now (None: unknown).
+
+    Through ``threadpoolctl`` (installed with the ``cpu`` extra); without it nothing is
+    changed and None is returned.
+    """
+    try:
+        import threadpoolctl
+    except ImportError:  # pragma: no cover - the cpu extra brings it
+        return None
+    if n is not None:
+        threadpoolctl.threadpool_limits(n, user_api="blas")
+    counts = [int(d["num_threads"]) for d in threadpoolctl.threadpool_info() if d.get("user_api") == "blas"]
+    return max(counts) if counts else None
 
 
 def compute_line(pipeline: Pipeline) -> str:
@@ -175,7 +196,8 @@ def compute_line(pipeline: Pipeline) -> str:
     import torch
 
     encs = "; ".join(f"{e.name} on {e.runtime}" for e in pipeline.encoders)
-    return (f"{encs}; torch {torch.get_num_threads()} thread(s); segmenter {type(pipeline.segmenter).__name__} in one thread "
+    blas = blas_threads()
+    return (f"{encs}; torch {torch.get_num_threads()} thread(s); BLAS {blas if blas is not None else '?'} thread(s); segmenter {type(pipeline.segmenter).__name__} in one thread "
             f"ahead of the encoders (a backlog: the next frames are segmented while this call embeds); {cpu_cores()} core(s)")
 
 

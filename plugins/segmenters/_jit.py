@@ -16,10 +16,12 @@ import numpy as np
 
 
 def _njit(fn: Callable[..., Any]) -> Any:
+    # nogil: a kernel lets the other threads run (the encoders and classify beside the
+    # segment-ahead thread); each works on its own arrays only
     try:
-        return nb.njit(cache=True)(fn)
+        return nb.njit(cache=True, nogil=True)(fn)
     except RuntimeError:  # "cannot cache function ...: no locator available": no writable cache folder
-        return nb.njit(fn)
+        return nb.njit(nogil=True)(fn)
 
 # 8-neighbours before a pixel in raster order (dy, dx), and after it
 _UP = ((-1, -1), (-1, 0), (-1, 1), (0, -1))

@@ -142,3 +142,28 @@ def test_a_fitted_encoder_runs_its_eight_views_on_the_runtime(tmp_path: Path, cr
     enc.use_runtime("onnxruntime", path.parent)
     assert enc.runner is not None and list(path.parent.glob("*.onnx"))
     assert _rel(enc.encode(crops), want) < 1e-4
+
+
+def test_beside_a_runtime_torch_and_blas_keep_one_thread() -> None:
+    """Every encoder on a runtime: torch and BLAS one thread each (their pools spinning beside the
+    runtime's and the segment-ahead thread cost a backlog a sixth of a frame); an encoder on torch
+    leaves both as they are; the compute log line says the BLAS threads."""
+    from types import SimpleNamespace
+
+    import torch
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+
+    from monitor.service import wiring
+
+    torch_before = torch.get_num_threads()
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        torch.set_num_threads(2)
+        try:
+            wiring.torch_threads_beside_runtime([SimpleNamespace(runtime="torch 2 (2 threads)"), SimpleNamespace(runtime="onnxruntime 1")])
+            assert torch.get_num_threads() == 2 and wiring.blas_threads() == 2
+            wiring.torch_threads_beside_runtime([SimpleNamespace(runtime="onnxruntime 1.32.0 (2 threads)")])
+            assert torch.get_num_threads() == 1 and wiring.blas_threads() == 1
+            p = SimpleNamespace(encoders=[SimpleNamespace(name="lite0", runtime="onnxruntime")], segmenter=object())
+            assert "BLAS 1 thread(s)" in wiring.compute_line(p)  # type: ignore[arg-type]
+        finally:
+            torch.set_num_threads(torch_before)

@@ -60,3 +60,34 @@ def test_small_regions_dropped():
     img[40, 40] = 1  # single pixel
     c = otsu_control(img, 1.0, "pi", min_region_px=4)
     assert c.area_um2 == 100 and c.n_regions == 1
+
+
+def _display_range_per_pixel(image: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5) -> np.ndarray:
+    """The crop view as it was computed pixel by pixel (percentiles of every pixel, every pixel mapped)."""
+    from monitor.imaging import to_float
+
+    g = to_float(image)
+    lo, hi = np.percentile(g, [low_pct, high_pct])
+    if hi <= lo:
+        hi = lo + 1.0
+    return np.repeat((np.clip((g - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)[..., None], 3, axis=2)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_the_crop_view_of_an_integer_frame_is_the_per_pixel_one_to_the_byte(dtype: type) -> None:
+    """display_range's histogram path (uint8 / uint16 frames) and the median fill give the bytes and the
+    number of the per-pixel computation: flat, two-level, sparse and skewed fields of any size."""
+    from monitor.imaging import display_range, grey_median
+
+    rng = np.random.default_rng(5)
+    top = 65536 if dtype == np.uint16 else 256
+    for i in range(120):
+        shape = (int(rng.integers(1, 70)), int(rng.integers(1, 70)))
+        levels = [1, 2, 3, 17, top][i % 5]
+        img = rng.integers(0, levels, shape) if i % 3 else np.clip(rng.normal(top / 3, top / 20, shape), 0, top - 1)
+        img = np.asarray(img).astype(dtype)
+        got = display_range(img)
+        assert got.dtype == np.uint8 and np.array_equal(got, _display_range_per_pixel(img)), (i, shape, levels)
+        assert grey_median(got[..., 0]) == np.median(got[..., 0])
+    big = rng.integers(0, top, (904, 1224)).astype(dtype)
+    assert np.array_equal(display_range(big), _display_range_per_pixel(big))

@@ -243,3 +243,13 @@ def test_kernels_compile_without_a_writable_cache(monkeypatch):
         return x + 1
 
     assert _jit._njit(add_one)(1) == 2
+
+
+def test_the_compiled_kernels_release_the_gil():
+    """The segment-ahead thread runs them beside the encoders and classify: none may hold the GIL."""
+    import numba as nb
+    from cellmonitor_plugins.segmenters import _jit
+
+    kernels = {n: f for n, f in vars(_jit).items() if isinstance(f, nb.core.registry.CPUDispatcher)}
+    assert {"watershed_4", "reconstruct_dilation", "greedy_spacing"} <= set(kernels)
+    assert all(f.targetoptions.get("nogil") for f in kernels.values()), {n: f.targetoptions for n, f in kernels.items()}
