@@ -86,3 +86,14 @@ def test_encoder_follows_the_cells_order_and_its_pixel_size() -> None:
     crops = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
     out = enc.encode(crops)
     assert out.shape == (2, enc.dim) and np.isfinite(out).all()
+
+
+def test_the_encoder_passes_the_plugin_contract_checks(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from monitor.config import PluginRef
+    from monitor.protocols import BuildContext
+    from monitor.registry import Registry
+    from monitor.testing import check_encoder
+
+    enc = Registry([]).build("encoders", PluginRef(name="morphology"), BuildContext(state_dir=tmp_path))
+    v = check_encoder(enc, n=2, size=48)
+    assert v.shape == (2, 75) and enc.frame_only
