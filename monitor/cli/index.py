@@ -283,6 +283,7 @@ def _build_from_marker(args: argparse.Namespace) -> int:
         build_index,
         check_rules,
         describe,
+        describe_cv,
         fit_encoders,
         frames_in,
         label_frames,
@@ -344,6 +345,7 @@ def _build_from_marker(args: argparse.Namespace) -> int:
     print(f"  EWC k {ewc.k_min}..{ewc.k_max} (smallest class: {smallest} cells); conditioning {shown}", file=sys.stderr)
     index = build_index(cfg, pipeline, marked, metric=args.metric, ewc=ewc, conditioning=conditioning,
                         query={"tta": args.tta} if args.tta and args.tta != 1 else None, unknown_quantile=_unknown_q(args))
+    print(f"  {describe_cv(index.preprocessing['marker_cv'])}", file=sys.stderr)
     index.save(args.out)
     counts = ", ".join(f"{c} {n}" for c, n in index.class_counts.items())
     print(f"wrote {args.out}: {len(index)} references labelled by the marker ({counts}); {time.perf_counter() - t0:.1f} s", file=sys.stderr)

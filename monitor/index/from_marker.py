@@ -135,8 +135,12 @@ def check_rules(cfg: Config) -> None:
                           "(see README, 'Labelling references by a death marker'); with --from-marker FOLDER, name the config with --config")
 
 
-def build_index(cfg: Config, pipeline: Pipeline, marked: MarkerLabels, **build_kw: Any) -> Any:
-    """The reference index from the marker-labelled crops (encoders as configured)."""
+def build_index(cfg: Config, pipeline: Pipeline, marked: MarkerLabels, cross_validate: bool = True, **build_kw: Any) -> Any:
+    """The reference index from the marker-labelled crops (encoders as configured).
+
+    With ``cross_validate``, the references are also scored against the marker by grouped
+    cross-validation (:func:`marker_cv`), recorded in the index (``preprocessing.marker_cv``).
+    """
 
     classes, y = marker_classes(marked)
     vectors = marker_vectors(pipeline, marked)
@@ -144,9 +148,68 @@ def build_index(cfg: Config, pipeline: Pipeline, marked: MarkerLabels, **build_k
             for ref, e in zip(cfg.encoders, pipeline.encoders, strict=True)]
     prep = {"source": "marker", "pixel_size_um": pipeline.pixel_size_um, "crop_px": pipeline.crop_px,
             "blank_background": pipeline.blank_background, "crop_contrast": pipeline.crop_contrast, "marker": marked.rules.record(), "marker_counts": marked.counts}
+    if cross_validate:
+        fitted = [e.name for e in pipeline.encoders if "fit-" in e.id]
+        prep["marker_cv"] = ({"skipped": f"encoder {fitted[0]} was fitted on every reference: a cross-validation would need a fit per fold"}
+                             if fitted else marker_cv(vectors, y, classes, marked.names, build_kw))
     index = ReferenceIndex.build(vectors, y, classes, encs, ref_names=marked.names, preprocessing=prep, **build_kw)
     index.extra_files = [f"fit/{e.name}{suffix}" for e in pipeline.encoders if "fit-" in e.id for suffix in (".npz", ".json")]
     return index
+
+
+def marker_cv(vectors: np.ndarray, y: np.ndarray, classes: tuple[str, ...], names: list[str], build_kw: dict[str, Any],
+              folds: int = 5) -> dict[str, Any]:
+    """How well the label-free calls agree with the marker on references they did not see.
+
+    The references are split into up to ``folds`` groups by **experiment** (the first part
+    of each reference's name), or by field when fewer than two experiments are there, never
+    by cell; each group's cells are called by an index built from the others with the same
+    settings (conditioning, EWC). Returns the per-class recall, the balanced accuracy, the
+    unit and number of folds, and how many references were scored; or ``{"skipped": why}``
+    when there are too few groups or a fold lacks a class.
+    """
+    from monitor.index.ewc import EWCClassifier
+    from monitor.index.store import ReferenceIndex
+    from monitor.records import Embeddings
+
+    unit, groups = "experiment", [n.split("/")[0] for n in names]
+    if len(set(groups)) < 2:
+        unit, groups = "field", ["/".join(n.split("/")[:3]) for n in names]
+    g = np.array(groups)
+    names_g = sorted(set(groups))
+    if len(names_g) < 2:
+        return {"skipped": "the references come from one field: nothing to hold out"}
+    k = min(folds, len(names_g))
+    # whole groups to folds, largest first, each to the fold with the fewest cells of its rarest class so far
+    rare = int(np.argmin(np.bincount(y, minlength=len(classes))))
+    load = np.zeros((k, 2))
+    of: dict[str, int] = {}
+    for name in sorted(names_g, key=lambda n: (-int(((g == n) & (y == rare)).sum()), -int((g == n).sum()), n)):
+        j = int(np.lexsort((np.arange(k), load[:, 1], load[:, 0]))[0])
+        of[name] = j
+        load[j] += (((g == name) & (y == rare)).sum(), (g == name).sum())
+    fold = np.array([of[n] for n in groups])
+    called = np.full(len(y), -1)
+    kw = {key: v for key, v in build_kw.items() if key in ("metric", "ewc", "conditioning")}
+    dims = [{"name": "cv", "id": "cv", "dim": vectors.shape[1]}]
+    for j in range(k):
+        train, test = fold != j, fold == j
+        if len(set(y[train].tolist())) < len(classes):
+            return {"skipped": f"a fold's training part lacks a class ({k} folds by {unit}): too few groups for a cross-validation"}
+        idx = ReferenceIndex.build(vectors[train], y[train], classes, dims, structure="flat", unknown_quantile=None, **kw)
+        called[test] = EWCClassifier(idx).classify(Embeddings(np.ascontiguousarray(vectors[test]), ("cv",), (vectors.shape[1],))).predicted
+    recall = {c: float((called[y == i] == i).mean()) for i, c in enumerate(classes) if (y == i).any()}
+    return {"unit": unit, "folds": k, "groups": len(names_g), "references": int(len(y)),
+            "recall": {c: round(r, 4) for c, r in recall.items()}, "balanced_accuracy": round(float(np.mean(list(recall.values()))), 4)}
+
+
+def describe_cv(cv: dict[str, Any]) -> str:
+    """One line for a person: what the cross-validation at build said, or why there is none."""
+    if "skipped" in cv:
+        return f"label-free calls vs the marker: not cross-validated ({cv['skipped']})"
+    rec = ", ".join(f"{c} {r:.2f}" for c, r in cv["recall"].items())
+    return (f"label-free calls vs the marker, cross-validated at build ({cv['folds']} folds by {cv['unit']}, "
+            f"{cv['references']} references): balanced accuracy {cv['balanced_accuracy']:.2f} (recall: {rec})")
 
 
 def marker_vectors(pipeline: Pipeline, marked: MarkerLabels) -> np.ndarray:

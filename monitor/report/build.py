@@ -93,7 +93,10 @@ def build_report(
     if pipeline is None and res.no_gallery is None:
         res.no_gallery = "no config given (the report was built from the CSV alone)"
     fates, no_fates, plate = fate_view.load_fates(cfg, counts_csv)
+    trust = marker_cv_note(cfg)
     for e in experiments(df, death_states):
+        if trust:
+            e.notes.append(trust)
         name = re.sub(r"[^A-Za-z0-9._-]+", "_", e.name).strip("._") or "experiment"
         gallery = None
         if pipeline is not None:
@@ -126,6 +129,27 @@ def _tables(e: Experiment) -> dict[str, Any]:
 
 def _has_control(e: Experiment) -> bool:
     return "control_area_fraction" in e.table and bool(e.table["control_area_fraction"].notna().any())
+
+
+def marker_cv_note(cfg: Any) -> str:
+    """What the config's index said when it was built ``--from-marker``: its cross-validation against
+    the death marker, i.e. how far label-free calls go ("" without a config or such a record)."""
+    import json
+
+    from monitor.index.from_marker import describe_cv
+
+    if cfg is None:
+        return ""
+    try:
+        meta = json.loads((Path(cfg.classifier.index) / "meta.json").read_text())
+        cv = (meta.get("preprocessing") or {}).get("marker_cv")
+    except (OSError, ValueError, AttributeError):
+        return ""  # no index (yet): the page has nothing to say about it
+    if not isinstance(cv, dict) or not cv:
+        return ""
+    line = describe_cv(cv)
+    return (line[0].upper() + line[1:] + ". That is how far the state calls on this page can be expected to agree with the "
+            "death marker on cells like the references.")
 
 
 def unreliable_banner(e: Experiment) -> str:

@@ -29,6 +29,7 @@ from monitor.config import Config
 from monitor.device import cpu_cores
 from monitor.errors import ConfigError
 from monitor.index.ewc import EWCClassifier, params_from_config
+from monitor.index.from_marker import describe_cv
 from monitor.index.query import query_pipeline
 from monitor.index.store import ReferenceIndex
 from monitor.intake.assemble import FrameAssembler
@@ -152,6 +153,9 @@ def marker_check(cfg: Config, index: Any) -> Any:
             r["threshold"] = fitted[(r["channel"], r["state"])]
     rules = resolve(table)
     log.info("marker agreement: %s; else %s", "; ".join(f"{r.channel} > {r.threshold:.3g} -> {r.state}" for r in rules.rules), rules.negative)
+    cv = (index.preprocessing or {}).get("marker_cv")
+    if cv:
+        log.info("%s", describe_cv(cv))
     return MarkerCheck(rules, class_roles(index.classes, cfg.classifier.roles))
 
 

@@ -58,6 +58,8 @@ def test_index_build_fits_the_encoder_and_the_service_uses_it(tmp_path, capsys):
     from monitor.hashing import file_sha256
 
     assert meta["checksums"]["fit/efficientnet-lite0.npz"] == file_sha256(weights)
+    # a cross-validation would need a fit per fold: the index says so instead of an optimistic figure
+    assert "was fitted on every reference" in meta["preprocessing"]["marker_cv"]["skipped"]
     (enc_rec,) = meta["encoders"]
     assert enc_rec["dim"] == 1280 and enc_rec["id"].endswith(f":fit-{file_sha256(weights)[:12]}")  # the fine-tuned pooled features
     # the service builds the same encoder from the index folder and the index takes it

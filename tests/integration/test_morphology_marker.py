@@ -32,12 +32,17 @@ def test_morphology_references_from_the_marker_and_the_replay_calls_them(tmp_pat
     cfg = morphology_setup(tmp_path)
     index = tmp_path / "index"
     assert main(["index", "build", str(tmp_path / "train"), "--from-marker", str(cfg), "--out", str(index), "--no-progress"]) == 0
-    assert "conditioning logistic projection (penalty 0.01)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "conditioning logistic projection (penalty 0.01)" in err
+    assert "cross-validated at build (4 folds by experiment, 20 references): balanced accuracy 1.00" in err
     meta = json.loads((index / "meta.json").read_text())
     (enc,) = meta["encoders"]
     assert enc["name"] == "morphology" and enc["dim"] == 75
     assert meta["conditioning"]["method"] == "standardise-logistic" and meta["conditioning"]["dim"] == 1
     assert meta["class_counts"] == {"live": 12, "dead": 8}
+    # the references scored against the marker by a cross-validation by experiment at build
+    cv = meta["preprocessing"]["marker_cv"]
+    assert (cv["unit"], cv["folds"], cv["references"], cv["balanced_accuracy"]) == ("experiment", 4, 20, 1.0)
     # new fields, the dead nuclei elsewhere: the replay calls each from its brightfield measurements
     (tmp_path / "in").rmdir()
     (tmp_path / "in").mkdir()
@@ -49,6 +54,10 @@ def test_morphology_references_from_the_marker_and_the_replay_calls_them(tmp_pat
     assert len(cells) == 10
     for _, row in cells.iterrows():  # the label-free call matches the PI verdict on every cell
         assert row["state"] == row["marker_state"], row.to_dict()
+    # the report tells the biologist how far these calls go against the marker (the build's cross-validation)
+    assert main(["report", str(cfg), "--out", str(tmp_path / "report"), "--no-gallery"]) == 0
+    page = next((tmp_path / "report").glob("*.html")).read_text()
+    assert "Label-free calls vs the marker, cross-validated at build (4 folds by experiment, 20 references): balanced accuracy 1.00" in page
 
 
 @pytest.mark.timeout(600)
@@ -158,3 +167,34 @@ def test_the_configs_ewc_range_builds_the_index_and_an_impossible_one_is_one_lin
     assert main(["run", str(cfg)]) != 0
     ran = capsys.readouterr().err
     assert "[classifier] k_min = 80 but the index's k_max is 40" in ran
+
+
+def test_references_the_label_free_channel_cannot_tell_apart_say_so_at_build(tmp_path: Path, capsys, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Brightfield that carries nothing about death (every nucleus the same grey, PI as before): the
+    build's cross-validation says the calls agree with the marker no better than chance, and the
+    service repeats it in its first lines."""
+    import tifffile
+
+    cfg = morphology_setup(tmp_path)
+    for i in range(4, 8):
+        write_field(tmp_path / "train", f"exp{i}_snap_0_1_{i}")
+    for tif in (tmp_path / "train").glob("*_snap_*[0-9].tif"):
+        stack = tifffile.imread(tif)
+        labels = tifffile.imread(tif.with_name(tif.stem + "_labelled.tif"))
+        stack[0][labels > 0] = 36000  # one grey for live and dead nuclei alike
+        tifffile.imwrite(tif, stack, photometric="rgb", planarconfig="separate")
+    assert main(["index", "build", str(tmp_path / "train"), "--from-marker", str(cfg), "--out", str(tmp_path / "index"), "--no-progress"]) == 0
+    cv = json.loads((tmp_path / "index" / "meta.json").read_text())["preprocessing"]["marker_cv"]
+    assert cv["folds"] == 5 and cv["references"] == 40 and cv["balanced_accuracy"] <= 0.7
+    assert "label-free calls vs the marker, cross-validated at build (5 folds by experiment" in capsys.readouterr().err
+    import logging
+
+    from monitor.config import load_config
+    from monitor.protocols import context_from
+    from monitor.registry import Registry
+    from monitor.service.wiring import build_pipeline
+
+    c = load_config(cfg)
+    with caplog.at_level(logging.INFO, logger="monitor.service.wiring"):
+        build_pipeline(c, Registry(c.plugins.paths), context_from(c, device="cpu"))
+    assert f"balanced accuracy {cv['balanced_accuracy']:.2f}" in caplog.text and "cross-validated at build" in caplog.text
