@@ -60,6 +60,7 @@ def test_morphology_references_from_the_marker_and_the_replay_calls_them(tmp_pat
     assert "Label-free calls vs the marker, cross-validated at build (4 folds by experiment, 20 references): balanced accuracy 1.00" in page
 
 
+@pytest.mark.realdata
 @pytest.mark.timeout(600)
 def test_documented_mcf7_workflow_on_real_fields(shared_data: Path, tmp_path: Path) -> None:
     """config/mcf7_pi.toml as shipped, on the real brightfield + PI fields: references from the
