@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/bench_plate.py [--frames 384] [--cells 200] [--arrival-s 0] [--write bench/results/plate.md]
 
-One timepoint of a 96-well plate imaged at 4 fields a well (384 frames, brightfield-like
+One timepoint of a 96-well plate imaged at 4 fields a well (384 frames; more frames are the next
+timepoints of the same plate, so 768 is two hourly plates with tracks linking them; brightfield-like
 phase + an Apo-15 channel, 1224 x 904 px at 0.322 um/px, about 200 cells each: the demo's
 synthetic cells, rendered on 16 distinct fields reused under the plate's well and field
 names) lands in the watched folder of the real service (watcher, stability check, ledger,
@@ -103,14 +104,14 @@ def fields(n: int, cells: int, seed: int = 11) -> list[tuple[np.ndarray, np.ndar
     return out
 
 
-def write(folder: Path, well: str, field: int, phase: np.ndarray, fluo: np.ndarray) -> None:
+def write(folder: Path, well: str, field: int, phase: np.ndarray, fluo: np.ndarray, timepoint: int = 1) -> None:
     import tifffile
 
     res = (1e4 / PX_UM, 1e4 / PX_UM)
     for name, img in (("phase", phase), ("apo15", fluo)):
-        tmp = folder / f".demo_{well}_f{field}_t001_{name}.tif.part"
+        tmp = folder / f".demo_{well}_f{field}_t{timepoint:03d}_{name}.tif.part"
         tifffile.imwrite(tmp, img, resolution=res, resolutionunit="CENTIMETER", compression="zlib")
-        tmp.replace(folder / f"demo_{well}_f{field}_t001_{name}.tif")  # lands whole, as a microscope's rename does
+        tmp.replace(folder / f"demo_{well}_f{field}_t{timepoint:03d}_{name}.tif")  # lands whole, as a microscope's rename does
 
 
 def run_plate(root: Path, runtime: str, n_frames: int, pool: list[tuple[np.ndarray, np.ndarray]], arrival_s: float,
@@ -125,13 +126,13 @@ def run_plate(root: Path, runtime: str, n_frames: int, pool: list[tuple[np.ndarr
     cfg_path.write_text(config_text(root, runtime))
     cfg = load_config(cfg_path)
     service, server = build_service(cfg, Registry(), serve_metrics=False)
-    done: dict[tuple[str, str], float] = {}
+    done: dict[tuple[str, str, int], float] = {}
     cells: list[int] = []
     cv = threading.Condition()
 
     def on_counts(c: Any) -> None:
         with cv:
-            done[(c.key.well, c.key.field)] = time.monotonic()
+            done[(c.key.well, c.key.field, c.key.timepoint)] = time.monotonic()
             cells.append(c.n_cells)
             cv.notify_all()
 
@@ -139,16 +140,17 @@ def run_plate(root: Path, runtime: str, n_frames: int, pool: list[tuple[np.ndarr
     stop = threading.Event()
     worker = threading.Thread(target=service.run, args=(stop,), daemon=True)
     worker.start()
-    landed: dict[tuple[str, str], float] = {}
-    keys = [(WELLS[i // 4 % len(WELLS)], str(i % 4 + 1)) for i in range(n_frames)]
+    landed: dict[tuple[str, str, int], float] = {}
+    # one plate (96 wells x 4 fields) per timepoint: frames beyond a plate are the next timepoint
+    keys = [(WELLS[i // 4 % len(WELLS)], str(i % 4 + 1), i // (4 * len(WELLS)) + 1) for i in range(n_frames)]
     t0 = time.monotonic()
     samples: list[tuple[float, int, float]] = []
     next_sample = t0
     try:
-        for i, (w, f) in enumerate(keys):
+        for i, (w, f, tp) in enumerate(keys):
             phase, fluo = pool[i % len(pool)]
-            write(root / "input", w, int(f), phase, fluo)
-            landed[(w, f)] = time.monotonic()
+            write(root / "input", w, int(f), phase, fluo, tp)
+            landed[(w, f, tp)] = time.monotonic()
             if arrival_s:
                 time.sleep(arrival_s)
         with cv:
