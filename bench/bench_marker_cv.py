@@ -53,16 +53,11 @@ def measured() -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
 
 
 def folds(y: np.ndarray, exps: list[str], k: int = 5) -> np.ndarray:
-    """Fold of each cell: experiments (most dead first) to the fold with the fewest dead so far."""
-    e = np.array(exps)
-    names = sorted(set(exps))
-    dead = {n: int(y[e == n].sum()) for n in names}
-    size = {n: int((e == n).sum()) for n in names}
-    fd, fn, of = [0] * k, [0] * k, {}
-    for n in sorted(names, key=lambda n: (-dead[n], -size[n], n)):
-        j = min(range(k), key=lambda j: (fd[j], fn[j], j))
-        of[n], fd[j], fn[j] = j, fd[j] + dead[n], fn[j] + size[n]
-    return np.array([of[n] for n in exps])
+    """Fold of each cell: experiments (most dead first) to the fold with the fewest dead so far
+    (the product's own grouping, :func:`monitor.index.from_marker.group_folds`)."""
+    from monitor.index.from_marker import group_folds
+
+    return group_folds(exps, y, k, 1)
 
 
 def cross_validate(x: np.ndarray, y: np.ndarray, fold: np.ndarray, conditioning: object, ewc: object) -> tuple[np.ndarray, np.ndarray]:

@@ -7,7 +7,7 @@ after it returns.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -297,18 +297,30 @@ def cell_embeddings(frame: Frame, cells: Cells, crop_vectors: np.ndarray, encode
     order; a :class:`FrameEncoder` (which embeds cells from the whole frame,
     e.g. SAM's fast mode) is called here and its columns put in its place.
     """
-    blocks, o = [], 0
-    for enc in encoders:
+    in_frame = {}
+    for j, enc in enumerate(encoders):
         if isinstance(enc, FrameEncoder):
             v = np.asarray(enc.encode_cells(frame, cells), dtype=np.float32)
             if v.shape != (len(cells), enc.dim):
                 raise RuntimeError(f"encoder {enc.name} returned shape {v.shape}, expected ({len(cells)}, {enc.dim})")
-            blocks.append(v)
+            in_frame[j] = v
+    vectors = in_encoder_order(encoders, crop_vectors, in_frame)
+    return Embeddings(vectors, tuple(e.id for e in encoders), tuple(e.dim for e in encoders))
+
+
+def in_encoder_order(encoders: Sequence[Encoder], crop_vectors: np.ndarray, frame_vectors: Mapping[int, np.ndarray]) -> np.ndarray:
+    """The columns in the configured encoder order: ``frame_vectors[j]`` where encoder ``j`` embeds
+    cells in their frame, else the next ``dim`` columns of ``crop_vectors`` (the crop encoders'
+    columns, concatenated in their order)."""
+    blocks, o = [], 0
+    for j, enc in enumerate(encoders):
+        if j in frame_vectors:
+            blocks.append(frame_vectors[j])
         else:
             blocks.append(crop_vectors[:, o : o + enc.dim])
             o += enc.dim
-    vectors = np.concatenate(blocks, axis=1) if blocks else np.zeros((len(cells), 0), np.float32)
-    return Embeddings(np.ascontiguousarray(vectors), tuple(e.id for e in encoders), tuple(e.dim for e in encoders))
+    vectors = np.concatenate(blocks, axis=1) if blocks else np.zeros((len(crop_vectors), 0), np.float32)
+    return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
 def embed_cells(frame: Frame, cells: Cells, crops: np.ndarray, encoders: Sequence[Encoder], batch_size: int = 64,

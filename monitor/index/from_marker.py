@@ -32,7 +32,7 @@ from monitor.intake.events import FileEvent
 from monitor.intake.files import scan
 from monitor.intake.readers import ReaderSet, read_file
 from monitor.marker import AMBIGUOUS, MarkerRules, label_cells, measure_channels, resolve, summarise
-from monitor.pipeline import Pipeline, embed
+from monitor.pipeline import Pipeline, embed, in_encoder_order
 from monitor.protocols import FrameEncoder
 from monitor.records import Cells, Frame
 
@@ -175,20 +175,11 @@ def marker_cv(vectors: np.ndarray, y: np.ndarray, classes: tuple[str, ...], name
     unit, groups = "experiment", [n.split("/")[0] for n in names]
     if len(set(groups)) < 2:
         unit, groups = "field", ["/".join(n.split("/")[:3]) for n in names]
-    g = np.array(groups)
     names_g = sorted(set(groups))
     if len(names_g) < 2:
         return {"skipped": "the references come from one field: nothing to hold out"}
     k = min(folds, len(names_g))
-    # whole groups to folds, largest first, each to the fold with the fewest cells of its rarest class so far
-    rare = int(np.argmin(np.bincount(y, minlength=len(classes))))
-    load = np.zeros((k, 2))
-    of: dict[str, int] = {}
-    for name in sorted(names_g, key=lambda n: (-int(((g == n) & (y == rare)).sum()), -int((g == n).sum()), n)):
-        j = int(np.lexsort((np.arange(k), load[:, 1], load[:, 0]))[0])
-        of[name] = j
-        load[j] += (((g == name) & (y == rare)).sum(), (g == name).sum())
-    fold = np.array([of[n] for n in groups])
+    fold = group_folds(groups, y, k, int(np.argmin(np.bincount(y, minlength=len(classes)))))
     called = np.full(len(y), -1)
     kw = {key: v for key, v in build_kw.items() if key in ("metric", "ewc", "conditioning")}
     dims = [{"name": "cv", "id": "cv", "dim": vectors.shape[1]}]
@@ -201,6 +192,22 @@ def marker_cv(vectors: np.ndarray, y: np.ndarray, classes: tuple[str, ...], name
     recall = {c: float((called[y == i] == i).mean()) for i, c in enumerate(classes) if (y == i).any()}
     return {"unit": unit, "folds": k, "groups": len(names_g), "references": int(len(y)),
             "recall": {c: round(r, 4) for c, r in recall.items()}, "balanced_accuracy": round(float(np.mean(list(recall.values()))), 4)}
+
+
+def group_folds(groups: list[str], y: np.ndarray, k: int, counted: int) -> np.ndarray:
+    """Each cell's fold (0..k-1), whole groups together: the groups with the most cells of class
+    ``counted`` (the rarest) first, each to the fold with the fewest such cells so far (then the
+    fewest cells, then the lowest number). Deterministic."""
+    g = np.array(groups)
+    rare = {n: int(((g == n) & (y == counted)).sum()) for n in set(groups)}
+    size = {n: int((g == n).sum()) for n in set(groups)}
+    load = [(0, 0)] * k
+    of: dict[str, int] = {}
+    for name in sorted(rare, key=lambda n: (-rare[n], -size[n], n)):
+        j = min(range(k), key=lambda j: (*load[j], j))
+        of[name] = j
+        load[j] = (load[j][0] + rare[name], load[j][1] + size[name])
+    return np.array([of[n] for n in groups])
 
 
 def describe_cv(cv: dict[str, Any]) -> str:
@@ -217,14 +224,7 @@ def marker_vectors(pipeline: Pipeline, marked: MarkerLabels) -> np.ndarray:
     batched call), frame encoders from what :func:`label_frames` measured in the frames."""
     crop_encs = [e for j, e in enumerate(pipeline.encoders) if j not in marked.frame_vectors]
     crop_v = embed(marked.crops, crop_encs, pipeline.batch_size).vectors if crop_encs else np.zeros((len(marked.crops), 0), np.float32)
-    blocks, o = [], 0
-    for j, enc in enumerate(pipeline.encoders):
-        if j in marked.frame_vectors:
-            blocks.append(marked.frame_vectors[j])
-        else:
-            blocks.append(crop_v[:, o : o + enc.dim])
-            o += enc.dim
-    return np.ascontiguousarray(np.concatenate(blocks, axis=1), dtype=np.float32)
+    return in_encoder_order(pipeline.encoders, crop_v, marked.frame_vectors)
 
 
 def marker_classes(marked: MarkerLabels) -> tuple[tuple[str, ...], np.ndarray]:

@@ -134,17 +134,15 @@ def _has_control(e: Experiment) -> bool:
 def marker_cv_note(cfg: Any) -> str:
     """What the config's index said when it was built ``--from-marker``: its cross-validation against
     the death marker, i.e. how far label-free calls go ("" without a config or such a record)."""
-    import json
-
     from monitor.index.from_marker import describe_cv
+    from monitor.index.metafile import read_meta
 
     if cfg is None:
         return ""
     try:
-        meta = json.loads((Path(cfg.classifier.index) / "meta.json").read_text())
-        cv = (meta.get("preprocessing") or {}).get("marker_cv")
-    except (OSError, ValueError, AttributeError):
-        return ""  # no index (yet): the page has nothing to say about it
+        cv = (read_meta(Path(cfg.classifier.index) / "meta.json").preprocessing or {}).get("marker_cv")
+    except ValueError:
+        return ""  # no index (yet), or not one this version reads: the page has nothing to say about it
     if not isinstance(cv, dict) or not cv:
         return ""
     line = describe_cv(cv)
