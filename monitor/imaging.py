@@ -94,15 +94,16 @@ def _stretch(img: np.ndarray, low_pct: float, high_pct: float) -> np.ndarray:
     """The grey uint8 of :func:`display_range` (before the three channels are repeated).
 
     A 2-D uint8 or uint16 frame (every Lionheart / BioTek frame) takes the same numbers
-    sooner, from its histogram: the percentiles are numpy's own of the same values, sorted
-    (``np.repeat`` of each level by its count: the same multiset, so the same result), and
-    every level is mapped once by the same float32 arithmetic (a lookup table) instead of
-    every pixel: the same bytes (tested against the general path), a fifth of the time.
+    sooner, from its histogram: the two percentiles are numpy's own of the same values
+    (:func:`histogram_percentiles`: numpy's steps on the two order statistics it reads, found
+    by rank in the cumulative histogram), and every level is mapped once by the same float32
+    arithmetic (a lookup table) instead of every pixel: the same bytes (tested against the
+    general path), a tenth of the time.
     """
     if img.ndim == 2 and img.dtype in (np.uint8, np.uint16) and img.size:
         counts = np.bincount(img.ravel(), minlength=256)
         levels = np.arange(counts.size, dtype=np.float32)  # what to_float makes of each level
-        lo, hi = np.percentile(np.repeat(levels, counts), [low_pct, high_pct])
+        lo, hi = histogram_percentiles(levels, counts, [low_pct, high_pct])
         if hi <= lo:
             hi = lo + 1.0
         lut = (np.clip((levels - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
@@ -114,11 +115,36 @@ def _stretch(img: np.ndarray, low_pct: float, high_pct: float) -> np.ndarray:
     return (np.clip((g - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
 
 
+def _at_ranks(levels: np.ndarray, counts: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+    """The values at ``ranks`` (0-based) of the sorted multiset "``levels[i]`` ``counts[i]`` times"
+    (``levels`` ascending), without building it."""
+    return levels[np.searchsorted(np.cumsum(counts), ranks, side="right")]
+
+
+def histogram_percentiles(levels: np.ndarray, counts: np.ndarray, q: list[float]) -> np.ndarray:
+    """``np.percentile(np.repeat(levels, counts), q)`` (``q`` a list, the default linear method), the
+    same float64 numbers, from the histogram: numpy's own steps on the only two order statistics
+    each percentile reads (the virtual index ``(n - 1) q / 100``, the values at its floor and
+    the next rank, the float64 interpolation from the nearer end). ``levels`` ascending,
+    at least one count."""
+    n = int(np.sum(counts))
+    virtual = (n - 1) * np.true_divide(np.asarray(q, dtype=np.float64), 100)
+    below = np.floor(virtual)
+    gamma = virtual - below
+    prev = np.where(virtual >= n - 1, n - 1, below.astype(np.intp))
+    nxt = np.minimum(prev + 1, n - 1)
+    a, b = _at_ranks(levels, counts, prev), _at_ranks(levels, counts, nxt)
+    d = b - a
+    return np.where(gamma >= 0.5, b - d * (1 - gamma), a + d * gamma)
+
+
 def grey_median(grey: np.ndarray) -> float:
-    """``np.median`` (the same number) of a uint8 array, from its histogram (numpy's median of the same
-    values sorted, so the same result; a few times sooner on a frame)."""
+    """``np.median`` (the same number) of a uint8 array, from its histogram: the middle value, or the
+    mean of the middle two (both small integers, so their float64 mean is exact, as numpy's)."""
     counts = np.bincount(np.ravel(grey), minlength=256)
-    return float(np.median(np.repeat(np.arange(256, dtype=np.uint8), counts)))
+    n = int(counts.sum())
+    a, b = _at_ranks(np.arange(256, dtype=np.float64), counts, np.array([(n - 1) // 2, n // 2]))
+    return float(a + b) / 2.0
 
 
 def background_range(image: np.ndarray, mads: float = 15.0) -> np.ndarray:

@@ -252,16 +252,34 @@ def load_efficientnet_lite(
 
 
 def to_input(crops: Any, input_px: int, device: str = "cpu") -> Any:
-    """uint8 RGB crops (N, S, S, 3) -> the model's (N, 3, input_px, input_px) input in [-1, 1] (TF-Lite convention)."""
+    """uint8 RGB crops (N, S, S, 3) -> the model's (N, 3, input_px, input_px) input in [-1, 1] (TF-Lite convention).
+
+    Crops of a grey frame (every brightfield or phase frame: its three channels are one) are
+    resized once, as one channel, and that channel repeated: the same numbers (each channel is
+    resized on its own either way) in a third of the time.
+    """
     import numpy as np
     import torch
     import torch.nn.functional as F
 
-    x = torch.from_numpy(np.ascontiguousarray(crops)).to(device)
+    a = np.asarray(crops)
+    resize = a.shape[1] != input_px or a.shape[2] != input_px
+    if resize and a.ndim == 4 and a.shape[3] == 3 and _grey(a):
+        x = torch.from_numpy(np.ascontiguousarray(a[..., 0]))[:, None].to(device).float().div_(127.5).sub_(1.0)
+        x = F.interpolate(x, size=(input_px, input_px), mode="bilinear", align_corners=False, antialias=True)
+        return x.expand(-1, 3, -1, -1).contiguous()
+    x = torch.from_numpy(np.ascontiguousarray(a)).to(device)
     x = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-    if x.shape[-1] != input_px or x.shape[-2] != input_px:
+    if resize:
         x = F.interpolate(x, size=(input_px, input_px), mode="bilinear", align_corners=False, antialias=True)
     return x
+
+
+def _grey(crops: Any) -> bool:
+    """Whether every pixel of (N, S, S, 3) crops has three equal channels."""
+    import numpy as np
+
+    return bool(np.array_equal(crops[..., 0], crops[..., 1]) and np.array_equal(crops[..., 0], crops[..., 2]))
 
 
 def fit_path(folder: Path, variant: int) -> Path:

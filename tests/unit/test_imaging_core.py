@@ -91,3 +91,17 @@ def test_the_crop_view_of_an_integer_frame_is_the_per_pixel_one_to_the_byte(dtyp
         assert grey_median(got[..., 0]) == np.median(got[..., 0])
     big = rng.integers(0, top, (904, 1224)).astype(dtype)
     assert np.array_equal(display_range(big), _display_range_per_pixel(big))
+
+
+def test_histogram_percentiles_are_numpys_to_the_bit() -> None:
+    """Any percentiles of any histogram: numpy's float64 numbers of the repeated levels, ends included."""
+    from monitor.imaging import histogram_percentiles
+
+    rng = np.random.default_rng(11)
+    for i in range(400):
+        counts = np.bincount(rng.integers(0, [1, 2, 5, 256, 70000][i % 5], int(rng.integers(1, 2000))), minlength=256)
+        levels = np.arange(counts.size, dtype=np.float32)
+        q = [[0.0, 100.0], [0.5, 99.5], [50.0, 25.0]][i % 3] + [float(rng.uniform(0, 100))]
+        want = np.percentile(np.repeat(levels, counts), q)
+        got = histogram_percentiles(levels, counts, q)
+        assert got.dtype == want.dtype and np.array_equal(got, want), (i, q, got, want)
