@@ -7,7 +7,9 @@ Speed: cells per second end to end (segment, crop, embed, classify:
 frame (1224 x 904 px) tiled from real livedead frames at 0.7 um/px, every runtime on the
 same frame in the same run, best of 3 after a warm-up in each of ``--rounds`` rounds over the
 runtimes in turn (the best round kept: a job that comes and goes meets them alike); torch is
-the baseline. With
+the baseline. A second baseline, ``v1 path``, is the CPU path as the issue found it: torch
+eager with the classical segmenter as it was before the speed work (``bench/_segmenter_baseline.py``,
+frozen), timed on the same frame in the same rounds (column ``x v1 path``). With
 ``--loaded`` the same is measured again while two busy processes (numpy matrix products)
 share the 2 cores, as on a lab PC that also runs the acquisition software.
 
@@ -34,6 +36,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +115,24 @@ def pipeline_on(index: Path, preset: str, runtime: str, work: Path) -> Any:
     return replace(service_pipeline(index, preset, LIVEDEAD_SEGMENTER, work, PIXEL_SIZE_UM, encs), crop_framing="box")
 
 
+class V1Segmenter:
+    """The classical segmenter before the speed work (``bench/_segmenter_baseline.py``), as a segmenter plugin."""
+
+    name = "classical (before the speed work)"
+
+    def __init__(self, options: dict[str, Any]):
+        from cellmonitor_plugins.segmenters.classical import Options
+
+        self.o = Options(**options)
+
+    def segment(self, frame: Any) -> Any:
+        from bench import _segmenter_baseline as baseline
+
+        o, um = self.o, frame.pixel_size_um
+        low = o.min_area_um2 if o.min_area_um2 is not None else 0.0
+        return baseline.cells_from_labels(baseline.segment_image(frame.image, um, o), um, low, o.max_area_um2, o.exclude_border)
+
+
 def speed(p: Any, frame: Any, repeats: int = 3) -> tuple[int, float, dict[str, float]]:
     from monitor.pipeline import process_frames
 
@@ -188,7 +209,8 @@ def verdict(rows: list[list[Any]], stream_rows: list[list[Any]]) -> list[str]:
         if r[2].startswith("torch"):
             continue
         single = next(x for x in rows if x[:3] == r[:3])
-        figs = [("one frame", single[6]), ("sustained, vs torch sustained", r[7]), ("sustained, vs torch's best figure", r[8])]
+        figs = [("one frame", single[6]), ("sustained, vs torch sustained", r[7]), ("sustained, vs torch's best figure", r[8]),
+                ("one frame, vs the v1 path", single[7])]
         meets = [f"{name} {x:.2f}x" for name, x in figs if x >= 2]
         fails = [f"{name} {x:.2f}x" for name, x in figs if x < 2]
         out.append(f"- `{r[0]}`, added load {r[1]}, other processes {r[10]:.2f} cores, {r[2]}: **meets 2x**: {', '.join(meets) or 'none'}; "
@@ -261,6 +283,7 @@ def main() -> int:
                 indexes[name] = work / f"index-{preset}-{name}"
                 cli("index", "build", str(tr), "--out", str(indexes[name]), "--preset", preset, "--no-progress")
             pipes = {runtime: pipeline_on(indexes["livedead"], preset, runtime, work) for runtime in runtimes}
+            v1 = replace(pipes["torch"], segmenter=V1Segmenter(LIVEDEAD_SEGMENTER))
             for loaded in ([0, 2] if args.loaded else [0]):
                 machine = "2 busy processes" if loaded else "none"
                 single: dict[str, tuple[Any, ...]] = {}
@@ -270,6 +293,11 @@ def main() -> int:
                     # rounds over every runtime in turn, the best of each kept: another job that comes and
                     # goes on the machine meets every runtime alike instead of the one measured at that time
                     for _ in range(args.rounds):
+                        threads_of(v1)
+                        with OtherCpu() as other:
+                            n, secs, st = speed(v1, frame)
+                        if "v1" not in single or secs < single["v1"][1]:
+                            single["v1"] = (n, secs, st, other.value, os.getloadavg()[0])
                         for runtime, p in pipes.items():
                             threads_of(p)
                             labels[runtime] = p.encoders[0].runtime  # torch's threads as measured (its label reads them now)
@@ -283,10 +311,11 @@ def main() -> int:
                                 cells, per_frame, states = stream(p, frame.image, args.stream_frames)
                             if runtime not in backlog or per_frame < backlog[runtime][1]:
                                 backlog[runtime] = (cells, per_frame, states, other.value, os.getloadavg()[0])
-                base = single[runtimes[0]][1]
-                for runtime in pipes:
+                base, base_v1 = single[runtimes[0]][1], single["v1"][1]
+                labels["v1"] = "v1 path: " + labels[runtimes[0]] + ", segmenter before the speed work"
+                for runtime in ["v1", *pipes]:
                     n, secs, st, other_cores, load = single[runtime]
-                    speed_rows.append([preset, machine, labels[runtime], n, secs, n / secs, base / secs,
+                    speed_rows.append([preset, machine, labels[runtime], n, secs, n / secs, base / secs, base_v1 / secs,
                                        st.get("segment", float("nan")), st.get("embed", float("nan")), other_cores, load])
                     print(table(SPEED_HEAD, speed_rows[-1:]), flush=True)
                 for runtime in pipes if args.stream_frames else ():
@@ -324,6 +353,8 @@ def main() -> int:
         table(SPEED_HEAD, speed_rows),
         "",
         "`x torch`: the frame's time on torch over its time on this runtime, measured in the same run and the same load. "
+        "`x v1 path`: the same for the v1 path (torch eager and the segmenter before the speed work: the CPU path as the "
+        "issue measured it). "
         "`other procs`: cores the machine's other processes kept busy meanwhile (0 = quiet); the load average (1 min) "
         "is in the last column.",
     ]
@@ -350,7 +381,7 @@ def main() -> int:
     return 0
 
 
-SPEED_HEAD = ["preset", "added load", "runtime", "cells", "s/frame", "cells/s", "x torch", "segment s", "embed s", "other procs, cores", "load avg"]
+SPEED_HEAD = ["preset", "added load", "runtime", "cells", "s/frame", "cells/s", "x torch", "x v1 path", "segment s", "embed s", "other procs, cores", "load avg"]
 STREAM_HEAD = ["preset", "added load", "runtime", "frames", "cells", "s/frame", "cells/s", "x torch (stream)", "x torch (best)",
                "same calls", "other procs, cores", "load avg"]
 CALL_HEAD = ["preset", "test set", "runtime", "cells", "same call as torch", "macro accuracy", "- torch"]
