@@ -1,10 +1,12 @@
 """What the service keeps between frames stays small (issue 23, "RSS flat"): the cells sink keeps a
 field's earlier rows as plain arrays (no DataFrames gathering pandas' copy-on-write weak references
-at every smoothing)."""
+at every smoothing), and the loop gives the C heap's free pages back after each pass."""
 
 from __future__ import annotations
 
 import gc
+import sys
+import threading
 import weakref
 from pathlib import Path
 
@@ -15,11 +17,13 @@ import pytest
 pytest.importorskip("laptrack")
 
 from cellmonitor_plugins.sinks.cells import CellTableSink, read_cells  # noqa: E402
+from fixtures.service import blobs, make_service  # noqa: E402
 
 from monitor.fate.fates import smooth_cells  # noqa: E402
 from monitor.fate.store import FateStore  # noqa: E402
 from monitor.fate.tracking import LinkParams  # noqa: E402
 from monitor.records import CellCalls, Counts, FrameKey  # noqa: E402
+from monitor.service import loop  # noqa: E402
 
 PX = 0.5
 CLASSES = ("live", "apoptotic", "necrotic", "dead")
@@ -75,3 +79,25 @@ def test_the_smoothed_counts_are_those_of_the_whole_recorded_table(tmp_path):
     cols = [c for c in want.columns if c.startswith(("live", "apoptotic", "necrotic", "dead", "smoothed_"))]
     assert len(got) == len(want) == 8
     assert got[cols].to_numpy().tolist() == want.sort_values("timepoint")[cols].to_numpy().tolist()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_release_free_memory_calls_glibc():
+    assert loop.release_free_memory() is True
+
+
+def test_the_loop_gives_free_memory_back_after_each_pass_that_processed_frames(tmp_path, monkeypatch):
+    calls: list[int] = []
+    monkeypatch.setattr(loop, "release_free_memory", lambda: calls.append(1) or True)
+    svc, sink = make_service(tmp_path)
+    np.save(svc.settings.watch_dir / "A1_t1_phase.npy", blobs(2, 0.3))
+    svc.run(threading.Event(), until_idle=True, observe=False)
+    assert len(sink.rows) == 1 and len(calls) >= 1
+    n = len(calls)
+    svc.handle_all([])  # nothing processed: nothing to give back
+    assert len(calls) == n
+    svc.trim_memory = False
+    np.save(svc.settings.watch_dir / "A2_t1_phase.npy", blobs(2, 0.3))
+    svc.run(threading.Event(), until_idle=True, observe=False)
+    assert len(sink.rows) == 2 and len(calls) == n
+    svc.close()
