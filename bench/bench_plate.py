@@ -17,6 +17,13 @@ is the plate. Measured: the time until the last frame is counted (target: 40 min
 margin on an hourly plate), each frame's latency from landing to its CSV row (p50, p95), the
 backlog and the process's resident memory every minute.
 
+``--soak`` is the long run (issue 23, "RSS flat"): a smaller plate (``--wells``) lands one
+timepoint at a time, each once the previous one is counted (as an hourly plate does), for as many
+timepoints as ``--frames`` holds; the resident memory after every frame gives the verdict: the
+first ``--warmup`` of the frames are the warm-up, and after it the growth from its first to its
+last frame (target: below +10%) and the slope over the second half (MB per 100 frames, least
+squares), with what that slope would add over a day of hourly 96-well plates (9,216 frames).
+
 Baseline in the same run: the same service with the encoder on torch (``runtime = "torch"``)
 over the first ``--baseline-frames`` frames (default 16), its cells/s and the plate time it
 projects.
@@ -115,7 +122,7 @@ def write(folder: Path, well: str, field: int, phase: np.ndarray, fluo: np.ndarr
 
 
 def run_plate(root: Path, runtime: str, n_frames: int, pool: list[tuple[np.ndarray, np.ndarray]], arrival_s: float,
-              timeout_s: float, say: Any) -> dict[str, Any]:
+              timeout_s: float, say: Any, wells: int = len(WELLS), soak: bool = False) -> dict[str, Any]:
     from monitor.config import load_config
     from monitor.registry import Registry
     from monitor.service.wiring import build_service, stop_server
@@ -130,10 +137,13 @@ def run_plate(root: Path, runtime: str, n_frames: int, pool: list[tuple[np.ndarr
     cells: list[int] = []
     cv = threading.Condition()
 
+    per_frame: list[float] = []  # RSS after each frame, MB
+
     def on_counts(c: Any) -> None:
         with cv:
             done[(c.key.well, c.key.field, c.key.timepoint)] = time.monotonic()
             cells.append(c.n_cells)
+            per_frame.append(rss_mb())
             cv.notify_all()
 
     service.on_counts = on_counts
@@ -142,7 +152,7 @@ def run_plate(root: Path, runtime: str, n_frames: int, pool: list[tuple[np.ndarr
     worker.start()
     landed: dict[tuple[str, str, int], float] = {}
     # one plate (96 wells x 4 fields) per timepoint: frames beyond a plate are the next timepoint
-    keys = [(WELLS[i // 4 % len(WELLS)], str(i % 4 + 1), i // (4 * len(WELLS)) + 1) for i in range(n_frames)]
+    keys = [(WELLS[i // 4 % wells], str(i % 4 + 1), i // (4 * wells) + 1) for i in range(n_frames)]
     t0 = time.monotonic()
     samples: list[tuple[float, int, float]] = []
     next_sample = t0
@@ -153,6 +163,11 @@ def run_plate(root: Path, runtime: str, n_frames: int, pool: list[tuple[np.ndarr
             landed[(w, f, tp)] = time.monotonic()
             if arrival_s:
                 time.sleep(arrival_s)
+            if soak and (i + 1 == len(keys) or keys[i + 1][2] != tp):  # the next timepoint lands once this one is counted
+                with cv:
+                    while len(done) < i + 1 and time.monotonic() - t0 < timeout_s:
+                        cv.wait(1.0)
+                say(f"  {runtime}: timepoint {tp}: {len(done)}/{n_frames} frames at {time.monotonic() - t0:.0f} s, RSS {rss_mb():.0f} MB")
         with cv:
             while len(done) < n_frames and time.monotonic() - t0 < timeout_s:
                 if time.monotonic() >= next_sample:
@@ -171,7 +186,27 @@ def run_plate(root: Path, runtime: str, n_frames: int, pool: list[tuple[np.ndarr
     return {"runtime": service.pipeline.encoders[0].runtime, "frames": len(done), "of": n_frames, "seconds": total,
             "cells": int(sum(cells)), "cells_per_s": sum(cells) / total if done else float("nan"),
             "p50": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
-            "p95": float(np.percentile(lat, 95)) if len(lat) else float("nan"), "samples": samples}
+            "p95": float(np.percentile(lat, 95)) if len(lat) else float("nan"), "samples": samples, "per_frame": per_frame}
+
+
+#: a day of hourly 96-well plates at 4 fields a well
+DAY_FRAMES = 24 * 384
+
+
+def rss_verdict(per_frame: list[float], warmup: float, target_pct: float = 10.0) -> dict[str, Any]:
+    """Growth of the resident memory after the warm-up (the first ``warmup`` share of the frames):
+    from the first frame after it to the last (PASS below ``target_pct``), and the least-squares slope
+    over the second half of the run in MB per 100 frames, with what it adds over :data:`DAY_FRAMES`."""
+    rss = np.asarray(per_frame, dtype=float)
+    w = min(len(rss) - 2, int(len(rss) * warmup)) if len(rss) > 2 else 0
+    after = rss[w:]
+    start, end = float(after[0]), float(after[-1])
+    half = rss[len(rss) // 2:]
+    x = np.arange(len(rss) // 2, len(rss), dtype=float)
+    slope = float(np.polyfit(x, half, 1)[0]) * 100 if len(half) > 1 else float("nan")
+    growth = (end - start) / start * 100
+    return {"warmup_frames": w, "start": start, "end": end, "peak": float(after.max()), "growth_pct": growth,
+            "slope_mb_per_100": slope, "day_mb": slope * DAY_FRAMES / 100, "pass": growth < target_pct}
 
 
 def main() -> int:
@@ -181,6 +216,9 @@ def main() -> int:
     ap.add_argument("--arrival-s", type=float, default=0.0, help="seconds between frames landing (0: the whole plate at once)")
     ap.add_argument("--baseline-frames", type=int, default=16, help="frames run on torch first, as the baseline (0: none)")
     ap.add_argument("--timeout-min", type=float, default=90)
+    ap.add_argument("--wells", type=int, default=len(WELLS), help="wells of the plate (4 fields each): a smaller plate has more timepoints in --frames")
+    ap.add_argument("--soak", action="store_true", help="land one timepoint at a time, each once the previous one is counted, and give the RSS verdict")
+    ap.add_argument("--warmup", type=float, default=0.25, help="share of the frames counted as the warm-up of the RSS verdict (--soak)")
     ap.add_argument("--write", type=Path, default=None)
     args = ap.parse_args()
     from monitor.report.classification import table
@@ -198,7 +236,8 @@ def main() -> int:
         if args.baseline_frames:
             runs.append(("torch (baseline)", run_plate(root / "torch", "torch", args.baseline_frames, pool, args.arrival_s,
                                                        args.timeout_min * 60, say)))
-        runs.append(("default (auto)", run_plate(root / "auto", "auto", args.frames, pool, args.arrival_s, args.timeout_min * 60, say)))
+        runs.append(("default (auto)", run_plate(root / "auto", "auto", args.frames, pool, args.arrival_s, args.timeout_min * 60, say,
+                                                 args.wells, args.soak)))
     head = ["service", "encoder runtime", "frames", "cells", "minutes", "cells/s", "plate of 384 frames, minutes",
             "latency p50 s", "latency p95 s", "RSS MB start", "RSS MB end", "load avg"]
     rows = []
@@ -224,6 +263,24 @@ def main() -> int:
         "",
         table(["minute", "backlog", "RSS MB"], backlog),
     ]
+    if args.soak:
+        v = rss_verdict(auto["per_frame"], args.warmup)
+        n = len(auto["per_frame"])
+        tps = -(-n // (4 * args.wells))
+        text[0] = "# Soak: many timepoints of a plate through the running service, RSS after the warm-up"
+        text[2] = (f"Command: `.venv/bin/python bench/bench_plate.py --soak --wells {args.wells} --frames {args.frames} --cells {args.cells} "
+                   f"--baseline-frames {args.baseline_frames} --warmup {args.warmup:g}`. A plate of {args.wells} wells x 4 fields "
+                   f"({4 * args.wells} frames of 1224 x 904 px, {PX_UM} um/px, phase + Apo-15, about {args.cells} cells each) lands one "
+                   f"timepoint at a time, each once the previous one is counted: {tps} timepoints, {n} frames, tracks linking them; "
+                   f"the real service with the default preset's encoder; {os.cpu_count()} CPU cores.")
+        text += ["", "Resident memory after the warm-up (RSS after every frame):", "",
+                 table(["frames", "warm-up frames", "RSS MB after warm-up", "RSS MB end", "peak MB", "growth",
+                        "slope, 2nd half, MB / 100 frames", "that slope over a day (9,216 frames), MB", "verdict (< +10%)"],
+                       [[n, v["warmup_frames"], v["start"], v["end"], v["peak"], f"{v['growth_pct']:+.1f}%", v["slope_mb_per_100"],
+                         v["day_mb"], "PASS" if v["pass"] else "FAIL"]]),
+                 "", "RSS after each timepoint:", "",
+                 table(["timepoint", "frames", "RSS MB"],
+                       [[k // (4 * args.wells) + 1, k + 1, auto["per_frame"][k]] for k in range(4 * args.wells - 1, n, 4 * args.wells)])]
     emit(text, args.write)
     return 0
 

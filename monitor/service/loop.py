@@ -77,6 +77,36 @@ from monitor.service.recording import Recorder
 log = logging.getLogger(__name__)
 
 
+def _malloc_trim() -> Callable[[], object] | None:
+    """glibc's ``malloc_trim(0)``, or None where there is none (musl, macOS)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return lambda: trim(0)
+
+
+_TRIM = _malloc_trim()
+
+
+def release_free_memory() -> bool:
+    """Give the C heap's free pages back to the system (glibc ``malloc_trim``); False where it cannot.
+
+    A frame's working memory (pixels, crops, the per-field tables the cells sink smooths) is
+    freed after its call, but glibc keeps freed pages in its heaps, and calls whose working
+    sizes grow (a field's history, one timepoint more each hour) leave holes that later calls
+    do not fit: without this the resident memory of a service running for weeks creeps up."""
+    if _TRIM is None:
+        return False
+    _TRIM()
+    return True
+
+
 @dataclass
 class Service:
     """The worker loop: intake -> read -> assemble -> process -> record.
@@ -107,6 +137,8 @@ class Service:
     #: landed at once, a weekend's export) is read a few calls at a time, so memory holds a few
     #: calls' pixels, not the whole backlog's
     read_per_step: int = 0
+    #: after each pass that processed frames, give the C heap's free pages back (:func:`release_free_memory`)
+    trim_memory: bool = True
 
     def __post_init__(self) -> None:
         self._current: tuple[list[Frame], float] | None = None
@@ -318,6 +350,8 @@ class Service:
         finally:
             if ahead is not None:
                 ahead.close()
+            if calls and self.trim_memory:
+                release_free_memory()
 
     def _process(self, frames: list[Frame], ahead: SegmentAhead | None = None) -> list[Counts | StageError]:
         """One pipeline call under the frame guard; every frame marked ``processing`` first."""

@@ -63,7 +63,7 @@ from monitor.registry import plugin_spec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["COLUMNS", "TRACK_COLUMNS", "PLUGIN", "CellTableSink", "cell_rows", "link_params", "read_cells"]
+__all__ = ["COLUMNS", "SMOOTHED_COLUMNS", "TRACK_COLUMNS", "PLUGIN", "CellTableSink", "cell_rows", "kept_rows", "link_params", "read_cells", "rows_frame"]
 
 
 class Options(BaseModel):
@@ -122,8 +122,9 @@ class CellTableSink(SinkBase):
         self.roles = roles
         self.tracking = tracking
         self._fields: dict[tuple[str, str, str], FieldTracks] = {}
-        #: each tracked field's rows by timepoint (what the fates store smooths)
-        self._tables: dict[tuple[str, str, str], dict[int, Any]] = {}
+        #: each tracked field's rows by timepoint, only the columns the fates store smooths, as plain
+        #: arrays (:func:`kept_rows`), never as the DataFrames written
+        self._tables: dict[tuple[str, str, str], dict[int, dict[str, Any]]] = {}
         self.store = store if tracking is not None else None
         self._lock = threading.Lock()
         folder.mkdir(parents=True, exist_ok=True)
@@ -165,12 +166,15 @@ class CellTableSink(SinkBase):
             if ft is not None:
                 k = counts.key
                 table = self._tables.setdefault((k.experiment, k.well, k.field), {})
-                table[k.timepoint] = df
+                table[k.timepoint] = kept_rows(df)
                 for t in sorted(changed - {k.timepoint}):
                     self._retrack(ft, FrameKey(k.experiment, k.well, k.field, t))
                 if self.store is not None:
                     try:
-                        self.store.update(pd.concat([x for x in table.values() if len(x)] or [df], ignore_index=True))
+                        # fresh frames every time: a kept DataFrame would gather a dead weak reference in
+                        # pandas' copy-on-write bookkeeping at every concat (hundreds per frame kept)
+                        parts = [rows_frame(x) for x in table.values() if len(x["label"])] or [df[[c for c in df if c in SMOOTHED_COLUMNS]]]
+                        self.store.update(pd.concat(parts, ignore_index=True))
                     except Exception as e:  # noqa: BLE001 - derived numbers never stop the record
                         log.warning("fates store: %s not updated (%s: %s)", k, type(e).__name__, e)
 
@@ -199,7 +203,7 @@ class CellTableSink(SinkBase):
         for c, v in ft.frame_columns(key.timepoint, df["label"].astype(int).tolist()).items():
             df[c] = v
         self._write_df(df, key)
-        self._tables.setdefault((key.experiment, key.well, key.field), {})[key.timepoint] = df
+        self._tables.setdefault((key.experiment, key.well, key.field), {})[key.timepoint] = kept_rows(df)
 
     def _field(self, key: FrameKey) -> FieldTracks:
         """The field's tracker: from memory, or rebuilt from its recorded files (a restart)."""
@@ -224,7 +228,7 @@ class CellTableSink(SinkBase):
         parts = [x for x in parts if len(x)]
         table = self._tables.setdefault((key.experiment, key.well, key.field), {})
         for x in parts:
-            table[int(x["timepoint"].iloc[0])] = x
+            table[int(x["timepoint"].iloc[0])] = kept_rows(x)
         if not parts:
             return FieldTracks(self.tracking)
         df = pd.concat(parts, ignore_index=True)
@@ -241,6 +245,45 @@ class CellTableSink(SinkBase):
         for t in sorted(ft.frames):
             self._retrack(ft, FrameKey(key.experiment, key.well, key.field, int(t)))
         return ft
+
+
+#: the per-cell columns the fates store reads (:meth:`monitor.fate.store.FateStore.update`,
+#: :func:`monitor.fate.fates.smooth_cells`): all the sink keeps of a field's earlier frames
+SMOOTHED_COLUMNS = ("experiment", "well", "field", "timepoint", "acquired_at", "label", "state", "certainty", "unknown",
+                    "track_id", "parent_track_id")
+
+
+class _Coded:
+    """A column of few distinct values (names, states, one time stamp) as codes into them:
+    one object per distinct value, not one per cell."""
+
+    __slots__ = ("codes", "values")
+
+    def __init__(self, column: Any):
+        import pandas as pd
+
+        codes, values = pd.factorize(column.to_numpy(), use_na_sentinel=False)
+        self.codes = codes.astype(np.int32)
+        self.values = np.asarray(values, dtype=object)
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def array(self) -> np.ndarray:
+        return self.values.take(self.codes)
+
+
+def kept_rows(df: Any) -> dict[str, Any]:
+    """What the sink keeps in memory of one frame's rows: the :data:`SMOOTHED_COLUMNS` it has,
+    numbers as numpy arrays, text coded (:func:`rows_frame` makes the DataFrame again)."""
+    return {c: _Coded(df[c]) if df[c].dtype.kind not in "biuf" else df[c].to_numpy(copy=True) for c in SMOOTHED_COLUMNS if c in df}
+
+
+def rows_frame(kept: dict[str, Any]) -> Any:
+    """The DataFrame of a frame's :func:`kept_rows`."""
+    import pandas as pd
+
+    return pd.DataFrame({c: v.array() if isinstance(v, _Coded) else v for c, v in kept.items()})
 
 
 def _part(s: str) -> str:
