@@ -198,6 +198,9 @@ class TrackingConfig(_Model):
     max_step_um: float = Field(25.0, gt=0, le=1000, description="the farthest a cell moves between consecutive timepoints")
     max_gap: int = Field(1, ge=0, le=5, description="timepoints a cell may be missing (or a frame may not arrive) and keep its track")
     divisions: bool = Field(True, description="a dividing cell's daughters start tracks of their own, with the mother's as parent")
+    memory_timepoints: int = Field(
+        48, ge=0, description="the latest timepoints of each field kept in memory for linking and smoothing (older ones are "
+        "final and stay on disk; a frame older than this window re-reads its field's files); 0: the whole run")
     interval_h: float = Field(1.0, gt=0, description="hours between timepoints, used where frames carry no acquisition time")
     apoptosis_per_h: float = Field(0.05, ge=0, description="smoothing: live -> apoptotic rate per hour")
     death_per_h: float = Field(0.3, ge=0, description="smoothing: apoptotic -> dead rate per hour")
@@ -205,6 +208,15 @@ class TrackingConfig(_Model):
     accuracy: float = Field(0.85, gt=0.25, le=1.0, description="smoothing: how often a call of full certainty is right")
     unknown_weight: float = Field(0.5, ge=0.0, le=1.0, description="smoothing: an unknown cell's call counts with this share of its certainty")
     plate_map: Path | None = Field(None, description="plate-layout CSV (well, compound, concentration, unit, role); relative to the config; re-read when edited")
+
+    @model_validator(mode="after")
+    def _window_holds_links(self) -> TrackingConfig:
+        # the window must hold a frame's linking context (max_gap + 1 timepoints back) and as much
+        # again for frames that arrive late, or every late frame would re-read its field from disk
+        if 0 < self.memory_timepoints <= 2 * (self.max_gap + 1):
+            raise ValueError(f"memory_timepoints = {self.memory_timepoints} must be more than 2 x (max_gap + 1) = "
+                             f"{2 * (self.max_gap + 1)} (or 0: the whole run in memory)")
+        return self
 
 
 class PluginsConfig(_Model):

@@ -33,6 +33,13 @@ Policy
   sink keeps them in the per-cell rows themselves (``link_timepoint``,
   ``link_label``), so a restarted service rebuilds a field's tracker from its
   recorded rows (:meth:`FieldTracks.from_rows`) and continues the same tracks.
+* Memory: a run of weeks must not keep every cell it ever saw. :meth:`FieldTracks.seal`
+  drops the frames before a timepoint and fixes the track ids (and mothers) of the
+  kept cells whose predecessor was dropped, so the kept frames' ids stay what they
+  were. A frame whose links would need a dropped frame (it is older than the sealed
+  timepoint plus ``max_gap + 1``) is refused with :class:`Sealed`; the caller
+  rebuilds the field from its recorded rows and adds it there (what the cells sink
+  does), so a late frame still gets the links it would have had.
 """
 
 from __future__ import annotations
@@ -59,17 +66,24 @@ def track_id_of(timepoint: int, label: int) -> int:
     return int(timepoint) * TRACK_ID_BASE + int(label)
 
 
+class Sealed(ValueError):
+    """A frame older than what a sealed tracker still holds the neighbours of."""
+
+
 @dataclass(frozen=True)
 class LinkParams:
     """How far a cell may move and be missing.
 
     ``max_step_um``: the farthest a cell's centroid moves between consecutive
     timepoints; ``max_gap``: timepoints a cell may be missing and keep its
-    track; ``divisions``: link a new cell to a dividing mother (splitting)."""
+    track; ``divisions``: link a new cell to a dividing mother (splitting);
+    ``memory_timepoints``: the latest timepoints a field keeps in memory (older ones are
+    sealed, :meth:`FieldTracks.seal`; 0: all of them)."""
 
     max_step_um: float = 25.0
     max_gap: int = 1
     divisions: bool = True
+    memory_timepoints: int = 0
 
 
 @dataclass
@@ -81,6 +95,11 @@ class FieldTracks:
     frames: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     #: cell -> its predecessor (absent: the cell starts a track)
     links: dict[Node, Node] = field(default_factory=dict)
+    #: the frames before this timepoint were dropped (:meth:`seal`; None: none were)
+    sealed_before: int | None = None
+    #: track id of each kept cell whose predecessor was dropped, and the mother of such a daughter track
+    fixed_ids: dict[Node, int] = field(default_factory=dict)
+    fixed_parents: dict[int, int] = field(default_factory=dict)
     #: (track ids, daughter -> mother) as of the last change (None: to be computed)
     _cache: tuple[dict[Node, int], dict[int, int]] | None = field(default=None, repr=False, compare=False)
 
@@ -111,6 +130,8 @@ class FieldTracks:
         yx = np.asarray(yx_um, dtype=float).reshape(-1, 2)
         if len(labels) and not (0 <= labels.min() and labels.max() < TRACK_ID_BASE):
             raise ValueError(f"cell labels must be in 0..{TRACK_ID_BASE - 1} to name tracks (got {labels.min()}..{labels.max()})")
+        if not self.accepts(t):
+            raise Sealed(f"timepoint {t} is older than this field's tracker holds (sealed before {self.sealed_before})")
         order = np.argsort(labels, kind="stable")
         before = self.track_ids()
         replaced = t in self.frames
@@ -125,6 +146,33 @@ class FieldTracks:
             if before.get(node) != tid:
                 changed.add(node[0])
         return changed
+
+    def accepts(self, timepoint: int) -> bool:
+        """Whether a frame at ``timepoint`` can be linked here: every frame its links (and the
+        later frames' links it may change) depend on is still held."""
+        return self.sealed_before is None or int(timepoint) >= self.sealed_before + self.params.max_gap + 1
+
+    def seal(self, keep_from: int) -> bool:
+        """Drop the frames before ``keep_from``; the kept cells keep their track ids and mothers
+        (fixed where their predecessor is dropped), and their links stay recorded. Returns
+        whether anything was dropped."""
+        keep_from = int(keep_from)
+        if not any(t < keep_from for t in self.frames):
+            return False
+        ids, parents = self._ids()
+        for node, par in self.links.items():
+            if node[0] >= keep_from and par[0] < keep_from:
+                tid = self.fixed_ids[node] = ids[node]
+                if tid in parents:
+                    self.fixed_parents[tid] = parents[tid]
+        self.frames = {t: v for t, v in self.frames.items() if t >= keep_from}
+        self.links = {c: p for c, p in self.links.items() if c[0] >= keep_from}
+        self.fixed_ids = {c: i for c, i in self.fixed_ids.items() if c[0] >= keep_from}
+        kept = set(self.fixed_ids.values())
+        self.fixed_parents = {d: m for d, m in self.fixed_parents.items() if d in kept}
+        self.sealed_before = max(keep_from, self.sealed_before or keep_from)
+        self._cache = None
+        return True
 
     def _relink_from(self, t0: int) -> None:
         """Decide the incoming links of ``t0`` and of every later frame they can affect."""
@@ -242,6 +290,10 @@ class FieldTracks:
                     par = self.links.get(node)
                     if par is not None and par in ids and n_succ[par] == 1:
                         ids[node] = ids[par]
+                    elif par is not None and node in self.fixed_ids and par[0] < (self.sealed_before or 0):
+                        ids[node] = tid = self.fixed_ids[node]  # its predecessor was sealed away
+                        if tid in self.fixed_parents:
+                            parents[tid] = self.fixed_parents[tid]
                     else:
                         ids[node] = tid = track_id_of(t, lab)
                         if par is not None and par in ids:

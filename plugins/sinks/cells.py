@@ -153,6 +153,8 @@ class CellTableSink(SinkBase):
             if self.tracking is not None:
                 try:
                     ft = self._field(counts.key)
+                    if not ft.accepts(counts.key.timepoint):
+                        ft = self._reload_field(counts.key)
                     yx = np.column_stack([cols["centroid_y_um"], cols["centroid_x_um"]]) if cols["label"] else np.zeros((0, 2))
                     changed = ft.add(counts.key.timepoint, np.asarray(cols["label"], dtype=np.int64), yx)
                     cols.update(ft.frame_columns(counts.key.timepoint, cols["label"]))
@@ -177,6 +179,7 @@ class CellTableSink(SinkBase):
                         self.store.update(pd.concat(parts, ignore_index=True))
                     except Exception as e:  # noqa: BLE001 - derived numbers never stop the record
                         log.warning("fates store: %s not updated (%s: %s)", k, type(e).__name__, e)
+                self._seal(ft, (k.experiment, k.well, k.field))
 
     def _write_df(self, df: Any, key: FrameKey) -> None:
         for suffix in self.suffixes:
@@ -204,6 +207,25 @@ class CellTableSink(SinkBase):
             df[c] = v
         self._write_df(df, key)
         self._tables.setdefault((key.experiment, key.well, key.field), {})[key.timepoint] = kept_rows(df)
+
+    def _seal(self, ft: FieldTracks, fk: tuple[str, str, str]) -> None:
+        """Keep only the field's latest ``memory_timepoints`` in memory (tracker and kept rows):
+        a run of weeks holds a bounded window, the rest is on disk."""
+        keep = self.tracking.memory_timepoints if self.tracking is not None else 0
+        if keep > 0 and ft.frames and ft.seal(max(ft.frames) - keep + 1):
+            table = self._tables.get(fk, {})
+            for t in [t for t in table if ft.sealed_before is not None and t < ft.sealed_before]:
+                del table[t]
+
+    def _reload_field(self, key: FrameKey) -> FieldTracks:
+        """The field's tracker rebuilt from all its recorded files: a frame older than the window
+        in memory arrived, and its links need the frames before it."""
+        fk = (key.experiment, key.well, key.field)
+        log.info("tracking: %s is older than the %d timepoints %s/%s/%s keeps in memory: its recorded frames are read again",
+                 key, self.tracking.memory_timepoints if self.tracking else 0, *fk)
+        self._fields.pop(fk, None)
+        self._tables.pop(fk, None)
+        return self._field(key)
 
     def _field(self, key: FrameKey) -> FieldTracks:
         """The field's tracker: from memory, or rebuilt from its recorded files (a restart)."""
@@ -312,7 +334,8 @@ def link_params(tracking: Any) -> LinkParams | None:
         return None
     if tracking is None:
         return LinkParams()
-    return LinkParams(max_step_um=tracking.max_step_um, max_gap=tracking.max_gap, divisions=tracking.divisions)
+    return LinkParams(max_step_um=tracking.max_step_um, max_gap=tracking.max_gap, divisions=tracking.divisions,
+                      memory_timepoints=tracking.memory_timepoints)
 
 
 PLUGIN = plugin_spec(

@@ -81,10 +81,10 @@ def test_frames_recorded_before_tracking_are_linked_when_it_comes_on(tmp_path):
 
 def test_tracking_follows_the_config(tmp_path):
     on = parse_config({"tracking": {"max_step_um": 12, "max_gap": 2, "plate_map": "plate.csv"}}, "c.toml", tmp_path)
-    assert link_params(on.tracking) == LinkParams(max_step_um=12, max_gap=2)
+    assert link_params(on.tracking) == LinkParams(max_step_um=12, max_gap=2, memory_timepoints=48)
     assert on.tracking.plate_map == tmp_path / "plate.csv"
     sink = PLUGIN.build(PLUGIN.Options(), context_from(on, device="cpu"))
-    assert sink.tracking == LinkParams(max_step_um=12, max_gap=2)
+    assert sink.tracking == LinkParams(max_step_um=12, max_gap=2, memory_timepoints=48)
     off = parse_config({"tracking": {"enabled": False}}, "c.toml", tmp_path)
     sink = PLUGIN.build(PLUGIN.Options(), context_from(off, device="cpu"))
     assert sink.tracking is None
@@ -151,3 +151,18 @@ def test_a_frame_the_tracker_cannot_take_is_still_written(tmp_path, caplog):
     assert len(df) == len(labels) and "written without track ids" in caplog.text
     sink.write(_counts(2, *_positions()[2]))  # the field's tracker was left as it was: later frames are tracked
     assert read_cells(tmp_path / "cells").query("timepoint == 2").track_id.notna().all()
+
+
+def test_a_sink_with_a_memory_window_writes_the_same_tracks_and_stays_bounded(tmp_path, caplog):
+    """memory_timepoints bounds what a field keeps (a run of weeks); every file still carries the
+    tracks of the whole run, a frame older than the window included (its field is re-read)."""
+    frames = _positions(n=15, frames=20, seed=4)
+    sink = CellTableSink(tmp_path / "cells", "parquet", tracking=LinkParams(memory_timepoints=6))
+    for t in [t for t in range(1, 21) if t not in (3, 17)] + [17, 3]:  # 17 late within the window, 3 far behind it
+        with caplog.at_level("INFO"):
+            sink.write(_counts(t, *frames[t]))
+        ft = sink._fields[("e", "A1", "1")]
+        assert len(ft.frames) <= 6 and len(sink._tables[("e", "A1", "1")]) <= 6
+    assert _ids(read_cells(tmp_path / "cells")) == link_all(frames).track_ids()
+    reread = [r.getMessage() for r in caplog.records if "keeps in memory" in r.getMessage()]
+    assert len(reread) == 1 and "e/A1/1" in reread[0], reread  # only the frame far behind the window

@@ -17,7 +17,7 @@ from monitor.fate.fates import dose_response, smooth_cells, well_survival  # noq
 from monitor.fate.platemap import PlateMapFile, parse_plate_map, well_name  # noqa: E402
 from monitor.fate.smoothing import HMMParams, smooth_track  # noqa: E402
 from monitor.fate.survival import kaplan_meier, log_rank, median_time  # noqa: E402
-from monitor.fate.tracking import FieldTracks, LinkParams, link_all, track_id_of  # noqa: E402
+from monitor.fate.tracking import FieldTracks, LinkParams, Sealed, link_all, track_id_of  # noqa: E402
 
 
 def _field(n=30, frames=8, seed=0, step=2.0):
@@ -361,3 +361,54 @@ def test_two_experiments_on_the_same_wells_are_never_pooled(tmp_path):
     dr = dose_response(fates.smoothed_counts, pm)
     last = dr[(dr.timepoint == 9) & (dr.measure == "dead")].set_index("experiment")
     assert last.loc["e", "ok"] and not last.loc["f", "ok"] and "no response" in last.loc["f", "reason"]
+
+
+def _lineage(n=30, frames=40, seed=0):
+    """Cells that drift, vanish for a frame now and then, and divide every fifth frame."""
+    rng = np.random.default_rng(seed)
+    pos, labs, nxt, out = rng.uniform(20, 380, (n, 2)), list(range(1, n + 1)), n + 1, {}
+    for t in range(1, frames + 1):
+        pos = pos + rng.normal(0, 2.0, pos.shape)
+        keep = rng.random(len(pos)) > 0.05
+        if t % 5 == 0:
+            pos, labs, nxt = np.vstack([pos, pos[:1] + 3]), [*labs, nxt], nxt + 1
+            keep = np.append(keep, True)
+        out[t] = (np.array(labs)[keep], pos[keep].copy())
+    return out
+
+
+def _columns(ft, t, labels):
+    return {k: np.array(v, float) for k, v in ft.frame_columns(t, labels).items()}
+
+
+def test_a_sealed_tracker_writes_the_same_rows_and_holds_only_its_window():
+    """Sealing (a run of weeks keeps a window) changes no track id, mother or link of any row the
+    sink writes, for frames in order and frames a little late; it holds only the window."""
+    frames = _lineage()
+    order = [t for t in sorted(frames) if t != 33] + [33]  # 33 arrives after 40 (late, inside the window)
+    full, sealed = FieldTracks(LinkParams()), FieldTracks(LinkParams())
+    for t in order:
+        full.add(t, *frames[t])
+        sealed.add(t, *frames[t])
+        want, got = _columns(full, t, frames[t][0]), _columns(sealed, t, frames[t][0])
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=f"{k} at t{t}")
+        sealed.seal(max(sealed.frames) - 12 + 1)
+        assert len(sealed.frames) <= 12 and all(c[0] >= (sealed.sealed_before or 0) for c in sealed.links)
+    assert any(tid in full.parents() for tid in sealed.track_ids().values())  # daughters kept their mothers
+    for t in sealed.frames:  # every kept frame as the unbounded tracker has it
+        want, got = _columns(full, t, frames[t][0]), _columns(sealed, t, frames[t][0])
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=f"{k} at t{t}")
+
+
+def test_a_sealed_tracker_refuses_a_frame_whose_neighbours_it_dropped():
+    frames = _lineage(frames=20)
+    ft = FieldTracks(LinkParams(max_gap=1))
+    for t in range(1, 21):
+        if t != 15:
+            ft.add(t, *frames[t])
+    ft.seal(14)
+    assert not ft.accepts(15) and ft.accepts(16)  # 15 links to 14 and 13 (max_gap 1): 13 is gone
+    with pytest.raises(Sealed, match="older than this field's tracker holds"):
+        ft.add(15, *frames[15])
