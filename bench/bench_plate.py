@@ -59,6 +59,10 @@ def rss_mb() -> float:
     return float("nan")
 
 
+#: ``[tracking] memory_timepoints`` of the service's config (None: the default); ``--memory-timepoints``
+MEMORY_TIMEPOINTS: int | None = None
+
+
 def config_text(root: Path, runtime: str) -> str:
     from monitor.demo.run import DEMO_CONFIG
     from monitor.index.presets import PRESETS
@@ -66,6 +70,8 @@ def config_text(root: Path, runtime: str) -> str:
     enc = "\n".join(f'[[encoders]]\nname = "{n}"\noptions = {{ {", ".join(f"{k} = {_toml(v)}" for k, v in {**o, "runtime": runtime}.items())} }}\n'
                     for n, o in PRESETS["balanced"].encoders)
     text = DEMO_CONFIG.replace('[[encoders]]\nname = "efficientnet-lite0"\n', enc)
+    if MEMORY_TIMEPOINTS is not None:
+        text = text.replace("[tracking]\n", f"[tracking]\nmemory_timepoints = {MEMORY_TIMEPOINTS}\n", 1)
     text = text.replace("metrics_port = 9108", "metrics_port = 0").replace("pixel_size_um = 0.322", f"pixel_size_um = {PX_UM}")
     return text.replace('watch_dir = "input"', f'watch_dir = "{root / "input"}"').replace(
         'state_dir = "state"', f'state_dir = "{root / "state"}"').replace('index = "index"', f'index = "{root.parent / "index"}"')
@@ -219,8 +225,12 @@ def main() -> int:
     ap.add_argument("--wells", type=int, default=len(WELLS), help="wells of the plate (4 fields each): a smaller plate has more timepoints in --frames")
     ap.add_argument("--soak", action="store_true", help="land one timepoint at a time, each once the previous one is counted, and give the RSS verdict")
     ap.add_argument("--warmup", type=float, default=0.25, help="share of the frames counted as the warm-up of the RSS verdict (--soak)")
+    ap.add_argument("--memory-timepoints", type=int, default=None,
+                    help="[tracking] memory_timepoints of the service (default: the config's default)")
     ap.add_argument("--write", type=Path, default=None)
     args = ap.parse_args()
+    global MEMORY_TIMEPOINTS
+    MEMORY_TIMEPOINTS = args.memory_timepoints
     from monitor.report.classification import table
 
     def say(s: str) -> None:
@@ -269,7 +279,9 @@ def main() -> int:
         tps = -(-n // (4 * args.wells))
         text[0] = "# Soak: many timepoints of a plate through the running service, RSS after the warm-up"
         text[2] = (f"Command: `.venv/bin/python bench/bench_plate.py --soak --wells {args.wells} --frames {args.frames} --cells {args.cells} "
-                   f"--baseline-frames {args.baseline_frames} --warmup {args.warmup:g}`. A plate of {args.wells} wells x 4 fields "
+                   f"--baseline-frames {args.baseline_frames} --warmup {args.warmup:g}"
+                   + (f" --memory-timepoints {args.memory_timepoints}" if args.memory_timepoints is not None else "")
+                   + f"`. A plate of {args.wells} wells x 4 fields "
                    f"({4 * args.wells} frames of 1224 x 904 px, {PX_UM} um/px, phase + Apo-15, about {args.cells} cells each) lands one "
                    f"timepoint at a time, each once the previous one is counted: {tps} timepoints, {n} frames, tracks linking them; "
                    f"the real service with the default preset's encoder; {os.cpu_count()} CPU cores.")

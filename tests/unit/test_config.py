@@ -33,6 +33,8 @@ def write(tmp_path: Path, text: str) -> Path:
         ("encoders = []\n", "c.toml: encoders: List should have at least 1 item after validation, not 0 (got [])"),
         ("[pipeline\n", "c.toml: invalid TOML"),
         ("[assembly]\nchannels = ['phase', 'pi']\nprimary = 'ri'\n", "c.toml: assembly: Value error, primary channel 'ri' is not one of channels ['phase', 'pi']"),
+        ("[tracking]\nmax_gap = 2\nmemory_timepoints = 6\n",
+         "c.toml: tracking: Value error, memory_timepoints = 6 must be more than 2 x (max_gap + 1) = 6"),
     ],
 )
 def test_one_line_per_problem(tmp_path, text, expected):
