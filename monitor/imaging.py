@@ -133,7 +133,7 @@ def histogram_percentiles(levels: np.ndarray, counts: np.ndarray, q: list[float]
     gamma = virtual - below
     prev = np.where(virtual >= n - 1, n - 1, below.astype(np.intp))
     nxt = np.minimum(prev + 1, n - 1)
-    a, b = _at_ranks(levels, counts, prev), _at_ranks(levels, counts, nxt)
+    a, b = _at_ranks(levels, counts, np.stack([prev, nxt]))  # both ranks from one cumulative sum
     d = b - a
     return np.where(gamma >= 0.5, b - d * (1 - gamma), a + d * gamma)
 

@@ -212,9 +212,12 @@ class CellTableSink(SinkBase):
         """Keep only the field's latest ``memory_timepoints`` in memory (tracker and kept rows):
         a run of weeks holds a bounded window, the rest is on disk."""
         keep = self.tracking.memory_timepoints if self.tracking is not None else 0
-        if keep > 0 and ft.frames and ft.seal(max(ft.frames) - keep + 1):
+        if keep <= 0 or not ft.frames:
+            return
+        keep_from = max(ft.frames) - keep + 1
+        if ft.seal(keep_from):
             table = self._tables.get(fk, {})
-            for t in [t for t in table if ft.sealed_before is not None and t < ft.sealed_before]:
+            for t in [t for t in table if t < keep_from]:
                 del table[t]
 
     def _reload_field(self, key: FrameKey) -> FieldTracks:
