@@ -27,35 +27,62 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._ewc_common import emit, need_data  # noqa: E402
-from bench.bench_marker_truth import SET, experiment_of, fields, pi_truth, split  # noqa: E402
+from bench.bench_marker_truth import SET, experiment_of, fields, pi_scores, split  # noqa: E402
 
 
-def measured() -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
-    """(features, 1 = dead / 0 = live, field stem, experiment) of every scored nucleus of the training fields."""
+class Nuclei(NamedTuple):
+    """Every nucleus of the training fields: measurements, PI score (background MADs), field, experiment, centre."""
+
+    x: np.ndarray
+    pi: np.ndarray
+    stems: list[str]
+    exps: list[str]
+    centre_um: np.ndarray
+
+    @property
+    def scored(self) -> np.ndarray:
+        """The set's PI rule leaves the cells between 3 and 25 MADs unscored."""
+        return (self.pi >= 25) | (self.pi <= 3)
+
+    @property
+    def dead(self) -> np.ndarray:
+        return (self.pi >= 25).astype(int)
+
+    def scored_only(self) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+        """(features, 1 = dead / 0 = live, field stem, experiment) of the scored nuclei."""
+        keep = self.scored
+        return self.x[keep], self.dead[keep], [s for s, k in zip(self.stems, keep, strict=True) if k], [e for e, k in zip(self.exps, keep, strict=True) if k]
+
+
+def nuclei() -> Nuclei:
+    """All nuclei of the training fields (scored or not), measured on the brightfield plane."""
     import tifffile
     from cellmonitor_plugins.encoders.morphology import measure
+    from scipy import ndimage as ndi
 
     rest, _test = split(fields(), 1)
-    feats, ys, stems, exps = [], [], [], []
+    feats, pis, stems, exps, centres = [], [], [], [], []
     for stem in rest:
-        truth = pi_truth(stem)
+        score = pi_scores(stem)
         names = json.loads((SET / f"{stem}.json").read_text())
         channels, px = names["channels"], float(names["spatial_calibration"])
         stack = tifffile.imread(SET / f"{stem}.tif")
         planes = stack if stack.shape[0] == len(channels) else np.moveaxis(stack, -1, 0)
         labels = tifffile.imread(SET / f"{stem}_labelled.tif").astype(np.int64)
-        ids = [i for i in (int(v) for v in np.unique(labels[labels > 0])) if i in truth]
+        ids = sorted(score)
         feats.append(measure(planes[channels.index("brightfield_channel")], labels, ids, px))
-        ys += [int(truth[i] == "dead") for i in ids]
+        centres.append(np.array(ndi.center_of_mass(labels > 0, labels, ids)).reshape(-1, 2) * px)
+        pis += [score[i] for i in ids]
         stems += [stem] * len(ids)
         exps += [experiment_of(stem)] * len(ids)
-    return np.concatenate(feats), np.array(ys), stems, exps
+    return Nuclei(np.concatenate(feats), np.array(pis), stems, exps, np.concatenate(centres))
 
 
 def folds(y: np.ndarray, exps: list[str], k: int = 5) -> np.ndarray:
@@ -66,15 +93,17 @@ def folds(y: np.ndarray, exps: list[str], k: int = 5) -> np.ndarray:
     return group_folds(exps, y, k, 1)
 
 
-def cross_validate(x: np.ndarray, y: np.ndarray, fold: np.ndarray, conditioning: object, ewc: object) -> tuple[np.ndarray, np.ndarray]:
-    """Out-of-fold EWC calls and plain 20-NN calls (1 = dead) through the product's index and classifier."""
+def cross_validate(x: np.ndarray, y: np.ndarray, fold: np.ndarray, conditioning: object, ewc: object,
+                   train: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Out-of-fold EWC calls and plain 20-NN calls (1 = dead) through the product's index and classifier;
+    with ``train``, only those cells are references (every held-out cell is still called)."""
     from monitor.index.ewc import EWCClassifier
     from monitor.index.store import ReferenceIndex
     from monitor.records import Embeddings
 
     ewc_calls, knn_calls = np.zeros(len(y), int), np.zeros(len(y), int)
     for j in range(int(fold.max()) + 1):
-        tr, te = fold != j, fold == j
+        tr, te = (fold != j) & (True if train is None else train), fold == j
         index = ReferenceIndex.build(x[tr], y[tr], ("live", "dead"), [{"name": "morphology", "id": "m", "dim": x.shape[1]}],
                                      structure="flat", conditioning=conditioning, ewc=ewc)  # type: ignore[arg-type]
         states = EWCClassifier(index).classify(Embeddings(np.ascontiguousarray(x[te]), ("m",), (x.shape[1],)))
@@ -125,6 +154,98 @@ def ceiling(x: np.ndarray, y: np.ndarray, fold: np.ndarray) -> list[str]:
     return rows
 
 
+BANDS = ((-np.inf, 3.0, "<= 3 (live)"), (3.0, 25.0, "3-25 (not scored)"), (25.0, 50.0, "25-50 (dead)"),
+         (50.0, 100.0, "50-100 (dead)"), (100.0, np.inf, ">= 100 (dead)"))
+
+
+def all_folds(n: Nuclei) -> np.ndarray:
+    """Fold of every nucleus, scored or not: its experiment's fold."""
+    _, y, _, exps = n.scored_only()
+    of = {e: int(f) for e, f in zip(exps, folds(y, exps), strict=True)}
+    return np.array([of[e] for e in n.exps])
+
+
+def by_marker_strength(n: Nuclei, conditioning: object, ewc: object) -> list[str]:
+    """Table rows: how often the documented recipe calls a nucleus dead, by how bright its PI is.
+    References are the scored cells of the other folds; every held-out nucleus is called, unscored ones too."""
+    fold = all_folds(n)
+    calls, _ = cross_validate(n.x, n.dead, fold, conditioning, ewc, train=n.scored)
+    rows = ["", "What the documented recipe calls, by the nucleus's PI (out of fold, the same 5 folds; every nucleus of "
+            "the training experiments, the unscored ones too):", "",
+            "| PI of the nucleus (background MADs above the field) | nuclei | called dead |", "|---|---|---|"]
+    for lo, hi, name in BANDS:
+        m = (n.pi > lo) & (n.pi <= hi) if hi == 3.0 else (n.pi >= lo) & (n.pi < hi)
+        rows.append(f"| {name} | {int(m.sum())} | {calls[m].mean():.2f} |")
+    return rows
+
+
+def logistic_oof(x: np.ndarray, y: np.ndarray, fold: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
+    """Out-of-fold probability of a class-balanced logistic regression (C 0.1, standardised): the ceiling's linear learner.
+    ``keep[j]``, when given, names the cells fold ``j``'s model may learn from."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    p = np.zeros(len(y))
+    for j in range(int(fold.max()) + 1):
+        tr = (fold != j) & (True if keep is None else keep[j])
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, class_weight="balanced", max_iter=3000))
+        p[fold == j] = model.fit(x[tr], y[tr]).predict_proba(x[fold == j])[:, 1]
+    return p
+
+
+def learning_curve(x: np.ndarray, y: np.ndarray, fold: np.ndarray, exps: list[str], draws: int = 5) -> list[str]:
+    """Table rows: the logistic's out-of-fold AUC when each fold's references come from a share of its training experiments."""
+    from sklearn.metrics import roc_auc_score
+
+    ex = np.array(exps)
+    rng = np.random.default_rng(0)
+    rows = ["", "Would more experiments of this kind help? The same logistic regression, each fold's references drawn "
+            f"from a share of its training experiments ({draws} draws each):", "",
+            "| share of the training experiments | experiments per fold (mean) | AUC (mean +- sd) |", "|---|---|---|"]
+    for share in (0.25, 0.5, 0.75, 1.0):
+        aucs, sizes = [], []
+        for _ in range(draws if share < 1 else 1):
+            keep = np.zeros((int(fold.max()) + 1, len(y)), bool)
+            for j in range(len(keep)):
+                pool = sorted(set(ex[fold != j]))
+                chosen = rng.choice(pool, max(2, round(share * len(pool))), replace=False)
+                keep[j] = np.isin(ex, chosen)
+                sizes.append(len(chosen))
+            aucs.append(roc_auc_score(y, logistic_oof(x, y, fold, keep)))
+        rows.append(f"| {share:.0%} | {np.mean(sizes):.1f} | {np.mean(aucs):.3f} +- {np.std(aucs):.3f} |")
+        print(rows[-1], file=sys.stderr)
+    return rows
+
+
+def neighbourhood(n: Nuclei, radius_um: float = 40.0) -> list[str]:
+    """Table rows: does a cell's neighbourhood tell more? Label-free (the neighbours' out-of-fold scores) and,
+    as an upper bound no method has, the neighbours' own PI truth."""
+    from sklearn.metrics import roc_auc_score
+
+    keep = n.scored
+    y, fold = n.dead[keep], all_folds(n)[keep]
+    p = logistic_oof(n.x[keep], y, fold)
+    st, c = np.array(n.stems)[keep], n.centre_um[keep]
+    near_p, near_y = np.full(len(y), np.nan), np.full(len(y), np.nan)
+    for stem in sorted(set(st)):
+        idx = np.flatnonzero(st == stem)
+        d = np.linalg.norm(c[idx, None] - c[None, idx], axis=-1)
+        for a, i in enumerate(idx):
+            w = (d[a] < radius_um) & (d[a] > 0)
+            if w.any():
+                near_p[i], near_y[i] = p[idx[w]].mean(), y[idx[w]].mean()
+    has = ~np.isnan(near_p)
+    mixed = p + 0.5 * np.where(has, near_p, p)
+    return ["", f"Does the neighbourhood tell more? Scored nuclei within {radius_um:.0f} um in the same field "
+            f"({int(has.sum())} of {len(y)} cells have one):", "",
+            "| score | AUC |", "|---|---|",
+            f"| the cell's own logistic score | {roc_auc_score(y, p):.3f} |",
+            f"| its neighbours' mean score (label-free) | {roc_auc_score(y[has], near_p[has]):.3f} |",
+            f"| own + 0.5 x neighbours' (label-free) | {roc_auc_score(y, mixed):.3f} |",
+            f"| its neighbours' PI truth (an upper bound, not label-free) | {roc_auc_score(y[has], near_y[has]):.3f} |"]
+
+
 def main() -> int:
     from monitor.index.condition import ConditioningSpec
     from monitor.index.ewc import EWCParams
@@ -135,7 +256,8 @@ def main() -> int:
     args = ap.parse_args()
     need_data()
     t0 = time.perf_counter()
-    x, y, stems, exps = measured()
+    n = nuclei()
+    x, y, stems, exps = n.scored_only()
     fold = folds(y, exps)
     took = time.perf_counter() - t0
     shipped = EWCParams(40, 1000, 0.7, True)
@@ -157,8 +279,9 @@ def main() -> int:
         ba, dead, live, mae = scores(y, p, stems)
         lines.append(f"| {name} | {ba:.3f} | {dead:.3f} | {live:.3f} | {mae:.3f} | {scores(y, knn, stems)[0]:.3f} |")
         print(lines[-1], file=sys.stderr)
+    lines += by_marker_strength(n, rows[0][1], rows[0][2])
     if args.ceiling:
-        lines += ceiling(x, y, fold)
+        lines += ceiling(x, y, fold) + learning_curve(x, y, fold, exps) + neighbourhood(n)
     emit(lines, args.write)
     return 0
 

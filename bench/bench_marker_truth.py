@@ -77,8 +77,8 @@ def split(stems: list[str], offset: int) -> tuple[list[str], list[str]]:
     return [s for s in stems if experiment_of(s) not in held], [s for s in stems if experiment_of(s) in held]
 
 
-def pi_truth(stem: str) -> dict[int, str]:
-    """The set's PI rule on the native grid: mask label -> "dead" | "live" (ambiguous ones left out)."""
+def pi_scores(stem: str) -> dict[int, float]:
+    """Each nucleus's mean PI in background MADs above the field's background median (native grid)."""
     import json
 
     import tifffile
@@ -91,14 +91,12 @@ def pi_truth(stem: str) -> dict[int, str]:
     bg = pi[labels == 0]
     med = float(np.median(bg))
     mad = float(np.median(np.abs(bg - med))) or 1.0
-    out = {}
-    for lab in np.unique(labels[labels > 0]):
-        v = (pi[labels == lab].mean() - med) / mad
-        if v >= 25:
-            out[int(lab)] = "dead"
-        elif v <= 3:
-            out[int(lab)] = "live"
-    return out
+    return {int(lab): float((pi[labels == lab].mean() - med) / mad) for lab in np.unique(labels[labels > 0])}
+
+
+def pi_truth(stem: str) -> dict[int, str]:
+    """The set's PI rule on the native grid: mask label -> "dead" | "live" (ambiguous ones left out)."""
+    return {lab: ("dead" if v >= 25 else "live") for lab, v in pi_scores(stem).items() if v >= 25 or v <= 3}
 
 
 def link(folder: Path, stems: list[str]) -> None:
