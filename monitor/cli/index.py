@@ -287,6 +287,7 @@ def _build_from_marker(args: argparse.Namespace) -> int:
         fit_encoders,
         frames_in,
         label_frames,
+        marker_cv_refit,
     )
     from monitor.index.presets import PRESETS
     from monitor.intake.readers import build_readers
@@ -318,10 +319,6 @@ def _build_from_marker(args: argparse.Namespace) -> int:
     print(f"{folder}: {len(frames)} frame(s)", file=sys.stderr)
     marked = label_frames(cfg, pipeline, frames, Path(folder), progress=not args.no_progress)
     describe(marked, lambda line: print(line, file=sys.stderr))
-    fitted = fit_encoders(cfg, pipeline, marked, args.out, progress=not args.no_progress)
-    for rec in fitted:
-        print(f"  fitted {rec['encoder']} on {sum(rec['references'].values())} references in {rec['seconds']:.0f} s "
-              f"({rec['epochs']} epochs, loss {rec['loss_per_epoch'][0]:.3f} -> {rec['loss_per_epoch'][-1]:.3f}): {rec['id']}", file=sys.stderr)
     # a calibration run gives hundreds of cells, not thousands: the preset's k and conditioning
     # are capped so that no class is outvoted by k alone and the whitening is not fitted on noise
     preset = PRESETS[args.preset]
@@ -334,7 +331,8 @@ def _build_from_marker(args: argparse.Namespace) -> int:
     threshold = next(t for t in (args.threshold, c.entropy_threshold, pe.entropy_threshold) if t is not None)
     reweight = next(r for r in (args.reweight, c.reweight, pe.reweight) if r is not None)
     ewc = EWCParams(asked or min(pe.k_min, k_max), k_max, threshold, reweight)
-    auto_dim = cfg.fit.condition_dim if fitted else (pc.dim if pc is not None else 0)  # a fitted encoder: [fit] condition_dim
+    to_fit = any(e.needs_fit for e in pipeline.encoders)
+    auto_dim = cfg.fit.condition_dim if to_fit else (pc.dim if pc is not None else 0)  # a fitted encoder: [fit] condition_dim
     dim = args.condition_dim if args.condition_dim is not None else min(auto_dim, len(marked.labels) // 8)
     conditioning = None
     if cfg.fit.projection == "logistic":
@@ -343,8 +341,15 @@ def _build_from_marker(args: argparse.Namespace) -> int:
         conditioning = ConditioningSpec(dim, args.shrinkage if args.shrinkage is not None else 0.1)
     shown = f"logistic projection (penalty {cfg.fit.penalty:g})" if cfg.fit.projection == "logistic" else (dim or "off")
     print(f"  EWC k {ewc.k_min}..{ewc.k_max} (smallest class: {smallest} cells); conditioning {shown}", file=sys.stderr)
-    index = build_index(cfg, pipeline, marked, metric=args.metric, ewc=ewc, conditioning=conditioning,
-                        query={"tta": args.tta} if args.tta and args.tta != 1 else None, unknown_quantile=_unknown_q(args))
+    build_kw: dict[str, Any] = {"metric": args.metric, "ewc": ewc, "conditioning": conditioning}
+    # an encoder fitted on every reference is cross-validated only by fitting it again per fold (before the real fit)
+    cv = marker_cv_refit(cfg, pipeline, marked, build_kw, progress=not args.no_progress) if to_fit and cfg.fit.cross_validate else None
+    fitted = fit_encoders(cfg, pipeline, marked, args.out, progress=not args.no_progress)
+    for rec in fitted:
+        print(f"  fitted {rec['encoder']} on {sum(rec['references'].values())} references in {rec['seconds']:.0f} s "
+              f"({rec['epochs']} epochs, loss {rec['loss_per_epoch'][0]:.3f} -> {rec['loss_per_epoch'][-1]:.3f}): {rec['id']}", file=sys.stderr)
+    index = build_index(cfg, pipeline, marked, cv=cv, query={"tta": args.tta} if args.tta and args.tta != 1 else None,
+                        unknown_quantile=_unknown_q(args), **build_kw)
     print(f"  {describe_cv(index.preprocessing['marker_cv'])}", file=sys.stderr)
     index.save(args.out)
     counts = ", ".join(f"{c} {n}" for c, n in index.class_counts.items())

@@ -135,11 +135,13 @@ def check_rules(cfg: Config) -> None:
                           "(see README, 'Labelling references by a death marker'); with --from-marker FOLDER, name the config with --config")
 
 
-def build_index(cfg: Config, pipeline: Pipeline, marked: MarkerLabels, cross_validate: bool = True, **build_kw: Any) -> Any:
+def build_index(cfg: Config, pipeline: Pipeline, marked: MarkerLabels, cross_validate: bool = True,
+                cv: dict[str, Any] | None = None, **build_kw: Any) -> Any:
     """The reference index from the marker-labelled crops (encoders as configured).
 
     With ``cross_validate``, the references are also scored against the marker by grouped
-    cross-validation (:func:`marker_cv`), recorded in the index (``preprocessing.marker_cv``).
+    cross-validation (:func:`marker_cv`), recorded in the index (``preprocessing.marker_cv``);
+    ``cv`` is that record when it was made before (:func:`marker_cv_refit`, a fit per fold).
     """
 
     classes, y = marker_classes(marked)
@@ -148,13 +150,19 @@ def build_index(cfg: Config, pipeline: Pipeline, marked: MarkerLabels, cross_val
             for ref, e in zip(cfg.encoders, pipeline.encoders, strict=True)]
     prep = {"source": "marker", "pixel_size_um": pipeline.pixel_size_um, "crop_px": pipeline.crop_px,
             "blank_background": pipeline.blank_background, "crop_contrast": pipeline.crop_contrast, "marker": marked.rules.record(), "marker_counts": marked.counts}
-    if cross_validate:
+    if cv is not None:
+        prep["marker_cv"] = cv
+    elif cross_validate:
         fitted = [e.name for e in pipeline.encoders if "fit-" in e.id]
-        prep["marker_cv"] = ({"skipped": f"encoder {fitted[0]} was fitted on every reference: a cross-validation would need a fit per fold"}
+        prep["marker_cv"] = ({"skipped": f"encoder {fitted[0]} was fitted on every reference: a cross-validation needs a fit per fold "
+                                         "([fit] cross_validate = true)"}
                              if fitted else marker_cv(vectors, y, classes, marked.names, build_kw))
     index = ReferenceIndex.build(vectors, y, classes, encs, ref_names=marked.names, preprocessing=prep, **build_kw)
     index.extra_files = [f"fit/{e.name}{suffix}" for e in pipeline.encoders if "fit-" in e.id for suffix in (".npz", ".json")]
     return index
+
+
+FoldVectors = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 def marker_cv(vectors: np.ndarray, y: np.ndarray, classes: tuple[str, ...], names: list[str], build_kw: dict[str, Any],
@@ -168,6 +176,43 @@ def marker_cv(vectors: np.ndarray, y: np.ndarray, classes: tuple[str, ...], name
     unit and number of folds, and how many references were scored; or ``{"skipped": why}``
     when there are too few groups or a fold lacks a class.
     """
+    return grouped_cv(lambda train, test: (vectors[train], vectors[test]), y, classes, names, build_kw, folds)
+
+
+def marker_cv_refit(cfg: Config, pipeline: Pipeline, marked: MarkerLabels, build_kw: dict[str, Any], progress: bool = True,
+                    folds: int = 5) -> dict[str, Any]:
+    """:func:`marker_cv` for an index whose encoders are fitted on the references: each fold fits a
+    fresh copy of every ``needs_fit`` encoder on the other folds' references only (same ``[fit]``
+    settings, weights in a scratch folder), then embeds both parts with it. Call it before
+    :func:`fit_encoders` (it copies the encoders as they are, unfitted). About ``folds`` more fits."""
+    import copy
+    import tempfile
+
+    classes, y = marker_classes(marked)
+    crop_js = [j for j in range(len(pipeline.encoders)) if j not in marked.frame_vectors]
+    fixed = {j: embed(marked.crops, [pipeline.encoders[j]], pipeline.batch_size).vectors
+             for j in crop_js if not pipeline.encoders[j].needs_fit}
+
+    def vectors(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        parts = []
+        with tempfile.TemporaryDirectory(prefix="cellmonitor-cv-") as scratch:  # the fold's weights (and runtime export)
+            encoders = [copy.deepcopy(e) if j in crop_js and j not in fixed else e for j, e in enumerate(pipeline.encoders)]
+            for j in crop_js:
+                if j not in fixed:
+                    encoders[j].fit(marked.crops[train], y[train], classes, cfg.fit, Path(scratch), progress)
+            for part in (train, test):
+                crop_v = [fixed[j][part] if j in fixed else embed(marked.crops[part], [encoders[j]], pipeline.batch_size).vectors
+                          for j in crop_js]
+                parts.append(in_encoder_order(encoders, np.concatenate(crop_v, axis=1) if crop_v else np.zeros((int(part.sum()), 0), np.float32),
+                                              {j: v[part] for j, v in marked.frame_vectors.items()}))
+        return parts[0], parts[1]
+
+    return grouped_cv(vectors, y, classes, marked.names, build_kw, folds) | {"refit": True}
+
+
+def grouped_cv(vectors: FoldVectors, y: np.ndarray, classes: tuple[str, ...], names: list[str], build_kw: dict[str, Any],
+                   folds: int = 5) -> dict[str, Any]:
+    """The grouped cross-validation of :func:`marker_cv`; ``vectors(train, test)`` gives each fold's two parts' vectors."""
     from monitor.index.ewc import EWCClassifier
     from monitor.index.store import ReferenceIndex
     from monitor.records import Embeddings
@@ -180,15 +225,17 @@ def marker_cv(vectors: np.ndarray, y: np.ndarray, classes: tuple[str, ...], name
         return {"skipped": "the references come from one field: nothing to hold out"}
     k = min(folds, len(names_g))
     fold = group_folds(groups, y, k, int(np.argmin(np.bincount(y, minlength=len(classes)))))
+    for j in range(k):
+        if len(set(y[fold != j].tolist())) < len(classes):
+            return {"skipped": f"a fold's training part lacks a class ({k} folds by {unit}): too few groups for a cross-validation"}
     called = np.full(len(y), -1)
     kw = {key: v for key, v in build_kw.items() if key in ("metric", "ewc", "conditioning")}
-    dims = [{"name": "cv", "id": "cv", "dim": vectors.shape[1]}]
     for j in range(k):
         train, test = fold != j, fold == j
-        if len(set(y[train].tolist())) < len(classes):
-            return {"skipped": f"a fold's training part lacks a class ({k} folds by {unit}): too few groups for a cross-validation"}
-        idx = ReferenceIndex.build(vectors[train], y[train], classes, dims, structure="flat", unknown_quantile=None, **kw)
-        called[test] = EWCClassifier(idx).classify(Embeddings(np.ascontiguousarray(vectors[test]), ("cv",), (vectors.shape[1],))).predicted
+        v_train, v_test = vectors(train, test)
+        dims = [{"name": "cv", "id": "cv", "dim": v_train.shape[1]}]
+        idx = ReferenceIndex.build(v_train, y[train], classes, dims, structure="flat", unknown_quantile=None, **kw)
+        called[test] = EWCClassifier(idx).classify(Embeddings(np.ascontiguousarray(v_test), ("cv",), (v_train.shape[1],))).predicted
     recall = {c: float((called[y == i] == i).mean()) for i, c in enumerate(classes) if (y == i).any()}
     return {"unit": unit, "folds": k, "groups": len(names_g), "references": int(len(y)),
             "recall": {c: round(r, 4) for c, r in recall.items()}, "balanced_accuracy": round(float(np.mean(list(recall.values()))), 4)}
@@ -215,7 +262,8 @@ def describe_cv(cv: dict[str, Any]) -> str:
     if "skipped" in cv:
         return f"label-free calls vs the marker: not cross-validated ({cv['skipped']})"
     rec = ", ".join(f"{c} {r:.2f}" for c, r in cv["recall"].items())
-    return (f"label-free calls vs the marker, cross-validated at build ({cv['folds']} folds by {cv['unit']}, "
+    refit = ", the encoder fitted again in each" if cv.get("refit") else ""
+    return (f"label-free calls vs the marker, cross-validated at build ({cv['folds']} folds by {cv['unit']}{refit}, "
             f"{cv['references']} references): balanced accuracy {cv['balanced_accuracy']:.2f} (recall: {rec})")
 
 

@@ -96,3 +96,32 @@ def test_fitted_weights_missing_or_edited_are_one_line(tmp_path):
     np.savez(weights, **arrays)
     with pytest.raises(IndexError_, match="fit/efficientnet-lite0.npz does not match its checksum"):
         build_pipeline(cfg, Registry(cfg.plugins.paths), context_from(cfg, device="cpu"))
+
+
+@pytest.mark.timeout(600)
+def test_cross_validate_fits_again_in_each_fold_on_its_training_part_only(tmp_path, capsys, monkeypatch):
+    """`[fit] cross_validate = true`: a fitted index is scored against the marker with a fit per fold,
+    each fit seeing only the other folds' references, and the index's own fit sees them all."""
+    cfg_path = fit_setup(tmp_path)
+    cfg_path.write_text(cfg_path.read_text().replace("[fit]\n", "[fit]\ncross_validate = true\n"))
+    from cellmonitor_plugins.encoders.efficientnet import FittedLiteEncoder
+
+    seen: list[int] = []
+    real_fit = FittedLiteEncoder.fit
+
+    def spy(self, crops, labels, *a, **kw):
+        seen.append(len(labels))
+        return real_fit(self, crops, labels, *a, **kw)
+
+    monkeypatch.setattr(FittedLiteEncoder, "fit", spy)
+    index = tmp_path / "index"
+    assert main(["index", "build", str(tmp_path / "train"), "--from-marker", str(cfg_path), "--out", str(index), "--no-progress"]) == 0
+    # 4 experiments of 5 nuclei: 4 folds by experiment, each fitted on the other 15; then the index's fit on all 20
+    assert seen == [15, 15, 15, 15, 20]
+    cv = json.loads((index / "meta.json").read_text())["preprocessing"]["marker_cv"]
+    assert cv["refit"] and cv["unit"] == "experiment" and cv["folds"] == 4 and cv["references"] == 20
+    assert 0.0 <= cv["balanced_accuracy"] <= 1.0 and set(cv["recall"]) == {"live", "dead"}
+    assert "fitted again in each" in capsys.readouterr().err
+    # the folds' weights went to a scratch folder: the index keeps only its own fit
+    fit = index / "fit"
+    assert [p.name for p in fit.glob("*.npz")] == ["efficientnet-lite0.npz"] and len(list(fit.glob("*.onnx"))) <= 1
