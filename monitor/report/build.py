@@ -94,6 +94,7 @@ def build_report(
         res.no_gallery = "no config given (the report was built from the CSV alone)"
     fates, no_fates, plate = fate_view.load_fates(cfg, counts_csv)
     trust = marker_cv_note(cfg)
+    strength = marker_strength(cfg, counts_csv)
     for e in experiments(df, death_states):
         if trust:
             e.notes.append(trust)
@@ -104,7 +105,8 @@ def build_report(
             res.frames += len(gallery.frames)
             res.mismatched += sum(not f.matches for f in gallery.frames)
         path = out / f"{name}.html"
-        path.write_text(render(e, counts_csv, out, name, gallery, res.no_gallery, roles, (fates, no_fates, plate)), encoding="utf-8")
+        by_marker = strength(e.name) if strength is not None else None
+        path.write_text(render(e, counts_csv, out, name, gallery, res.no_gallery, roles, (fates, no_fates, plate), by_marker), encoding="utf-8")
         res.pages.append(path)
     return res
 
@@ -129,6 +131,22 @@ def _tables(e: Experiment) -> dict[str, Any]:
 
 def _has_control(e: Experiment) -> bool:
     return "control_area_fraction" in e.table and bool(e.table["control_area_fraction"].notna().any())
+
+
+def marker_strength(cfg: Any, counts_csv: Path) -> Any:
+    """experiment -> its table of label-free calls by marker strength (:mod:`monitor.report.marker_view`);
+    None when the run has no marker rules or no per-cell table."""
+    from monitor.fate.table import read_cells
+    from monitor.report.marker_view import marker_rules, strength_table
+
+    rules, margin = marker_rules(cfg)
+    folder = fate_view.cells_folder(cfg, counts_csv)
+    if not rules or not folder.is_dir():
+        return None
+    cells = read_cells(folder)
+    if cells.empty:
+        return None
+    return lambda name: strength_table(cells[cells["experiment"].astype(str) == str(name)], rules, margin)
 
 
 def marker_cv_note(cfg: Any) -> str:
@@ -167,11 +185,14 @@ def unreliable_banner(e: Experiment) -> str:
 
 
 def render(e: Experiment, src: Path, out: Path, name: str, gallery: Gallery | None, no_gallery: str | None, roles: dict[str, str] | None = None,
-           fates: tuple[Any, str, Any] | None = None) -> str:
+           fates: tuple[Any, str, Any] | None = None, by_marker: Any = None) -> str:
     """The HTML page of one experiment (and its data CSVs under ``out/data/<name>/``); ``fates``:
-    the derived track tables, why there are none, and the plate map (monitor.report.fates)."""
+    the derived track tables, why there are none, and the plate map (monitor.report.fates);
+    ``by_marker``: its cells' label-free calls by marker strength (monitor.report.marker_view)."""
     colours = class_colours(e.classes, roles)
     tables = _tables(e)
+    if by_marker is not None:
+        tables["calls_by_marker"] = by_marker
     data_dir = out / "data" / name
     data_dir.mkdir(parents=True, exist_ok=True)
     csv_text: dict[str, str] = {}
@@ -245,6 +266,15 @@ def render(e: Experiment, src: Path, out: Path, name: str, gallery: Gallery | No
         + "</section>"
     )
     nav.append(("cells", "Cells"))
+    # ---- label-free calls by marker strength
+    if by_marker is not None:
+        sections.append(
+            "<section id='by-marker'><h2>Label-free calls by marker strength</h2><p class='cap'>Every cell of the per-cell table, "
+            "binned by its death-marker value (the rule's units) around the rule's threshold, and the share the label-free call "
+            "puts in the marker's state. A share that rises with the marker says the label-free call sees death that has gone "
+            "far; the cells just past the threshold are the ones the marker sees first.</p>"
+            + dl("calls_by_marker") + html_table(by_marker).replace("<details>", "<details open>") + "</section>")
+        nav.append(("by-marker", "By marker"))
     # ---- plate map
     sections.append(
         "<section id='plate'><h2>Plate map</h2>"

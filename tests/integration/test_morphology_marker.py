@@ -58,6 +58,17 @@ def test_morphology_references_from_the_marker_and_the_replay_calls_them(tmp_pat
     assert main(["report", str(cfg), "--out", str(tmp_path / "report"), "--no-gallery"]) == 0
     page = next((tmp_path / "report").glob("*.html")).read_text()
     assert "Label-free calls vs the marker, cross-validated at build (4 folds by experiment, 20 references): balanced accuracy 1.00" in page
+    # and how the label-free calls follow the marker's strength, read back from the table the report wrote
+    import pandas as pd
+
+    assert "Label-free calls by marker strength" in page
+    by = pd.read_csv(next((tmp_path / "report" / "data").glob("*/calls_by_marker.csv")))
+    assert list(by["marker value"]) == ["<= 3 (marker-negative)", "3 to 25 (ambiguous)", "25 to 50", "50 to 100", ">= 100"]
+    dead_pi = cells["marker_dead_nuclei_channel"][cells["marker_state"] == "dead"]
+    assert by["cells"].sum() == 10 and by["cells"].iloc[0] == (cells["marker_state"] == "live").sum()
+    assert by["cells"].iloc[-1] == (dead_pi >= 100).sum() > 0
+    shares = dict(zip(by["marker value"], by["share called that state label-free"], strict=True))
+    assert shares["<= 3 (marker-negative)"] == 0.0 and shares[">= 100"] == 1.0  # every call matched the marker above
 
 
 @pytest.mark.realdata
