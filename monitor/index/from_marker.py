@@ -207,11 +207,12 @@ def marker_cv_refit(cfg: Config, pipeline: Pipeline, marked: MarkerLabels, build
                                               {j: v[part] for j, v in marked.frame_vectors.items()}))
         return parts[0], parts[1]
 
-    return grouped_cv(vectors, y, classes, marked.names, build_kw, folds) | {"refit": True}
+    cv = grouped_cv(vectors, y, classes, marked.names, build_kw, folds)
+    return cv if "skipped" in cv else cv | {"refit": True}
 
 
 def grouped_cv(vectors: FoldVectors, y: np.ndarray, classes: tuple[str, ...], names: list[str], build_kw: dict[str, Any],
-                   folds: int = 5) -> dict[str, Any]:
+               folds: int = 5) -> dict[str, Any]:
     """The grouped cross-validation of :func:`marker_cv`; ``vectors(train, test)`` gives each fold's two parts' vectors."""
     from monitor.index.ewc import EWCClassifier
     from monitor.index.store import ReferenceIndex
@@ -225,7 +226,7 @@ def grouped_cv(vectors: FoldVectors, y: np.ndarray, classes: tuple[str, ...], na
         return {"skipped": "the references come from one field: nothing to hold out"}
     k = min(folds, len(names_g))
     fold = group_folds(groups, y, k, int(np.argmin(np.bincount(y, minlength=len(classes)))))
-    for j in range(k):
+    for j in range(k):  # every fold checked before any is embedded: a fold's vectors may cost a fit
         if len(set(y[fold != j].tolist())) < len(classes):
             return {"skipped": f"a fold's training part lacks a class ({k} folds by {unit}): too few groups for a cross-validation"}
     called = np.full(len(y), -1)
