@@ -92,9 +92,10 @@ def build_report(
     res = ReportResult(no_gallery=no_gallery if pipeline is None else None)
     if pipeline is None and res.no_gallery is None:
         res.no_gallery = "no config given (the report was built from the CSV alone)"
-    fates, no_fates, plate = fate_view.load_fates(cfg, counts_csv)
+    cells, cells_at = fate_view.load_cells(cfg, counts_csv)  # read once: the fates and the marker view share it
+    fates, no_fates, plate = fate_view.load_fates(cfg, cells, cells_at)
     trust = marker_cv_note(cfg)
-    strength = marker_strength(cfg, counts_csv)
+    strength = marker_strength(cfg, cells)
     for e in experiments(df, death_states):
         if trust:
             e.notes.append(trust)
@@ -133,18 +134,13 @@ def _has_control(e: Experiment) -> bool:
     return "control_area_fraction" in e.table and bool(e.table["control_area_fraction"].notna().any())
 
 
-def marker_strength(cfg: Any, counts_csv: Path) -> Any:
+def marker_strength(cfg: Any, cells: Any) -> Any:
     """experiment -> its table of label-free calls by marker strength (:mod:`monitor.report.marker_view`);
-    None when the run has no marker rules or no per-cell table."""
-    from monitor.fate.table import read_cells
+    None when the run has no marker rules or no per-cell rows."""
     from monitor.report.marker_view import marker_rules, strength_table
 
     rules, margin = marker_rules(cfg)
-    folder = fate_view.cells_folder(cfg, counts_csv)
-    if not rules or not folder.is_dir():
-        return None
-    cells = read_cells(folder)
-    if cells.empty:
+    if not rules or cells is None or cells.empty:
         return None
     return lambda name: strength_table(cells[cells["experiment"].astype(str) == str(name)], rules, margin)
 

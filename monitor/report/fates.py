@@ -42,14 +42,18 @@ def cells_folder(cfg: Any, counts_csv: Path) -> Path:
     return counts_csv.parent / "cells"
 
 
-def load_fates(cfg: Any, counts_csv: Path) -> tuple[dict[str, Any] | None, str, PlateMap | None]:
-    """The derived tables of every experiment (or None) and why there are none."""
+def load_cells(cfg: Any, counts_csv: Path) -> tuple[Any, Path]:
+    """The run's per-cell rows (None when there is no per-cell table) and where they are."""
     from monitor.fate.table import read_cells
 
     folder = cells_folder(cfg, counts_csv)
-    if not folder.is_dir():
+    return (read_cells(folder) if folder.is_dir() else None), folder
+
+
+def load_fates(cfg: Any, cells: Any, folder: Path) -> tuple[dict[str, Any] | None, str, PlateMap | None]:
+    """The derived tables of every experiment (or None) and why there are none, from :func:`load_cells`'s rows."""
+    if cells is None:
         return None, f"no per-cell table at {folder} (add the cells sink to the config's [[sinks]] for tracks and fates)", None
-    cells = read_cells(folder)
     if "track_id" not in cells or cells["track_id"].isna().all():
         return None, f"the per-cell rows at {folder} carry no track ids ([tracking] enabled = false, or laptrack missing)", None
     tracking = getattr(cfg, "tracking", None)
