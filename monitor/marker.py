@@ -47,6 +47,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -143,6 +144,18 @@ def otsu_threshold(values: np.ndarray) -> float:
     below, above = v[v <= t], v[v > t]
     # the middle of the gap Otsu found (Otsu returns the top of the lower class's bin)
     return float((below.max() + above.min()) / 2) if len(below) and len(above) else t
+
+
+def with_fitted(table: Mapping[str, Any], fitted: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A copy of a config's ``[marker]`` table whose ``"otsu"`` thresholds are the numbers an index
+    built ``--from-marker`` fitted (``fitted``: its ``preprocessing["marker"]`` record); a rule that
+    index did not fit keeps ``"otsu"``. What the service applies (:func:`resolve` of the result)."""
+    numbers = {(r["channel"], r["state"]): r["threshold"] for r in (fitted or {}).get("rules", [])}
+    rules = [dict(r) for r in table["rules"]]
+    for r in rules:
+        if r["threshold"] == "otsu" and (r["channel"], r["state"]) in numbers:
+            r["threshold"] = numbers[(r["channel"], r["state"])]
+    return {**table, "rules": rules}
 
 
 def resolve(table: Mapping[str, object], values: Mapping[str, np.ndarray] | None = None) -> MarkerRules:

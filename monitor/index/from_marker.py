@@ -183,29 +183,23 @@ def marker_cv_refit(cfg: Config, pipeline: Pipeline, marked: MarkerLabels, build
                     folds: int = 5) -> dict[str, Any]:
     """:func:`marker_cv` for an index whose encoders are fitted on the references: each fold fits a
     fresh copy of every ``needs_fit`` encoder on the other folds' references only (same ``[fit]``
-    settings, weights in a scratch folder), then embeds both parts with it. Call it before
-    :func:`fit_encoders` (it copies the encoders as they are, unfitted). About ``folds`` more fits."""
+    settings, weights in a scratch folder), then embeds every reference with it (:func:`marker_vectors`).
+    Call it before :func:`fit_encoders` (it copies the encoders as they are, unfitted). About ``folds``
+    more fits."""
     import copy
     import tempfile
+    from dataclasses import replace
 
     classes, y = marker_classes(marked)
-    crop_js = [j for j in range(len(pipeline.encoders)) if j not in marked.frame_vectors]
-    fixed = {j: embed(marked.crops, [pipeline.encoders[j]], pipeline.batch_size).vectors
-             for j in crop_js if not pipeline.encoders[j].needs_fit}
 
     def vectors(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        parts = []
         with tempfile.TemporaryDirectory(prefix="cellmonitor-cv-") as scratch:  # the fold's weights (and runtime export)
-            encoders = [copy.deepcopy(e) if j in crop_js and j not in fixed else e for j, e in enumerate(pipeline.encoders)]
-            for j in crop_js:
-                if j not in fixed:
-                    encoders[j].fit(marked.crops[train], y[train], classes, cfg.fit, Path(scratch), progress)
-            for part in (train, test):
-                crop_v = [fixed[j][part] if j in fixed else embed(marked.crops[part], [encoders[j]], pipeline.batch_size).vectors
-                          for j in crop_js]
-                parts.append(in_encoder_order(encoders, np.concatenate(crop_v, axis=1) if crop_v else np.zeros((int(part.sum()), 0), np.float32),
-                                              {j: v[part] for j, v in marked.frame_vectors.items()}))
-        return parts[0], parts[1]
+            encoders = [copy.deepcopy(e) if e.needs_fit else e for e in pipeline.encoders]
+            for e in encoders:
+                if e.needs_fit:
+                    e.fit(marked.crops[train], y[train], classes, cfg.fit, Path(scratch), progress)
+            v = marker_vectors(replace(pipeline, encoders=encoders), marked)
+        return v[train], v[test]
 
     cv = grouped_cv(vectors, y, classes, marked.names, build_kw, folds)
     return cv if "skipped" in cv else cv | {"refit": True}

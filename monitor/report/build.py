@@ -94,8 +94,9 @@ def build_report(
         res.no_gallery = "no config given (the report was built from the CSV alone)"
     cells, cells_at = fate_view.load_cells(cfg, counts_csv)  # read once: the fates and the marker view share it
     fates, no_fates, plate = fate_view.load_fates(cfg, cells, cells_at)
-    trust = marker_cv_note(cfg)
-    strength = marker_strength(cfg, cells)
+    prep = index_preprocessing(cfg)
+    trust = marker_cv_note(prep)
+    strength = marker_strength(cfg, prep, cells)
     for e in experiments(df, death_states):
         if trust:
             e.notes.append(trust)
@@ -134,29 +135,35 @@ def _has_control(e: Experiment) -> bool:
     return "control_area_fraction" in e.table and bool(e.table["control_area_fraction"].notna().any())
 
 
-def marker_strength(cfg: Any, cells: Any) -> Any:
+def index_preprocessing(cfg: Any) -> dict[str, Any]:
+    """The config's index's ``preprocessing`` record (what ``--from-marker`` fitted and scored); {} without one."""
+    from monitor.index.metafile import read_meta
+
+    if cfg is None:
+        return {}
+    try:
+        return read_meta(Path(cfg.classifier.index) / "meta.json").preprocessing or {}
+    except ValueError:
+        return {}  # no index (yet), or not one this version reads: the page has nothing to say about it
+
+
+def marker_strength(cfg: Any, prep: dict[str, Any], cells: Any) -> Any:
     """experiment -> its table of label-free calls by marker strength (:mod:`monitor.report.marker_view`);
     None when the run has no marker rules or no per-cell rows."""
     from monitor.report.marker_view import marker_rules, strength_table
 
-    rules, margin = marker_rules(cfg)
+    rules, margin = marker_rules(cfg, prep)
     if not rules or cells is None or cells.empty:
         return None
     return lambda name: strength_table(cells[cells["experiment"].astype(str) == str(name)], rules, margin)
 
 
-def marker_cv_note(cfg: Any) -> str:
-    """What the config's index said when it was built ``--from-marker``: its cross-validation against
-    the death marker, i.e. how far label-free calls go ("" without a config or such a record)."""
+def marker_cv_note(prep: dict[str, Any]) -> str:
+    """What the config's index said when it was built ``--from-marker`` (``prep``: its preprocessing
+    record): its cross-validation against the death marker, i.e. how far label-free calls go ("" without one)."""
     from monitor.index.from_marker import describe_cv
-    from monitor.index.metafile import read_meta
 
-    if cfg is None:
-        return ""
-    try:
-        cv = (read_meta(Path(cfg.classifier.index) / "meta.json").preprocessing or {}).get("marker_cv")
-    except ValueError:
-        return ""  # no index (yet), or not one this version reads: the page has nothing to say about it
+    cv = prep.get("marker_cv")
     if not isinstance(cv, dict) or not cv:
         return ""
     line = describe_cv(cv)

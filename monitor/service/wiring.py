@@ -36,7 +36,7 @@ from monitor.intake.assemble import FrameAssembler
 from monitor.intake.files import FileTracker, Intake, check_watch_dir
 from monitor.intake.ledger import Ledger, StateLock
 from monitor.intake.readers import ReaderSet, build_readers
-from monitor.marker import MarkerCheck, resolve
+from monitor.marker import MarkerCheck, resolve, with_fitted
 from monitor.pipeline import Pipeline, embed
 from monitor.protocols import BuildContext, Classifier, Sink, context_from
 from monitor.service.feedback import Feedback
@@ -143,14 +143,11 @@ def feedback_for(cfg: Config, readers: ReaderSet, pipeline: Pipeline, metrics: S
 def marker_check(cfg: Config, index: Any) -> Any:
     """Live marker agreement from ``[marker]``; an ``"otsu"`` threshold takes the number fitted
     when the index was built ``--from-marker`` (recorded in its preprocessing)."""
-    fitted = {(r["channel"], r["state"]): r["threshold"] for r in ((index.preprocessing or {}).get("marker") or {}).get("rules", [])}
-    table = cfg.marker.model_dump()
+    table = with_fitted(cfg.marker.model_dump(), (index.preprocessing or {}).get("marker"))
     for r in table["rules"]:
         if r["threshold"] == "otsu":
-            if (r["channel"], r["state"]) not in fitted:
-                raise ConfigError(f"{cfg.source_name}: marker rule {r['channel']} -> {r['state']}: threshold 'otsu' is fitted by "
-                                  f"'index build --from-marker', and index {cfg.classifier.index} was not; give a number")
-            r["threshold"] = fitted[(r["channel"], r["state"])]
+            raise ConfigError(f"{cfg.source_name}: marker rule {r['channel']} -> {r['state']}: threshold 'otsu' is fitted by "
+                              f"'index build --from-marker', and index {cfg.classifier.index} was not; give a number")
     rules = resolve(table)
     log.info("marker agreement: %s; else %s", "; ".join(f"{r.channel} > {r.threshold:.3g} -> {r.state}" for r in rules.rules), rules.negative)
     cv = (index.preprocessing or {}).get("marker_cv")
