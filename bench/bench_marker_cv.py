@@ -29,7 +29,6 @@ and, as a bound no method has, their PI truth).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._ewc_common import emit, need_data  # noqa: E402
-from bench.bench_marker_truth import SET, experiment_of, fields, pi_scores, split  # noqa: E402
+from bench.bench_marker_truth import experiment_of, fields, pi_mads, read_field, split  # noqa: E402
 
 
 class Nuclei(NamedTuple):
@@ -69,21 +68,16 @@ class Nuclei(NamedTuple):
 
 def nuclei() -> Nuclei:
     """All nuclei of the training fields (scored or not), measured on the brightfield plane."""
-    import tifffile
     from cellmonitor_plugins.encoders.morphology import measure
     from scipy import ndimage as ndi
 
     rest, _test = split(fields(), 1)
     feats, pis, stems, exps, centres = [], [], [], [], []
     for stem in rest:
-        score = pi_scores(stem)
-        names = json.loads((SET / f"{stem}.json").read_text())
-        channels, px = names["channels"], float(names["spatial_calibration"])
-        stack = tifffile.imread(SET / f"{stem}.tif")
-        planes = stack if stack.shape[0] == len(channels) else np.moveaxis(stack, -1, 0)
-        labels = tifffile.imread(SET / f"{stem}_labelled.tif").astype(np.int64)
+        planes, labels, px = read_field(stem)
+        score = pi_mads(planes["dead_nuclei_channel"], labels)
         ids = sorted(score)
-        feats.append(measure(planes[channels.index("brightfield_channel")], labels, ids, px))
+        feats.append(measure(planes["brightfield_channel"], labels, ids, px))
         centres.append(np.array(ndi.center_of_mass(labels > 0, labels, ids)).reshape(-1, 2) * px)
         pis += [score[i] for i in ids]
         stems += [stem] * len(ids)

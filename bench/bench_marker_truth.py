@@ -77,21 +77,33 @@ def split(stems: list[str], offset: int) -> tuple[list[str], list[str]]:
     return [s for s in stems if experiment_of(s) not in held], [s for s in stems if experiment_of(s) in held]
 
 
-def pi_scores(stem: str) -> dict[int, float]:
-    """Each nucleus's mean PI in background MADs above the field's background median (native grid)."""
+def read_field(stem: str) -> tuple[dict[str, np.ndarray], np.ndarray, float]:
+    """(each plane by its sidecar channel name, the nuclei labels, the pixel size in um) of one field."""
     import json
 
     import tifffile
 
-    names = json.loads((SET / f"{stem}.json").read_text())["channels"]
+    names = json.loads((SET / f"{stem}.json").read_text())
+    channels = names["channels"]
     stack = tifffile.imread(SET / f"{stem}.tif")
-    planes = stack if stack.shape[0] == len(names) else np.moveaxis(stack, -1, 0)
-    pi = planes[names.index("dead_nuclei_channel")].astype(np.float64)
+    planes = stack if stack.shape[0] == len(channels) else np.moveaxis(stack, -1, 0)
     labels = tifffile.imread(SET / f"{stem}_labelled.tif").astype(np.int64)
+    return dict(zip(channels, planes, strict=True)), labels, float(names["spatial_calibration"])
+
+
+def pi_mads(pi: np.ndarray, labels: np.ndarray) -> dict[int, float]:
+    """Each nucleus's mean PI in background MADs above the field's background median (pixels outside every mask)."""
+    pi = pi.astype(np.float64)
     bg = pi[labels == 0]
     med = float(np.median(bg))
     mad = float(np.median(np.abs(bg - med))) or 1.0
     return {int(lab): float((pi[labels == lab].mean() - med) / mad) for lab in np.unique(labels[labels > 0])}
+
+
+def pi_scores(stem: str) -> dict[int, float]:
+    """Each nucleus's mean PI in background MADs above the field's background median (native grid)."""
+    planes, labels, _ = read_field(stem)
+    return pi_mads(planes["dead_nuclei_channel"], labels)
 
 
 def pi_truth(stem: str) -> dict[int, str]:

@@ -19,7 +19,6 @@ measurement). Training takes about 8 minutes a fold on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -30,23 +29,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._ewc_common import emit, need_data  # noqa: E402
 from bench.bench_marker_cv import all_folds, logistic_oof, nuclei  # noqa: E402
-from bench.bench_marker_truth import SET  # noqa: E402
+from bench.bench_marker_truth import read_field  # noqa: E402
 
 PATCH, BATCH, NUCLEUS_WEIGHT, LOG_SCALE = 128, 8, 5.0, float(np.log1p(100.0))
 
 
 def planes(stem: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(normalised brightfield, log-PI target, pixel weight, nucleus labels) of one field."""
-    import tifffile
-
-    names = json.loads((SET / f"{stem}.json").read_text())["channels"]
-    stack = tifffile.imread(SET / f"{stem}.tif")
-    planes = stack if stack.shape[0] == len(names) else np.moveaxis(stack, -1, 0)
-    labels = tifffile.imread(SET / f"{stem}_labelled.tif").astype(np.int64)
-    bf = planes[names.index("brightfield_channel")].astype(np.float32)
+    plane, labels, _ = read_field(stem)
+    bf = plane["brightfield_channel"].astype(np.float32)
     med = float(np.median(bf))
     bf = (bf - med) / (1.4826 * float(np.median(np.abs(bf - med))) or 1.0)
-    pi = planes[names.index("dead_nuclei_channel")].astype(np.float32)
+    pi = plane["dead_nuclei_channel"].astype(np.float32)
     bg = pi[labels == 0]
     pmed = float(np.median(bg))
     z = (pi - pmed) / (float(np.median(np.abs(bg - pmed))) or 1.0)
